@@ -1,0 +1,41 @@
+"""The FastAPI application: one router per resource, shared state on ``app.state``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from service.api import errors
+from service.api.deps import require_api_key
+from service.api.routes import adapters, analyze, datasets, health, jobs
+from service.config import Settings, get_settings
+from service.db import init_db, make_engine
+from service.inference import ModelServer
+
+log = logging.getLogger("flashtune.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        app.state.settings = settings
+        app.state.engine = make_engine(settings.resolved_database_url)
+        init_db(app.state.engine)
+        app.state.model_server = ModelServer(settings)
+        yield
+        app.state.engine.dispose()
+
+    app = FastAPI(title="FlashTune", version="0.1.0", lifespan=lifespan,
+                  description="Fine-tune LLMs on financial flash news with (Q)LoRA and serve the adapters.")  # fmt: skip
+    errors.install(app)
+    app.include_router(health.router)
+    protected = [Depends(require_api_key)]
+    for router in (jobs.router, datasets.router, adapters.router, analyze.router):
+        app.include_router(router, dependencies=protected)
+    return app

@@ -1,0 +1,76 @@
+"""/adapters: the adapters of succeeded jobs, their files and metrics, and a download of each."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from service import jobstore
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import ApiError, not_found
+from service.config import Settings
+from service.models import AdapterPublic, Job, JobStatus
+from sqlmodel import Session
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+ADAPTER_NAME = re.compile(r"^job-(\d{1,18})$")
+
+
+def adapter_job(session: Session, name: str) -> Job:
+    """The succeeded job that produced adapter ``name``; 404/409 otherwise."""
+    match = ADAPTER_NAME.match(name)
+    job = jobstore.get(session, int(match.group(1))) if match else None
+    if job is None:
+        raise not_found("adapter", name)
+    if job.status != JobStatus.succeeded or job.adapter != name:
+        raise ApiError(409, "adapter_unavailable", f"adapter {name} has no model: its job is {job.status}")
+    return job
+
+
+def adapter_path(settings: Settings, name: str) -> Path:
+    return settings.adapters_dir / name
+
+
+def _public(settings: Settings, job: Job) -> AdapterPublic:
+    assert job.adapter is not None and job.id is not None
+    folder = adapter_path(settings, job.adapter)
+    files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(folder.iterdir())] if folder.exists() else []
+    info: dict[str, Any] = {}
+    if (folder / "training_info.json").exists():
+        info = json.loads((folder / "training_info.json").read_text())
+    metrics = {**info.get("metrics", {}), "losses": info.get("losses", {}), "durations": info.get("durations", {})}
+    return AdapterPublic(
+        name=job.adapter, job_id=job.id, base_model=job.base_model, dataset=job.dataset,
+        created_at=job.finished_at, files=files, metrics=metrics,
+    )  # fmt: skip
+
+
+@router.get("", response_model=list[AdapterPublic])
+def list_adapters(session: SessionDep, settings: SettingsDep) -> list[AdapterPublic]:
+    return [_public(settings, job) for job in jobstore.succeeded_jobs(session) if job.adapter]
+
+
+@router.get("/{name}", response_model=AdapterPublic)
+def get_adapter(name: str, session: SessionDep, settings: SettingsDep) -> AdapterPublic:
+    return _public(settings, adapter_job(session, name))
+
+
+@router.get("/{name}/download")
+def download_adapter(name: str, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
+    adapter_job(session, name)
+    folder = adapter_path(settings, name)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                archive.add(path, arcname=f"{name}/{path.name}")
+    buffer.seek(0)
+    headers = {"Content-Disposition": f'attachment; filename="{name}.tar.gz"'}
+    return StreamingResponse(buffer, media_type="application/gzip", headers=headers)

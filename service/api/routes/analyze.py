@@ -1,0 +1,51 @@
+"""/analyze: sentiment, probabilities, importance, market reaction and analysis text for a news item."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service import jobstore
+from service.api.deps import ModelServerDep, SessionDep, SettingsDep
+from service.api.errors import ApiError
+from service.api.routes.adapters import adapter_job, adapter_path
+from service.config import Settings
+from service.inference import AdapterRef
+from service.models import AnalyzeRequest, AnalyzeResponse
+from sqlmodel import Session
+
+router = APIRouter(tags=["analyze"])
+
+
+def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterRef | None:
+    """'none' is the base alone; 'latest' the newest succeeded adapter on the served base; else a name."""
+    if name == "none":
+        return None
+    if name == "latest":
+        job = jobstore.latest_adapter(session, settings.base_model)
+        if job is None or job.adapter is None:
+            raise ApiError(404, "no_adapter", "no job has succeeded on this base model yet; use adapter 'none' "
+                           "for the base model, or queue a job with POST /jobs")  # fmt: skip
+        return AdapterRef(job.adapter, adapter_path(settings, job.adapter))
+    job = adapter_job(session, name)
+    if job.base_model != settings.base_model:
+        raise ApiError(409, "base_model_mismatch", f"adapter {name} was trained on {job.base_model!r}; this server "
+                       f"serves {settings.base_model!r}")  # fmt: skip
+    return AdapterRef(name, adapter_path(settings, name))
+
+
+# A plain `def`: FastAPI runs it in a worker thread, so inference never blocks the event loop.
+@router.post("/analyze", response_model=AnalyzeResponse)
+def analyze(body: AnalyzeRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep) -> AnalyzeResponse:
+    text = body.text.strip()
+    if not text:
+        raise ApiError(422, "invalid_request", "text is empty", [{"field": "text"}])
+    if len(text) > settings.max_text_chars:
+        raise ApiError(422, "invalid_request", f"text is longer than {settings.max_text_chars} characters",
+                       [{"field": "text"}])  # fmt: skip
+    if body.max_new_tokens is not None and body.max_new_tokens > settings.max_new_tokens_limit:
+        raise ApiError(422, "invalid_request", f"max_new_tokens is over {settings.max_new_tokens_limit}",
+                       [{"field": "max_new_tokens"}])  # fmt: skip
+    adapter = resolve_adapter(session, settings, body.adapter)
+    session.close()  # release the database before the (slow) model call
+    result = server.analyze([text], adapter, body.max_new_tokens)[0]
+    return AnalyzeResponse.model_validate(result)

@@ -1,0 +1,66 @@
+"""/datasets: upload (multipart), list and show training datasets."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, UploadFile
+from sqlmodel import col, select
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import ApiError, not_found
+from service.datasets.formats import DatasetError
+from service.datasets.store import save_upload, to_public
+from service.models import Dataset, DatasetPublic
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+CHUNK = 1024 * 1024
+
+
+@router.post("", status_code=201, response_model=DatasetPublic)
+async def upload_dataset(
+    file: UploadFile,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: Annotated[str | None, Form(max_length=64)] = None,
+    options: Annotated[str | None, Form(max_length=10_000)] = None,
+) -> DatasetPublic:
+    data = bytearray()
+    while chunk := await file.read(CHUNK):
+        data += chunk
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
+    parsed_options = _options(options)
+    try:
+        dataset = await run_in_threadpool(save_upload, settings, session, bytes(data), file.filename, format, parsed_options)
+    except DatasetError as exc:
+        raise ApiError(422, "invalid_dataset", str(exc), exc.details) from exc
+    session.commit()
+    return to_public(dataset)
+
+
+def _options(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_request", f"options is not JSON: {exc.msg}", [{"field": "options"}]) from exc
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_request", "options must be a JSON object", [{"field": "options"}])
+    return value
+
+
+@router.get("", response_model=list[DatasetPublic])
+def list_datasets(session: SessionDep) -> list[DatasetPublic]:
+    return [to_public(d) for d in session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())).all()]
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id)
+    return to_public(dataset)

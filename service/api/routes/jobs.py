@@ -1,0 +1,125 @@
+"""/jobs: queue, list, show, follow and cancel training jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.exc import IntegrityError
+
+from service import jobstore
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import ApiError, not_found
+from service.datasets.store import BUILTIN
+from service.models import (
+    Dataset,
+    EventsPage,
+    Job,
+    JobCreate,
+    JobEventPublic,
+    JobPublic,
+    JobsPage,
+    JobStatus,
+)
+from service.recipes import resolve
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def to_public(job: Job) -> JobPublic:
+    return JobPublic.model_validate(job, from_attributes=True)
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        existing = jobstore.find_by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash, response)
+    if body.dataset != BUILTIN and session.get(Dataset, body.dataset) is None:
+        raise ApiError(422, "invalid_request", f"dataset {body.dataset!r} does not exist",
+                       [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}])  # fmt: skip
+    base_model = body.base_model or settings.base_model
+    job = Job(
+        name=body.name,
+        base_model=base_model,
+        dataset=body.dataset,
+        hyperparameters=resolve(body.hyperparameters, base_model).model_dump(),
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    try:
+        with session.begin_nested():
+            jobstore.create(session, job)
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        existing = jobstore.find_by_idempotency_key(session, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, request_hash, response)
+    session.commit()  # visible before the 201 goes out
+    return to_public(job)
+
+
+def _replay(job: Job, request_hash: str, response: Response) -> JobPublic:
+    if job.request_hash != request_hash:
+        raise ApiError(422, "idempotency_conflict", "this Idempotency-Key was used with a different request body",
+                       [{"field": "Idempotency-Key", "message": f"already used for job {job.id}"}])  # fmt: skip
+    response.status_code = 200
+    return to_public(job)
+
+
+@router.get("", response_model=JobsPage)
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> JobsPage:
+    jobs, has_more = jobstore.list_jobs(session, status, after, limit)
+    return JobsPage(data=[to_public(j) for j in jobs], has_more=has_more,
+                    next_after=jobs[-1].id if has_more and jobs else None)  # fmt: skip
+
+
+def _job(session: SessionDep, job_id: int) -> Job:
+    job = jobstore.get(session, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: int, session: SessionDep) -> JobPublic:
+    return to_public(_job(session, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventsPage)
+def job_events(
+    job_id: int,
+    session: SessionDep,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventsPage:
+    _job(session, job_id)
+    events, has_more = jobstore.list_events(session, job_id, after, limit)
+    return EventsPage(data=[JobEventPublic.model_validate(e, from_attributes=True) for e in events], has_more=has_more)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
+    job = _job(session, job_id)
+    try:
+        cancelled = jobstore.cancel(session, job_id)
+        session.commit()
+        return to_public(cancelled)
+    except jobstore.TransitionError as exc:
+        raise ApiError(409, "conflict", f"job {job_id} is {job.status}; only queued or running jobs can be cancelled") from exc

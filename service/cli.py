@@ -1,0 +1,162 @@
+"""``flashtune serve | worker | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from service.config import Settings
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("data_dir", "database_url", "base_model", "device", "host", "port"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.api.main import create_app
+
+    settings = _settings(args)
+    if not settings.api_key:
+        if settings.host not in LOOPBACK and not args.allow_public:
+            sys.exit(f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public")
+        logging.getLogger("flashtune").warning("no FLASHTUNE_API_KEY set: the API is open to anyone who can reach it")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+def worker(args: argparse.Namespace) -> None:
+    from workers.worker import Worker
+
+    Worker(_settings(args)).run(max_jobs=args.max_jobs)
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+DEMO_NEWS = [
+    "美联储宣布加息25个基点",
+    "欧洲央行宣布降息50个基点",
+    "中国人民银行召开例行新闻发布会",
+    "突发：英国央行宣布增持黄金储备20吨",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(client: Any, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except Exception:
+            time.sleep(0.3)
+    raise SystemExit("the API did not come up")
+
+
+def _bar(job: dict[str, Any]) -> str:
+    p = job["progress"]
+    width = 30
+    filled = int(width * p.get("fraction", 0))
+    eta = p.get("eta_seconds")
+    loss = p.get("loss")
+    return (
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {job['status']:<9} step {p.get('step', 0)}/{p.get('total_steps', 0)}"
+        f" epoch {p.get('epoch', 0):.2f}/{p.get('total_epochs', 0)} loss {loss if loss is not None else '-':<8}"
+        f" {p.get('tokens_per_second') or 0:>7.0f} tok/s ETA {eta if eta is not None else '-':>5}s"
+    )
+
+
+def demo(args: argparse.Namespace) -> None:
+    import httpx
+
+    data_dir = args.data_dir or os.environ.get("FLASHTUNE_DATA_DIR") or tempfile.mkdtemp(prefix="flashtune-demo-")
+    port = _free_port()
+    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port)}
+    print(f"FlashTune demo: data in {data_dir}, API on http://127.0.0.1:{port}")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], env=env),
+        subprocess.Popen([sys.executable, "-m", "workers"], env=env),
+    ]
+    started = time.monotonic()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            _wait_healthy(client)
+            job = client.post("/jobs", json={"dataset": "builtin"}).json()
+            print(f"queued job {job['id']} (the built-in model is built on first use, then trained)")
+            while job["status"] in ("queued", "running"):
+                time.sleep(0.5)
+                job = client.get(f"/jobs/{job['id']}").json()
+                print(_bar(job), end="", flush=True)
+            print()
+            if job["status"] != "succeeded":
+                raise SystemExit(f"job ended {job['status']}: {job['error']}")
+            print(f"job succeeded in {time.monotonic() - started:.0f} s; adapter {job['adapter']}\n")
+            for text in DEMO_NEWS:
+                before = client.post("/analyze", json={"text": text, "adapter": "none", "max_new_tokens": 0}).json()
+                after = client.post("/analyze", json={"text": text, "adapter": job["adapter"]}).json()
+                print(f"news: {text}")
+                print(f"  base model : {before['label']:<8} p={before['score']:.2f}")
+                print(f"  fine-tuned : {after['label']:<8} p={after['score']:.2f}  {after['analysis']}")
+            metrics = client.get(f"/adapters/{job['adapter']}").json()["metrics"]
+            if metrics.get("adapter"):
+                print(f"\nheld-out accuracy: base {metrics['base']['accuracy']:.2f} -> adapter "
+                      f"{metrics['adapter']['accuracy']:.2f} ({metrics['num_labelled']} items)")  # fmt: skip
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", dest="data_dir", help="FLASHTUNE_DATA_DIR")
+    parser.add_argument("--database-url", dest="database_url", help="FLASHTUNE_DATABASE_URL")
+    parser.add_argument("--base-model", dest="base_model", help="FLASHTUNE_BASE_MODEL")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="FLASHTUNE_DEVICE")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="flashtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="start the API")
+    _common(p_serve)
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_serve.add_argument("--allow-public", action="store_true", help="listen beyond loopback without an API key")
+    p_serve.add_argument("--log-level", default="info")
+    p_serve.set_defaults(func=serve)
+    p_worker = sub.add_parser("worker", help="start a worker that trains queued jobs")
+    _common(p_worker)
+    p_worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    p_worker.set_defaults(func=worker)
+    p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
+    p_demo.add_argument("--data-dir", dest="data_dir")
+    p_demo.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

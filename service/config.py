@@ -1,0 +1,63 @@
+"""All settings, read once from the environment (prefix ``FLASHTUNE_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLASHTUNE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("flashtune-data"), description="Everything the service writes.")
+    database_url: str = Field(default="", description="Default: SQLite file in DATA_DIR.")
+    base_model: str = Field(default="builtin", description="'builtin', a hub id or a local path.")
+    api_key: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Queue and worker
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 2.0
+    poll_seconds: float = 1.0
+    max_attempts: int = 3
+    progress_interval_seconds: float = 1.0
+    checkpoint_every_steps: int = 50
+
+    # Limits
+    max_upload_bytes: int = 200 * 1024 * 1024
+    max_text_chars: int = 4000
+    max_new_tokens_limit: int = 256
+    max_epochs: int = 100
+    max_length_limit: int = 8192
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'flashtune.db').resolve()}"
+
+    def ensure_dirs(self) -> None:
+        for sub in ("datasets", "jobs", "adapters", "models"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,128 @@
+"""Content-addressed dataset storage under ``DATA_DIR/datasets/<sha256>/`` and loading for training.
+
+The upload is stored byte for byte as ``original`` (never executed or imported), next to ``examples.jsonl``
+(the normalised examples, each with its split). Files are written into a temporary folder that is renamed
+into place, and the database row is added only after that: a failed upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session
+
+from service.builtin.data import builtin_dataset
+from service.config import Settings
+from service.datasets.formats import MAX_REJECTED_LISTED, Parsed, parse
+from service.models import Dataset, DatasetPublic
+from service.prompts import LABELS, Example
+
+BUILTIN = "builtin"
+
+
+class DatasetNotFound(Exception):
+    pass
+
+
+def dataset_id(sha256: str, format: str, options: dict[str, Any] | None) -> str:
+    key = json.dumps({"sha256": sha256, "format": format, "options": options or {}}, sort_keys=True)
+    return "ds-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def label_stats(examples: list[Example]) -> tuple[dict[str, int], int]:
+    counts = Counter(e.label for e in examples)
+    return {label: counts.get(label, 0) for label in LABELS}, counts.get(None, 0)
+
+
+def save_upload(
+    settings: Settings, session: Session, data: bytes, filename: str | None,
+    format: str | None = None, options: dict[str, Any] | None = None,
+) -> Dataset:  # fmt: skip
+    """Parse, store and register an upload; the same content and options give the same dataset."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    parsed = parse(data, format, options)
+    ds_id = dataset_id(sha256, parsed.format, options)
+    existing = session.get(Dataset, ds_id)
+    if existing is not None:
+        return existing
+    folder = settings.datasets_dir / ds_id
+    _write_atomically(folder, data, parsed)
+    distribution, unlabelled = label_stats(parsed.examples + parsed.validation)
+    stats = {
+        "num_validation": len(parsed.validation),
+        "label_distribution": distribution,
+        "unlabelled": unlabelled,
+        "duplicates_removed": parsed.duplicates_removed,
+        "rejected": parsed.rejected[:MAX_REJECTED_LISTED],
+        "rejected_count": len(parsed.rejected),
+        "options": options or {},
+        **parsed.extra,
+    }
+    dataset = Dataset(
+        id=ds_id, sha256=sha256, format=parsed.format, filename=filename,
+        num_examples=len(parsed.examples) + len(parsed.validation), stats=stats,
+    )  # fmt: skip
+    session.add(dataset)
+    return dataset
+
+
+def _write_atomically(folder: Path, data: bytes, parsed: Parsed) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        return  # same id means same content and options: already stored
+    tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=folder.parent))
+    try:
+        (tmp / "original").write_bytes(data)
+        with (tmp / "examples.jsonl").open("w", encoding="utf-8") as out:
+            for split, examples in (("train", parsed.examples), ("validation", parsed.validation)):
+                for e in examples:
+                    row = {"instruction": e.instruction, "input": e.input, "output": e.output, "split": split}
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def to_public(dataset: Dataset) -> DatasetPublic:
+    s = dataset.stats
+    return DatasetPublic(
+        id=dataset.id, format=dataset.format, filename=dataset.filename, num_examples=dataset.num_examples,
+        num_validation=s.get("num_validation", 0), label_distribution=s.get("label_distribution", {}),
+        unlabelled=s.get("unlabelled", 0), duplicates_removed=s.get("duplicates_removed", 0),
+        rejected=s.get("rejected", []), rejected_count=s.get("rejected_count", 0), sha256=dataset.sha256,
+        created_at=dataset.created_at,
+    )  # fmt: skip
+
+
+def load_examples(
+    settings: Settings, session: Session, ds_id: str, validation_fraction: float, seed: int
+) -> tuple[list[Example], list[Example], str | None]:
+    """(train, validation, sha256) for a job. A format-defined split wins over ``validation_fraction``."""
+    if ds_id == BUILTIN:
+        train, held_out = builtin_dataset()
+        return train, held_out, None
+    dataset = session.get(Dataset, ds_id)
+    if dataset is None:
+        raise DatasetNotFound(ds_id)
+    train, validation = [], []
+    with (settings.datasets_dir / ds_id / "examples.jsonl").open(encoding="utf-8") as rows:
+        for line in rows:
+            row = json.loads(line)
+            example = Example(row["instruction"], row["input"], row["output"])
+            (validation if row.get("split") == "validation" else train).append(example)
+    if not validation and validation_fraction > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, round(len(train) * validation_fraction))
+        validation = [train[i] for i in sorted(order[:cut])]
+        train = [train[i] for i in sorted(order[cut:])]
+    return train, validation, dataset.sha256

@@ -1,0 +1,88 @@
+"""Loading a base model the same way for training and serving: built-in, hub id or local path.
+
+On CUDA the base is loaded in 4-bit NF4 with double quantisation and bf16 compute (QLoRA) unless the job asks
+for ``quantization: "none"``; elsewhere it is loaded unquantised in float32, because bitsandbytes' 4-bit
+kernels need a GPU. ``describe_load`` says which and why, for the job's events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from service.builtin.model import BUILTIN_NAME, ensure_builtin_model
+
+
+class ModelLoadError(Exception):
+    """The base model cannot be found or loaded; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    device: str
+    quantization: Literal["nf4", "none"]
+    dtype: torch.dtype
+    reason: str
+
+
+def resolve_base_model(name: str, data_dir: Path) -> str:
+    """The ``from_pretrained`` argument for a base model name: the built-in path, a local path or a hub id."""
+    if name == BUILTIN_NAME:
+        return str(ensure_builtin_model(data_dir))
+    return name
+
+
+def pick_device(setting: str) -> str:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("FLASHTUNE_DEVICE=cuda but no CUDA device is visible; use 'auto' or 'cpu'")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def plan_load(device: str, quantization: str) -> LoadPlan:
+    if device == "cuda":
+        if quantization == "none":
+            return LoadPlan("cuda", "none", torch.bfloat16, "CUDA with quantization 'none': bf16 base, LoRA")
+        return LoadPlan("cuda", "nf4", torch.bfloat16, "CUDA available: 4-bit NF4 base (QLoRA), bf16 compute")
+    if quantization == "nf4":
+        raise ModelLoadError("quantization 'nf4' needs a CUDA GPU (bitsandbytes 4-bit); use 'auto' or 'none'")
+    return LoadPlan("cpu", "none", torch.float32, "no CUDA device: plain LoRA on the unquantised float32 base")
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of base model {source!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, plan: LoadPlan) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": plan.dtype, "trust_remote_code": False}
+    if plan.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load base model {source!r}: {exc}") from exc
+    if plan.quantization != "nf4":
+        model.to(plan.device)
+    return model

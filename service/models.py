@@ -1,0 +1,240 @@
+"""Tables and API shapes: ``JobCreate`` (request) / ``Job`` (table) / ``JobPublic`` (response), and friends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import JSON, Column, Index
+from sqlmodel import Field as SQLField
+from sqlmodel import SQLModel
+
+from service.prompts import Label
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- hyperparameters
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Hyperparameters(Strict):
+    """What a user may set; anything left out is resolved per base model (see ``service.recipes``)."""
+
+    epochs: int | None = Field(default=None, ge=1, le=100)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    max_length: int | None = Field(default=None, ge=16, le=8192)
+    lora_r: int | None = Field(default=None, ge=1, le=512)
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    quantization: Literal["auto", "nf4", "none"] | None = None
+    validation_fraction: float | None = Field(default=None, ge=0, lt=1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"invalid module name {name!r}")
+        return value
+
+
+class ResolvedHyperparameters(Strict):
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    quantization: Literal["auto", "nf4", "none"]
+    validation_fraction: float
+    seed: int
+    # Not user-settable: the memory fallback halves the micro-batch and doubles accumulation.
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float = 0.05
+
+
+# --------------------------------------------------------------------------------------------------------- jobs
+class JobCreate(Strict):
+    dataset: str = Field(min_length=1, max_length=128, description='"builtin" or a dataset id')
+    base_model: str | None = Field(default=None, min_length=1, max_length=512)
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    total_epochs: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    fraction: float = 0.0
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    hint: str | None = None
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "run_after", "id"),)
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    name: str | None = None
+    status: str = SQLField(default=JobStatus.queued, index=True)
+    base_model: str
+    dataset: str
+    hyperparameters: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
+    progress: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    max_attempts: int = 3
+    error: dict[str, Any] | None = SQLField(default=None, sa_column=Column(JSON, nullable=True))
+    adapter: str | None = None
+    worker_id: str | None = None
+    heartbeat_at: datetime | None = None
+    run_after: datetime = SQLField(default_factory=utcnow)
+    idempotency_key: str | None = SQLField(default=None, unique=True)
+    request_hash: str | None = None
+    created_at: datetime = SQLField(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str | None
+    status: JobStatus
+    base_model: str
+    dataset: str
+    hyperparameters: ResolvedHyperparameters
+    progress: Progress
+    attempts: int
+    max_attempts: int
+    error: JobError | None
+    adapter: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobsPage(BaseModel):
+    data: list[JobPublic]
+    has_more: bool
+    next_after: int | None
+
+
+class JobEvent(SQLModel, table=True):
+    __tablename__ = "job_events"
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    job_id: int = SQLField(foreign_key="jobs.id", index=True)
+    created_at: datetime = SQLField(default_factory=utcnow)
+    level: str = "info"
+    type: str
+    message: str
+    data: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class JobEventPublic(BaseModel):
+    id: int
+    created_at: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any]
+
+
+class EventsPage(BaseModel):
+    data: list[JobEventPublic]
+    has_more: bool
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+class Dataset(SQLModel, table=True):
+    __tablename__ = "datasets"
+
+    id: str = SQLField(primary_key=True)  # "ds-" + first 16 hex digits of the sha256 of the upload
+    sha256: str = SQLField(index=True)
+    format: str
+    filename: str | None = None
+    num_examples: int
+    stats: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = SQLField(default_factory=utcnow)
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    format: str
+    filename: str | None
+    num_examples: int
+    num_validation: int
+    label_distribution: dict[str, int]
+    unlabelled: int
+    duplicates_removed: int
+    rejected: list[dict[str, Any]]
+    rejected_count: int
+    sha256: str
+    created_at: datetime
+
+
+# ------------------------------------------------------------------------------------------------------ analyze
+class AnalyzeRequest(Strict):
+    text: str = Field(min_length=1)
+    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=0)
+
+
+class LabelProbs(BaseModel):
+    bearish: float
+    neutral: float
+    bullish: float
+
+
+class AnalyzeResponse(BaseModel):
+    label: Label
+    label_id: int
+    score: float
+    probs: LabelProbs
+    importance: int | None
+    market_reaction: str | None
+    analysis: str
+    adapter: str | None
+    base_model: str
+    latency_ms: float
+
+
+class AdapterPublic(BaseModel):
+    name: str
+    job_id: int
+    base_model: str
+    dataset: str
+    created_at: datetime | None
+    files: list[dict[str, Any]]
+    metrics: dict[str, Any]

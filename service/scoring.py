@@ -1,0 +1,150 @@
+"""Label probabilities by scoring continuations, and greedy generation; used by /analyze and job evaluation.
+
+The label is not parsed from generated text: for each news item the model scores the three label words at the
+label's fixed place in the standard response (``service.prompts``), and the softmax of those log-likelihoods
+gives the probabilities. Importance (stars) and the market reaction are scored the same way. All items of a
+batch go through one forward pass per stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.prompts import (
+    DEFAULT_INSTRUCTION,
+    LABEL_PREFIX_TEMPLATE,
+    LABEL_WORDS,
+    LABELS,
+    REACTION_PREFIX_TEMPLATE,
+    REACTION_WORDS,
+    STAR_PREFIX,
+    STARS,
+    Label,
+    render_prompt,
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: Label
+    probs: dict[Label, float]
+    importance: int
+    market_reaction: str
+
+    @property
+    def score(self) -> float:
+        return self.probs[self.label]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: Any, tokenizer: Any, contexts: Sequence[str], candidates: Sequence[Sequence[str]]
+) -> list[list[float]]:
+    """log P(candidate | context) for every candidate of every context, in one batched forward pass.
+
+    Each sequence is tokenised whole (as in training), and all candidates of a context are scored from the
+    first token where any of them departs from the context, so their scores compare like with like.
+    """
+    sequences: list[list[int]] = []
+    starts: list[int] = []
+    for context, options in zip(contexts, candidates, strict=True):
+        ctx_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+        full = [tokenizer(context + option, add_special_tokens=True)["input_ids"] for option in options]
+        start = max(1, min(_common_prefix(ctx_ids, ids) for ids in full))
+        sequences.extend(full)
+        starts.extend([start] * len(full))
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = input_ids[:, 1:].to(device)
+    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    scores = [float(token_lp[row, starts[row] - 1 : len(ids) - 1].sum()) for row, ids in enumerate(sequences)]
+    out, i = [], 0
+    for options in candidates:
+        out.append(scores[i : i + len(options)])
+        i += len(options)
+    return out
+
+
+def _softmax(values: Sequence[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def classify(
+    model: Any, tokenizer: Any, texts: Sequence[str], instructions: Sequence[str] | None = None
+) -> list[Prediction]:
+    """Importance, label probabilities and market reaction for each text, by scoring the standard response."""
+    prompts = [render_prompt(t, i) for t, i in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True)]
+    star_scores = continuation_logprobs(
+        model, tokenizer, prompts, [[f"{STAR_PREFIX}{s}星级" for s in STARS]] * len(prompts)
+    )
+    stars = [STARS[max(range(len(STARS)), key=row.__getitem__)] for row in star_scores]
+    label_scores = continuation_logprobs(
+        model,
+        tokenizer,
+        [p + LABEL_PREFIX_TEMPLATE.format(star=s) for p, s in zip(prompts, stars, strict=True)],
+        [[LABEL_WORDS[label] for label in LABELS]] * len(prompts),
+    )
+    probs = [dict(zip(LABELS, _softmax(row), strict=True)) for row in label_scores]
+    labels: list[Label] = [max(p, key=p.__getitem__) for p in probs]
+    reaction_scores = continuation_logprobs(
+        model,
+        tokenizer,
+        [
+            p + REACTION_PREFIX_TEMPLATE.format(star=s, label=LABEL_WORDS[lab])
+            for p, s, lab in zip(prompts, stars, labels, strict=True)
+        ],
+        [[REACTION_WORDS[label] for label in LABELS]] * len(prompts),
+    )
+    reactions = [REACTION_WORDS[LABELS[max(range(3), key=row.__getitem__)]] for row in reaction_scores]
+    return [
+        Prediction(label=lab, probs=p, importance=s, market_reaction=r)
+        for lab, p, s, r in zip(labels, probs, stars, reactions, strict=True)
+    ]
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a batch of prompts (left-padded), decoded without special tokens."""
+    if max_new_tokens <= 0:
+        return ["" for _ in prompts]
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

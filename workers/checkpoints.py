@@ -1,0 +1,85 @@
+"""Training checkpoints: adapter, optimizer, scheduler, RNG and position, each written whole or not at all.
+
+A checkpoint is written into a temporary folder and renamed to ``step-NNNNNNNN``, so a folder with that name is
+always complete; a crash mid-write leaves only a ``.tmp-`` folder that the next save or restore removes.
+The data position is the step itself: the example order of each epoch is derived from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KEEP = 2
+
+
+def _root(job_dir: Path) -> Path:
+    return job_dir / "checkpoints"
+
+
+def complete(job_dir: Path) -> list[Path]:
+    root = _root(job_dir)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.pt").exists())
+
+
+def save(job_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> Path:
+    root = _root(job_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "history.json").write_text(json.dumps(history))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    prune(job_dir, keep=KEEP)
+    return final
+
+
+def restore(job_dir: Path, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> int:
+    """Load the newest complete checkpoint into the given objects; returns its step (0 when there is none)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = complete(job_dir)
+    if not found:
+        return 0
+    path = found[-1]
+    device = next(model.parameters()).device
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors"), device=str(device)))
+    # Our own file, but still no arbitrary unpickling: tensors and plain containers only.
+    state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    history.update(json.loads((path / "history.json").read_text()))
+    return int(state["step"])
+
+
+def prune(job_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones and leftovers of interrupted writes."""
+    root = _root(job_dir)
+    if not root.exists():
+        return
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    found = complete(job_dir)
+    for old in found[: max(len(found) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)

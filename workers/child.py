@@ -1,0 +1,127 @@
+"""The training child process: one per job attempt, so GPU memory is freed when it exits.
+
+It reads the job, trains it, and sends one ``Outcome`` back through a pipe. Progress and events go straight to
+the database, guarded by the worker's lease; if a write finds the lease gone (the job was cancelled or taken
+over) the child stops after the current optimizer step. SIGTERM from the parent means "checkpoint and stop".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from service import jobstore
+from service.config import Settings
+from service.datasets.store import DatasetNotFound, load_examples
+from service.db import make_engine, session_scope
+from service.models import Progress, ResolvedHyperparameters
+from service.modeling import ModelLoadError, resolve_base_model
+from workers.retry import Outcome
+from workers.training import Hooks, Interrupted, TrainingError, TrainingSpec, train
+
+
+def adapter_name(job_id: int) -> str:
+    return f"job-{job_id}"
+
+
+class _Reporter:
+    """Throttled, lease-guarded progress writes and events for one job."""
+
+    def __init__(self, settings: Settings, job_id: int, worker_id: str) -> None:
+        self.engine = make_engine(settings.resolved_database_url)
+        self.job_id, self.worker_id = job_id, worker_id
+        self.interval = settings.progress_interval_seconds
+        self.last_write = 0.0
+        self.stop_requested = False
+        self.lease_lost = False
+        self.last_progress: dict[str, Any] = {}
+        self.parent_pid = os.getppid()
+
+    def progress(self, progress: Progress, force: bool) -> None:
+        self.last_progress = progress.model_dump()
+        now = time.monotonic()
+        if not force and now - self.last_write < self.interval:
+            return
+        self.last_write = now
+        try:
+            with session_scope(self.engine) as session:
+                jobstore.update_progress(session, self.job_id, self.worker_id, self.last_progress)
+        except jobstore.LeaseLost:
+            self.lease_lost = True
+
+    def event(self, type: str, message: str, data: dict[str, Any]) -> None:
+        with session_scope(self.engine) as session:
+            jobstore.add_event(session, self.job_id, type, message, data)
+
+    def should_stop(self) -> bool:
+        # An orphan (its worker was killed) stops too: the job will be taken over after the lease expires.
+        return self.stop_requested or self.lease_lost or os.getppid() != self.parent_pid
+
+
+def _spec(settings: Settings, job_id: int) -> TrainingSpec:
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(engine) as session:
+        job = jobstore.get(session, job_id)
+        assert job is not None and job.id is not None
+        hp = ResolvedHyperparameters.model_validate(job.hyperparameters)
+        train_set, validation, sha256 = load_examples(settings, session, job.dataset, hp.validation_fraction, hp.seed)
+    engine.dispose()
+    return TrainingSpec(
+        job_id=job.id,
+        base_model=job.base_model,
+        base_source=resolve_base_model(job.base_model, settings.data_dir),
+        dataset=job.dataset,
+        dataset_sha256=sha256,
+        train=train_set,
+        validation=validation,
+        hp=hp,
+        job_dir=settings.jobs_dir / str(job.id),
+        adapter_dir=settings.adapters_dir / adapter_name(job.id),
+        device=settings.device,
+        checkpoint_every=settings.checkpoint_every_steps,
+    )
+
+
+def _error(type: str, message: str, hint: str | None) -> dict[str, Any]:
+    return {"type": type, "message": message, "hint": hint}
+
+
+def run_attempt(settings: Settings, job_id: int, worker_id: str) -> Outcome:
+    """Train one attempt of a job and classify how it ended."""
+    import torch
+
+    reporter = _Reporter(settings, job_id, worker_id)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_requested", True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides for us
+    try:
+        spec = _spec(settings, job_id)
+        train(spec, Hooks(reporter.progress, reporter.event, reporter.should_stop))
+        return Outcome("succeeded", adapter=adapter_name(job_id), progress=reporter.last_progress)
+    except Interrupted:
+        return Outcome("interrupted", progress=reporter.last_progress)
+    except torch.OutOfMemoryError:
+        return Outcome("oom")
+    except TrainingError as exc:
+        return Outcome("failed", _error(exc.type, str(exc), exc.hint))
+    except DatasetNotFound as exc:
+        return Outcome("failed", _error("dataset_not_found", f"dataset {exc} does not exist", "upload it again"))
+    except ModelLoadError as exc:
+        return Outcome("failed", _error("base_model_error", str(exc), "check base_model and FLASHTUNE_DEVICE"))
+    except OSError as exc:  # disk full, unwritable DATA_DIR, network file system hiccups
+        return Outcome("failed", _error("io_error", f"{type(exc).__name__}: {exc}", "check free space and "
+                                        "permissions of FLASHTUNE_DATA_DIR"), retryable=True)  # fmt: skip
+    except Exception as exc:  # an unexpected fault in training: final, with the reason
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        message = f"{type(exc).__name__}: {exc} (in {last.name})"
+        return Outcome("failed", _error("training_error", message, "check the dataset and hyperparameters"))
+
+
+def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection) -> None:
+    """Entry point of the child process (multiprocessing 'spawn')."""
+    outcome = run_attempt(settings, job_id, worker_id)
+    conn.send(outcome)
+    conn.close()

@@ -1,0 +1,159 @@
+"""The worker: claim a job, run it in a child process, heartbeat while it runs, record how it ended.
+
+    start-up sweep of stalled jobs
+    loop: sweep now and then; claim the oldest queued job; run it (child process + heartbeats); decide; repeat
+
+SIGTERM/SIGINT: the running child checkpoints and stops, the job is requeued, and the worker exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine
+
+from service import jobstore
+from service.config import Settings
+from service.db import init_db, make_engine, session_scope
+from service.models import Job, ResolvedHyperparameters
+from workers.child import child_main
+from workers.retry import Decision, Outcome, decide
+
+log = logging.getLogger("flashtune.worker")
+CHILD_STOP_GRACE_SECONDS = 60.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.engine: Engine = make_engine(settings.resolved_database_url)
+        self.stopping = False
+        self.last_sweep = 0.0
+
+    # -------------------------------------------------------------------------------------------- main loop
+    def run(self, max_jobs: int | None = None) -> None:
+        self.settings.ensure_dirs()
+        init_db(self.engine)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        log.info("worker %s started (database %s)", self.worker_id, self.engine.url.render_as_string())
+        done = 0
+        while not self.stopping and (max_jobs is None or done < max_jobs):
+            self.sweep()
+            with session_scope(self.engine) as session:
+                job = jobstore.claim_next(session, self.worker_id)
+            if job is None:
+                time.sleep(self.settings.poll_seconds)
+                continue
+            self.run_job(job)
+            done += 1
+        log.info("worker %s stopped", self.worker_id)
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        log.info("signal %d: checkpointing the running job and stopping", signum)
+        self.stopping = True
+
+    def sweep(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_sweep < self.settings.lease_seconds / 2:
+            return
+        self.last_sweep = time.monotonic()
+        with session_scope(self.engine) as session:
+            moved = jobstore.requeue_stale(session, self.settings.lease_seconds)
+        if moved:
+            log.warning("requeued stalled jobs %s", moved)
+
+    # -------------------------------------------------------------------------------------------- one job
+    def run_job(self, job: Job) -> None:
+        assert job.id is not None
+        log.info("running job %s (attempt %d)", job.id, job.attempts)
+        context = multiprocessing.get_context("spawn")
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(
+            target=child_main, args=(self.settings, job.id, self.worker_id, sender), name=f"flashtune-job-{job.id}"
+        )
+        outcome: Outcome | None = None
+        lease_lost = False
+        try:
+            child.start()
+            sender.close()
+            lease_lost = self._supervise(job.id, child)
+            outcome = receiver.recv() if receiver.poll(5) else None
+        except EOFError:
+            outcome = None
+        except Exception:
+            log.exception("supervising job %s failed", job.id)
+        finally:
+            self._stop_child(child)
+            receiver.close()
+        if lease_lost:
+            log.warning("job %s: lease lost (cancelled or taken over); nothing recorded", job.id)
+            return
+        if outcome is None:
+            outcome = Outcome("crashed", {"type": "worker_lost", "message": _exit_reason(child.exitcode),
+                                          "hint": "the job is retried; if it keeps crashing, lower batch_size "
+                                          "or max_length"})  # fmt: skip
+        self._record(job, outcome)
+
+    def _supervise(self, job_id: int, child: Any) -> bool:
+        """Heartbeat until the child exits; forward a stop request. Returns True when the lease was lost."""
+        stop_sent = False
+        while child.is_alive():
+            child.join(self.settings.heartbeat_seconds)
+            try:
+                with session_scope(self.engine) as session:
+                    jobstore.heartbeat(session, job_id, self.worker_id)
+            except jobstore.LeaseLost:
+                child.terminate()  # the child's own guarded writes would stop it too; don't wait
+                return True
+            if self.stopping and not stop_sent:
+                child.terminate()  # SIGTERM: the child checkpoints after its current step and exits
+                stop_sent = True
+        return False
+
+    def _stop_child(self, child: Any) -> None:
+        if child.is_alive():
+            child.join(CHILD_STOP_GRACE_SECONDS)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        assert job.id is not None
+        hp = ResolvedHyperparameters.model_validate(job.hyperparameters)
+        decision: Decision = decide(outcome, job.attempts, job.max_attempts, hp.micro_batch_size)
+        try:
+            with session_scope(self.engine) as session:
+                if decision.action == "succeed":
+                    assert outcome.adapter is not None
+                    jobstore.succeed(session, job.id, self.worker_id, outcome.adapter, outcome.progress or {})
+                elif decision.action == "fail":
+                    jobstore.fail(session, job.id, self.worker_id, decision.error or {})
+                else:
+                    if decision.new_micro_batch is not None:
+                        changed = hp.model_copy(update={
+                            "micro_batch_size": decision.new_micro_batch,
+                            "gradient_accumulation_steps": hp.gradient_accumulation_steps * 2,
+                        })  # fmt: skip
+                        jobstore.update_hyperparameters(session, job.id, self.worker_id, changed.model_dump())
+                    jobstore.retry(session, job.id, self.worker_id, decision.error or {}, decision.delay_seconds)
+        except jobstore.LeaseLost:
+            log.warning("job %s: lease lost before its outcome (%s) could be recorded", job.id, outcome.status)
+        log.info("job %s: %s", job.id, decision.action)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the training process did not exit"
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        extra = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"the training process was killed by {name}{extra}"
+    return f"the training process exited with code {exitcode} without a result"
