@@ -35,7 +35,9 @@ def serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if not settings.api_key:
         if settings.host not in LOOPBACK and not args.allow_public:
-            sys.exit(f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public")
+            sys.exit(
+                f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public"
+            )
         logging.getLogger("flashtune").warning("no FLASHTUNE_API_KEY set: the API is open to anyone who can reach it")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
 
@@ -79,7 +81,8 @@ def _bar(job: dict[str, Any]) -> str:
     eta = p.get("eta_seconds")
     loss = p.get("loss")
     return (
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {job['status']:<9} step {p.get('step', 0)}/{p.get('total_steps', 0)}"
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {job['status']:<9}"
+        f" step {p.get('step', 0)}/{p.get('total_steps', 0)}"
         f" epoch {p.get('epoch', 0):.2f}/{p.get('total_epochs', 0)} loss {loss if loss is not None else '-':<8}"
         f" {p.get('tokens_per_second') or 0:>7.0f} tok/s ETA {eta if eta is not None else '-':>5}s"
     )

@@ -9,8 +9,8 @@ the event loop.
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

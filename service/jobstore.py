@@ -77,7 +77,7 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
             started_at=func.coalesce(Job.started_at, now),  # type: ignore[arg-type]
             attempts=Job.attempts + 1,
         )
-        .returning(Job.id)
+        .returning(col(Job.id))
     )
     job_id = session.execute(stmt).scalar_one_or_none()
     if job_id is None:
@@ -95,7 +95,10 @@ def heartbeat(session: Session, job_id: int, worker_id: str) -> None:
 
 def update_progress(session: Session, job_id: int, worker_id: str, progress: dict[str, Any]) -> None:
     _guarded(
-        session, _held_by(job_id, worker_id), {"progress": progress, "heartbeat_at": utcnow()}, LeaseLost(f"job {job_id}")
+        session,
+        _held_by(job_id, worker_id),
+        {"progress": progress, "heartbeat_at": utcnow()},
+        LeaseLost(f"job {job_id}"),
     )
 
 
@@ -152,9 +155,7 @@ def requeue_stale(session: Session, lease_seconds: float, now: datetime | None =
     """Requeue running jobs whose heartbeat is older than the lease (fail them after max_attempts)."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=lease_seconds)
-    stale = session.exec(
-        select(Job).where(col(Job.status) == JobStatus.running, col(Job.heartbeat_at) < cutoff)
-    ).all()
+    stale = session.exec(select(Job).where(col(Job.status) == JobStatus.running, col(Job.heartbeat_at) < cutoff)).all()
     moved = []
     for job in stale:
         assert job.id is not None
@@ -167,9 +168,7 @@ def requeue_stale(session: Session, lease_seconds: float, now: datetime | None =
             if exhausted
             else {"status": JobStatus.queued, "worker_id": None, "heartbeat_at": None, "run_after": now, "error": lost}
         )  # fmt: skip
-        where = and_(
-            col(Job.id) == job.id, col(Job.status) == JobStatus.running, col(Job.heartbeat_at) < cutoff
-        )
+        where = and_(col(Job.id) == job.id, col(Job.status) == JobStatus.running, col(Job.heartbeat_at) < cutoff)
         if session.execute(update(Job).where(where).values(**values)).rowcount == 1:  # type: ignore[attr-defined]
             add_event(session, job.id, "failed" if exhausted else "requeued", lost["message"], lost, "warning")
             moved.append(job.id)

@@ -84,5 +84,5 @@ def load_model(source: str, plan: LoadPlan) -> Any:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load base model {source!r}: {exc}") from exc
     if plan.quantization != "nf4":
-        model.to(plan.device)
+        model.to(plan.device)  # type: ignore[arg-type]
     return model

@@ -40,5 +40,3 @@ def resolve(hyperparameters: Hyperparameters, base_model: str) -> ResolvedHyperp
     values["micro_batch_size"] = values["batch_size"]
     values["gradient_accumulation_steps"] = 1
     return ResolvedHyperparameters.model_validate(values)
-
-

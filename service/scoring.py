@@ -98,7 +98,9 @@ def classify(
     model: Any, tokenizer: Any, texts: Sequence[str], instructions: Sequence[str] | None = None
 ) -> list[Prediction]:
     """Importance, label probabilities and market reaction for each text, by scoring the standard response."""
-    prompts = [render_prompt(t, i) for t, i in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True)]
+    prompts = [
+        render_prompt(t, i) for t, i in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True)
+    ]
     star_scores = continuation_logprobs(
         model, tokenizer, prompts, [[f"{STAR_PREFIX}{s}星级" for s in STARS]] * len(prompts)
     )

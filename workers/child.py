@@ -18,8 +18,8 @@ from service import jobstore
 from service.config import Settings
 from service.datasets.store import DatasetNotFound, load_examples
 from service.db import make_engine, session_scope
-from service.models import Progress, ResolvedHyperparameters
 from service.modeling import ModelLoadError, resolve_base_model
+from service.models import Progress, ResolvedHyperparameters
 from workers.retry import Outcome
 from workers.training import Hooks, Interrupted, TrainingError, TrainingSpec, train
 

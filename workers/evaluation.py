@@ -33,7 +33,9 @@ def _predict_and_generate(model: Any, tokenizer: Any, labelled: list[Example]) -
     predicted: list[Label] = []
     for i in range(0, len(labelled), BATCH):
         chunk = labelled[i : i + BATCH]
-        predicted += [p.label for p in classify(model, tokenizer, [e.input for e in chunk], [e.instruction for e in chunk])]
+        predicted += [
+            p.label for p in classify(model, tokenizer, [e.input for e in chunk], [e.instruction for e in chunk])
+        ]
     sample = labelled[:GENERATED_SAMPLES]
     answers = generate(model, tokenizer, [render_prompt(e.input, e.instruction) for e in sample], 96)
     gold = [e.label for e in labelled if e.label is not None]

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from service.models import Progress, ResolvedHyperparameters
 from service.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
+from service.models import Progress, ResolvedHyperparameters
 from service.prompts import Example, render_prompt
 from workers import checkpoints
 from workers.evaluation import evaluate
@@ -114,7 +114,7 @@ def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     config = LoraConfig(
         r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
+        lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=hp.lora_dropout,
         target_modules=hp.target_modules,
         task_type="CAUSAL_LM",
@@ -203,13 +203,15 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_rows), hp.seed, epoch)
         chosen = [train_rows[i] for i in order[index_in_epoch * hp.batch_size : (index_in_epoch + 1) * hp.batch_size]]
-        micro = [collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)]
+        micro = [
+            collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
+        ]
         denominator = sum(b.num_target_tokens for b in micro)
         loss_value = 0.0
         for batch in micro:
             loss = step_loss(model, batch, device, denominator)
             loss.backward()
-            loss_value += float(loss)
+            loss_value += float(loss.detach())
             tokens_seen += batch.num_tokens
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

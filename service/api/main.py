@@ -31,8 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.engine.dispose()
 
-    app = FastAPI(title="FlashTune", version="0.1.0", lifespan=lifespan,
-                  description="Fine-tune LLMs on financial flash news with (Q)LoRA and serve the adapters.")  # fmt: skip
+    description = "Fine-tune LLMs on financial flash news with (Q)LoRA and serve the adapters."
+    app = FastAPI(title="FlashTune", version="0.1.0", description=description, lifespan=lifespan)
     errors.install(app)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]

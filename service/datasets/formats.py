@@ -74,7 +74,9 @@ def parse_instruction_jsonl(data: bytes) -> Parsed:
             parsed.rejected.append({"line": number, "reason": problem})
             continue
         parsed.examples.append(
-            Example(str(record.get("instruction") or "").strip(), str(record.get("input") or ""), record["output"].strip())
+            Example(
+                str(record.get("instruction") or "").strip(), str(record.get("input") or ""), record["output"].strip()
+            )
         )
     return parsed
 

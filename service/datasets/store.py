@@ -108,12 +108,12 @@ def load_examples(
 ) -> tuple[list[Example], list[Example], str | None]:
     """(train, validation, sha256) for a job. A format-defined split wins over ``validation_fraction``."""
     if ds_id == BUILTIN:
-        train, held_out = builtin_dataset()
-        return train, held_out, None
+        return (*builtin_dataset(), None)
     dataset = session.get(Dataset, ds_id)
     if dataset is None:
         raise DatasetNotFound(ds_id)
-    train, validation = [], []
+    train: list[Example] = []
+    validation: list[Example] = []
     with (settings.datasets_dir / ds_id / "examples.jsonl").open(encoding="utf-8") as rows:
         for line in rows:
             row = json.loads(line)

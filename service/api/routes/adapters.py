@@ -11,13 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from sqlmodel import Session
 
 from service import jobstore
 from service.api.deps import SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.config import Settings
 from service.models import AdapterPublic, Job, JobStatus
-from sqlmodel import Session
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 ADAPTER_NAME = re.compile(r"^job-(\d{1,18})$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from sqlmodel import Session
 
 from service import jobstore
 from service.api.deps import ModelServerDep, SessionDep, SettingsDep
@@ -11,7 +12,6 @@ from service.api.routes.adapters import adapter_job, adapter_path
 from service.config import Settings
 from service.inference import AdapterRef
 from service.models import AnalyzeRequest, AnalyzeResponse
-from sqlmodel import Session
 
 router = APIRouter(tags=["analyze"])
 
@@ -35,7 +35,9 @@ def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterR
 
 # A plain `def`: FastAPI runs it in a worker thread, so inference never blocks the event loop.
 @router.post("/analyze", response_model=AnalyzeResponse)
-def analyze(body: AnalyzeRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep) -> AnalyzeResponse:
+def analyze(
+    body: AnalyzeRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
+) -> AnalyzeResponse:
     text = body.text.strip()
     if not text:
         raise ApiError(422, "invalid_request", "text is empty", [{"field": "text"}])

@@ -34,7 +34,9 @@ async def upload_dataset(
             raise ApiError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
     parsed_options = _options(options)
     try:
-        dataset = await run_in_threadpool(save_upload, settings, session, bytes(data), file.filename, format, parsed_options)
+        dataset = await run_in_threadpool(
+            save_upload, settings, session, bytes(data), file.filename, format, parsed_options
+        )
     except DatasetError as exc:
         raise ApiError(422, "invalid_dataset", str(exc), exc.details) from exc
     session.commit()

@@ -122,4 +122,6 @@ def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
         session.commit()
         return to_public(cancelled)
     except jobstore.TransitionError as exc:
-        raise ApiError(409, "conflict", f"job {job_id} is {job.status}; only queued or running jobs can be cancelled") from exc
+        raise ApiError(
+            409, "conflict", f"job {job_id} is {job.status}; only queued or running jobs can be cancelled"
+        ) from exc

@@ -1,0 +1,142 @@
+"""Fixtures that start real ``flashtune serve`` and ``flashtune worker`` processes on loopback.
+
+Every service gets its own temporary DATA_DIR and database. The built-in base model is built once per test
+session and copied into each DATA_DIR (it is deterministic, so this is what a fresh build would produce).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+POSTGRES_ADMIN_URL = os.environ.get("FLASHTUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def builtin_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service.builtin.model import ensure_builtin_model
+
+    return ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
+
+
+def seed_builtin(data_dir: Path, cache: Path) -> None:
+    target = data_dir / "models" / cache.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(cache, target)
+
+
+class Service:
+    """One API process and any number of worker processes sharing a DATA_DIR and database."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "FLASHTUNE_DATA_DIR": str(data_dir),
+            "FLASHTUNE_PORT": str(self.port),
+            "FLASHTUNE_HEARTBEAT_SECONDS": "0.5",
+            "FLASHTUNE_POLL_SECONDS": "0.2",
+            "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "0.3",
+            "FLASHTUNE_LEASE_SECONDS": "10",
+            "HF_HUB_OFFLINE": "1",
+            **(env or {}),
+        }
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = (self.data_dir / log_name).open("ab")
+        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env, stdout=log, stderr=log)
+
+    def start_api(self) -> None:
+        self.api = self._spawn(["serve", "--log-level", "warning"], "api.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.api.poll() is None, self.logs()
+            time.sleep(0.2)
+        raise AssertionError("API did not start\n" + self.logs())
+
+    def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
+        proc = self._spawn(["worker", *extra], f"worker-{len(self.workers)}.log")
+        self.workers.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.data_dir.glob("*.log"))
+
+    def post_job(self, **body: Any) -> dict[str, Any]:
+        body.setdefault("dataset", "builtin")
+        response = self.client.post("/jobs", json=body)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(self.client.get(f"/jobs/{job_id}").json())
+
+    def wait(self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             timeout: float = 300) -> dict[str, Any]:  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)['status']}\n{self.logs()}")
+
+    def stop(self) -> None:
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.client.close()
+
+
+def make_service(tmp: Path, cache: Path, workers: int = 1, env: dict[str, str] | None = None) -> Service:
+    seed_builtin(tmp, cache)
+    service = Service(tmp, env)
+    service.start_api()
+    for _ in range(workers):
+        service.start_worker()
+    return service
+
+
+@pytest.fixture
+def service(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
+    """A fresh API and one worker, with their own DATA_DIR and SQLite database."""
+    svc = make_service(tmp_path, builtin_model_cache)
+    yield svc
+    svc.stop()

@@ -1,0 +1,68 @@
+"""The trainer on the tiny built-in model for a few steps: LoRA weights move, the base does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from service.builtin.data import builtin_dataset
+from service.models import Hyperparameters
+from service.prompts import render_prompt
+from service.recipes import resolve
+from workers import checkpoints
+from workers.training import Hooks, TrainingSpec, tokenize, train
+
+
+def _spec(tmp_path: Path, model: Path, steps_examples: int = 16, **hp: object) -> TrainingSpec:
+    train_set, held_out = builtin_dataset()
+    return TrainingSpec(
+        job_id=1, base_model="builtin", base_source=str(model), dataset="builtin", dataset_sha256=None,
+        train=train_set[:steps_examples], validation=held_out[:6],
+        hp=resolve(Hyperparameters.model_validate({"epochs": 1, **hp}), "builtin"),
+        job_dir=tmp_path / "job", adapter_dir=tmp_path / "adapters" / "job-1", checkpoint_every=2,
+    )  # fmt: skip
+
+
+def test_lora_moves_and_base_stays(tmp_path: Path, builtin_model_cache: Path) -> None:
+    base_before = load_file(str(builtin_model_cache / "model.safetensors"))
+    info = train(_spec(tmp_path, builtin_model_cache), Hooks())
+    adapter = load_file(str(tmp_path / "adapters" / "job-1" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(float(t.abs().sum()) > 0 for name, t in adapter.items() if "lora_B" in name)  # B starts at 0
+    base_after = load_file(str(builtin_model_cache / "model.safetensors"))
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    assert info["total_steps"] == 4 and len(info["losses"]["step_loss"]) == 4
+
+
+def test_loss_masks_the_prompt(builtin_model_cache: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(builtin_model_cache))
+    example = builtin_dataset()[0][0]
+    [(ids, labels)] = tokenize([example], tokenizer, 512)
+    prompt_len = len(tokenizer(render_prompt(example.input, example.instruction))["input_ids"])
+    assert all(label == -100 for label in labels[:prompt_len])
+    assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tokenizer.eos_token_id
+
+
+def test_interrupt_checkpoints_and_resume_continues(tmp_path: Path, builtin_model_cache: Path) -> None:
+    from workers.training import Interrupted
+
+    stop = {"now": False}
+
+    def progress(p, force):  # type: ignore[no-untyped-def]
+        stop["now"] = p.step >= 3
+
+    spec = _spec(tmp_path, builtin_model_cache, steps_examples=24)
+    try:
+        train(spec, Hooks(on_progress=progress, should_stop=lambda: stop["now"]))
+        raise AssertionError("expected Interrupted")
+    except Interrupted:
+        pass
+    assert [p.name for p in checkpoints.complete(spec.job_dir)][-1] == "step-00000003"
+    events: list[str] = []
+    info = train(spec, Hooks(on_event=lambda t, m, d: events.append(t)))
+    assert info["resumed_from_step"] == 3 and "resumed" in events
+    assert [s for s, _ in info["losses"]["step_loss"]] == [1, 2, 3, 4, 5, 6]
