@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from service.datasets.tokens import describe as describe_token_stats
+from service.datasets.tokens import token_stats
 from service.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
 from service.models import Progress, ResolvedHyperparameters
 from service.prompts import Example, render_prompt
@@ -178,6 +180,8 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
     model = attach_lora(load_model(spec.base_source, plan), hp, plan)
     train_rows = tokenize(spec.train, tokenizer, hp.max_length)
     val_rows = tokenize(spec.validation, tokenizer, hp.max_length)
+    lengths = token_stats(spec.train + spec.validation, tokenizer, hp.max_length)
+    hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
     pad_id = tokenizer.pad_token_id
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
