@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
 
+    # Serving
+    max_loaded_adapters: int = Field(default=8, ge=1)
+    batch_max_size: int = Field(default=32, ge=1, description="1 turns micro-batching off")
+    batch_wait_ms: float = Field(default=5.0, ge=0)
+    max_batch_items: int = Field(default=64, ge=1, description="items in one POST /analyze/batch")
+
     # Limits
     max_upload_bytes: int = 200 * 1024 * 1024
     max_text_chars: int = 4000

@@ -1,26 +1,31 @@
 """The serving model: one base in memory, adapters attached by name, analysis of news items.
 
 The base is loaded on the first request (``/healthz`` never loads it). Adapters are loaded into the same
-PeftModel with ``load_adapter`` and selected with ``set_adapter``; ``adapter=None`` runs the base with the
-adapters disabled. A lock serialises use of the model: the API runs this code in worker threads, never on
-the event loop.
+PeftModel with ``load_adapter`` and selected with ``set_adapter``; at most ``max_adapters`` stay loaded, the
+least recently used is evicted. ``adapter=None`` runs the base with the adapters disabled. A lock serialises use
+of the model; single requests go through a :class:`~service.batching.MicroBatcher`, so concurrent requests
+share forward passes. The API calls this from worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from service.batching import MicroBatcher
 from service.config import Settings
 from service.modeling import load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.prompts import LABEL_IDS, render_prompt
-from service.scoring import classify, generate
+from service.scoring import Prediction, classify, generate
 
 DEFAULT_MAX_NEW_TOKENS = 80
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,13 @@ class ModelServer:
         self._lock = threading.Lock()
         self._model: Any = None
         self._tokenizer: Any = None
-        self._loaded: set[str] = set()
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.max_adapters = settings.max_loaded_adapters
+        self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms)
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loaded)
 
     @property
     def ready(self) -> bool:
@@ -54,33 +65,59 @@ class ModelServer:
 
         if adapter is None:
             return
-        if adapter.name not in self._loaded:
+        if adapter.name in self._loaded:
+            self._loaded.move_to_end(adapter.name)
+        else:
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(adapter.path), adapter_name=adapter.name)
             else:
                 self._model = PeftModel.from_pretrained(self._model, str(adapter.path), adapter_name=adapter.name)
             self._model.eval()
-            self._loaded.add(adapter.name)
+            self._loaded[adapter.name] = None
+            while len(self._loaded) > self.max_adapters:
+                evicted, _ = self._loaded.popitem(last=False)
+                self._model.delete_adapter(evicted)
         self._model.set_adapter(adapter.name)
 
     def unload(self, name: str) -> None:
         with self._lock:
             if name in self._loaded:
                 self._model.delete_adapter(name)
-                self._loaded.discard(name)
+                del self._loaded[name]
 
-    def analyze(self, texts: list[str], adapter: AdapterRef | None, max_new_tokens: int | None) -> list[dict[str, Any]]:
-        """Label, probabilities, importance, reaction and generated analysis for each text."""
-        started = time.perf_counter()
-        new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    def submit(self, text: str, adapter: AdapterRef | None, max_new_tokens: int | None) -> dict[str, Any]:
+        """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time."""
+        result: dict[str, Any] = self._batcher.submit(text, (adapter, max_new_tokens))
+        return result
+
+    def _run_group(self, texts: list[str], group: Any) -> list[dict[str, Any]]:
+        adapter, max_new_tokens = group
+        return self.analyze(texts, adapter, max_new_tokens)
+
+    def run(self, adapter: AdapterRef | None, fn: Callable[[Any, Any], T]) -> T:
+        """Call ``fn(model, tokenizer)`` with ``adapter`` active (None: the base alone), holding the model lock."""
         with self._lock:
             self._ensure_base()
             self._select(adapter)
             context = self._model.disable_adapter() if adapter is None and self._loaded else nullcontext()
             with context:
-                predictions = classify(self._model, self._tokenizer, texts)
-                prompts = [render_prompt(t) for t in texts]
-                analyses = generate(self._model, self._tokenizer, prompts, new_tokens)
+                return fn(self._model, self._tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            self._ensure_base()
+            return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def analyze(self, texts: list[str], adapter: AdapterRef | None, max_new_tokens: int | None) -> list[dict[str, Any]]:
+        """Label, probabilities, importance, reaction and generated analysis for each text."""
+        started = time.perf_counter()
+        new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+
+        def run(model: Any, tokenizer: Any) -> tuple[list[Prediction], list[str]]:
+            predictions = classify(model, tokenizer, texts)
+            return predictions, generate(model, tokenizer, [render_prompt(t) for t in texts], new_tokens)
+
+        predictions, analyses = self.run(adapter, run)
         latency = (time.perf_counter() - started) * 1000
         return [
             {
@@ -94,6 +131,7 @@ class ModelServer:
                 "adapter": adapter.name if adapter else None,
                 "base_model": self.base_model,
                 "latency_ms": round(latency, 2),
+                "batch_size": len(texts),
             }
             for p, text in zip(predictions, analyses, strict=True)
         ]

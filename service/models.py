@@ -200,6 +200,10 @@ class DatasetPublic(BaseModel):
     duplicates_removed: int
     rejected: list[dict[str, Any]]
     rejected_count: int
+    options: dict[str, Any] = Field(default_factory=dict, description="the options the upload was parsed with")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="what the format reports: CSV columns used; database thresholds and split"
+    )
     sha256: str
     created_at: datetime
 
@@ -228,6 +232,17 @@ class AnalyzeResponse(BaseModel):
     adapter: str | None
     base_model: str
     latency_ms: float
+    batch_size: int = Field(description="requests that shared this forward pass (micro-batching)")
+
+
+class AnalyzeBatchRequest(Strict):
+    items: list[str] = Field(min_length=1)
+    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=0)
+
+
+class AnalyzeBatchResponse(BaseModel):
+    data: list[AnalyzeResponse]
 
 
 class AdapterPublic(BaseModel):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter
 from sqlmodel import Session
 
-from service import jobstore
+from service import jobstore, metrics
 from service.api.deps import ModelServerDep, SessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.adapters import adapter_job, adapter_path
 from service.config import Settings
 from service.inference import AdapterRef
-from service.models import AnalyzeRequest, AnalyzeResponse
+from service.models import AnalyzeBatchRequest, AnalyzeBatchResponse, AnalyzeRequest, AnalyzeResponse
 
 router = APIRouter(tags=["analyze"])
 
@@ -33,21 +35,49 @@ def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterR
     return AdapterRef(name, adapter_path(settings, name))
 
 
-# A plain `def`: FastAPI runs it in a worker thread, so inference never blocks the event loop.
+def _check_text(text: str, settings: Settings, field: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ApiError(422, "invalid_request", f"{field} is empty", [{"field": field}])
+    if len(text) > settings.max_text_chars:
+        raise ApiError(422, "invalid_request", f"{field} is longer than {settings.max_text_chars} characters",
+                       [{"field": field}])  # fmt: skip
+    return text
+
+
+def _check_tokens(max_new_tokens: int | None, settings: Settings) -> None:
+    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
+        raise ApiError(422, "invalid_request", f"max_new_tokens is over {settings.max_new_tokens_limit}",
+                       [{"field": "max_new_tokens"}])  # fmt: skip
+
+
+# Plain `def` handlers: FastAPI runs them in worker threads, so inference never blocks the event loop.
 @router.post("/analyze", response_model=AnalyzeResponse)
 def analyze(
     body: AnalyzeRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeResponse:
-    text = body.text.strip()
-    if not text:
-        raise ApiError(422, "invalid_request", "text is empty", [{"field": "text"}])
-    if len(text) > settings.max_text_chars:
-        raise ApiError(422, "invalid_request", f"text is longer than {settings.max_text_chars} characters",
-                       [{"field": "text"}])  # fmt: skip
-    if body.max_new_tokens is not None and body.max_new_tokens > settings.max_new_tokens_limit:
-        raise ApiError(422, "invalid_request", f"max_new_tokens is over {settings.max_new_tokens_limit}",
-                       [{"field": "max_new_tokens"}])  # fmt: skip
+    text = _check_text(body.text, settings, "text")
+    _check_tokens(body.max_new_tokens, settings)
     adapter = resolve_adapter(session, settings, body.adapter)
     session.close()  # release the database before the (slow) model call
-    result = server.analyze([text], adapter, body.max_new_tokens)[0]
+    started = time.perf_counter()
+    result = server.submit(text, adapter, body.max_new_tokens)
+    metrics.observe_analyze(started, [result])
     return AnalyzeResponse.model_validate(result)
+
+
+@router.post("/analyze/batch", response_model=AnalyzeBatchResponse)
+def analyze_batch(
+    body: AnalyzeBatchRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
+) -> AnalyzeBatchResponse:
+    if len(body.items) > settings.max_batch_items:
+        raise ApiError(422, "invalid_request", f"items holds {len(body.items)} texts; the limit is "
+                       f"{settings.max_batch_items}", [{"field": "items"}])  # fmt: skip
+    texts = [_check_text(t, settings, f"items.{i}") for i, t in enumerate(body.items)]
+    _check_tokens(body.max_new_tokens, settings)
+    adapter = resolve_adapter(session, settings, body.adapter)
+    session.close()
+    started = time.perf_counter()
+    results = server.analyze(texts, adapter, body.max_new_tokens)
+    metrics.observe_analyze(started, results)
+    return AnalyzeBatchResponse(data=[AnalyzeResponse.model_validate(r) for r in results])

@@ -1,0 +1,138 @@
+"""OpenAI-compatible serving: ``GET /v1/models`` and ``POST /v1/chat/completions`` (plain and streaming).
+
+``model`` is an adapter name, ``latest``, or the served base model's name (the base alone). The system message,
+if any, becomes the instruction and the last user message the input of the training prompt format, so an
+adapter sees what it was trained on. Decoding is greedy (``temperature`` is accepted and ignored).
+
+Constrained output: ``guided_choice`` (a list of strings) returns the choice the model scores highest;
+``response_format`` ``json_object`` / ``json_schema`` returns the /analyze result as a JSON document.
+Streaming sends the finished completion as chunks (generation itself is not incremental).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import jobstore
+from service.api.deps import ModelServerDep, SessionDep, SettingsDep
+from service.api.errors import ApiError
+from service.api.routes.analyze import resolve_adapter
+from service.prompts import DEFAULT_INSTRUCTION, render_prompt
+from service.scoring import continuation_logprobs, generate
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+DEFAULT_MAX_TOKENS = 128
+STREAM_CHUNK_CHARS = 8
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send many optional fields; unknown ones change nothing
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    response_format: dict[str, Any] | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=64)
+
+
+@router.get("/models")
+def list_models(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    created = int(time.time())
+    data = [{"id": settings.base_model, "object": "model", "created": created, "owned_by": "flashtune"}]
+    for job in jobstore.succeeded_jobs(session):
+        if job.adapter and job.base_model == settings.base_model:
+            stamp = int(job.finished_at.timestamp()) if job.finished_at else created
+            data.append({"id": job.adapter, "object": "model", "created": stamp, "owned_by": "flashtune"})
+    return {"object": "list", "data": data}
+
+
+def _prompt(body: ChatRequest, max_chars: int) -> str:
+    system = "\n".join(m.text for m in body.messages if m.role in ("system", "developer")).strip()
+    users = [m.text for m in body.messages if m.role == "user"]
+    if not users or not users[-1].strip():
+        raise ApiError(422, "invalid_request", "messages needs a non-empty user message", [{"field": "messages"}])
+    if len(users[-1]) > max_chars:
+        raise ApiError(422, "invalid_request", f"the user message is over {max_chars} characters",
+                       [{"field": "messages"}])  # fmt: skip
+    return render_prompt(users[-1], system or DEFAULT_INSTRUCTION)
+
+
+@router.post("/chat/completions", response_model=None)
+def chat_completions(
+    body: ChatRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
+) -> dict[str, Any] | StreamingResponse:
+    adapter = None if body.model == settings.base_model else resolve_adapter(session, settings, body.model)
+    session.close()
+    prompt = _prompt(body, settings.max_text_chars)
+    max_tokens = min(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
+    format_type = (body.response_format or {}).get("type", "text")
+    if body.guided_choice:
+        choices = body.guided_choice
+
+        def choose(model: Any, tokenizer: Any) -> str:
+            scores = continuation_logprobs(model, tokenizer, [prompt], [choices])[0]
+            return choices[max(range(len(choices)), key=scores.__getitem__)]
+
+        content = server.run(adapter, choose)
+    elif format_type in ("json_object", "json_schema"):
+        user_text = [m.text for m in body.messages if m.role == "user"][-1]
+        result = server.submit(user_text.strip(), adapter, max_tokens)
+        content = json.dumps({k: result[k] for k in ("label", "label_id", "score", "probs", "importance",
+                                                     "market_reaction", "analysis")}, ensure_ascii=False)  # fmt: skip
+    elif format_type == "text":
+        content = server.run(adapter, lambda model, tokenizer: generate(model, tokenizer, [prompt], max_tokens)[0])
+    else:
+        raise ApiError(422, "invalid_request", f"response_format type {format_type!r} is not supported",
+                       [{"field": "response_format.type"}])  # fmt: skip
+    prompt_tokens, completion_tokens = server.count_tokens(prompt), server.count_tokens(content)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        return StreamingResponse(_stream(completion_id, body.model, content), media_type="text/event-stream")
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },  # fmt: skip
+    }
+
+
+def _stream(completion_id: str, model: str, content: str) -> Iterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    for i in range(0, len(content), STREAM_CHUNK_CHARS):
+        yield chunk({"content": content[i : i + STREAM_CHUNK_CHARS]})
+    yield chunk({}, "stop")
+    yield "data: [DONE]\n\n"

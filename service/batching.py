@@ -1,0 +1,75 @@
+"""Micro-batching for /analyze: concurrent requests are gathered for a short wait and run as one forward pass.
+
+Request threads call :meth:`MicroBatcher.submit` and block on a future; one background thread takes what has
+arrived (up to ``max_batch`` items, waiting at most ``max_wait_ms`` after the first), groups it by
+(adapter, max_new_tokens) and hands each group to the model in one call. If a group fails, its items are retried
+one by one, so a request that fails does not take the others of its batch down with it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+RunBatch = Callable[[list[Any], Hashable], list[Any]]
+
+
+@dataclass
+class _Item:
+    payload: Any
+    group: Hashable
+    future: Future[Any] = field(default_factory=Future)
+
+
+class MicroBatcher:
+    def __init__(self, run: RunBatch, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+        self._run = run
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.Queue[_Item] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="flashtune-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, payload: Any, group: Hashable, timeout: float | None = None) -> Any:
+        item = _Item(payload, group)
+        self._queue.put(item)
+        return item.future.result(timeout)
+
+    def _gather(self) -> list[_Item]:
+        items = [self._queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(items) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return items
+
+    def _loop(self) -> None:
+        while True:
+            items = self._gather()
+            groups: dict[Hashable, list[_Item]] = {}
+            for item in items:
+                groups.setdefault(item.group, []).append(item)
+            for group, members in groups.items():
+                self._run_group(group, members)
+
+    def _run_group(self, group: Hashable, members: list[_Item]) -> None:
+        try:
+            results = self._run([m.payload for m in members], group)
+            for member, result in zip(members, results, strict=True):
+                member.future.set_result(result)
+        except Exception as exc:
+            if len(members) == 1:
+                members[0].future.set_exception(exc)
+                return
+            for member in members:  # isolate the failing request
+                self._run_group(group, [member])
