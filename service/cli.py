@@ -1,4 +1,4 @@
-"""``flashtune serve | worker | demo``."""
+"""``flashtune serve | worker | demo``, and the client commands ``jobs | datasets | analyze`` (cli_client)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from service.cli_client import add_commands
 from service.config import Settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -33,7 +34,14 @@ def serve(args: argparse.Namespace) -> None:
     from service.api.main import create_app
 
     settings = _settings(args)
-    if not settings.api_key:
+    if settings.api_key_file is not None:
+        from service.api.security import ApiKeyConfigError, api_keys
+
+        try:
+            api_keys(settings)
+        except ApiKeyConfigError as exc:
+            sys.exit(str(exc))
+    if not settings.auth_enabled:
         if settings.host not in LOOPBACK and not args.allow_public:
             sys.exit(
                 f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public"
@@ -74,22 +82,10 @@ def _wait_healthy(client: Any, seconds: float = 60) -> None:
     raise SystemExit("the API did not come up")
 
 
-def _bar(job: dict[str, Any]) -> str:
-    p = job["progress"]
-    width = 30
-    filled = int(width * p.get("fraction", 0))
-    eta = p.get("eta_seconds")
-    loss = p.get("loss")
-    return (
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {job['status']:<9}"
-        f" step {p.get('step', 0)}/{p.get('total_steps', 0)}"
-        f" epoch {p.get('epoch', 0):.2f}/{p.get('total_epochs', 0)} loss {loss if loss is not None else '-':<8}"
-        f" {p.get('tokens_per_second') or 0:>7.0f} tok/s ETA {eta if eta is not None else '-':>5}s"
-    )
-
-
 def demo(args: argparse.Namespace) -> None:
     import httpx
+
+    from service.cli_client import progress_line
 
     data_dir = args.data_dir or os.environ.get("FLASHTUNE_DATA_DIR") or tempfile.mkdtemp(prefix="flashtune-demo-")
     port = _free_port()
@@ -108,7 +104,7 @@ def demo(args: argparse.Namespace) -> None:
             while job["status"] in ("queued", "running"):
                 time.sleep(0.5)
                 job = client.get(f"/jobs/{job['id']}").json()
-                print(_bar(job), end="", flush=True)
+                print("\r" + progress_line(job), end="", flush=True)
             print()
             if job["status"] != "succeeded":
                 raise SystemExit(f"job ended {job['status']}: {job['error']}")
@@ -155,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
     p_demo.add_argument("--data-dir", dest="data_dir")
     p_demo.set_defaults(func=demo)
+    add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -27,7 +27,7 @@ from service.datasets.tokens import token_stats
 from service.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
 from service.models import Progress, ResolvedHyperparameters
 from service.prompts import Example, render_prompt
-from workers import checkpoints
+from workers import artifacts, checkpoints
 from workers.evaluation import evaluate
 
 
@@ -308,6 +308,7 @@ def publish_adapter(model: Any, tokenizer: Any, info: dict[str, Any], adapter_di
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
+        artifacts.write_all(tmp, info["losses"])
         os.chmod(tmp, 0o755)
         if adapter_dir.exists():  # a retried job whose previous attempt published: replace it
             shutil.rmtree(adapter_dir)
