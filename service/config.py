@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="Default: SQLite file in DATA_DIR.")
     base_model: str = Field(default="builtin", description="'builtin', a hub id or a local path.")
     api_key: str | None = None
+    api_key_file: Path | None = Field(default=None, description="More keys: one per line, '#' comments.")
+    allowed_model_roots: list[Path] = Field(
+        default_factory=list, description="Where local base models may live (JSON list); default DATA_DIR/models."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     host: str = "127.0.0.1"
@@ -42,6 +46,10 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = 256
     max_epochs: int = 100
     max_length_limit: int = 8192
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, description="JSON bodies of every other route")
+    max_analyze_body_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /analyze bodies")
+    analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")
+    analyze_rate_limit_burst: int = Field(default=10, ge=1)
 
     @property
     def resolved_database_url(self) -> str:
@@ -50,6 +58,14 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for sub in ("datasets", "jobs", "adapters", "models"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key) or self.api_key_file is not None
+
+    @property
+    def model_roots(self) -> list[Path]:
+        return self.allowed_model_roots or [self.data_dir / "models"]
 
     @property
     def adapters_dir(self) -> Path:

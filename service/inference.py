@@ -28,6 +28,38 @@ DEFAULT_MAX_NEW_TOKENS = 80
 T = TypeVar("T")
 
 
+# Files that torch.load / pickle could execute code from: an adapter folder holding any of them is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class UnsafeAdapterError(Exception):
+    """An adapter folder that is not plain safetensors (or not inside the adapters root): never loaded."""
+
+
+def check_adapter_files(path: Path, root: Path) -> None:
+    """Refuse to load an adapter unless it is a real folder under ``root`` holding a regular safetensors file
+    and no pickle-capable file.
+
+    PEFT falls back to ``adapter_model.bin`` (torch.load) when there is no safetensors file, and to the hub when
+    the folder is missing; both would let a planted file decide what runs, so neither is allowed to happen.
+    """
+    try:
+        folder = path.resolve(strict=True)
+        inside = folder.is_relative_to(root.resolve(strict=True))
+    except OSError as exc:
+        raise UnsafeAdapterError(f"adapter {path.name} has no files") from exc
+    weights = folder / ADAPTER_WEIGHTS
+    if not inside or path.is_symlink() or not folder.is_dir():
+        raise UnsafeAdapterError(f"adapter {path.name} is not a folder in the adapters directory")
+    if weights.is_symlink() or not weights.is_file():
+        raise UnsafeAdapterError(f"adapter {path.name} has no {ADAPTER_WEIGHTS}; only safetensors adapters load")
+    unsafe = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    if unsafe:
+        raise UnsafeAdapterError(f"adapter {path.name} holds pickle-capable files ({', '.join(unsafe)}); "
+                                 "it is refused, only safetensors adapters load")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     name: str
@@ -68,6 +100,7 @@ class ModelServer:
         if adapter.name in self._loaded:
             self._loaded.move_to_end(adapter.name)
         else:
+            check_adapter_files(adapter.path, self.settings.adapters_dir)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(adapter.path), adapter_name=adapter.name)
             else:
@@ -87,6 +120,8 @@ class ModelServer:
 
     def submit(self, text: str, adapter: AdapterRef | None, max_new_tokens: int | None) -> dict[str, Any]:
         """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time."""
+        if adapter is not None and adapter.name not in self._loaded:  # fail this request alone, before batching
+            check_adapter_files(adapter.path, self.settings.adapters_dir)
         result: dict[str, Any] = self._batcher.submit(text, (adapter, max_new_tokens))
         return result
 

@@ -7,6 +7,7 @@ kernels need a GPU. ``describe_load`` says which and why, for the job's events.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from service.builtin.model import BUILTIN_NAME, ensure_builtin_model
+from service.config import Settings
 
 
 class ModelLoadError(Exception):
@@ -33,6 +35,46 @@ def resolve_base_model(name: str, data_dir: Path) -> str:
     if name == BUILTIN_NAME:
         return str(ensure_builtin_model(data_dir))
     return name
+
+
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?"
+HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+BASE_MODEL_HINT = "use 'builtin', a hub id 'org/name', or a local model folder under an allowed model root"
+
+
+class BaseModelRejected(ValueError):
+    """A requested base model is neither built-in, a hub id, nor a folder under an allowed root."""
+
+
+def validate_base_model(name: str, settings: Settings) -> str:
+    """The base model a job may use, as stored on the job; raises BaseModelRejected otherwise.
+
+    Accepted: ``builtin``, the server's own configured base model, a hub id ``org/name``, or an absolute path
+    that resolves (symlinks followed) to an existing folder inside one of ``settings.model_roots``; a local path is
+    returned resolved, so what the worker loads is what was checked. Everything that could point elsewhere is
+    refused: ``..`` segments, percent-encoded or backslash forms, ``~``, NUL and other control characters. The
+    message never echoes the path or the roots, so a refusal tells nothing about the server's file system.
+    """
+    if name in (BUILTIN_NAME, settings.base_model):
+        return name
+    if any(ord(c) < 32 or c in "%\\~" for c in name) or ".." in name.split("/") or "\x7f" in name:
+        raise BaseModelRejected(BASE_MODEL_HINT)
+    if HUB_ID.match(name) and ".." not in name and "--" not in name:
+        return name
+    if not name.startswith("/"):
+        raise BaseModelRejected(BASE_MODEL_HINT)
+    try:
+        resolved = Path(name).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # missing, a symlink loop, an unrepresentable path
+        raise BaseModelRejected(BASE_MODEL_HINT) from exc
+    for root in settings.model_roots:
+        try:
+            root_resolved = root.resolve(strict=True)
+        except OSError:
+            continue
+        if resolved != root_resolved and resolved.is_relative_to(root_resolved) and resolved.is_dir():
+            return str(resolved)
+    raise BaseModelRejected(BASE_MODEL_HINT)
 
 
 def pick_device(setting: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -10,6 +9,7 @@ from fastapi import Depends, Request
 from sqlmodel import Session
 
 from service.api.errors import ApiError
+from service.api.security import ApiKeyConfigError, bearer_ok
 from service.config import Settings
 from service.db import session_scope
 from service.inference import ModelServer
@@ -36,10 +36,12 @@ ModelServerDep = Annotated[ModelServer, Depends(get_model_server)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With FLASHTUNE_API_KEY set, require ``Authorization: Bearer <key>`` (constant-time comparison)."""
-    if not settings.api_key:
+    """With FLASHTUNE_API_KEY (or _FILE) set, require ``Authorization: Bearer <key>`` (constant-time comparison)."""
+    if not settings.auth_enabled:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+    try:
+        allowed = bearer_ok(settings, request.headers.get("authorization", ""))
+    except ApiKeyConfigError as exc:  # fail closed: a broken key file locks the API, it never opens it
+        raise ApiError(503, "auth_unavailable", str(exc)) from exc
+    if not allowed:
         raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
