@@ -63,6 +63,7 @@ _DESCRIPTIONS = {
     413: "Request body over this route's limit",
     422: "Invalid input: the details name the fields at fault",
     429: "Rate limited: retry after Retry-After seconds",
+    503: "Unavailable: the API key file cannot be read, or the server is not ready",
 }
 
 
