@@ -7,4 +7,5 @@ bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check service workers tests bench
 mypy service workers
+bash scripts/lint-deploy.sh
 python -m pytest -q "$@"

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 
 from service.api import errors
 from service.api.deps import require_api_key
-from service.api.routes import adapters, analyze, datasets, health, jobs
+from service.api.routes import adapters, analyze, datasets, health, jobs, metrics
 from service.config import Settings, get_settings
 from service.db import init_db, make_engine
 from service.inference import ModelServer
@@ -38,4 +38,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     for router in (jobs.router, datasets.router, adapters.router, analyze.router):
         app.include_router(router, dependencies=protected)
+    app.include_router(metrics.router, dependencies=protected)  # Prometheus can send the key
     return app

@@ -6,12 +6,14 @@ import hashlib
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
 from service import jobstore
 from service.api.deps import SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
+from service.api.routes.events_stream import event_stream
 from service.datasets.store import BUILTIN
 from service.models import (
     Dataset,
@@ -106,10 +108,16 @@ def get_job(job_id: int, session: SessionDep) -> JobPublic:
 def job_events(
     job_id: int,
     session: SessionDep,
+    request: Request,
     after: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> EventsPage:
+    stream: Annotated[bool, Query(description="Server-Sent Events until the job ends")] = False,
+    last_event_id: Annotated[str | None, Header(description="resume a stream after this event id")] = None,
+) -> EventsPage | StreamingResponse:
     _job(session, job_id)
+    if stream:  # see service/api/routes/events_stream.py
+        session.close()
+        return event_stream(request, job_id, after, last_event_id)
     events, has_more = jobstore.list_events(session, job_id, after, limit)
     return EventsPage(data=[JobEventPublic.model_validate(e, from_attributes=True) for e in events], has_more=has_more)
 
