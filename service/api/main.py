@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from service.api import errors
+from service.api import errors, security
 from service.api.deps import require_api_key
 from service.api.routes import adapters, analyze, datasets, health, jobs, metrics
 from service.config import Settings, get_settings
@@ -34,9 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     description = "Fine-tune LLMs on financial flash news with (Q)LoRA and serve the adapters."
     app = FastAPI(title="FlashTune", version="0.1.0", description=description, lifespan=lifespan)
     errors.install(app)
+    security.install(app, settings)  # request ids, body limits, rate limit (service/api/security.py)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
+    documented = security.error_responses(400, 401, 404, 409, 413, 422, 429, 503)
     for router in (jobs.router, datasets.router, adapters.router, analyze.router):
-        app.include_router(router, dependencies=protected)
-    app.include_router(metrics.router, dependencies=protected)  # Prometheus can send the key
+        app.include_router(router, dependencies=protected, responses=documented)
+    app.include_router(metrics.router, dependencies=protected, responses=documented)  # Prometheus can send the key
     return app

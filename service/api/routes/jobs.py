@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
@@ -15,6 +15,7 @@ from service.api.deps import SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.events_stream import event_stream
 from service.datasets.store import BUILTIN
+from service.modeling import BaseModelRejected, validate_base_model
 from service.models import (
     Dataset,
     EventsPage,
@@ -28,6 +29,8 @@ from service.models import (
 from service.recipes import resolve
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_ID = 2**63 - 1  # SQL BIGINT: a larger id cannot exist, and binding one would overflow the driver
+JobId = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 
 def to_public(job: Job) -> JobPublic:
@@ -50,7 +53,11 @@ def create_job(
     if body.dataset != BUILTIN and session.get(Dataset, body.dataset) is None:
         raise ApiError(422, "invalid_request", f"dataset {body.dataset!r} does not exist",
                        [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}])  # fmt: skip
-    base_model = body.base_model or settings.base_model
+    try:  # a local path must stay under an allowed root (service/modeling.py)
+        base_model = validate_base_model(body.base_model or settings.base_model, settings)
+    except BaseModelRejected as exc:
+        details = [{"field": "base_model", "message": str(exc)}]
+        raise ApiError(422, "invalid_request", f"base_model: {exc}", details) from exc
     job = Job(
         name=body.name,
         base_model=base_model,
@@ -84,7 +91,7 @@ def _replay(job: Job, request_hash: str, response: Response) -> JobPublic:
 def list_jobs(
     session: SessionDep,
     status: JobStatus | None = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> JobsPage:
     jobs, has_more = jobstore.list_jobs(session, status, after, limit)
@@ -100,16 +107,16 @@ def _job(session: SessionDep, job_id: int) -> Job:
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: int, session: SessionDep) -> JobPublic:
+def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
     return to_public(_job(session, job_id))
 
 
 @router.get("/{job_id}/events", response_model=EventsPage)
 def job_events(
-    job_id: int,
+    job_id: JobId,
     session: SessionDep,
     request: Request,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: Annotated[bool, Query(description="Server-Sent Events until the job ends")] = False,
     last_event_id: Annotated[str | None, Header(description="resume a stream after this event id")] = None,
@@ -123,7 +130,7 @@ def job_events(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
     job = _job(session, job_id)
     try:
         cancelled = jobstore.cancel(session, job_id)
