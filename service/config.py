@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     max_analyze_body_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /analyze bodies")
     analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")
     analyze_rate_limit_burst: int = Field(default=10, ge=1)
+    max_queued_jobs: int = Field(default=1000, ge=1, description="queued jobs at once; more is 429 queue_full")
 
     @property
     def resolved_database_url(self) -> str:

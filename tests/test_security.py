@@ -205,16 +205,23 @@ def test_request_ids_and_rate_limiter(open_api: Service) -> None:
     assert limiter.take("a", now=1.0) == 0
 
 
-def test_analyze_rate_limit_answers_429_with_retry_after(tmp_path: Path, builtin_model_cache: Path) -> None:
+def test_analyze_rate_limit_and_queue_limit_answer_429(tmp_path: Path, builtin_model_cache: Path) -> None:
     svc = start(tmp_path, builtin_model_cache, FLASHTUNE_ANALYZE_RATE_LIMIT_PER_MINUTE="1",
-                FLASHTUNE_ANALYZE_RATE_LIMIT_BURST="2")  # fmt: skip
+                FLASHTUNE_ANALYZE_RATE_LIMIT_BURST="2", FLASHTUNE_MAX_QUEUED_JOBS="2")  # fmt: skip
     try:
         statuses = [svc.client.post("/analyze", json={}).status_code for _ in range(2)]
         assert statuses == [422, 422]
         limited = svc.client.post("/analyze", json={})
         assert_clean_error(limited, tmp_path, 429)
+        assert limited.json()["error"]["type"] == "rate_limited"
         assert int(limited.headers["retry-after"]) >= 1
         assert svc.client.get("/jobs").status_code == 200  # only /analyze is limited
+        first, _second = svc.post_job(), svc.post_job()
+        full = svc.client.post("/jobs", json={"dataset": "builtin"})
+        assert_clean_error(full, tmp_path, 429)
+        assert full.json()["error"]["type"] == "queue_full"
+        svc.client.post(f"/jobs/{first['id']}/cancel")
+        assert svc.client.post("/jobs", json={"dataset": "builtin"}).status_code == 201  # room again
     finally:
         svc.stop()
 

@@ -8,7 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
 
 from service import jobstore
 from service.api.deps import SessionDep, SettingsDep
@@ -50,6 +52,10 @@ def create_job(
         existing = jobstore.find_by_idempotency_key(session, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash, response)
+    queued = session.exec(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)).one()
+    if queued >= settings.max_queued_jobs:  # a bound on what one caller can pile up ahead of everyone else
+        raise ApiError(429, "queue_full", f"{queued} jobs are already queued (the limit is "
+                       f"{settings.max_queued_jobs}); wait for some to finish or cancel some")  # fmt: skip
     if body.dataset != BUILTIN and session.get(Dataset, body.dataset) is None:
         raise ApiError(422, "invalid_request", f"dataset {body.dataset!r} does not exist",
                        [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}])  # fmt: skip
