@@ -29,6 +29,7 @@ from service.models import Progress, ResolvedHyperparameters
 from service.prompts import Example, render_prompt
 from workers import artifacts, checkpoints
 from workers.evaluation import evaluate
+from workers.packing import PackedBatch, pack_by_tokens, packed_loss, use_packing
 
 
 class Interrupted(Exception):
@@ -201,22 +202,30 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
 
     # The loop: one optimizer step per iteration, micro-batches accumulated inside it.
     model.train()
+    packed = use_packing(device)
     loop_start, tokens_seen = time.monotonic(), 0
     epoch_losses: list[float] = []
     for step in range(start_step, total_steps):
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_rows), hp.seed, epoch)
         chosen = [train_rows[i] for i in order[index_in_epoch * hp.batch_size : (index_in_epoch + 1) * hp.batch_size]]
-        micro = [
-            collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
-        ]
+        micro: list[Batch] | list[PackedBatch]
+        if packed:  # CUDA: padding-free rows within the padded micro-batch's token budget (workers/packing.py)
+            micro = pack_by_tokens(chosen, hp.micro_batch_size * hp.max_length, pad_to_multiple=256, pad_id=pad_id)
+        else:
+            micro = [
+                collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
+            ]
         denominator = sum(b.num_target_tokens for b in micro)
         loss_value = 0.0
         for batch in micro:
-            loss = step_loss(model, batch, device, denominator)
+            if isinstance(batch, PackedBatch):
+                loss, tokens = packed_loss(model, batch, device, denominator), batch.num_real_tokens
+            else:
+                loss, tokens = step_loss(model, batch, device, denominator), batch.num_tokens
             loss.backward()
             loss_value += float(loss.detach())
-            tokens_seen += batch.num_tokens
+            tokens_seen += tokens
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()

@@ -1,0 +1,467 @@
+"""GPU training benchmark: the user's recipe through transformers Trainer vs FlashTune's loops, in one run.
+
+Run on the H200 (see docs/benchmarks.md for the exact command):
+
+    export PYTHONPATH=$PWD/.devsite:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    python bench/train_gpu.py --out $OUT
+
+It builds a randomly initialised DeepSeek-LLM-7B-shaped LlamaForCausalLM on the GPU, saves it, and loads it
+through FlashTune's own ``service.modeling.load_model(plan_load("cuda", "auto"))`` (NF4, double quantisation, bf16
+compute). The samples are random token ids with the lengths of the user's 300 seed instructions
+(``bench/seed_lengths.json``: prompt and full length per sample, built-in tokenizer); prompt tokens carry no loss.
+
+Variants, all on the same base and the same samples in the same (seed 42, epoch 0) order:
+  packed*   FlashTune's CUDA path pieces: ``workers.packing`` rows, no padding, bf16 autocast, fused AdamW
+  current   FlashTune's loop as ``workers.training`` runs it today (attach_lora, collate, step_loss)
+  hf        the user's recipe through transformers Trainer (padded to 512, 4 x 4, grad checkpointing, paged 8-bit)
+MFU counts 4 x 6.9e9 FLOPs per real token (forward 2N, backward to activations 2N; the frozen base gets no weight
+gradients) against the 790 TFLOP/s bf16 matrix rate measured on this machine kind; attention is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PEAK_FLOPS = 790e12
+PARAMS = 6.9e9
+FLOPS_PER_TOKEN = 4 * PARAMS
+USER_JOB_SAMPLES = 300 * 3
+LENGTHS_FILE = Path(__file__).resolve().parent / "seed_lengths.json"
+Row = tuple[list[int], list[int]]
+
+
+def log(*args: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- model, samples
+def build_checkpoint(path: Path) -> None:
+    """A random bf16 DeepSeek-LLM-7B-shaped Llama, initialised on the GPU and saved in HF format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").exists():
+        return
+    config = LlamaConfig(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=100000,
+        eos_token_id=100001, pad_token_id=100001, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="4GB")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def make_rows() -> tuple[list[Row], dict[str, Any]]:
+    """Random-token samples with the seed instructions' prompt/full lengths, in the epoch-0 order (seed 42)."""
+    from workers.training import epoch_order
+
+    meta = json.loads(LENGTHS_FILE.read_text())
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt_len, full_len in meta["lengths"]:
+        ids = torch.randint(100, 100000, (full_len,), generator=gen).tolist()
+        rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))
+    order = epoch_order(len(rows), 42, 0)
+    return [rows[i] for i in order], meta
+
+
+def take(rows: list[Row], start: int, count: int) -> list[Row]:
+    return [rows[(start + i) % len(rows)] for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+def measure(name: str, step: Callable[[], tuple[int, int, int]], warm: int, timed: int) -> dict[str, Any]:
+    """Run ``warm`` then ``timed`` optimizer steps; ``step`` returns (real tokens, processed tokens, samples)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warm):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    real = processed = samples = 0
+    for _ in range(timed):
+        r, p, s = step()
+        real, processed, samples = real + r, processed + p, samples + s
+    torch.cuda.synchronize()
+    return summarise(name, time.perf_counter() - started, timed, real, processed, samples)
+
+
+def summarise(name: str, seconds: float, steps: int, real: float, processed: float, samples: int) -> dict[str, Any]:
+    rate = real / seconds
+    result = {
+        "variant": name,
+        "steps": steps,
+        "step_s": round(seconds / steps, 4),
+        "real_tokens_per_s": round(rate),
+        "processed_tokens_per_s": round(processed / seconds),
+        "samples_per_s": round(samples / seconds, 2),
+        "mfu": round(rate * FLOPS_PER_TOKEN / PEAK_FLOPS, 4),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "projected_user_job_s": round(USER_JOB_SAMPLES / (samples / seconds), 1),
+    }
+    log("RESULT", json.dumps(result))
+    return result
+
+
+def profile(step: Callable[[], tuple[int, int, int]], path: Path) -> None:
+    """Where the GPU time of two optimizer steps goes, by kernel (written to ``path`` and printed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    path.write_text(table)
+    log("PROFILE (2 steps)\n" + table)
+
+
+def cleanup() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- the variants
+def packed_variant(base: Any, rows: list[Row], name: str, *, per_step: int = 16, per_micro: int = 16,
+                   targets: list[str] | None = None, r: int = 8, fused_ce: Any = None, grad_ckpt: bool = False,
+                   warm: int = 6, timed: int = 10, profile_to: Path | None = None,
+                   attn: str | None = None, bucket: int = 256) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """FlashTune's CUDA path: packed rows, bf16 autocast, fused AdamW, optional fused linear CE."""
+    from peft import LoraConfig, get_peft_model
+
+    from workers.packing import pack, packed_loss
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets or ["q_proj", "v_proj"],
+                        task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(base, config)
+    previous_attn = base.config._attn_implementation
+    if attn:
+        base.set_attn_implementation(attn)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=True)
+    cursor = [0]
+
+    def step() -> tuple[int, int, int]:
+        chosen = take(rows, cursor[0], per_step)
+        cursor[0] += per_step
+        micro = [pack(chosen[i : i + per_micro], bucket) for i in range(0, per_step, per_micro)]
+        denominator = sum(b.num_target_tokens for b in micro)
+        for batch in micro:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = packed_loss(model, batch, "cuda", denominator, fused_ce)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(b.num_real_tokens for b in micro), sum(b.num_tokens for b in micro), per_step
+
+    try:
+        result = measure(name, step, warm, timed)
+        if profile_to is not None:
+            profile(step, profile_to)
+    finally:
+        optimizer.state.clear()
+        if attn:
+            base.set_attn_implementation(previous_attn)
+        if grad_ckpt:
+            model.gradient_checkpointing_disable()
+        base = model.unload()
+        cleanup()
+    return result, base
+
+
+def current_variant(base: Any, rows: list[Row], warm: int = 2, timed: int = 12) -> tuple[dict[str, Any], Any]:
+    """FlashTune's loop as workers.training runs it today on CUDA (before this benchmark's changes)."""
+    from service.modeling import plan_load
+    from service.models import Hyperparameters
+    from service.recipes import resolve
+    from workers.training import attach_lora, collate, step_loss
+
+    hp = resolve(Hyperparameters(), "deepseek-7b-shaped")
+    model = attach_lora(base, hp, plan_load("cuda", "auto"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=True)
+    cursor = [0]
+
+    def step() -> tuple[int, int, int]:
+        chosen = take(rows, cursor[0], hp.batch_size)
+        cursor[0] += hp.batch_size
+        micro = [collate(chosen[i : i + hp.micro_batch_size], 100001) for i in range(0, hp.batch_size,
+                 hp.micro_batch_size)]  # fmt: skip
+        denominator = sum(b.num_target_tokens for b in micro)
+        for batch in micro:
+            step_loss(model, batch, "cuda", denominator).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(b.num_tokens for b in micro), sum(b.input_ids.numel() for b in micro), hp.batch_size
+
+    try:
+        result = measure(f"current: workers.training loop (micro {hp.micro_batch_size}, dynamic padding, "
+                         "grad ckpt, fp32 norms/head)", step, warm, timed)  # fmt: skip
+    finally:
+        optimizer.state.clear()
+        base = model.unload()
+        cleanup()
+    return result, base
+
+
+def hf_variant(base: Any, rows: list[Row], fp16: bool, warm: int = 2, timed: int = 6) -> dict[str, Any]:
+    """The user's recipe through transformers Trainer: padded to 512, 4 x 4, grad ckpt, paged 8-bit AdamW."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    steps = warm + timed
+    data = take(rows, 0, 16 * steps)
+
+    class Padded(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids, labels = data[i]
+            pad = 512 - len(ids)
+            return {
+                "input_ids": torch.tensor(ids + [100001] * pad),
+                "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+                "labels": torch.tensor(labels + [-100] * pad),
+            }
+
+    class Timer(TrainerCallback):  # type: ignore[misc]
+        times: list[float] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    model = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj",
+                           "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    timer = Timer()
+    args = TrainingArguments(
+        output_dir="/tmp/hf-out", per_device_train_batch_size=4, gradient_accumulation_steps=4, max_steps=steps,
+        learning_rate=2e-4, fp16=fp16, bf16=not fp16, gradient_checkpointing=True, optim="paged_adamw_8bit",
+        logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
+        dataloader_num_workers=0, seed=42,
+    )  # fmt: skip
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        Trainer(model=model, args=args, train_dataset=Padded(), callbacks=[timer]).train()
+        seconds = timer.times[-1] - timer.times[warm - 1]
+        mean_len = statistics.mean(len(ids) for ids, _ in data)
+        name = f"hf: Trainer user recipe ({'fp16' if fp16 else 'bf16'}, padded 512, 4x4, grad ckpt, paged 8-bit)"
+        return summarise(name, seconds, timed, 16 * timed * mean_len, 16 * timed * 512, 16 * timed)
+    finally:
+        model.unload()
+        cleanup()
+
+
+def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: list[dict[str, Any]]) -> None:
+    """The same packed loop on an unquantised bf16 base (``quantization: "none"``): what NF4 dequantising costs."""
+    from service.modeling import load_model, plan_load
+
+    try:
+        base = load_model(checkpoint, plan_load("cuda", "none"))
+        result, base = packed_variant(base, rows, "bf16 base (quantization none): packed 16/row, liger, no ckpt",
+                                      fused_ce=fused, timed=20)  # fmt: skip
+        results.append(result)
+    except Exception:  # noqa: BLE001 - reported, the run goes on
+        log(f"VARIANT bf16base FAILED\n{traceback.format_exc()}")
+        results.append({"variant": "bf16base", "error": traceback.format_exc()[-2000:]})
+    finally:
+        base = None
+        cleanup()
+
+
+def trainer_variant(checkpoint: str, train_count: int = 120) -> dict[str, Any]:
+    """The real ``workers.training.train`` on a ``TrainingSpec``: load, packed loop on CUDA, evaluate, publish.
+
+    Built-in generated examples (real text through the built-in tokenizer, saved beside the checkpoint), the
+    user's recipe with 1 epoch; checks that the CUDA-selected packed path runs end to end.
+    """
+    from service.builtin.data import generate
+    from service.builtin.model import _corpus, _train_tokenizer
+    from service.models import Hyperparameters
+    from service.recipes import resolve
+    from workers.training import Hooks, TrainingSpec, train
+
+    _train_tokenizer(_corpus()).save_pretrained(checkpoint)
+    examples = generate(train_count + 12, seed=5)
+    spec = TrainingSpec(
+        job_id=1, base_model="deepseek-7b-shaped", base_source=checkpoint, dataset="builtin-generated",
+        dataset_sha256=None, train=examples[:train_count], validation=examples[train_count:],
+        hp=resolve(Hyperparameters(epochs=1), "deepseek-7b-shaped"), job_dir=Path("/tmp/bench-job"),
+        adapter_dir=Path("/tmp/bench-adapters/job-1"), device="cuda", checkpoint_every=10_000,
+    )  # fmt: skip
+    progress: list[Any] = []
+    events: list[str] = []
+    hooks = Hooks(on_progress=lambda p, force: progress.append(p), on_event=lambda t, m, d: events.append(f"{t}: {m}"))
+    torch.cuda.reset_peak_memory_stats()
+    info = train(spec, hooks)
+    result = {
+        "variant": "workers.training.train (TrainingSpec; CUDA selects packing; 1 epoch, built-in examples)",
+        "durations": info["durations"],
+        "total_steps": info["total_steps"],
+        "loop_tokens_per_s": progress[-1].tokens_per_second,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "events": events,
+        "adapter_files": sorted(p.name for p in spec.adapter_dir.iterdir()),
+    }
+    log("TRAINER", json.dumps(result, default=str))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+@torch.no_grad()
+def exactness_on_gpu(model: Any, rows: list[Row]) -> dict[str, Any]:
+    """Per-sample loss of a packed row vs each sample alone, on the NF4 7B model in bf16."""
+    from workers.packing import pack, per_sample_losses
+
+    samples = rows[:4]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = per_sample_losses(model, pack(samples), "cuda")
+        alone = [per_sample_losses(model, pack([s]), "cuda")[0] for s in samples]
+    rel = max(abs(a - b) / abs(b) for a, b in zip(packed, alone, strict=True))
+    result = {"packed": [round(x, 3) for x in packed], "alone": [round(x, 3) for x in alone], "max_rel_diff": rel}
+    log("EXACTNESS", json.dumps(result))
+    return result
+
+
+def liger_fused_ce() -> Any:
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    except Exception as exc:  # noqa: BLE001 - optional; report and go on without it
+        log("liger unavailable:", repr(exc))
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", default="/tmp/deepseek-7b-shaped")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--only", default="", help="comma-separated variant keys to run (default: all)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    import torch._dynamo
+
+    # flex attention is compiled per row length; the rows are bucketed to 256 tokens, which still gives more
+    # lengths than dynamo's default recompile limit (8) across the variants, after which it would run eagerly.
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    results: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+
+    def save() -> None:
+        (out / "train_gpu.json").write_text(json.dumps(report, indent=2))
+
+    started = time.perf_counter()
+    build_checkpoint(Path(args.checkpoint))
+    report["build_save_s"] = round(time.perf_counter() - started, 1)
+    log("checkpoint ready", report["build_save_s"], "s")
+
+    from service.modeling import load_model, plan_load
+
+    started = time.perf_counter()
+    base = load_model(args.checkpoint, plan_load("cuda", "auto"))
+    report["load_nf4_s"] = round(time.perf_counter() - started, 1)
+    report["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    log("loaded NF4 in", report["load_nf4_s"], "s;", report["weights_gib"], "GiB allocated")
+    rows, meta = make_rows()
+    report["mean_real_tokens"] = meta["mean_tokens"]
+    report["exactness"] = exactness_on_gpu(base, rows)
+    fused = liger_fused_ce()
+    ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    prof = out / "profile_packed_flex.txt"
+    flex = "flex_attention"
+    plans: list[tuple[str, Callable[[Any], tuple[dict[str, Any], Any]]]] = [
+        ("flex", lambda b: packed_variant(b, rows, "packed 16/row + liger FLCE + flex attention, no ckpt",
+                                          fused_ce=fused, attn=flex, timed=20, profile_to=prof)),
+        ("sdpa", lambda b: packed_variant(b, rows, "packed 16/row + liger FLCE + sdpa (cuDNN, dense mask), no ckpt",
+                                          fused_ce=fused, timed=20)),
+        ("torchce", lambda b: packed_variant(b, rows, "packed 16/row + torch CE + sdpa, no ckpt")),
+        ("r16", lambda b: packed_variant(b, rows, "all-linear r16: packed 16/row + liger + flex, no ckpt",
+                                         targets=ALL, r=16, fused_ce=fused, attn=flex, timed=10)),
+        ("mem", lambda b: packed_variant(b, rows, "user config memory: packed 4 samples x accum 4, ckpt, liger, flex",
+                                         per_micro=4, grad_ckpt=True, fused_ce=fused, attn=flex, timed=6)),
+        ("mem_nockpt", lambda b: packed_variant(b, rows, "packed 4 samples x accum 4, no ckpt, liger, flex",
+                                                per_micro=4, fused_ce=fused, attn=flex, timed=6)),
+        ("current", lambda b: current_variant(b, rows)),
+    ]  # fmt: skip
+    only = set(filter(None, args.only.split(",")))
+    for key, fn in plans:
+        if only and key not in only:
+            continue
+        try:
+            result, base = fn(base)
+            results.append(result)
+        except Exception:  # noqa: BLE001 - a failed variant is reported, the others still run
+            log(f"VARIANT {key} FAILED\n{traceback.format_exc()}")
+            results.append({"variant": key, "error": traceback.format_exc()[-2000:]})
+            cleanup()
+        save()
+    if "trainer" in only:
+        del base
+        cleanup()
+        try:
+            report["trainer"] = trainer_variant(args.checkpoint)
+        except Exception:  # noqa: BLE001 - reported
+            log(f"TRAINER FAILED\n{traceback.format_exc()}")
+            report["trainer"] = {"error": traceback.format_exc()[-3000:]}
+        save()
+        return
+    if "bf16base" in only:
+        bf16_base_variant(args.checkpoint, rows, fused, results)
+        save()
+    if not only or "hf" in only:
+        for fp16 in (True, False):
+            try:
+                results.append(hf_variant(base, rows, fp16))
+                break
+            except Exception:  # noqa: BLE001 - fp16 may fail on NF4; then bf16
+                log(f"HF Trainer fp16={fp16} FAILED\n{traceback.format_exc()}")
+                results.append({"variant": f"hf fp16={fp16}", "error": traceback.format_exc()[-2000:]})
+                cleanup()
+            save()
+    save()
+    print_table(results)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    ok = [r for r in results if "error" not in r]
+    hf = next((r for r in ok if r["variant"].startswith("hf")), None)
+    print(f"\n{'variant':<88} {'real tok/s':>10} {'x hf':>6} {'MFU':>6} {'peak GiB':>8} {'job s':>7}")
+    for r in ok:
+        ratio = r["real_tokens_per_s"] / hf["real_tokens_per_s"] if hf else math.nan
+        print(f"{r['variant'][:88]:<88} {r['real_tokens_per_s']:>10} {ratio:>6.2f} {r['mfu']:>6.3f} "
+              f"{r['peak_gib']:>8.2f} {r['projected_user_job_s']:>7.1f}")  # fmt: skip
+    for r in results:
+        if "error" in r:
+            print(f"FAILED {r['variant']}: {r['error'].strip().splitlines()[-1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Padding-free packing is exact: a packed sample's loss equals its loss computed alone (CPU, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.packing import IGNORE, pack, pack_by_tokens, packed_loss, per_sample_losses
+
+
+def tiny_llama(attn: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def rows() -> list[tuple[list[int], list[int]]]:
+    """Three samples of different lengths; the first few tokens of each are prompt (label -100)."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for length, prompt in ((9, 4), (17, 6), (5, 2)):
+        ids = torch.randint(3, 97, (length,), generator=gen).tolist()
+        out.append((ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+@torch.no_grad()
+def alone(model: torch.nn.Module, ids: list[int], labels: list[int]) -> float:
+    logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), reduction="sum"))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked(attn: str) -> None:
+    model = tiny_llama(attn)
+    samples = rows()
+    batch = pack(samples)
+    assert batch.position_ids[0].tolist() == [*range(9), *range(17), *range(5)]
+    expected = [alone(model, ids, labels) for ids, labels in samples]
+    got = per_sample_losses(model, batch)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # The whole-row loss the trainer uses is the sum of the per-sample losses over the target count.
+    with torch.no_grad():
+        total = float(packed_loss(model, batch, "cpu", denominator=batch.num_target_tokens))
+    assert total == pytest.approx(sum(expected) / batch.num_target_tokens, rel=1e-5)
+
+
+def test_filler_padding_changes_nothing() -> None:
+    """Rounding the row length up with a filler sequence leaves every sample's loss as it was."""
+    model = tiny_llama("sdpa")
+    samples = rows()
+    batch = pack(samples, pad_to_multiple=16)
+    assert batch.num_tokens == 32 and batch.num_real_tokens == 31
+    assert batch.position_ids[0, -1] == 0  # the filler starts its own sequence
+    expected = [alone(model, ids, labels) for ids, labels in samples]
+    assert per_sample_losses(model, batch) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_without_restarting_positions_samples_leak() -> None:
+    """The check has teeth: one continuous sequence (no restarts) gives different losses for later samples."""
+    model = tiny_llama("sdpa")
+    samples = rows()
+    batch = pack(samples)
+    batch.position_ids = torch.arange(batch.num_tokens).unsqueeze(0)
+    expected = [alone(model, ids, labels) for ids, labels in samples]
+    got = per_sample_losses(model, batch)
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)
+    assert abs(got[1] - expected[1]) > 1e-3
+
+
+def test_pack_by_tokens_keeps_order_and_limit() -> None:
+    samples = rows()
+    batches = pack_by_tokens(samples, max_tokens=26)
+    assert [b.lengths for b in batches] == [[9, 17], [5]]
+    assert all(b.labels[0, 0] == IGNORE for b in batches)
+    assert sum(b.num_target_tokens for b in batches) == sum(sum(x != IGNORE for x in lab[1:]) for _, lab in samples)
