@@ -64,7 +64,7 @@ def save_upload(
         "rejected": parsed.rejected[:MAX_REJECTED_LISTED],
         "rejected_count": len(parsed.rejected),
         "options": options or {},
-        **parsed.extra,
+        "details": parsed.extra,
     }
     dataset = Dataset(
         id=ds_id, sha256=sha256, format=parsed.format, filename=filename,
@@ -98,7 +98,8 @@ def to_public(dataset: Dataset) -> DatasetPublic:
         id=dataset.id, format=dataset.format, filename=dataset.filename, num_examples=dataset.num_examples,
         num_validation=s.get("num_validation", 0), label_distribution=s.get("label_distribution", {}),
         unlabelled=s.get("unlabelled", 0), duplicates_removed=s.get("duplicates_removed", 0),
-        rejected=s.get("rejected", []), rejected_count=s.get("rejected_count", 0), sha256=dataset.sha256,
+        rejected=s.get("rejected", []), rejected_count=s.get("rejected_count", 0), options=s.get("options", {}),
+        details=s.get("details", {}), sha256=dataset.sha256,
         created_at=dataset.created_at,
     )  # fmt: skip
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Request, UploadFile
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -19,8 +19,12 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 CHUNK = 1024 * 1024
 
 
+RESERVED_FIELDS = ("file", "format", "options")
+
+
 @router.post("", status_code=201, response_model=DatasetPublic)
 async def upload_dataset(
+    request: Request,
     file: UploadFile,
     session: SessionDep,
     settings: SettingsDep,
@@ -32,7 +36,7 @@ async def upload_dataset(
         data += chunk
         if len(data) > settings.max_upload_bytes:
             raise ApiError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
-    parsed_options = _options(options)
+    parsed_options = _options(options, await request.form())
     try:
         dataset = await run_in_threadpool(
             save_upload, settings, session, bytes(data), file.filename, format, parsed_options
@@ -43,16 +47,24 @@ async def upload_dataset(
     return to_public(dataset)
 
 
-def _options(raw: str | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ApiError(422, "invalid_request", f"options is not JSON: {exc.msg}", [{"field": "options"}]) from exc
-    if not isinstance(value, dict):
-        raise ApiError(422, "invalid_request", "options must be a JSON object", [{"field": "options"}])
-    return value
+def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
+    """The JSON ``options`` field merged with any other form field (``-F ticker=XAUUSD`` is an option too)."""
+    value: Any = {}
+    if raw:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, "invalid_request", f"options is not JSON: {exc.msg}", [{"field": "options"}]) from exc
+        if not isinstance(value, dict):
+            raise ApiError(422, "invalid_request", "options must be a JSON object", [{"field": "options"}])
+    for name, field_value in form.multi_items():
+        if name in RESERVED_FIELDS:
+            continue
+        if name in value or not isinstance(field_value, str):
+            problem = "is given twice" if name in value else "must be a plain form field, not a file"
+            raise ApiError(422, "invalid_request", f"option {name!r} {problem}", [{"field": name}])
+        value[name] = field_value
+    return value or None
 
 
 @router.get("", response_model=list[DatasetPublic])

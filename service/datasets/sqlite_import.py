@@ -1,0 +1,280 @@
+"""Import the user's finance SQLite database (``events`` + ``event_impacts``) as a labelled, time-split dataset.
+
+The upload is copied to a temporary file and opened read-only (``file:...?mode=ro``) with an authorizer that
+allows nothing but reading and ``table_info``: whatever the file holds (triggers, views, odd pragmas) is never
+run. The schema is read first and every table and column this module uses comes from the allow-lists below,
+checked against that schema; user values (ticker, window, sources) only ever travel as bound parameters.
+
+Labelling follows the user's own pipeline: the return over ``window_min`` minutes after the event, cut into
+bearish / neutral / bullish at two thresholds, either fixed or quantiles of the *training* period's returns
+(so the validation period never informs its own labels). Validation is the latest share of events by ts_utc.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from service.datasets.base import DatasetError, Options, Parsed
+from service.datasets.formats import DEFAULT_STAR, star_of
+from service.prompts import DEFAULT_INSTRUCTION, Example, Label, render_response
+
+SOURCES = ("flash", "calendar")
+# The allow-list: the only identifiers that ever appear in SQL here.
+EVENT_COLUMNS = ("event_id", "source", "ts_utc", "content", "star")
+CALENDAR_COLUMNS = ("name", "previous", "consensus", "actual")
+IMPACT_COLUMNS = ("event_id", "ticker", "window_min", "ret")
+CALENDAR_FIGURES = (("previous", "前值"), ("consensus", "预期"), ("actual", "公布"))
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    ticker: str
+    window_min: int
+    sources: tuple[str, ...]
+    min_star: int | None
+    label_rule: str  # "quantile" or "fixed"
+    cut: tuple[float, float]  # quantiles for "quantile", returns for "fixed"
+    validation_fraction: float
+    limit: int | None
+    seed: int
+    instruction: str
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    ts_utc: str
+    source: str
+    text: str
+    star: int
+    ret: float
+
+
+def read_options(options: Options) -> ImportOptions:
+    sources = tuple(str(s).strip() for s in options.items("sources", list(SOURCES)))
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown or not sources:
+        raise DatasetError(f"option 'sources' must list some of {', '.join(SOURCES)}, got {list(sources)}",
+                           {"option": "sources", "allowed": list(SOURCES)})  # fmt: skip
+    thresholds = _pair(options, "thresholds", None, low=None, high=None)
+    rule = options.text("label_rule", "fixed" if thresholds else "quantile")
+    if rule not in ("quantile", "fixed"):
+        raise DatasetError("option 'label_rule' must be 'quantile' or 'fixed'", {"option": "label_rule"})
+    quantiles = _pair(options, "quantiles", (0.3, 0.7), low=0.0, high=1.0)
+    if rule == "fixed" and thresholds is None:
+        raise DatasetError("label_rule 'fixed' needs the option 'thresholds' [low, high] (returns, e.g. "
+                           "[-0.0004, 0.0004])", {"option": "thresholds"})  # fmt: skip
+    if rule == "quantile" and thresholds is not None:
+        raise DatasetError("option 'thresholds' applies only with label_rule 'fixed'", {"option": "thresholds"})
+    return ImportOptions(
+        ticker=options.text("ticker", "XAUUSD"),
+        window_min=options.integer("window_min", 15, low=1),
+        sources=sources,
+        min_star=options.integer("min_star", None, low=1, high=5),
+        label_rule=rule,
+        cut=thresholds if rule == "fixed" and thresholds else quantiles or (0.3, 0.7),
+        validation_fraction=options.number("validation_fraction", 0.2, low=0.0, high=0.9),
+        limit=options.integer("limit", None, low=1),
+        seed=options.integer("seed", 0),
+        instruction=options.text("instruction", DEFAULT_INSTRUCTION),
+    )
+
+
+def _pair(options: Options, name: str, default: tuple[float, float] | None, low: float | None,
+          high: float | None) -> tuple[float, float] | None:  # fmt: skip
+    """Two ascending numbers, from a JSON list or a form field "a,b"."""
+    values = options.items(name, list(default) if default else [])
+    if not values:
+        return default
+    try:
+        pair = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        pair = ()
+    if (len(pair) != 2 or not pair[0] < pair[1] or (low is not None and pair[0] < low)
+            or (high is not None and pair[1] > high)):  # fmt: skip
+        raise DatasetError(f"option {name!r} must be two ascending numbers [low, high], got {values!r}",
+                           {"option": name, "value": values})  # fmt: skip
+    return pair[0], pair[1]
+
+
+def parse_sqlite(data: bytes, options: Options) -> Parsed:
+    opts = read_options(options)
+    parsed = Parsed(format="sqlite")
+    with open_readonly(data) as conn:
+        check_schema(conn, opts.sources)
+        events = _events(conn, opts, parsed)
+        if not events:
+            raise DatasetError(_nothing_matched(conn, opts), {"ticker": opts.ticker, "window_min": opts.window_min})
+    train, validation = time_split(events, opts.validation_fraction)
+    low, high = thresholds(train, opts)
+    train, validation = sample(train, validation, opts.limit, opts.seed)
+    parsed.examples = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in train]
+    parsed.validation = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in validation]
+    parsed.extra["import"] = {
+        "ticker": opts.ticker, "window_min": opts.window_min, "sources": list(opts.sources),
+        "min_star": opts.min_star, "label_rule": opts.label_rule,
+        "quantiles": list(opts.cut) if opts.label_rule == "quantile" else None,
+        "thresholds": {"low": low, "high": high},
+        "events_matched": len(events), "limit": opts.limit, "seed": opts.seed,
+        "train": _period(train), "validation": _period(validation),
+    }  # fmt: skip
+    return parsed
+
+
+@contextmanager
+def open_readonly(data: bytes) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a private temporary copy of the upload, allowed to read and nothing else."""
+    fd, name = tempfile.mkstemp(prefix="flashtune-import-", suffix=".db")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            # A WAL-mode header (bytes 18-19 = 2) would make a read-only open look for -wal/-shm files that an
+            # upload does not have; the copy is marked as a rollback-journal database instead.
+            out.write(data[:18] + b"\x01\x01" + data[20:] if data[18:20] == b"\x02\x02" else data)
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            conn.set_authorizer(_authorize)
+            conn.row_factory = sqlite3.Row
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails now if it is not a database
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            raise DatasetError(f"the database could not be read: {exc}", {"field": "file"}) from exc
+        finally:
+            conn.close()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _authorize(action: int, arg1: str | None, _arg2: str | None, _db: str | None, _trigger: str | None) -> int:
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION):
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1 == "table_info":
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def check_schema(conn: sqlite3.Connection, sources: tuple[str, ...]) -> None:
+    """Every table and column the import uses exists; otherwise a 4xx naming what is missing and what exists."""
+    tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    event_columns = EVENT_COLUMNS + (CALENDAR_COLUMNS if "calendar" in sources else ())
+    for table, needed in (("events", event_columns), ("event_impacts", IMPACT_COLUMNS)):
+        if table not in tables:
+            raise DatasetError(f"the database has no table '{table}' (tables: {', '.join(tables) or 'none'})",
+                               {"table": table, "tables": tables})  # fmt: skip
+        # PRAGMA takes no bound parameters; ``table`` is one of the two allow-listed names above, not user input.
+        columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DatasetError(
+                f"table '{table}' has no column '{missing[0]}' (columns: {', '.join(columns)})",
+                {"table": table, "column": missing[0], "missing": missing, "columns": columns},
+            )
+
+
+def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> list[Event]:
+    """The events with a return for the ticker and window, oldest first; unusable ones go to ``parsed.rejected``."""
+    calendar = CALENDAR_COLUMNS if "calendar" in opts.sources else ()
+    columns = ", ".join(f"e.{c}" for c in EVENT_COLUMNS + calendar)  # allow-listed and checked against the schema
+    marks = ", ".join("?" for _ in opts.sources)
+    sql = (
+        f"SELECT {columns}, i.ret FROM events AS e JOIN event_impacts AS i ON i.event_id = e.event_id "
+        f"WHERE i.ticker = ? AND i.window_min = ? AND e.source IN ({marks}) ORDER BY e.ts_utc, e.event_id"
+    )
+    events = []
+    for row in conn.execute(sql, (opts.ticker, opts.window_min, *opts.sources)):
+        star = star_of(row["star"]) if row["star"] is not None else DEFAULT_STAR
+        if opts.min_star is not None and star < opts.min_star:
+            continue
+        text = event_text(row)
+        problem = ("no ts_utc" if not row["ts_utc"] else "no return (ret is NULL)" if row["ret"] is None
+                   else "empty text" if not text else None)  # fmt: skip
+        if problem:
+            parsed.rejected.append({"event_id": row["event_id"], "reason": problem})
+            continue
+        events.append(Event(row["event_id"], str(row["ts_utc"]), row["source"], text, star, float(row["ret"])))
+    return events
+
+
+def event_text(row: sqlite3.Row | dict[str, Any]) -> str:
+    """Flash news: its content. Calendar events: the name and figures, as the user wrote them
+    (``美国至12月13日当周初请失业金人数 前值:23.6 预期:22.5 公布:22.4``)."""
+    if row["source"] != "calendar":
+        return str(row["content"] or "").strip()
+    name = str(row["name"] or "").strip()
+    figures = [f"{word}:{row[c]}" for c, word in CALENDAR_FIGURES if row[c] not in (None, "")]
+    return " ".join([name, *figures]) if name else ""
+
+
+def _nothing_matched(conn: sqlite3.Connection, opts: ImportOptions) -> str:
+    pairs = conn.execute("SELECT DISTINCT ticker, window_min FROM event_impacts ORDER BY 1, 2 LIMIT 50").fetchall()
+    available = ", ".join(f"{t}/{w}" for t, w in pairs) or "none"
+    return (
+        f"no usable events for ticker {opts.ticker!r}, window_min {opts.window_min}, sources {list(opts.sources)}, "
+        f"min_star {opts.min_star} (ticker/window_min pairs in the database: {available})"
+    )
+
+
+def time_split(events: list[Event], fraction: float) -> tuple[list[Event], list[Event]]:
+    """The latest ``fraction`` of events (by ts_utc) for validation; events sharing the cut's timestamp all go
+    to validation, so no instant is on both sides."""
+    cut = len(events) - round(len(events) * fraction)
+    while 0 < cut < len(events) and events[cut - 1].ts_utc == events[cut].ts_utc:
+        cut -= 1
+    if cut == 0:
+        raise DatasetError("validation_fraction leaves no events for training", {"option": "validation_fraction"})
+    return events[:cut], events[cut:]
+
+
+def thresholds(train: list[Event], opts: ImportOptions) -> tuple[float, float]:
+    """(low, high) return thresholds: fixed, or quantiles of the training period's returns only."""
+    if opts.label_rule == "fixed":
+        return opts.cut
+    returns = sorted(e.ret for e in train)
+    return quantile(returns, opts.cut[0]), quantile(returns, opts.cut[1])
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (NumPy's and pandas' default)."""
+    position = (len(ordered) - 1) * q
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def label_of(ret: float, low: float, high: float) -> Label:
+    """The user's rule: below the low threshold bearish, above the high one bullish, neutral between."""
+    return "bearish" if ret < low else "bullish" if ret > high else "neutral"
+
+
+def sample(train: list[Event], validation: list[Event], limit: int | None,
+           seed: int) -> tuple[list[Event], list[Event]]:  # fmt: skip
+    """At most ``limit`` events, drawn with ``seed`` from each side in proportion; time order kept."""
+    total = len(train) + len(validation)
+    if limit is None or limit >= total:
+        return train, validation
+    rng = random.Random(seed)
+    keep_train = max(1, round(limit * len(train) / total))
+    keep_validation = min(len(validation), limit - keep_train)
+
+    def draw(events: list[Event], k: int) -> list[Event]:
+        return [events[i] for i in sorted(rng.sample(range(len(events)), k))]
+
+    return draw(train, keep_train), draw(validation, keep_validation)
+
+
+def _example(event: Event, label: Label, instruction: str) -> Example:
+    return Example(instruction, event.text, render_response(label, event.star))
+
+
+def _period(events: list[Event]) -> dict[str, Any]:
+    return {"events": len(events), "from": events[0].ts_utc if events else None,
+            "until": events[-1].ts_utc if events else None}  # fmt: skip

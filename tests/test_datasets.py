@@ -1,0 +1,206 @@
+"""Datasets: the user's real files through the real API, broken files of each format, and the parsers themselves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.datasets.base import DatasetError
+from service.datasets.formats import parse
+from service.datasets.sqlite_import import open_readonly, quantile
+from service.prompts import parse_label
+from tests.conftest import SHARED_DATA, Service
+
+DB = SHARED_DATA / "finance_analysis_sample.db"
+SEED = SHARED_DATA / "seed"
+
+
+def upload(svc: Service, path: Path, **fields: Any) -> Any:
+    data = {k: (json.dumps(v) if isinstance(v, dict) else str(v)) for k, v in fields.items()}
+    with path.open("rb") as f:
+        return svc.client.post("/datasets", files={"file": (path.name, f)}, data=data)
+
+
+def chat_copy(source: Path, target: Path) -> Path:
+    """The user's smoke-test file rewritten in the OpenAI chat shape."""
+    lines = []
+    for line in source.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        messages = [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]},
+                    {"role": "assistant", "content": r["output"]}]  # fmt: skip
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+def renamed_ret_copy(tmp: Path) -> Path:
+    copy = tmp / "renamed.db"
+    shutil.copy(DB, copy)
+    copy.chmod(0o644)
+    with sqlite3.connect(copy) as conn:
+        conn.execute("ALTER TABLE event_impacts RENAME COLUMN ret TO ret_x")
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------- through the API
+def test_shared_files_import_and_a_job_trains_on_the_database(service: Service, tmp_path: Path) -> None:
+    expected = {  # file: (format, examples, duplicates removed)
+        SEED / "instructions.jsonl": ("instruction_jsonl", 188, 112),
+        SEED / "instructions_v2.jsonl": ("instruction_jsonl", 500, 0),
+        SEED / "instructions_test.jsonl": ("instruction_jsonl", 10, 0),
+        SEED / "val_3cls.csv": ("csv", 2690, 2),
+        DB: ("sqlite", 2686, 6),
+        chat_copy(SEED / "instructions_test.jsonl", tmp_path / "chat.jsonl"): ("chat_jsonl", 10, 0),
+    }
+    for path, (fmt, count, dupes) in expected.items():
+        response = upload(service, path)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert (body["format"], body["num_examples"], body["duplicates_removed"]) == (fmt, count, dupes), path
+        assert body["rejected_count"] == 0
+        assert sum(body["label_distribution"].values()) + body["unlabelled"] == count
+    listed = {d["format"] for d in service.client.get("/datasets").json()}
+    assert listed == {"instruction_jsonl", "chat_jsonl", "csv", "sqlite"}
+
+    csv_body = upload(service, SEED / "val_3cls.csv").json()  # same content again: same dataset
+    assert csv_body["label_distribution"] == {"bearish": 715, "neutral": 1168, "bullish": 807}
+    assert csv_body["details"]["columns"] == {"text": "text", "label": "label", "star": "star"}
+
+    db_body = upload(service, DB).json()
+    assert all(n > 0 for n in db_body["label_distribution"].values())
+    assert db_body["num_validation"] == 538
+    info = db_body["details"]["import"]
+    assert info["train"]["until"] < info["validation"]["from"]
+    assert info["thresholds"]["low"] < 0 < info["thresholds"]["high"]
+
+    # Calendar events are short, which keeps the job (training and base-vs-adapter evaluation) small.
+    small = upload(service, DB, options={"limit": 60, "seed": 3, "sources": ["calendar"]}, ticker="XAUUSD")
+    assert small.status_code == 201, small.text
+    assert (small.json()["num_examples"], small.json()["num_validation"]) == (60, 12)
+    job = service.post_job(dataset=small.json()["id"], hyperparameters={"epochs": 1, "max_length": 128})
+    done = service.wait(job["id"], timeout=900)
+    assert done["status"] == "succeeded", service.logs()
+    events = service.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    stats = next(e for e in events if e["type"] == "dataset")["data"]["token_stats"]
+    assert stats["examples"] == 60 and 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+
+
+def test_broken_files_get_a_4xx_naming_the_problem_and_nothing_is_stored(service: Service, tmp_path: Path) -> None:
+    renamed = upload(service, renamed_ret_copy(tmp_path))
+    assert renamed.status_code == 422, renamed.text
+    error = renamed.json()["error"]
+    assert "event_impacts" in error["message"] and "'ret'" in error["message"]
+    assert error["details"]["table"] == "event_impacts" and error["details"]["column"] == "ret"
+    assert "ret_x" in error["details"]["columns"]
+
+    broken = {
+        "bad.jsonl": (b'{"instruction": "x", "output": ""}\n{not json\n', "no usable examples"),
+        "chat.jsonl": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "no usable examples"),
+        "cols.csv": ("headline,sentiment\n美联储加息,1\n".encode(), "no column 'text' or 'content'"),
+        "latin1.csv": ("text,label\nok,1\ncaf\xe9,0\n".encode("latin-1"), "not UTF-8 (line 3"),
+        "labels.csv": (b"text,label\nfoo,up\n", "no usable examples"),
+        "broken.db": (DB.read_bytes()[:4096], "database"),
+        "nolabel.jsonl": (b'{"instruction": "q", "output": "free text answer"}\n', "sentiment label"),
+        "empty.jsonl": (b"\n\n", "empty"),
+    }
+    for name, (content, words) in broken.items():
+        (tmp_path / name).write_bytes(content)
+        response = upload(service, tmp_path / name)
+        assert 400 <= response.status_code < 500, (name, response.text)
+        assert words in response.json()["error"]["message"], (name, response.text)
+    details = upload(service, tmp_path / "bad.jsonl").json()["error"]["details"]
+    assert [r["line"] for r in details["rejected"]] == [1, 2]
+    unknown = upload(service, tmp_path / "cols.csv", text_column="headline", label_column="nope").json()["error"]
+    assert unknown["details"] == {"column": "nope", "option": "label_column", "columns": ["headline", "sentiment"]}
+    bad_option = upload(service, DB, window_min="soon").json()["error"]
+    assert bad_option["details"]["option"] == "window_min"
+    no_rows = upload(service, DB, ticker="EURUSD").json()["error"]
+    assert "XAUUSD/15" in no_rows["message"]
+
+    assert service.client.get("/datasets").json() == []
+    stored = service.data_dir / "datasets"
+    assert not stored.exists() or list(stored.iterdir()) == []
+    fine = upload(service, tmp_path / "cols.csv", text_column="headline", label_column="sentiment")
+    assert fine.status_code == 201 and fine.json()["label_distribution"]["bullish"] == 1
+
+
+# ------------------------------------------------------------------------------------------------- parser units
+def test_chat_lines() -> None:
+    lines = [
+        {"messages": [{"role": "system", "content": "分析"}, {"role": "user", "content": "金价大涨"},
+                      {"role": "assistant", "content": "属于利好消息"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Is this bullish?"}]},
+                      {"role": "assistant", "content": "bullish"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "neutral"}]},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
+        {"prompt": "x"},
+    ]  # fmt: skip
+    data = "\n".join(json.dumps(x, ensure_ascii=False) for x in lines).encode() + b"\n[1]\n"
+    parsed = parse(data)
+    assert parsed.format == "chat_jsonl"
+    first, second, third = parsed.examples
+    assert (first.instruction, first.input, first.label) == ("分析", "金价大涨", "bullish")
+    assert (second.instruction, second.input) == ("Is this bullish?", "")
+    assert third.instruction == "用户: a\n\n助手: b\n\n用户: c"
+    reasons = {r["line"]: r["reason"] for r in parsed.rejected}
+    assert reasons[4] == "no assistant message" and "role" in reasons[5] and "empty output" in reasons[6]
+    assert "messages" in reasons[7] and reasons[8] == "not a JSON object"
+
+
+def test_csv_columns_labels_and_stars() -> None:
+    data = 'id,content,label,star\n1,"金价\n大涨",bullish,5.0\n2,美元走弱,-1,\n3,,0,3\n4,震荡,2,3\n'.encode()
+    parsed = parse(data)
+    assert [e.label for e in parsed.examples] == ["bullish", "bearish"]
+    assert [e.output[:7] for e in parsed.examples] == ["这是一条5星级", "这是一条3星级"]
+    assert parsed.rejected == [{"line": 5, "reason": "empty text (column 'content')"},
+                               {"line": 6, "reason": "label '2' is not -1/0/1 or bearish/neutral/bullish (column 'label')"}]  # fmt: skip  # noqa: E501
+    with pytest.raises(DatasetError) as err:
+        parse(data, options={"text_column": "body"})
+    assert err.value.details["columns"] == ["id", "content", "label", "star"]
+    with pytest.raises(DatasetError, match="unknown option 'txt_column'"):
+        parse(data, options={"txt_column": "content"})
+
+
+def test_database_split_thresholds_and_options() -> None:
+    data = DB.read_bytes()
+    parsed = parse(data)
+    info = parsed.extra["import"]
+    with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT e.ts_utc, i.ret FROM events e JOIN event_impacts i USING (event_id) "
+                            "ORDER BY e.ts_utc, e.event_id").fetchall()  # fmt: skip
+    train_returns = sorted(r for ts, r in rows if ts <= info["train"]["until"])
+    assert len(train_returns) == info["train"]["events"] == 2154
+    assert info["thresholds"] == {"low": quantile(train_returns, 0.3), "high": quantile(train_returns, 0.7)}
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.3) == pytest.approx(1.9)  # numpy.quantile([1, 2, 3, 4], 0.3)
+
+    fixed = parse(data, options={"thresholds": [-0.000405, 0.000436], "sources": "calendar", "min_star": 4})
+    with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
+        starred = conn.execute("SELECT count(*) FROM events WHERE source = 'calendar' AND star >= 4").fetchone()[0]
+    assert fixed.extra["import"]["label_rule"] == "fixed" and fixed.extra["import"]["events_matched"] == starred
+    assert all("前值:" in e.input or "公布:" in e.input for e in fixed.examples)
+    assert all(e.output.startswith(("这是一条4星级", "这是一条5星级")) for e in fixed.examples)
+
+    a = parse(data, options={"limit": 100, "seed": 7})
+    b = parse(data, options={"limit": 100, "seed": 7})
+    assert a.examples == b.examples and len(a.examples) + len(a.validation) == 100
+    assert Counter(parse_label(e.output) for e in a.examples + a.validation).keys() == {"bearish", "neutral", "bullish"}
+    with pytest.raises(DatasetError, match="label_rule 'fixed' needs"):
+        parse(data, options={"label_rule": "fixed"})
+
+
+def test_database_is_opened_read_only_and_nothing_but_reads_run() -> None:
+    with open_readonly(DB.read_bytes()) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2692
+        for statement in ("CREATE TABLE x (a)", "DELETE FROM events", "ATTACH DATABASE ':memory:' AS m",
+                          "PRAGMA journal_mode = WAL"):  # fmt: skip
+            with pytest.raises(sqlite3.DatabaseError):
+                conn.execute(statement)
