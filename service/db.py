@@ -10,6 +10,7 @@ The schema carries a version number; ``MIGRATIONS`` upgrades an older database i
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,11 +34,15 @@ def _sqlite_setup(engine: Engine) -> None:
         dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event below issues BEGIN itself
         cursor = dbapi_conn.cursor()
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        try:
+            mode = str(cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.Error as exc:  # e.g. "attempt to write a readonly database"
+            mode = f"error: {exc}"
+        if mode.lower() != "wal":
             raise DatabaseError(
-                f"SQLite could not switch to WAL mode (got {mode!r}); put FLASHTUNE_DATA_DIR on a local disk "
-                "or use PostgreSQL through FLASHTUNE_DATABASE_URL"
+                f"SQLite could not switch to WAL mode (got {mode!r}); without WAL, readers block the worker's "
+                "progress writes. Put FLASHTUNE_DATA_DIR on a local, writable disk or use PostgreSQL through "
+                "FLASHTUNE_DATABASE_URL"
             )
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -53,7 +58,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _sqlite_setup(engine)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # Timestamps are stored without a time zone, in UTC: pin the session's zone so the server's default
+        # cannot shift them.
+        connect_args = {"options": "-c timezone=UTC"} if url.startswith("postgresql") else {}
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
     return engine
 
 

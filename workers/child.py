@@ -2,17 +2,27 @@
 
 It reads the job, trains it, and sends one ``Outcome`` back through a pipe. Progress and events go straight to
 the database, guarded by the worker's lease; if a write finds the lease gone (the job was cancelled or taken
-over) the child stops after the current optimizer step. SIGTERM from the parent means "checkpoint and stop".
+over) the child stops at once, without writing a checkpoint or an adapter: a stale attempt changes nothing.
+SIGTERM from the parent means "checkpoint and stop"; an orphan (its worker died) does the same.
+
+Fault injection for tests: ``FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=N`` makes the first optimizer step raise
+``torch.OutOfMemoryError`` while the job's micro-batch is ``>= N``, so the memory fallback can be tested on CPU.
+It is read only here and has no effect when unset.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlmodel import Session
 
 from service import jobstore
 from service.config import Settings
@@ -23,9 +33,16 @@ from service.models import Progress, ResolvedHyperparameters
 from workers.retry import Outcome
 from workers.training import Hooks, Interrupted, TrainingError, TrainingSpec, train
 
+log = logging.getLogger("flashtune.child")
+OOM_HOOK_ENV = "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH"
+
 
 def adapter_name(job_id: int) -> str:
     return f"job-{job_id}"
+
+
+class LeaseGone(Exception):
+    """This attempt no longer owns the job (cancelled, or taken over after its lease expired): stop, write nothing."""
 
 
 class _Reporter:
@@ -40,22 +57,43 @@ class _Reporter:
         self.lease_lost = False
         self.last_progress: dict[str, Any] = {}
         self.parent_pid = os.getppid()
+        self.micro_batch = 0  # set once the job's hyperparameters are known (fault-injection hook)
 
     def progress(self, progress: Progress, force: bool) -> None:
         self.last_progress = progress.model_dump()
+        self._inject_oom()
         now = time.monotonic()
         if not force and now - self.last_write < self.interval:
             return
         self.last_write = now
-        try:
-            with session_scope(self.engine) as session:
-                jobstore.update_progress(session, self.job_id, self.worker_id, self.last_progress)
-        except jobstore.LeaseLost:
-            self.lease_lost = True
+        self._guarded(lambda session: jobstore.update_progress(session, self.job_id, self.worker_id,
+                                                                self.last_progress))  # fmt: skip
 
     def event(self, type: str, message: str, data: dict[str, Any]) -> None:
-        with session_scope(self.engine) as session:
+        def write(session: Session) -> None:
+            jobstore.heartbeat(session, self.job_id, self.worker_id)  # the guard: no event from a stale attempt
             jobstore.add_event(session, self.job_id, type, message, data)
+
+        self._guarded(write)
+
+    def _guarded(self, write: Callable[[Session], None]) -> None:
+        """Run one lease-guarded write. Lease gone: raise LeaseGone (training stops before its next checkpoint or
+        publish). Database unreachable for a moment: skip this write; the worker's heartbeat keeps the lease."""
+        try:
+            with session_scope(self.engine) as session:
+                write(session)
+        except jobstore.LeaseLost as exc:
+            self.lease_lost = True
+            raise LeaseGone(f"job {self.job_id}: lease lost; stopping without writing anything") from exc
+        except DBAPIError as exc:
+            log.warning("job %s: progress/event write skipped: %s", self.job_id, exc)
+
+    def _inject_oom(self) -> None:
+        limit = os.environ.get(OOM_HOOK_ENV)
+        if limit and self.micro_batch >= int(limit):
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected by {OOM_HOOK_ENV}={limit} at micro-batch {self.micro_batch}")
 
     def should_stop(self) -> bool:
         # An orphan (its worker was killed) stops too: the job will be taken over after the lease expires.
@@ -99,10 +137,13 @@ def run_attempt(settings: Settings, job_id: int, worker_id: str) -> Outcome:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides for us
     try:
         spec = _spec(settings, job_id)
+        reporter.micro_batch = spec.hp.micro_batch_size
         train(spec, Hooks(reporter.progress, reporter.event, reporter.should_stop))
         return Outcome("succeeded", adapter=adapter_name(job_id), progress=reporter.last_progress)
     except Interrupted:
         return Outcome("interrupted", progress=reporter.last_progress)
+    except LeaseGone as exc:
+        return Outcome("lease_lost", _error("lease_lost", str(exc), None))
     except torch.OutOfMemoryError:
         return Outcome("oom")
     except TrainingError as exc:
@@ -111,6 +152,9 @@ def run_attempt(settings: Settings, job_id: int, worker_id: str) -> Outcome:
         return Outcome("failed", _error("dataset_not_found", f"dataset {exc} does not exist", "upload it again"))
     except ModelLoadError as exc:
         return Outcome("failed", _error("base_model_error", str(exc), "check base_model and FLASHTUNE_DEVICE"))
+    except DBAPIError as exc:  # the database went away while loading the job: retry later
+        return Outcome("failed", _error("database_error", f"{type(exc).__name__}: {exc.orig}",
+                                        "check FLASHTUNE_DATABASE_URL"), retryable=True)  # fmt: skip
     except OSError as exc:  # disk full, unwritable DATA_DIR, network file system hiccups
         return Outcome("failed", _error("io_error", f"{type(exc).__name__}: {exc}", "check free space and "
                                         "permissions of FLASHTUNE_DATA_DIR"), retryable=True)  # fmt: skip
@@ -123,5 +167,8 @@ def run_attempt(settings: Settings, job_id: int, worker_id: str) -> Outcome:
 def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection) -> None:
     """Entry point of the child process (multiprocessing 'spawn')."""
     outcome = run_attempt(settings, job_id, worker_id)
-    conn.send(outcome)
-    conn.close()
+    try:
+        conn.send(outcome)
+        conn.close()
+    except OSError:  # the worker is gone (killed): the lease decides what happens to the job
+        pass

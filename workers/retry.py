@@ -13,7 +13,8 @@ MAX_DELAY_SECONDS = 300.0
 class Outcome:
     """What the training child reported (or what its exit said, when it reported nothing)."""
 
-    status: Literal["succeeded", "failed", "interrupted", "oom", "crashed"]
+    # lease_lost: the attempt found the job no longer its own; the worker records nothing for it.
+    status: Literal["succeeded", "failed", "interrupted", "oom", "crashed", "lease_lost"]
     error: dict[str, Any] | None = None
     retryable: bool = False
     adapter: str | None = None

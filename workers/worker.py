@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from service import jobstore
 from service.config import Settings
@@ -45,11 +46,16 @@ class Worker:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         log.info("worker %s started (database %s)", self.worker_id, self.engine.url.render_as_string())
+        self.sweep(force=True)  # jobs of workers that died while nobody was running
         done = 0
         while not self.stopping and (max_jobs is None or done < max_jobs):
-            self.sweep()
-            with session_scope(self.engine) as session:
-                job = jobstore.claim_next(session, self.worker_id)
+            try:
+                self.sweep()
+                with session_scope(self.engine) as session:
+                    job = jobstore.claim_next(session, self.worker_id)
+            except DBAPIError as exc:  # database restarting or unreachable: wait, the queue is still there
+                log.warning("database error while claiming (retrying): %s", exc)
+                job = None
             if job is None:
                 time.sleep(self.settings.poll_seconds)
                 continue
@@ -93,7 +99,7 @@ class Worker:
         finally:
             self._stop_child(child)
             receiver.close()
-        if lease_lost:
+        if lease_lost or (outcome is not None and outcome.status == "lease_lost"):
             log.warning("job %s: lease lost (cancelled or taken over); nothing recorded", job.id)
             return
         if outcome is None:
@@ -110,9 +116,12 @@ class Worker:
             try:
                 with session_scope(self.engine) as session:
                     jobstore.heartbeat(session, job_id, self.worker_id)
+                self.sweep()  # other workers' stalled jobs are requeued even while every worker is busy
             except jobstore.LeaseLost:
                 child.terminate()  # the child's own guarded writes would stop it too; don't wait
                 return True
+            except DBAPIError as exc:  # a missed heartbeat is fine; the lease covers several of them
+                log.warning("job %s: heartbeat failed (retrying): %s", job_id, exc)
             if self.stopping and not stop_sent:
                 child.terminate()  # SIGTERM: the child checkpoints after its current step and exits
                 stop_sent = True
@@ -146,6 +155,8 @@ class Worker:
                     jobstore.retry(session, job.id, self.worker_id, decision.error or {}, decision.delay_seconds)
         except jobstore.LeaseLost:
             log.warning("job %s: lease lost before its outcome (%s) could be recorded", job.id, outcome.status)
+        except DBAPIError:  # the job stays running until its lease expires, then the sweep requeues it
+            log.exception("job %s: could not record its outcome (%s)", job.id, outcome.status)
         log.info("job %s: %s", job.id, decision.action)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlmodel import Session
 
@@ -20,7 +21,18 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+SESSION_THREADS = 512
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # A request holds its transaction (on SQLite: the write lock, BEGIN IMMEDIATE) until this dependency exits,
+    # after the response is serialized, which for a sync endpoint needs a threadpool thread. With anyio's default
+    # 40 threads, 40 requests waiting for the lock (or a pooled connection) starve the lock holder: a deadlock until
+    # the 30 s busy timeout ("database is locked"). So: more threads than concurrent requests in practice, and the
+    # commit runs here on the event loop (async dependency), needing no thread at all.
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    if limiter.total_tokens < SESSION_THREADS:
+        limiter.total_tokens = SESSION_THREADS
     with session_scope(request.app.state.engine) as session:
         yield session
 

@@ -1,0 +1,254 @@
+"""The job store's state machine on SQLite and on the real PostgreSQL server (127.0.0.1:5432): every transition,
+lease-guarded writes, a claim race between 8 processes, and the refusal of an SQLite file that cannot use WAL.
+
+PostgreSQL tests create their own database per test and drop it afterwards; they never skip (CI has PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, insert, select
+
+from service import jobstore
+from service.db import DatabaseError, init_db, make_engine, session_scope
+from service.models import Job, JobEvent, JobStatus, utcnow
+from tests.pgdb import postgres_database
+
+HP = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
+RACE_ROWS = 2000
+RACE_PROCESSES = 8
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    init_db(engine)
+    yield engine
+    engine.dispose()
+
+
+def _new_job(engine: Engine, max_attempts: int = 3) -> int:
+    with session_scope(engine) as session:
+        job = jobstore.create(session, Job(base_model="builtin", dataset="builtin", hyperparameters=HP,
+                                           max_attempts=max_attempts))  # fmt: skip
+        assert job.id is not None
+        return job.id
+
+
+def _job(engine: Engine, job_id: int) -> Job:
+    with session_scope(engine) as session:
+        job = jobstore.get(session, job_id)
+        assert job is not None
+        return job
+
+
+def _claim(engine: Engine, worker: str, **kwargs: Any) -> Job | None:
+    with session_scope(engine) as session:
+        return jobstore.claim_next(session, worker, **kwargs)
+
+
+def _event_types(engine: Engine, job_id: int) -> list[str]:
+    with session_scope(engine) as session:
+        events, _ = jobstore.list_events(session, job_id, None, 1000)
+        return [e.type for e in events]
+
+
+# ------------------------------------------------------------------------------------------------ transitions
+def test_claim_progress_succeed(engine: Engine) -> None:
+    job_id = _new_job(engine)
+    claimed = _claim(engine, "w1")
+    assert claimed is not None and claimed.id == job_id
+    assert (claimed.status, claimed.worker_id, claimed.attempts) == (JobStatus.running, "w1", 1)
+    assert claimed.started_at is not None and claimed.heartbeat_at is not None
+    assert _claim(engine, "w2") is None  # nothing else queued
+    with session_scope(engine) as session:
+        jobstore.heartbeat(session, job_id, "w1")
+        jobstore.update_progress(session, job_id, "w1", {"step": 3, "total_steps": 10})
+        jobstore.update_hyperparameters(session, job_id, "w1", {**HP, "micro_batch_size": 2})
+    with session_scope(engine) as session:
+        jobstore.succeed(session, job_id, "w1", "job-1", {"step": 10, "total_steps": 10})
+    job = _job(engine, job_id)
+    assert (job.status, job.adapter, job.worker_id, job.progress["step"]) == ("succeeded", "job-1", None, 10)
+    assert job.hyperparameters["micro_batch_size"] == 2 and job.finished_at is not None
+    assert _event_types(engine, job_id) == ["queued", "started", "succeeded"]
+    with pytest.raises(jobstore.LeaseLost), session_scope(engine) as session:  # a finished job takes no writes
+        jobstore.update_progress(session, job_id, "w1", {"step": 11})
+
+
+def test_fail_and_retry_with_backoff(engine: Engine) -> None:
+    failing, retried = _new_job(engine), _new_job(engine)
+    assert _claim(engine, "w1") is not None and _claim(engine, "w1") is not None
+    with session_scope(engine) as session:
+        jobstore.fail(session, failing, "w1", {"type": "bad_data", "message": "no examples", "hint": "upload more"})
+        jobstore.retry(session, retried, "w1", {"type": "io_error", "message": "disk full", "hint": None}, 60)
+    job = _job(engine, failing)
+    assert job.status == "failed" and job.error == {"type": "bad_data", "message": "no examples", "hint": "upload more"}
+    job = _job(engine, retried)
+    assert (job.status, job.worker_id, job.heartbeat_at, job.attempts) == ("queued", None, None, 1)
+    assert _claim(engine, "w2") is None  # backing off: not runnable for 60 s
+    later = _claim(engine, "w2", now=utcnow() + timedelta(seconds=61))
+    assert later is not None and later.id == retried and later.attempts == 2
+    assert _event_types(engine, retried) == ["queued", "started", "retrying", "started"]
+
+
+def test_cancel(engine: Engine) -> None:
+    queued, running = _new_job(engine), _new_job(engine)
+    assert _claim(engine, "w1") is not None  # the oldest one: ``queued``
+    with session_scope(engine) as session:
+        assert jobstore.cancel(session, queued).status == "cancelled"
+    # The running job was claimed by nobody yet; claim and cancel it: the worker's next write loses the lease.
+    assert _claim(engine, "w1") is not None
+    with session_scope(engine) as session:
+        jobstore.cancel(session, running)
+    with pytest.raises(jobstore.LeaseLost), session_scope(engine) as session:
+        jobstore.heartbeat(session, running, "w1")
+    with pytest.raises(jobstore.TransitionError), session_scope(engine) as session:
+        jobstore.cancel(session, running)  # already cancelled
+    assert _job(engine, running).status == "cancelled"
+
+
+def test_requeue_stale_then_fail_after_max_attempts(engine: Engine) -> None:
+    job_id = _new_job(engine, max_attempts=2)
+    assert _claim(engine, "w1") is not None
+    later = utcnow() + timedelta(seconds=120)  # the sweep runs 120 s after the last heartbeat
+    with session_scope(engine) as session:
+        assert jobstore.requeue_stale(session, lease_seconds=300, now=later) == []  # within the lease
+        assert jobstore.requeue_stale(session, lease_seconds=60, now=later) == [job_id]
+    job = _job(engine, job_id)
+    assert (job.status, job.worker_id, job.heartbeat_at, job.attempts) == ("queued", None, None, 1)
+    assert job.error is not None and job.error["type"] == "worker_lost"
+    second = _claim(engine, "w2", now=later)
+    assert second is not None and second.attempts == 2 and second.worker_id == "w2"
+    with session_scope(engine) as session:  # stalls again, attempts == max_attempts: failed
+        assert jobstore.requeue_stale(session, lease_seconds=60, now=later + timedelta(seconds=61)) == [job_id]
+    job = _job(engine, job_id)
+    assert job.status == "failed" and job.error is not None and "gave up after 2 attempts" in job.error["hint"]
+    assert _event_types(engine, job_id) == ["queued", "started", "requeued", "started", "failed"]
+
+
+def test_stale_worker_writes_change_nothing(engine: Engine) -> None:
+    """Worker A stalls past its lease, the sweep requeues the job, B takes it: every write of A raises LeaseLost."""
+    job_id = _new_job(engine)
+    assert _claim(engine, "A") is not None
+    later = utcnow() + timedelta(seconds=30)
+    with session_scope(engine) as session:
+        assert jobstore.requeue_stale(session, lease_seconds=10, now=later) == [job_id]
+    assert _claim(engine, "B", now=later) is not None
+    with session_scope(engine) as session:
+        jobstore.update_progress(session, job_id, "B", {"step": 5})
+    before = _job(engine, job_id)
+    error = {"type": "x", "message": "stale", "hint": None}
+    for write in (
+        lambda s: jobstore.heartbeat(s, job_id, "A"),
+        lambda s: jobstore.update_progress(s, job_id, "A", {"step": 99}),
+        lambda s: jobstore.update_hyperparameters(s, job_id, "A", {**HP, "micro_batch_size": 1}),
+        lambda s: jobstore.succeed(s, job_id, "A", "job-stale", {"step": 99}),
+        lambda s: jobstore.fail(s, job_id, "A", error),
+        lambda s: jobstore.retry(s, job_id, "A", error, 0),
+    ):
+        with pytest.raises(jobstore.LeaseLost), session_scope(engine) as session:
+            write(session)
+    after = _job(engine, job_id)
+    assert after.model_dump() == before.model_dump()
+    assert (after.status, after.worker_id, after.progress, after.attempts) == ("running", "B", {"step": 5}, 2)
+    assert _event_types(engine, job_id) == ["queued", "started", "requeued", "started"]  # no event leaked from A
+
+
+# ------------------------------------------------------------------------------------------------- claim race
+def _claim_all(url: str, worker: str, start_at: float) -> tuple[list[int], list[str]]:
+    """One racing process: claim until the queue is empty. Returns (claimed ids, errors that reached us)."""
+    engine = make_engine(url)
+    claimed: list[int] = []
+    errors: list[str] = []
+    time.sleep(max(start_at - time.time(), 0))  # all processes start claiming together
+    misses = 0
+    while misses < 3:  # an empty answer can mean "all remaining rows are locked right now": ask again
+        try:
+            with session_scope(engine) as session:
+                job = jobstore.claim_next(session, worker)
+        except Exception:
+            errors.append(traceback.format_exc(limit=2))
+            continue
+        if job is None:
+            misses += 1
+            time.sleep(0.05)
+        else:
+            assert job.id is not None
+            claimed.append(job.id)
+            misses = 0
+    engine.dispose()
+    return claimed, errors
+
+
+def test_claim_race_each_row_claimed_once(db_url: str) -> None:
+    engine = make_engine(db_url)
+    init_db(engine)
+    now = utcnow()
+    with session_scope(engine) as session:
+        session.execute(insert(Job), [
+            {"base_model": "builtin", "dataset": "builtin", "hyperparameters": HP, "progress": {}, "status": "queued",
+             "attempts": 0, "max_attempts": 3, "run_after": now, "created_at": now}
+            for _ in range(RACE_ROWS)
+        ])  # fmt: skip
+    context = multiprocessing.get_context("spawn")
+    start_at = time.time() + 8  # after every process has imported SQLAlchemy
+    with context.Pool(RACE_PROCESSES) as pool:
+        results = pool.starmap(_claim_all, [(db_url, f"w{i}", start_at) for i in range(RACE_PROCESSES)])
+    errors = [e for _, errs in results for e in errs]
+    assert errors == [], errors[:3]
+    claimed = [job_id for ids, _ in results for job_id in ids]
+    assert len(claimed) == RACE_ROWS and len(set(claimed)) == RACE_ROWS
+    assert sum(1 for ids, _ in results if ids) >= 2, [len(ids) for ids, _ in results]  # they really raced
+    with session_scope(engine) as session:
+        rows = session.execute(select(Job.status, Job.attempts, func.count()).group_by(Job.status, Job.attempts)).all()
+        started = session.execute(select(func.count()).select_from(JobEvent).where(JobEvent.type == "started"))
+        assert [tuple(r) for r in rows] == [("running", 1, RACE_ROWS)]
+        assert started.scalar_one() == RACE_ROWS
+    print(f"\n{db_url.split(':')[0]}: claims per process {sorted(len(ids) for ids, _ in results)}")
+    engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------------- SQLite WAL
+def _read_only_url(tmp_path: Path) -> str:
+    """An SQLite file in rollback-journal mode, opened read-only: SQLite cannot switch it to WAL."""
+    path = tmp_path / "readonly.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    return f"sqlite:///file:{path}?mode=ro&uri=true"
+
+
+def test_refuses_sqlite_without_wal(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError, match="WAL"):
+        init_db(make_engine(_read_only_url(tmp_path)))
+
+
+def test_service_refuses_to_start_without_wal(tmp_path: Path) -> None:
+    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(tmp_path / "data"),
+           "FLASHTUNE_DATABASE_URL": _read_only_url(tmp_path), "FLASHTUNE_PORT": "1"}  # fmt: skip
+    for command in (["serve"], ["worker", "--max-jobs", "1"]):
+        result = subprocess.run([sys.executable, "-m", "service.cli", *command], env=env, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        assert "could not switch to WAL mode" in output, output
