@@ -160,6 +160,11 @@ def hostile_requests(data_dir: Path) -> list[tuple[str, str, dict[str, Any], int
     ]
     for filename, content, form in uploads:
         cases.append(("POST", "/datasets", {"files": {"file": (filename, content)}, "data": form}, (413, 422)))
+    boundary = "sec-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'.encode()
+    chunked_upload = (head if i == 0 else b"x" * 10_000 for i in range(150))  # 1.5 MB, no Content-Length
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    cases.append(("POST", "/datasets", {"content": chunked_upload, "headers": multipart}, 413))
     cases.append(("POST", "/datasets", {"data": {"format": "jsonl"}}, 422))  # no file at all
     cases.append(("POST", "/datasets", {"json": {"file": "x"}}, 422))  # not multipart
     return cases

@@ -62,7 +62,11 @@ def get_adapter(name: str, session: SessionDep, settings: SettingsDep) -> Adapte
     return _public(settings, adapter_job(session, name))
 
 
-@router.get("/{name}/download")
+TARBALL = {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@router.get("/{name}/download", response_class=StreamingResponse,
+            responses={200: {"content": TARBALL, "description": "the adapter folder as a tar.gz"}})
 def download_adapter(name: str, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     adapter_job(session, name)
     folder = adapter_path(settings, name)

@@ -39,7 +39,8 @@ def to_public(job: Job) -> JobPublic:
     return JobPublic.model_validate(job, from_attributes=True)
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post("", status_code=201, response_model=JobPublic,
+             responses={200: {"model": JobPublic, "description": "an earlier request with this Idempotency-Key"}})
 def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -117,7 +118,8 @@ def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
     return to_public(_job(session, job_id))
 
 
-@router.get("/{job_id}/events", response_model=EventsPage)
+@router.get("/{job_id}/events", response_model=EventsPage,
+            responses={200: {"content": {"text/event-stream": {}}}})  # with stream=true: see events_stream.py
 def job_events(
     job_id: JobId,
     session: SessionDep,
