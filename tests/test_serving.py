@@ -89,7 +89,9 @@ def test_base_model_and_newest_adapter(served: tuple[Service, str, str]) -> None
         ({"text": 5}, 422, "text"),
     ],
 )
-def test_bad_analyze_requests(served: tuple[Service, str, str], body: dict[str, Any], status: int, field: str | None) -> None:
+def test_bad_analyze_requests(
+    served: tuple[Service, str, str], body: dict[str, Any], status: int, field: str | None
+) -> None:
     svc, _, _ = served
     response = svc.client.post("/analyze", json=body)
     assert response.status_code == status, response.text

@@ -51,8 +51,8 @@ def install(app: FastAPI) -> None:
         return JSONResponse(_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        request_id = uuid.uuid4().hex[:12]
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex[:12]  # set by security.py
         log.exception("unhandled error (request %s)", request_id)
         return JSONResponse(
             _body("internal_error", f"internal server error (request id {request_id})"),

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 
 from service.api import errors, security
 from service.api.deps import require_api_key
-from service.api.routes import adapters, analyze, datasets, health, jobs, metrics
+from service.api.routes import adapters, analyze, datasets, health, jobs, metrics, openai_compat, openai_finetune
 from service.config import Settings, get_settings
 from service.db import init_db, make_engine
 from service.inference import ModelServer
@@ -38,7 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
     documented = security.error_responses(400, 401, 404, 409, 413, 422, 429, 503)
-    for router in (jobs.router, datasets.router, adapters.router, analyze.router):
+    for router in (
+        jobs.router,
+        datasets.router,
+        adapters.router,
+        analyze.router,
+        openai_compat.router,
+        openai_finetune.router,
+    ):
         app.include_router(router, dependencies=protected, responses=documented)
     app.include_router(metrics.router, dependencies=protected, responses=documented)  # Prometheus can send the key
     return app

@@ -10,12 +10,13 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from service import jobstore
 from service.api.deps import SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.events_stream import event_stream
+from service.config import Settings
 from service.datasets.store import BUILTIN
 from service.modeling import BaseModelRejected, validate_base_model
 from service.models import (
@@ -39,8 +40,12 @@ def to_public(job: Job) -> JobPublic:
     return JobPublic.model_validate(job, from_attributes=True)
 
 
-@router.post("", status_code=201, response_model=JobPublic,
-             responses={200: {"model": JobPublic, "description": "an earlier request with this Idempotency-Key"}})
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "an earlier request with this Idempotency-Key"}},
+)
 def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -48,11 +53,19 @@ def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
+    job, replayed = queue_job(body, session, settings, idempotency_key)
+    if replayed:
+        response.status_code = 200
+    return to_public(job)
+
+
+def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Validate and queue a job (committed before returning); ``(job, True)`` replays an Idempotency-Key."""
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         existing = jobstore.find_by_idempotency_key(session, idempotency_key)
         if existing is not None:
-            return _replay(existing, request_hash, response)
+            return _replay(existing, request_hash), True
     queued = session.exec(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)).one()
     if queued >= settings.max_queued_jobs:  # a bound on what one caller can pile up ahead of everyone else
         raise ApiError(429, "queue_full", f"{queued} jobs are already queued (the limit is "
@@ -81,17 +94,16 @@ def create_job(
         existing = jobstore.find_by_idempotency_key(session, idempotency_key or "")
         if existing is None:
             raise
-        return _replay(existing, request_hash, response)
+        return _replay(existing, request_hash), True
     session.commit()  # visible before the 201 goes out
-    return to_public(job)
+    return job, False
 
 
-def _replay(job: Job, request_hash: str, response: Response) -> JobPublic:
+def _replay(job: Job, request_hash: str) -> Job:
     if job.request_hash != request_hash:
         raise ApiError(422, "idempotency_conflict", "this Idempotency-Key was used with a different request body",
                        [{"field": "Idempotency-Key", "message": f"already used for job {job.id}"}])  # fmt: skip
-    response.status_code = 200
-    return to_public(job)
+    return job
 
 
 @router.get("", response_model=JobsPage)
@@ -118,8 +130,9 @@ def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
     return to_public(_job(session, job_id))
 
 
-@router.get("/{job_id}/events", response_model=EventsPage,
-            responses={200: {"content": {"text/event-stream": {}}}})  # with stream=true: see events_stream.py
+@router.get(
+    "/{job_id}/events", response_model=EventsPage, responses={200: {"content": {"text/event-stream": {}}}}
+)  # with stream=true: see events_stream.py
 def job_events(
     job_id: JobId,
     session: SessionDep,
