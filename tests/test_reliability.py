@@ -1,0 +1,345 @@
+"""Crashes, stalls, restarts and many workers, with real processes and real signals.
+
+Every test reads a number off the job: its attempts, the step it resumed from, the micro-batch it finished at.
+Leases are short here (FLASHTUNE_LEASE_SECONDS=8, heartbeat 0.5 s) so a takeover happens within seconds.
+Jobs train on a small uploaded dataset (tens of examples) so each takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from service.builtin.data import builtin_dataset, generate
+from service.models import Hyperparameters
+from service.recipes import resolve
+from tests.conftest import Service, make_service
+from tests.pgdb import postgres_database
+from workers import checkpoints
+from workers.training import Hooks, Interrupted, TrainingSpec, train
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINT_EVERY = 2
+LEASE_SECONDS = 8
+ENV = {"FLASHTUNE_LEASE_SECONDS": str(LEASE_SECONDS), "FLASHTUNE_CHECKPOINT_EVERY_STEPS": str(CHECKPOINT_EVERY)}
+# No held-out split: evaluation is skipped, so a job is mostly training (what these tests are about).
+SHORT = {"epochs": 1, "validation_fraction": 0.0}  # 24 examples, batch 4: 6 steps
+LONGER = {"epochs": 3, "validation_fraction": 0.0}  # 18 steps, a checkpoint every 2 and at each epoch
+WAIT = 900  # seconds; generous because CI machines may be shared (no timing is asserted)
+RESUME_TOLERANCE = 1e-5  # max |difference| of any adapter weight between an uninterrupted and a resumed run
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def upload_small(svc: Service, count: int, seed: int = 7) -> str:
+    """Upload ``count`` template examples (instruction JSONL); returns the dataset id."""
+    lines = [json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}, ensure_ascii=False)
+             for e in generate(count, seed)]  # fmt: skip
+    response = svc.client.post("/datasets", files={"file": ("small.jsonl", "\n".join(lines).encode(), "text/plain")})
+    assert response.status_code in (200, 201), response.text
+    return str(response.json()["id"])
+
+
+def events(svc: Service, job_id: int) -> list[dict[str, Any]]:
+    body = svc.client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()
+    return list(body["data"])
+
+
+def of_type(evs: list[dict[str, Any]], *types: str) -> list[dict[str, Any]]:
+    return [e for e in evs if e["type"] in types]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the worker's training process), read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def signal_tree(worker: subprocess.Popen[bytes], sig: int) -> list[int]:
+    """Send ``sig`` to a worker and its training child (a host that crashes or is paused takes both)."""
+    pids = [worker.pid, *children(worker.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids
+
+
+def wait_for(predicate: Any, timeout: float = 600, what: str = "condition", svc: Service | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{svc.logs() if svc else ''}")
+
+
+def wait_gone(pids: list[int], timeout: float = 60) -> None:
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids), timeout, "exit")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def checkpointed_past(svc: Service, job_id: int, step: int) -> bool:
+    """True once the job wrote a checkpoint at or after ``step`` and is still running."""
+    evs = events(svc, job_id)
+    return svc.job(job_id)["status"] == "running" and any(e["data"]["step"] >= step for e in of_type(evs, "checkpoint"))
+
+
+@pytest.fixture
+def svc(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
+    service = make_service(tmp_path, builtin_model_cache, workers=1, env=ENV)
+    yield service
+    service.stop()
+
+
+# -------------------------------------------------------------------------------------------- crash and stall
+def test_kill_9_resumes_from_checkpoint(svc: Service) -> None:
+    dataset = upload_small(svc, 24)
+    job = svc.post_job(dataset=dataset, hyperparameters=LONGER)
+    kill_after = random.randint(CHECKPOINT_EVERY, 12)
+    wait_for(lambda: checkpointed_past(svc, job["id"], kill_after), what="a checkpoint", svc=svc)
+    wait_gone(signal_tree(svc.workers[0], signal.SIGKILL))  # the worker and its training process, no grace
+    at_kill = svc.job(job["id"])
+    last_checkpoint = max(e["data"]["step"] for e in of_type(events(svc, job["id"]), "checkpoint"))
+    svc.start_worker()
+    done = svc.wait(job["id"], timeout=WAIT)
+    assert done["status"] == "succeeded", (done, svc.logs())
+    assert done["attempts"] == 2 and done["progress"]["step"] == done["progress"]["total_steps"]
+    evs = events(svc, job["id"])
+    [resumed] = of_type(evs, "resumed")
+    resumed_step = resumed["data"]["step"]
+    assert resumed_step > 0 and resumed_step >= last_checkpoint
+    assert at_kill["progress"]["step"] - resumed_step <= CHECKPOINT_EVERY  # at most one interval redone
+    assert [e["type"] for e in of_type(evs, "started", "requeued", "succeeded")] == [
+        "started", "requeued", "started", "succeeded"]  # fmt: skip
+    info = json.loads((svc.data_dir / "adapters" / done["adapter"] / "training_info.json").read_text())
+    assert info["resumed_from_step"] == resumed_step
+    assert sorted(p.name for p in (svc.data_dir / "adapters").iterdir()) == [done["adapter"]]  # nothing half-written
+    print(f"\nkill -9 at progress step {at_kill['progress']['step']}/{at_kill['progress']['total_steps']}, "
+          f"last checkpoint {last_checkpoint}, resumed from {resumed_step}, attempts {done['attempts']}")  # fmt: skip
+
+
+def test_sigstop_past_lease_then_sigcont_changes_nothing(svc: Service) -> None:
+    dataset = upload_small(svc, 24)
+    job = svc.post_job(dataset=dataset, hyperparameters=LONGER)
+    wait_for(lambda: checkpointed_past(svc, job["id"], CHECKPOINT_EVERY), what="a checkpoint", svc=svc)
+    stalled = svc.workers[0]
+    paused = signal_tree(stalled, signal.SIGSTOP)  # a paused VM: worker and training process freeze together
+    try:
+        svc.start_worker()  # takes the job over once the lease has expired
+        done = svc.wait(job["id"], timeout=WAIT)
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, (done, svc.logs())
+    adapter_file = svc.data_dir / "adapters" / done["adapter"] / "adapter_model.safetensors"
+    adapter_bytes = adapter_file.read_bytes()
+    before_events = events(svc, job["id"])
+    # The stalled worker wakes up: its heartbeat and its child's next write find the lease gone.
+    wait_gone([p for p in paused if p != stalled.pid])
+    wait_for(lambda: "lease lost" in (svc.data_dir / "worker-0.log").read_text(), 60, "the stale worker", svc)
+    time.sleep(2)
+    after = svc.job(job["id"])
+    assert {k: after[k] for k in ("status", "attempts", "progress", "adapter", "finished_at", "error")} == {
+        k: done[k] for k in ("status", "attempts", "progress", "adapter", "finished_at", "error")}  # fmt: skip
+    assert events(svc, job["id"]) == before_events
+    assert adapter_file.read_bytes() == adapter_bytes
+    assert checkpoints.complete(svc.data_dir / "jobs" / str(job["id"])) == []  # no stale checkpoint written
+    assert stalled.poll() is None  # the stale worker lives on and goes back to the queue
+    print(f"\nstalled worker paused {len(paused)} processes; job finished by the other worker, attempts 2")
+
+
+def test_sigterm_requeues_with_checkpoint(svc: Service) -> None:
+    dataset = upload_small(svc, 24)
+    job = svc.post_job(dataset=dataset, hyperparameters=LONGER)
+    wait_for(lambda: checkpointed_past(svc, job["id"], CHECKPOINT_EVERY), what="a checkpoint", svc=svc)
+    svc.workers[0].send_signal(signal.SIGTERM)
+    assert svc.workers[0].wait(120) == 0
+    stopped = svc.job(job["id"])
+    assert stopped["status"] == "queued" and stopped["error"]["type"] == "interrupted", stopped
+    evs = events(svc, job["id"])
+    stop_checkpoint = of_type(evs, "checkpoint")[-1]["data"]["step"]
+    assert stop_checkpoint == stopped["progress"]["step"]  # checkpointed exactly where it stopped
+    svc.start_worker()
+    done = svc.wait(job["id"], timeout=WAIT)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, (done, svc.logs())
+    [resumed] = of_type(events(svc, job["id"]), "resumed")
+    assert resumed["data"]["step"] == stop_checkpoint
+    print(f"\nSIGTERM: checkpoint at step {stop_checkpoint}, resumed there on another worker")
+
+
+def test_injected_oom_halves_micro_batch(tmp_path: Path, builtin_model_cache: Path) -> None:
+    """Fault injection (FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=8): the first step at micro-batch 8 raises
+    torch.OutOfMemoryError; the job is retried at 4 with twice the accumulation."""
+    svc = make_service(tmp_path, builtin_model_cache, env={**ENV, "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH": "8"})
+    try:
+        dataset = upload_small(svc, 24)
+        job = svc.post_job(dataset=dataset, hyperparameters={**SHORT, "batch_size": 8})
+        assert (job["hyperparameters"]["micro_batch_size"], job["hyperparameters"]["gradient_accumulation_steps"]) \
+            == (8, 1)  # fmt: skip
+        done = svc.wait(job["id"], timeout=WAIT)
+        assert done["status"] == "succeeded", (done, svc.logs())
+        hp = done["hyperparameters"]
+        assert (hp["batch_size"], hp["micro_batch_size"], hp["gradient_accumulation_steps"]) == (8, 4, 2)
+        [retry] = of_type(events(svc, job["id"]), "retrying")
+        assert retry["data"]["type"] == "out_of_memory" and "micro-batch 8; retrying with 4" in retry["message"]
+        print(f"\nOOM at micro-batch 8 -> finished at {hp['micro_batch_size']} x {hp['gradient_accumulation_steps']}")
+    finally:
+        svc.stop()
+
+
+# ------------------------------------------------------------------------------------------------ idempotency
+def _post_concurrently(svc: Service, key: str, bodies: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    def post(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        response = svc.client.post("/jobs", json=body, headers={"Idempotency-Key": key})
+        return response.status_code, response.json()
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+def check_idempotency(svc: Service) -> None:
+    body = {"dataset": "builtin", "hyperparameters": {"epochs": 1}}
+    results = _post_concurrently(svc, "same-key-1", [body] * 50)
+    assert {status for status, _ in results} <= {200, 201}, results[:3]
+    assert [status for status, _ in results].count(201) == 1
+    assert len({r["id"] for _, r in results}) == 1
+    listed = svc.client.get("/jobs", params={"limit": 200}).json()["data"]
+    assert len([j for j in listed if j["id"] == results[0][1]["id"]]) == 1
+    conflict = svc.client.post("/jobs", json={**body, "hyperparameters": {"epochs": 2}},
+                               headers={"Idempotency-Key": "same-key-1"})  # fmt: skip
+    assert conflict.status_code == 422 and conflict.json()["error"]["type"] == "idempotency_conflict"
+
+
+def test_idempotency_key_gives_one_job(tmp_path: Path, builtin_model_cache: Path) -> None:
+    svc = make_service(tmp_path, builtin_model_cache, workers=0)
+    try:
+        check_idempotency(svc)
+    finally:
+        svc.stop()
+
+
+# ------------------------------------------------------------------------------------------------- PostgreSQL
+def test_postgresql_end_to_end(tmp_path: Path, builtin_model_cache: Path) -> None:
+    with postgres_database() as url:
+        svc = make_service(tmp_path, builtin_model_cache, env={**ENV, "FLASHTUNE_DATABASE_URL": url})
+        try:
+            check_idempotency(svc)
+            dataset = upload_small(svc, 24)
+            job = svc.post_job(dataset=dataset, hyperparameters=SHORT)
+            done = svc.wait(job["id"], timeout=WAIT)
+            assert done["status"] == "succeeded" and done["attempts"] == 1, (done, svc.logs())
+            assert "flashtune.db" not in os.listdir(svc.data_dir)  # the SQLite default was not used
+        finally:
+            svc.stop()
+
+
+# --------------------------------------------------------------------------------------------- many workers
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_workers_killed_at_random_every_job_succeeds_once(
+    database: str, tmp_path: Path, builtin_model_cache: Path
+) -> None:
+    jobs, kills = 6, 3
+    with postgres_database() if database == "postgresql" else _nothing() as url:
+        env = {**ENV, "FLASHTUNE_MAX_ATTEMPTS": "10", **({"FLASHTUNE_DATABASE_URL": url} if url else {})}
+        svc = make_service(tmp_path, builtin_model_cache, workers=3, env=env)
+        try:
+            dataset = upload_small(svc, 24)
+            ids = [svc.post_job(dataset=dataset, hyperparameters=SHORT)["id"] for _ in range(jobs)]
+            rng = random.Random(1234)
+            for _ in range(kills):
+                time.sleep(rng.uniform(3, 8))
+                victim = rng.choice([w for w in svc.workers if w.poll() is None])
+                if rng.random() < 0.5:  # with its training process, like a host that dies
+                    wait_gone(signal_tree(victim, signal.SIGKILL))
+                else:  # the worker alone: its training process notices it is orphaned and stops
+                    victim.kill()
+                    victim.wait()
+                svc.start_worker()
+            finished = [svc.wait(i, timeout=WAIT) for i in ids]
+            _assert_each_succeeded_once(svc, finished)
+            attempts = sorted(j["attempts"] for j in finished)
+            print(f"\n{database}: {jobs} jobs, {kills} kills, attempts per job {attempts}")
+        finally:
+            svc.stop()
+
+
+class _nothing:  # noqa: N801  (a null context manager yielding None, like the PostgreSQL one yields a URL)
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _assert_each_succeeded_once(svc: Service, finished: list[dict[str, Any]]) -> None:
+    for job in finished:
+        assert job["status"] == "succeeded", (job, svc.logs())
+        evs = events(svc, job["id"])
+        lifecycle = [e["type"] for e in of_type(evs, "started", "requeued", "retrying", "succeeded", "failed")]
+        # started, then (requeued|retrying, started)*, then succeeded: never two attempts at once, one success
+        assert lifecycle[0] == "started" and lifecycle[-1] == "succeeded" and lifecycle.count("succeeded") == 1
+        assert lifecycle.count("started") == job["attempts"], lifecycle
+        for before, after in zip(lifecycle, lifecycle[1:], strict=False):
+            assert (before == "started") != (after == "started"), lifecycle
+        assert (svc.data_dir / "adapters" / job["adapter"] / "adapter_model.safetensors").exists()
+
+
+# -------------------------------------------------------------------------------------------- resume equivalence
+def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
+    train_set, held_out = builtin_dataset()
+    hp = resolve(Hyperparameters.model_validate({"epochs": 2, "lora_dropout": 0.0}), "builtin")
+    return TrainingSpec(
+        job_id=1, base_model="builtin", base_source=str(model), dataset="builtin", dataset_sha256=None,
+        train=train_set[:24], validation=held_out[:3], hp=hp,
+        job_dir=tmp_path / name, adapter_dir=tmp_path / "adapters" / name, checkpoint_every=2,
+    )  # fmt: skip
+
+
+def test_resume_equivalence(tmp_path: Path, builtin_model_cache: Path) -> None:
+    """Uninterrupted vs stopped at step 5 (mid-epoch, after a checkpoint at 4) and resumed: same end, same weights."""
+    straight = train(_spec(tmp_path, builtin_model_cache, "straight"), Hooks())
+    spec = _spec(tmp_path, builtin_model_cache, "resumed")
+    stop = {"now": False}
+
+    def on_progress(progress: Any, force: bool) -> None:
+        stop["now"] = progress.step >= 5
+
+    with pytest.raises(Interrupted):
+        train(spec, Hooks(on_progress=on_progress, should_stop=lambda: stop["now"]))
+    resumed = train(spec, Hooks())
+    assert resumed["resumed_from_step"] == 5 and resumed["total_steps"] == straight["total_steps"] == 12
+    a = load_file(str(tmp_path / "adapters" / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapters" / "resumed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= RESUME_TOLERANCE, worst
+    assert [s for s, _ in straight["losses"]["step_loss"]] == [s for s, _ in resumed["losses"]["step_loss"]]
+    print(f"\nresume equivalence: max |weight difference| {worst:.2e} over {sum(t.numel() for t in a.values())} "
+          f"weights (tolerance {RESUME_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}")
