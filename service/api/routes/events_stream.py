@@ -43,7 +43,7 @@ def parse_last_event_id(value: str | None) -> int | None:
         parsed = int(value.strip())
     except ValueError:
         parsed = -1
-    if parsed < 0:
+    if not 0 <= parsed <= 2**63 - 1:  # a larger id cannot exist, and binding one would overflow the driver
         raise ApiError(422, "invalid_request", "Last-Event-ID must be an event id (a whole number >= 0)",
                        [{"field": "Last-Event-ID", "message": f"got {value!r}"}])  # fmt: skip
     return parsed
