@@ -118,7 +118,8 @@ class Worker:
                     jobstore.heartbeat(session, job_id, self.worker_id)
                 self.sweep()  # other workers' stalled jobs are requeued even while every worker is busy
             except jobstore.LeaseLost:
-                child.terminate()  # the child's own guarded writes would stop it too; don't wait
+                # SIGKILL, not SIGTERM: SIGTERM means "checkpoint and stop", and a stale attempt must write nothing.
+                child.kill()
                 return True
             except DBAPIError as exc:  # a missed heartbeat is fine; the lease covers several of them
                 log.warning("job %s: heartbeat failed (retrying): %s", job_id, exc)
