@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.modeling import load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
-from service.prompts import LABEL_IDS, render_prompt
-from service.scoring import Prediction, classify, generate
+from service.prompts import LABEL_IDS
+from service.scoring import Prediction, build_prompts, classify, generate
 
 DEFAULT_MAX_NEW_TOKENS = 80
 T = TypeVar("T")
@@ -150,7 +150,7 @@ class ModelServer:
 
         def run(model: Any, tokenizer: Any) -> tuple[list[Prediction], list[str]]:
             predictions = classify(model, tokenizer, texts)
-            return predictions, generate(model, tokenizer, [render_prompt(t) for t in texts], new_tokens)
+            return predictions, generate(model, tokenizer, build_prompts(model, tokenizer, texts), new_tokens)
 
         predictions, analyses = self.run(adapter, run)
         latency = (time.perf_counter() - started) * 1000

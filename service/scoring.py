@@ -94,13 +94,29 @@ def _softmax(values: Sequence[float]) -> list[float]:
     return [e / total for e in exps]
 
 
+RESPONSE_BUDGET = 192  # tokens kept free for the prompt scaffold and the response
+
+
+def build_prompts(
+    model: Any, tokenizer: Any, texts: Sequence[str], instructions: Sequence[str] | None = None
+) -> list[str]:
+    """Training-format prompts, each news text clipped so prompt and response fit the model's context."""
+    limit = min(int(tokenizer.model_max_length), int(getattr(model.config, "max_position_embeddings", 1 << 30)))
+    budget = max(limit - RESPONSE_BUDGET, 16)
+    prompts = []
+    for text, instruction in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:  # long real news: keep the head, where the facts are
+            text = tokenizer.decode(ids[:budget], skip_special_tokens=True)
+        prompts.append(render_prompt(text, instruction))
+    return prompts
+
+
 def classify(
     model: Any, tokenizer: Any, texts: Sequence[str], instructions: Sequence[str] | None = None
 ) -> list[Prediction]:
     """Importance, label probabilities and market reaction for each text, by scoring the standard response."""
-    prompts = [
-        render_prompt(t, i) for t, i in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True)
-    ]
+    prompts = build_prompts(model, tokenizer, texts, instructions)
     star_scores = continuation_logprobs(
         model, tokenizer, prompts, [[f"{STAR_PREFIX}{s}星级" for s in STARS]] * len(prompts)
     )

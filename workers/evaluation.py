@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.prompts import LABELS, Example, Label, is_valid_response, render_prompt
-from service.scoring import classify, generate
+from service.prompts import LABELS, Example, Label, is_valid_response
+from service.scoring import build_prompts, classify, generate
 
 BATCH = 16
 GENERATED_SAMPLES = 16
@@ -37,7 +37,8 @@ def _predict_and_generate(model: Any, tokenizer: Any, labelled: list[Example]) -
             p.label for p in classify(model, tokenizer, [e.input for e in chunk], [e.instruction for e in chunk])
         ]
     sample = labelled[:GENERATED_SAMPLES]
-    answers = generate(model, tokenizer, [render_prompt(e.input, e.instruction) for e in sample], 96)
+    prompts = build_prompts(model, tokenizer, [e.input for e in sample], [e.instruction for e in sample])
+    answers = generate(model, tokenizer, prompts, 96)
     gold = [e.label for e in labelled if e.label is not None]
     result = label_metrics(gold, predicted)
     result["valid_format"] = round(sum(map(is_valid_response, answers)) / len(answers), 4) if answers else 0.0

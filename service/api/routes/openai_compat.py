@@ -26,7 +26,7 @@ from service.api.deps import ModelServerDep, SessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.analyze import resolve_adapter
 from service.prompts import DEFAULT_INSTRUCTION, render_prompt
-from service.scoring import continuation_logprobs, generate
+from service.scoring import build_prompts, continuation_logprobs, generate
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = 128
@@ -69,7 +69,8 @@ def list_models(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-def _prompt(body: ChatRequest, max_chars: int) -> str:
+def _prompt(body: ChatRequest, max_chars: int) -> tuple[str, str]:
+    """(user text, instruction) for the training prompt format."""
     system = "\n".join(m.text for m in body.messages if m.role in ("system", "developer")).strip()
     users = [m.text for m in body.messages if m.role == "user"]
     if not users or not users[-1].strip():
@@ -77,7 +78,7 @@ def _prompt(body: ChatRequest, max_chars: int) -> str:
     if len(users[-1]) > max_chars:
         raise ApiError(422, "invalid_request", f"the user message is over {max_chars} characters",
                        [{"field": "messages"}])  # fmt: skip
-    return render_prompt(users[-1], system or DEFAULT_INSTRUCTION)
+    return users[-1], system or DEFAULT_INSTRUCTION
 
 
 @router.post("/chat/completions", response_model=None)
@@ -86,28 +87,34 @@ def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     adapter = None if body.model == settings.base_model else resolve_adapter(session, settings, body.model)
     session.close()
-    prompt = _prompt(body, settings.max_text_chars)
+    user_text, instruction = _prompt(body, settings.max_text_chars)
+
+    def prompt_for(model: Any, tokenizer: Any) -> str:
+        return build_prompts(model, tokenizer, [user_text], [instruction])[0]
+
     max_tokens = min(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
     format_type = (body.response_format or {}).get("type", "text")
     if body.guided_choice:
         choices = body.guided_choice
 
         def choose(model: Any, tokenizer: Any) -> str:
-            scores = continuation_logprobs(model, tokenizer, [prompt], [choices])[0]
+            scores = continuation_logprobs(model, tokenizer, [prompt_for(model, tokenizer)], [choices])[0]
             return choices[max(range(len(choices)), key=scores.__getitem__)]
 
         content = server.run(adapter, choose)
     elif format_type in ("json_object", "json_schema"):
-        user_text = [m.text for m in body.messages if m.role == "user"][-1]
         result = server.submit(user_text.strip(), adapter, max_tokens)
         content = json.dumps({k: result[k] for k in ("label", "label_id", "score", "probs", "importance",
                                                      "market_reaction", "analysis")}, ensure_ascii=False)  # fmt: skip
     elif format_type == "text":
-        content = server.run(adapter, lambda model, tokenizer: generate(model, tokenizer, [prompt], max_tokens)[0])
+        content = server.run(adapter, lambda m, t: generate(m, t, [prompt_for(m, t)], max_tokens)[0])
     else:
         raise ApiError(422, "invalid_request", f"response_format type {format_type!r} is not supported",
                        [{"field": "response_format.type"}])  # fmt: skip
-    prompt_tokens, completion_tokens = server.count_tokens(prompt), server.count_tokens(content)
+    prompt_tokens, completion_tokens = (
+        server.count_tokens(render_prompt(user_text, instruction)),
+        server.count_tokens(content),
+    )
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
         return StreamingResponse(_stream(completion_id, body.model, content), media_type="text/event-stream")
