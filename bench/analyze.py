@@ -112,6 +112,38 @@ def run_level(client: httpx.Client, items: list[str], adapter: str, new_tokens: 
     }
 
 
+def measure(
+    env: dict[str, str], data_dir: Path, port: int, requests_per_level: int, batching: bool
+) -> list[dict[str, Any]]:
+    """One server run: every mode at every concurrency. ``batching=False`` sets FLASHTUNE_BATCH_MAX_SIZE=1."""
+    env = {**env, "FLASHTUNE_BATCH_MAX_SIZE": "32" if batching else "1"}
+    api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
+    results: list[dict[str, Any]] = []
+    label = "on" if batching else "off"
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                          limits=httpx.Limits(max_connections=64)) as client:  # fmt: skip
+            wait_healthy(client, api)
+            adapter = ensure_adapter(client, env, data_dir)
+            items = texts(64)
+            for new_tokens in (0, 64):  # warm-up: load the base, attach the adapter, first generate
+                run_level(client, items, adapter, new_tokens, 1, 2)
+            print(f"micro-batching {label}; adapter {adapter}; {platform.machine()} with {os.cpu_count()} CPUs")
+            print(f"{'mode':<12} {'conc':>4} {'reqs':>5} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7}")
+            for mode, new_tokens in MODES:
+                for concurrency in CONCURRENCY:
+                    requests = requests_per_level or max(16, 2 * concurrency)
+                    row = {"mode": mode, "batching": batching,
+                           **run_level(client, items, adapter, new_tokens, concurrency, requests)}  # fmt: skip
+                    results.append(row)
+                    print(f"{mode:<12} {concurrency:>4} {requests:>5} {row['p50_ms']:>8} {row['p95_ms']:>8} "
+                          f"{row['requests_per_s']:>7}", flush=True)  # fmt: skip
+    finally:
+        api.terminate()
+        api.wait(60)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="a DATA_DIR to reuse (default: a new temporary one)")
@@ -122,32 +154,18 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
-    results: list[dict[str, Any]] = []
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                          limits=httpx.Limits(max_connections=64)) as client:  # fmt: skip
-            wait_healthy(client, api)
-            adapter = ensure_adapter(client, env, data_dir)
-            items = texts(64)
-            for new_tokens in (0, 64):  # warm-up: load the base, attach the adapter, first generate
-                run_level(client, items, adapter, new_tokens, 1, 2)
-            print(f"adapter {adapter}; server {platform.machine()} with {os.cpu_count()} CPUs", flush=True)
-            print(f"{'mode':<12} {'conc':>4} {'reqs':>5} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7}")
-            for mode, new_tokens in MODES:
-                for concurrency in CONCURRENCY:
-                    requests = args.requests or max(16, 2 * concurrency)
-                    row = {"mode": mode, **run_level(client, items, adapter, new_tokens, concurrency, requests)}
-                    results.append(row)
-                    print(f"{mode:<12} {concurrency:>4} {requests:>5} {row['p50_ms']:>8} {row['p95_ms']:>8} "
-                          f"{row['requests_per_s']:>7}", flush=True)  # fmt: skip
+        on = measure(env, data_dir, port, args.requests, batching=True)
+        off = measure(env, data_dir, port, args.requests, batching=False)
     finally:
-        api.terminate()
-        api.wait(60)
         if args.data_dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)
+    print("requests/s with micro-batching on / off, same machine, same run:")
+    for a, b in zip(on, off, strict=True):
+        ratio = a["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("nan")
+        print(f"  {a['mode']:<12} concurrency {a['concurrency']:>2}: {ratio:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
+        args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "results": on + off}, indent=2))
 
 
 if __name__ == "__main__":
