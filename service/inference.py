@@ -114,9 +114,13 @@ class ModelServer:
 
     def unload(self, name: str) -> None:
         with self._lock:
-            if name in self._loaded:
+            if name not in self._loaded:
+                return
+            del self._loaded[name]
+            if self._loaded:
                 self._model.delete_adapter(name)
-                del self._loaded[name]
+            else:  # peft keeps at least one adapter: drop the LoRA layers and serve the bare base again
+                self._model = self._model.unload()
 
     def submit(self, text: str, adapter: AdapterRef | None, max_new_tokens: int | None) -> dict[str, Any]:
         """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time."""

@@ -138,6 +138,13 @@ def retry(session: Session, job_id: int, worker_id: str, error: dict[str, Any], 
     add_event(session, job_id, "retrying", f"will retry in {delay_seconds:.0f} s: {error['message']}", error, "warning")
 
 
+def delete_adapter(session: Session, job_id: int, adapter: str) -> None:
+    """Detach a succeeded job from its adapter (the files are removed by the caller after commit)."""
+    where = and_(col(Job.id) == job_id, col(Job.status) == JobStatus.succeeded, col(Job.adapter) == adapter)
+    _guarded(session, where, {"adapter": None}, TransitionError(f"job {job_id} has no adapter {adapter}"))
+    add_event(session, job_id, "adapter_deleted", f"adapter {adapter} deleted", {"adapter": adapter})
+
+
 def cancel(session: Session, job_id: int) -> Job:
     _guarded(
         session,

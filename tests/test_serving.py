@@ -145,3 +145,17 @@ def test_openai_client(served: tuple[Service, str, str]) -> None:
     )
     parsed = json.loads(as_json.choices[0].message.content or "{}")
     assert parsed["label"] == "bullish" and set(parsed["probs"]) == {"bearish", "neutral", "bullish"}
+
+
+def test_deleted_adapter_disappears(served: tuple[Service, str, str]) -> None:
+    svc, normal, _ = served
+    assert (
+        _analyze(svc, {"text": "美联储宣布加息25个基点", "adapter": normal, "max_new_tokens": 0})["label"] == "bearish"
+    )
+    assert svc.client.delete(f"/adapters/{normal}").json() == {"deleted": normal}
+    assert svc.client.post("/analyze", json={"text": "ok", "adapter": normal}).status_code == 404
+    assert svc.client.get(f"/adapters/{normal}").status_code == 404
+    assert normal not in [m["id"] for m in svc.client.get("/v1/models").json()["data"]]
+    assert not (svc.data_dir / "adapters" / normal).exists()
+    job = svc.job(int(normal.removeprefix("job-")))
+    assert job["status"] == "succeeded" and job["adapter"] is None

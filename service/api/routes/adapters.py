@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from sqlmodel import Session
 
 from service import jobstore
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ModelServerDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.config import Settings
 from service.models import AdapterPublic, Job, JobStatus
@@ -27,7 +28,7 @@ def adapter_job(session: Session, name: str) -> Job:
     """The succeeded job that produced adapter ``name``; 404/409 otherwise."""
     match = ADAPTER_NAME.match(name)
     job = jobstore.get(session, int(match.group(1))) if match else None
-    if job is None:
+    if job is None or (job.status == JobStatus.succeeded and job.adapter is None):  # never made, or deleted
         raise not_found("adapter", name)
     if job.status != JobStatus.succeeded or job.adapter != name:
         raise ApiError(409, "adapter_unavailable", f"adapter {name} has no model: its job is {job.status}")
@@ -65,8 +66,11 @@ def get_adapter(name: str, session: SessionDep, settings: SettingsDep) -> Adapte
 TARBALL = {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
 
 
-@router.get("/{name}/download", response_class=StreamingResponse,
-            responses={200: {"content": TARBALL, "description": "the adapter folder as a tar.gz"}})
+@router.get(
+    "/{name}/download",
+    response_class=StreamingResponse,
+    responses={200: {"content": TARBALL, "description": "the adapter folder as a tar.gz"}},
+)
 def download_adapter(name: str, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     adapter_job(session, name)
     folder = adapter_path(settings, name)
@@ -78,3 +82,15 @@ def download_adapter(name: str, session: SessionDep, settings: SettingsDep) -> S
     buffer.seek(0)
     headers = {"Content-Disposition": f'attachment; filename="{name}.tar.gz"'}
     return StreamingResponse(buffer, media_type="application/gzip", headers=headers)
+
+
+@router.delete("/{name}")
+def delete_adapter(name: str, session: SessionDep, settings: SettingsDep, server: ModelServerDep) -> dict[str, str]:
+    """Stop serving an adapter and remove its files; its job stays, succeeded, with ``adapter: null``."""
+    job = adapter_job(session, name)
+    assert job.id is not None
+    jobstore.delete_adapter(session, job.id, name)
+    session.commit()  # from here on no request resolves the name
+    server.unload(name)
+    shutil.rmtree(adapter_path(settings, name), ignore_errors=True)
+    return {"deleted": name}
