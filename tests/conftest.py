@@ -104,7 +104,7 @@ class Service:
         return dict(self.client.get(f"/jobs/{job_id}").json())
 
     def wait(self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-             timeout: float = 300) -> dict[str, Any]:  # fmt: skip
+             timeout: float = 900) -> dict[str, Any]:  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)
