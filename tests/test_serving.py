@@ -63,12 +63,15 @@ def test_two_adapters_answer_differently_in_one_batch(served: tuple[Service, str
 
 def test_batch_endpoint_and_fast_path(served: tuple[Service, str, str]) -> None:
     svc, normal, _ = served
-    texts = ["美联储宣布降息50个基点", "欧洲央行维持利率不变", "美联储官员发表鹰派讲话"]
+    texts = [e.input for e in builtin_dataset()[1][:3]]
     batch = svc.client.post("/analyze/batch", json={"items": texts, "adapter": normal, "max_new_tokens": 0})
     assert batch.status_code == 200, batch.text
     data = batch.json()["data"]
-    assert [d["label"] for d in data] == ["bullish", "neutral", "bearish"]
-    assert all(d["analysis"] == "" and d["batch_size"] == 3 for d in data)
+    assert all(d["analysis"] == "" and d["batch_size"] == 3 and d["adapter"] == normal for d in data)
+    for text, item in zip(texts, data, strict=True):  # one padded batch answers as one request at a time
+        single = _analyze(svc, {"text": text, "adapter": normal, "max_new_tokens": 0})
+        assert single["label"] == item["label"] and single["importance"] == item["importance"]
+        assert all(abs(single["probs"][k] - item["probs"][k]) < 1e-3 for k in item["probs"])
 
 
 def test_base_model_and_newest_adapter(served: tuple[Service, str, str]) -> None:
