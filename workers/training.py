@@ -258,8 +258,10 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
                 {"epoch": epoch + 1, "loss": mean, "eval_loss": val, "step": done},
             )  # fmt: skip
             epoch_losses = []
+        hooks.on_progress(progress, epoch_end)
         stop = hooks.should_stop()
-        hooks.on_progress(progress, epoch_end or stop)  # forced when stopping: the job shows the checkpointed step
+        if stop and not epoch_end:
+            hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
         if done < total_steps and (epoch_end or done % spec.checkpoint_every == 0 or stop):
             checkpoints.save(spec.job_dir, done, model, optimizer, scheduler, history)
             hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
