@@ -1,7 +1,9 @@
 """Default hyperparameters per base model: the user's recipe, tuned for the tiny built-in model.
 
-The user's recipe (3 epochs, batch 4, lr 2e-4, LoRA r 8 / alpha 16 on q_proj and v_proj) is the default for
-real models. The built-in model is 2 layers of width 128 and learns too slowly with it, so it gets a higher
+The user's recipe (3 epochs, batch 4 x gradient accumulation 4 = 16 samples per optimizer step, lr 2e-4, LoRA r 8 /
+alpha 16 on q_proj and v_proj) is the default for real models. ``batch_size`` is the samples per optimizer step;
+how many go through one forward pass is the worker's choice (on CUDA: as many as the free memory holds, see
+``workers.cuda_path``), so the user's accumulation is not a setting of its own. The built-in model is 2 layers of width 128 and learns too slowly with it, so it gets a higher
 learning rate and LoRA on every linear layer (see docs/benchmarks.md for the measurement).
 """
 
@@ -13,7 +15,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 USER_RECIPE: dict[str, object] = {
     "epochs": 3,
-    "batch_size": 4,
+    "batch_size": 16,  # the user's per-device 4 x accumulation 4
     "learning_rate": 2e-4,
     "max_length": 512,
     "lora_r": 8,
@@ -27,6 +29,7 @@ USER_RECIPE: dict[str, object] = {
 BUILTIN_RECIPE: dict[str, object] = {
     **USER_RECIPE,
     "epochs": 4,
+    "batch_size": 4,
     "learning_rate": 5e-3,
     "max_length": 256,
     "target_modules": ALL_LINEAR,

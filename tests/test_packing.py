@@ -79,3 +79,32 @@ def test_pack_by_tokens_keeps_order_and_limit() -> None:
     assert [b.lengths for b in batches] == [[9, 17], [5]]
     assert all(b.labels[0, 0] == IGNORE for b in batches)
     assert sum(b.num_target_tokens for b in batches) == sum(sum(x != IGNORE for x in lab[1:]) for _, lab in samples)
+
+
+def test_micro_batch_sized_to_free_memory() -> None:
+    """The CUDA plan fits the 7B shape's whole optimizer step in one pass on an H200, not on a small card."""
+    from types import SimpleNamespace
+
+    from workers.cuda_path import bytes_per_token, size_micro_batch
+
+    shape = SimpleNamespace(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, vocab_size=102400)
+    gib = 2**30
+    assert 5.0e6 < bytes_per_token(shape, False, True) / 1.25 < 5.3e6  # the 5.2 MB/token measured on the H200
+    assert size_micro_batch(shape, 135 * gib, 16 * 512, 512, True) == (16 * 512, False)
+    tokens, checkpointing = size_micro_batch(shape, 11 * gib, 16 * 512, 512, True)  # a 16 GB card after loading
+    assert 512 <= tokens < 16 * 512 and not checkpointing
+    assert size_micro_batch(shape, 4 * gib, 16 * 512, 512, True)[1]  # not even one sample: checkpointing
+
+
+def test_token_cache_hits_and_misses(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from service.builtin.model import _corpus, _train_tokenizer
+    from service.prompts import Example
+    from workers.token_cache import tokenize_cached, tokenize_one
+
+    tokenizer = _train_tokenizer(_corpus()[:200])
+    examples = [Example("分析", f"美国CPI 前值:{i}", f"这是一条{i}星级的财经快讯") for i in range(5)]
+    first = tokenize_cached(examples, tokenizer, tmp_path)
+    assert first == [tokenize_one(e, tokenizer) for e in examples] and len(list(tmp_path.iterdir())) == 1
+    assert tokenize_cached(examples, tokenizer, tmp_path) == first  # read back from the file
+    tokenize_cached(examples[:4], tokenizer, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # other examples: another entry, never the stale one

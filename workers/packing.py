@@ -10,7 +10,7 @@ otherwise transformers skips that detection.
 
 The label of each sample's first token is masked, so no sample is trained to predict the next sample's start.
 ``tests/test_packing.py`` checks exactness on CPU: the per-sample loss of a packed row equals the unpacked loss.
-Training selects this path at run time on CUDA only (``use_packing``); nothing here needs a GPU to import.
+Training selects this path at run time on CUDA only (``workers.cuda_path``); nothing here needs a GPU to import.
 """
 
 from __future__ import annotations
@@ -152,7 +152,3 @@ def per_sample_losses(model: Any, batch: PackedBatch, device: str | torch.device
         start += length
     return losses
 
-
-def use_packing(device: str) -> bool:
-    """Packing is the CUDA path; CPU training keeps the padded loop (its tests and figures stay as they are)."""
-    return device == "cuda"

@@ -26,10 +26,12 @@ from service.datasets.tokens import describe as describe_token_stats
 from service.datasets.tokens import token_stats
 from service.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
 from service.models import Progress, ResolvedHyperparameters
-from service.prompts import Example, render_prompt
+from service.prompts import Example
 from workers import artifacts, checkpoints
+from workers.distributed import SINGLE, Distributed
 from workers.evaluation import evaluate
-from workers.packing import PackedBatch, pack_by_tokens, packed_loss, use_packing
+from workers.packing import PackedBatch, pack_by_tokens
+from workers.token_cache import tokenize_cached
 
 
 class Interrupted(Exception):
@@ -66,6 +68,7 @@ class TrainingSpec:
     adapter_dir: Path
     device: str = "auto"
     checkpoint_every: int = 50
+    token_cache_dir: Path | None = None  # tokenised rows cached per dataset and tokenizer (workers.token_cache)
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,17 +88,11 @@ class Batch:
 
 
 # ------------------------------------------------------------------------------------------------------ setup
-def tokenize(examples: list[Example], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example; labels are -100 over the prompt so the loss covers the response only."""
-    rows = []
-    for example in examples:
-        prompt = render_prompt(example.input, example.instruction)
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = tokenizer(prompt + example.output)["input_ids"] + [tokenizer.eos_token_id]
-        boundary = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b), len(prompt_ids))
-        labels = [-100] * boundary + ids[boundary:]
-        rows.append((ids[:max_length], labels[:max_length]))
-    return rows
+def tokenize(
+    examples: list[Example], tokenizer: Any, max_length: int, cache_dir: Path | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per example, cut to ``max_length``; labels are -100 over the prompt."""
+    return [(ids[:max_length], labels[:max_length]) for ids, labels in tokenize_cached(examples, tokenizer, cache_dir)]
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
@@ -111,10 +108,11 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
 
 
 def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if plan.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    # No prepare_model_for_kbit_training on the NF4 base: its fp32 copies of norms, embeddings and head and its
+    # unconditional gradient checkpointing cost ~3x the speed (docs/benchmarks.md); bf16 autocast is enough, and
+    # workers.cuda_path turns checkpointing on only when memory requires it.
     config = LoraConfig(
         r=hp.lora_r,
         lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # peft accepts floats
@@ -166,8 +164,12 @@ def eval_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, 
 
 
 # ------------------------------------------------------------------------------------------------------- train
-def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
-    """Run the job to completion and publish the adapter; returns the training_info written beside it."""
+def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[str, Any]:
+    """Run the job to completion and publish the adapter; returns the training_info written beside it.
+
+    ``dist``: this process's rank in a multi-GPU job (workers/distributed.py): each rank trains its share of every
+    step's samples; rank 0 alone checkpoints, evaluates and publishes (the other ranks return ``{}``).
+    """
     hp = spec.hp
     started = time.monotonic()
     device = pick_device(spec.device)
@@ -179,11 +181,19 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
     torch.manual_seed(hp.seed)
     tokenizer = load_tokenizer(spec.base_source)
     model = attach_lora(load_model(spec.base_source, plan), hp, plan)
-    train_rows = tokenize(spec.train, tokenizer, hp.max_length)
-    val_rows = tokenize(spec.validation, tokenizer, hp.max_length)
-    lengths = token_stats(spec.train + spec.validation, tokenizer, hp.max_length)
+    full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir)
+    lengths = token_stats([len(ids) for ids, _ in full_rows], hp.max_length)
     hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
+    cut = [(ids[: hp.max_length], labels[: hp.max_length]) for ids, labels in full_rows]
+    train_rows, val_rows = cut[: len(spec.train)], cut[len(spec.train) :]
     pad_id = tokenizer.pad_token_id
+    cuda = None
+    if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
+        from workers.cuda_path import plan_cuda
+
+        cuda = plan_cuda(model, hp.micro_batch_size * hp.max_length, hp.max_length, pad_id)
+        hooks.on_event("cuda_plan", cuda.describe(), {"micro_tokens": cuda.micro_tokens, "attention": cuda.attention,
+                       "gradient_checkpointing": cuda.gradient_checkpointing, "free_gib": round(cuda.free_gib, 2)})
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
     total_steps = steps_per_epoch * hp.epochs
@@ -196,36 +206,40 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
     )
     history: dict[str, list[Any]] = {"step_loss": [], "epoch_loss": [], "eval_loss": []}
     start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history)
+    dist.sync_start(trainable, hp.seed, start_step)  # multi-GPU: every rank starts from rank 0's weights
     if start_step:
         hooks.on_event("resumed", f"resumed from checkpoint at step {start_step}", {"step": start_step})
     setup_seconds = time.monotonic() - started
 
     # The loop: one optimizer step per iteration, micro-batches accumulated inside it.
     model.train()
-    packed = use_packing(device)
     loop_start, tokens_seen = time.monotonic(), 0
     epoch_losses: list[float] = []
     for step in range(start_step, total_steps):
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_rows), hp.seed, epoch)
         chosen = [train_rows[i] for i in order[index_in_epoch * hp.batch_size : (index_in_epoch + 1) * hp.batch_size]]
+        chosen = dist.shard(chosen)  # multi-GPU: this rank's share of the step's samples
         micro: list[Batch] | list[PackedBatch]
-        if packed:  # CUDA: padding-free rows within the padded micro-batch's token budget (workers/packing.py)
-            micro = pack_by_tokens(chosen, hp.micro_batch_size * hp.max_length, pad_to_multiple=256, pad_id=pad_id)
+        if cuda is not None:
+            micro = pack_by_tokens(chosen, cuda.micro_tokens, pad_to_multiple=256, pad_id=pad_id)
         else:
             micro = [
                 collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
             ]
-        denominator = sum(b.num_target_tokens for b in micro)
-        loss_value = 0.0
+        denominator = dist.sum_int(sum(b.num_target_tokens for b in micro))  # the step's target tokens, all ranks
+        loss_value, step_tokens = 0.0, 0
         for batch in micro:
             if isinstance(batch, PackedBatch):
-                loss, tokens = packed_loss(model, batch, device, denominator), batch.num_real_tokens
+                assert cuda is not None
+                loss, tokens = cuda.loss(model, batch, denominator), batch.num_real_tokens
             else:
                 loss, tokens = step_loss(model, batch, device, denominator), batch.num_tokens
             loss.backward()
             loss_value += float(loss.detach())
-            tokens_seen += tokens
+            step_tokens += tokens
+        loss_value, step_tokens = dist.reduce_step(trainable, loss_value, step_tokens)  # gradients summed over ranks
+        tokens_seen += step_tokens
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
@@ -262,12 +276,14 @@ def train(spec: TrainingSpec, hooks: Hooks) -> dict[str, Any]:
         stop = hooks.should_stop()
         if stop and not epoch_end:
             hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
-        if done < total_steps and (epoch_end or done % spec.checkpoint_every == 0 or stop):
+        if dist.is_main and done < total_steps and (epoch_end or done % spec.checkpoint_every == 0 or stop):
             checkpoints.save(spec.job_dir, done, model, optimizer, scheduler, history)
             hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
         if stop:
             raise Interrupted(f"stopped at step {done}")
     train_seconds = time.monotonic() - loop_start
+    if not dist.is_main:
+        return {}
 
     # Evaluate base vs adapter on the held-out split, then publish.
     model.eval()

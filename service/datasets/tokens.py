@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.prompts import Example, render_prompt
 
-
-def token_stats(examples: list[Example], tokenizer: Any, max_length: int) -> dict[str, Any]:
+def token_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
     """p50/p90/p99/max of prompt+response lengths (with EOS) and the share longer than ``max_length``.
 
     The share matters because truncation cuts the response, which carries the label, off the end first.
     """
-    lengths = sorted(len(tokenizer(render_prompt(e.input, e.instruction) + e.output)["input_ids"]) + 1
-                     for e in examples)  # fmt: skip
+    lengths = sorted(lengths)
     if not lengths:
         return {"examples": 0}
     truncated = sum(1 for n in lengths if n > max_length)

@@ -1,0 +1,101 @@
+"""The user's whole job through the API: ``flashtune serve`` + ``flashtune worker``, from POST /jobs to adapter.
+
+On the H200 (see docs/benchmarks.md for the command; the seed file travels in ``.devsite/seed/``):
+
+    export PYTHONPATH=$PWD/.devsite:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    python3 bench/job_api_gpu.py --dataset .devsite/seed/instructions.jsonl --out $OUT
+
+It saves a randomly initialised DeepSeek-LLM-7B-shaped checkpoint (``bench/train_gpu.build_checkpoint``) with the
+built-in tokenizer under ``DATA_DIR/models/``, starts a real API and a real worker on loopback, uploads the
+user's seed instructions, posts a job on that checkpoint with the default (user's) recipe, follows it to the end
+and prints the wall time from POST to adapter, the job's events and its durations. ``--tiny`` builds a 2-layer
+model instead, to check the script on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from analyze import free_port, spawn, wait_healthy  # noqa: E402  (bench/ is not a package)
+
+
+def build(path: Path, tiny: bool) -> None:
+    from service.builtin.model import _corpus, _train_tokenizer
+
+    if not (path / "config.json").exists():
+        if tiny:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+            LlamaForCausalLM(config).save_pretrained(path)
+        else:
+            from train_gpu import build_checkpoint
+
+            build_checkpoint(path)
+    _train_tokenizer(_corpus()).save_pretrained(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", default="/tmp/ft-gpu-job")
+    parser.add_argument("--dataset", default="../shared/data/seed/instructions.jsonl")
+    parser.add_argument("--hyperparameters", default="{}", help="JSON object merged into the job's hyperparameters")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    data_dir = Path(args.data_dir)
+    model = data_dir / "models" / ("tiny-llama" if args.tiny else "deepseek-7b-shaped")
+    started = time.perf_counter()
+    build(model, args.tiny)
+    build_s = time.perf_counter() - started
+
+    port = free_port()
+    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "FLASHTUNE_POLL_SECONDS": "0.2", "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1"}  # fmt: skip
+    api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
+    worker = spawn(["worker"], env, data_dir / "worker.log")
+    report: dict[str, Any] = {"build_checkpoint_s": round(build_s, 1)}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            wait_healthy(client, api)
+            with open(args.dataset, "rb") as handle:
+                dataset = client.post("/datasets", files={"file": handle}).json()
+            report["dataset"] = {k: dataset.get(k) for k in ("id", "num_examples", "duplicates_removed")}
+            body = {"dataset": dataset["id"], "base_model": str(model),
+                    "hyperparameters": json.loads(args.hyperparameters)}  # fmt: skip
+            posted = time.perf_counter()
+            job = client.post("/jobs", json=body).json()
+            report["hyperparameters"] = job.get("hyperparameters")
+            while job["status"] not in ("succeeded", "failed", "cancelled"):
+                time.sleep(0.5)
+                job = client.get(f"/jobs/{job['id']}").json()
+            report["post_to_done_s"] = round(time.perf_counter() - posted, 1)
+            report["status"], report["error"] = job["status"], job.get("error")
+            events = client.get(f"/jobs/{job['id']}/events").json()
+            report["events"] = [(e["type"], e["message"]) for e in events.get("data", events)]
+            info_path = data_dir / "adapters" / f"job-{job['id']}" / "training_info.json"
+            if info_path.exists():
+                info = json.loads(info_path.read_text())
+                report["durations"] = info["durations"]
+                report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
+            report["progress"] = job.get("progress")
+    finally:
+        for proc in (worker, api):
+            proc.terminate()
+            proc.wait(60)
+    print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    Path(args.out, "job_api_gpu.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+
+
+if __name__ == "__main__":
+    main()
