@@ -50,18 +50,22 @@ def main() -> None:
     parser.add_argument("--data-dir", default="/tmp/ft-gpu-job")
     parser.add_argument("--dataset", default="../shared/data/seed/instructions.jsonl")
     parser.add_argument("--hyperparameters", default="{}", help="JSON object merged into the job's hyperparameters")
+    parser.add_argument("--checkpoint", help="an already saved checkpoint to use (default: build one in DATA_DIR)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
-    model = data_dir / "models" / ("tiny-llama" if args.tiny else "deepseek-7b-shaped")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model = Path(args.checkpoint) if args.checkpoint else data_dir / "models" / ("tiny-llama" if args.tiny else
+                                                                               "deepseek-7b-shaped")  # fmt: skip
     started = time.perf_counter()
     build(model, args.tiny)
     build_s = time.perf_counter() - started
 
     port = free_port()
     env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "FLASHTUNE_POLL_SECONDS": "0.2", "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1"}  # fmt: skip
+           "FLASHTUNE_POLL_SECONDS": "0.2", "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1",
+           "FLASHTUNE_ALLOWED_MODEL_ROOTS": json.dumps([str(model.parent)])}  # fmt: skip
     api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
     worker = spawn(["worker"], env, data_dir / "worker.log")
     report: dict[str, Any] = {"build_checkpoint_s": round(build_s, 1)}

@@ -12,21 +12,24 @@ job's ``setup`` event:
   forward costs ~1/3 more compute.
 - **Fused linear cross-entropy** (Liger) when importable: the ``T x vocab`` logits are never materialised
   (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
-- **flex attention** when it compiles here: it computes only the diagonal blocks of the packed mask; otherwise
-  sdpa with the dense block-diagonal mask (exact either way, ``tests/test_packing.py``).
+- **One row length per job.** Every packed row is padded to the largest step, rounded up to 256 tokens (the
+  filler has its own positions and no loss), so attention kernels are planned once, in a warm-up pass before the
+  loop, instead of once per row length.
+- **sdpa attention** with the block-diagonal mask the packed position ids give (exact, ``tests/test_packing.py``).
+  flex attention computes only the diagonal blocks and measured ~3% faster per step on the 7B shape, but its
+  compilation took ~40 s per job on the H200, more than it saves on jobs of this size (docs/benchmarks.md).
 
 Nothing here is imported on the CPU path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from workers.packing import pack, packed_loss
+from workers.packing import PackedBatch, pack_by_tokens, packed_loss
 
 GIB = 2**30
 # Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces.
@@ -36,11 +39,14 @@ USABLE_FRACTION = 0.85
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
 # = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
 ACTIVATION_MARGIN = 1.25
+ROW_MULTIPLE = 256  # packed rows are padded to a multiple of this (tensor-core friendly, few kernel shapes)
+ATTENTION = "sdpa"
 
 
 @dataclass(frozen=True)
 class CudaPlan:
     micro_tokens: int  # token budget of one packed micro-batch
+    row_tokens: int  # every packed row is padded to this length: one compiled attention kernel for the whole job
     gradient_checkpointing: bool
     attention: str
     fused_ce: Any  # a fused linear cross-entropy module (reduction="sum") or None
@@ -55,9 +61,16 @@ class CudaPlan:
             f"bf16 autocast ({self.free_gib:.1f} GiB free after loading)"
         )
 
-    def loss(self, model: Any, batch: Any, denominator: int) -> torch.Tensor:
+    def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
+        return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_tokens, pad_id=pad_id)
+
+    def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce)
+
+    def prepare_generation(self, model: Any) -> None:
+        """Evaluation generates with a KV cache and padded batches: the base model's default attention for that."""
+        model.get_base_model().set_attn_implementation("sdpa")
 
 
 def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
@@ -91,36 +104,11 @@ def liger_fused_ce() -> Any:
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
-def pick_attention(model: Any, probe: Callable[[], None]) -> str:
-    """flex attention if a packed forward compiles and runs with it here, else sdpa."""
-    import torch._dynamo
-
-    # flex attention compiles once per row length; rows are rounded up to 256 tokens, which still gives more
-    # lengths in a job than dynamo's default limit of 8, after which it would silently run uncompiled.
-    torch._dynamo.config.cache_size_limit = 64
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 64
-    base = model.get_base_model()
-    try:
-        base.set_attn_implementation("flex_attention")
-        probe()
-        return "flex_attention"
-    except Exception:  # noqa: BLE001 - no triton, an old torch, an unsupported model: sdpa is exact too
-        base.set_attn_implementation("sdpa")
-        return "sdpa"
-
-
 def plan_cuda(model: Any, step_tokens: int, max_length: int, pad_id: int) -> CudaPlan:
     """Decide the CUDA path for this model and job (see the module docstring)."""
     fused_ce = liger_fused_ce()
 
-    @torch.no_grad()
-    def probe() -> None:  # compiles the first row length outside the timed loop, too
-        batch = pack([([pad_id] * 8, [pad_id] * 8)], pad_to_multiple=256, pad_id=pad_id)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            packed_loss(model, batch, "cuda", 1, fused_ce)
-
-    attention = pick_attention(model, probe)
+    model.get_base_model().set_attn_implementation(ATTENTION)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     config = model.get_base_model().config
@@ -128,4 +116,13 @@ def plan_cuda(model: Any, step_tokens: int, max_length: int, pad_id: int) -> Cud
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return CudaPlan(micro_tokens, checkpointing, attention, fused_ce, free / GIB)
+    plan = CudaPlan(micro_tokens, -(-micro_tokens // ROW_MULTIPLE) * ROW_MULTIPLE, checkpointing, ATTENTION, fused_ce,
+                    free / GIB)  # fmt: skip
+    # One training and one evaluation pass on a full-length row: the attention plans for the job's one row shape
+    # are made here, outside the timed loop, and a row that does not fit fails now rather than mid-job.
+    [batch] = plan.pack([([pad_id] * 8, [pad_id] * 8)], pad_id)
+    plan.loss(model, batch, 1).backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        plan.loss(model, batch, 1)
+    return plan

@@ -30,7 +30,7 @@ from service.prompts import Example
 from workers import artifacts, checkpoints
 from workers.distributed import SINGLE, Distributed
 from workers.evaluation import evaluate
-from workers.packing import PackedBatch, pack_by_tokens
+from workers.packing import PackedBatch
 from workers.token_cache import tokenize_cached
 
 
@@ -149,15 +149,29 @@ def step_loss(model: Any, batch: Batch, device: str, denominator: int) -> torch.
     return loss / max(denominator, 1)
 
 
+def max_step_tokens(lengths: list[int], batch_size: int, epochs: int, seed: int) -> int:
+    """The most tokens any optimizer step of the job will hold (the CUDA path sizes its packed rows to it)."""
+    most = 0
+    for epoch in range(epochs):
+        order = epoch_order(len(lengths), seed, epoch)
+        for i in range(0, len(order), batch_size):
+            most = max(most, sum(lengths[j] for j in order[i : i + batch_size]))
+    return most
+
+
 @torch.no_grad()
-def eval_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, device: str, size: int) -> float | None:
+def eval_loss(
+    model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, device: str, size: int, cuda: Any = None
+) -> float | None:
     if not rows:
         return None
     model.eval()
     total, tokens = 0.0, 0
-    for i in range(0, len(rows), size):
-        batch = collate(rows[i : i + size], pad_id)
-        total += float(step_loss(model, batch, device, 1))
+    batches = cuda.pack(rows, pad_id) if cuda is not None else [collate(rows[i : i + size], pad_id)
+                                                                 for i in range(0, len(rows), size)]  # fmt: skip
+    for batch in batches:
+        loss = cuda.loss(model, batch, 1) if cuda is not None else step_loss(model, batch, device, 1)
+        total += float(loss)
         tokens += batch.num_target_tokens
     model.train()
     return total / max(tokens, 1)
@@ -191,9 +205,11 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
         from workers.cuda_path import plan_cuda
 
-        cuda = plan_cuda(model, hp.micro_batch_size * hp.max_length, hp.max_length, pad_id)
-        hooks.on_event("cuda_plan", cuda.describe(), {"micro_tokens": cuda.micro_tokens, "attention": cuda.attention,
-                       "gradient_checkpointing": cuda.gradient_checkpointing, "free_gib": round(cuda.free_gib, 2)})
+        step_tokens = max_step_tokens([len(ids) for ids, _ in train_rows], hp.batch_size, hp.epochs, hp.seed)
+        cuda = plan_cuda(model, min(step_tokens, hp.micro_batch_size * hp.max_length), hp.max_length, pad_id)
+        hooks.on_event("cuda_plan", cuda.describe(), {"micro_tokens": cuda.micro_tokens, "row_tokens": cuda.row_tokens,
+                       "attention": cuda.attention, "gradient_checkpointing": cuda.gradient_checkpointing,
+                       "free_gib": round(cuda.free_gib, 2)})  # fmt: skip
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
     total_steps = steps_per_epoch * hp.epochs
@@ -222,7 +238,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
         chosen = dist.shard(chosen)  # multi-GPU: this rank's share of the step's samples
         micro: list[Batch] | list[PackedBatch]
         if cuda is not None:
-            micro = pack_by_tokens(chosen, cuda.micro_tokens, pad_to_multiple=256, pad_id=pad_id)
+            micro = cuda.pack(chosen, pad_id)
         else:
             micro = [
                 collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
@@ -265,7 +281,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
         if epoch_end:
             mean = sum(epoch_losses) / len(epoch_losses)
             history["epoch_loss"].append([epoch + 1, round(mean, 5)])
-            val = eval_loss(model, val_rows, pad_id, device, hp.micro_batch_size)
+            val = eval_loss(model, val_rows, pad_id, device, hp.micro_batch_size, cuda)
             history["eval_loss"].append([done, None if val is None else round(val, 5)])
             hooks.on_event(
                 "epoch", f"epoch {epoch + 1}/{hp.epochs} done: loss {mean:.4f}, eval loss {val}",
@@ -287,6 +303,8 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
 
     # Evaluate base vs adapter on the held-out split, then publish.
     model.eval()
+    if cuda is not None:
+        cuda.prepare_generation(model)
     metrics = evaluate(model, tokenizer, spec.validation)
     hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
     info = {
