@@ -204,6 +204,9 @@ class DatasetPublic(BaseModel):
     details: dict[str, Any] = Field(
         default_factory=dict, description="what the format reports: CSV columns used; database thresholds and split"
     )
+    input_fields: list[str] = Field(
+        default_factory=list, description="optional fields (metadata, market context) the example inputs carry"
+    )
     sha256: str
     created_at: datetime
 

@@ -9,13 +9,20 @@ The standard response format is the user's first style::
     这是一条{star}星级的财经快讯，属于{利好|利空|中性}消息。从市场反应来看，该消息发布后市场出现{上涨|下跌|震荡}走势。建议投资者…
 
 Labels are also recognised in the user's second style (``看涨（Bullish）`` …) and in English.
+
+The input of a news item is its text and, optionally, metadata (star, country, calendar figures) and market
+context (return before the event, volatility, trend), all rendered by :func:`render_input`. The dataset importers
+build training inputs with it and /analyze builds serving inputs with it, so an adapter sees at serving time
+exactly the layout it was trained on; :func:`input_fields_used` reads back which fields a set of inputs carries.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 Label = Literal["bearish", "neutral", "bullish"]
 LABELS: tuple[Label, ...] = ("bearish", "neutral", "bullish")  # the agent's order: -1, 0, 1
@@ -50,6 +57,103 @@ _LABEL_PATTERNS: list[tuple[re.Pattern[str], dict[str, Label]]] = [
     ),
 ]
 _STAR_PATTERN = re.compile(r"这是一条(\d)(?:\.\d)?星级")
+
+
+# ------------------------------------------------------------------------------------------ news item inputs
+# Optional fields of a news item as (name, word shown to the model), in the order they are rendered. The figures
+# follow the text on its line, as the user's calendar items read (``美国初请失业金人数 前值:23.6 预期:22.5 公布:22.4``);
+# the other metadata and the market context each get a line of their own.
+FIGURE_FIELDS = (("previous", "前值"), ("consensus", "预期"), ("actual", "公布"))
+INFO_FIELDS = (("country", "国家"), ("star", "星级"))
+CONTEXT_FIELDS = (("pre_ret", "事前涨跌"), ("volatility", "波动率"), ("trend", "趋势"))
+METADATA_FIELDS: tuple[str, ...] = ("star", "country", "previous", "consensus", "actual")
+MARKET_CONTEXT_FIELDS: tuple[str, ...] = ("pre_ret", "volatility", "trend")
+INPUT_FIELDS: tuple[str, ...] = tuple(name for name, _ in FIGURE_FIELDS + INFO_FIELDS + CONTEXT_FIELDS)
+TRENDS: dict[str, str] = {"up": "上涨", "down": "下跌", "flat": "震荡"}
+TREND_ALIASES: dict[str, str] = {**{t: t for t in TRENDS}, **{w: t for t, w in TRENDS.items()}}
+# Accepted ranges (fractions, not percent): the API validates with these, the importers reject rows outside them.
+PRE_RET_RANGE = (-1.0, 1.0)
+VOLATILITY_RANGE = (0.0, 1.0)
+MAX_FIELD_CHARS = 64
+_WORDS = dict(FIGURE_FIELDS + INFO_FIELDS + CONTEXT_FIELDS)
+_MARKERS = {name: re.compile(rf"(?:^|[ \n]){word}:(?=\S)") for name, word in _WORDS.items()}
+
+
+def _number(value: Any) -> float:
+    """A number from a JSON value or a table cell; NaN when it is none (bools are not numbers)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def normalise_field(name: str, value: Any) -> str | None:
+    """How one field's value is shown to the model; None for a missing value; ValueError for a bad one."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if name in ("pre_ret", "volatility"):
+        low, high = PRE_RET_RANGE if name == "pre_ret" else VOLATILITY_RANGE
+        number = _number(value)
+        if not math.isfinite(number) or not low <= number <= high:
+            raise ValueError(f"{name} must be a number from {low} to {high} (a fraction: 0.004 is 0.4%), got {value!r}")
+        return f"{number * 100:+.3f}%" if name == "pre_ret" else f"{number * 100:.3f}%"
+    if name == "trend":
+        trend = TREND_ALIASES.get(str(value).strip().lower())
+        if trend is None:
+            raise ValueError(f"trend must be one of {', '.join(TRENDS)}, got {value!r}")
+        return TRENDS[trend]
+    if name == "star":
+        star = _number(value)
+        if not math.isfinite(star) or not star.is_integer() or not 1 <= star <= 5:
+            raise ValueError(f"star must be an integer from 1 to 5, got {value!r}")
+        return str(int(star))
+    if name not in _WORDS:
+        raise ValueError(f"unknown field {name!r} (known: {', '.join(INPUT_FIELDS)})")
+    text = str(value).strip()
+    if len(text) > MAX_FIELD_CHARS or any(ord(c) < 32 or c == "\x7f" for c in text):
+        raise ValueError(f"{name} must be at most {MAX_FIELD_CHARS} characters on one line")
+    return text
+
+
+def render_input(text: str, fields: Mapping[str, Any] | None = None) -> str:
+    """The model input of a news item: its text, then whichever optional fields have a value.
+
+    ``fields`` maps names of :data:`INPUT_FIELDS` to raw values (missing, None and empty are left out).
+    """
+    shown = {name: normalise_field(name, value) for name, value in (fields or {}).items()}
+    line = " ".join([text.strip(), *(f"{word}:{shown[name]}" for name, word in FIGURE_FIELDS if shown.get(name))])
+    lines = [line]
+    for group in (INFO_FIELDS, CONTEXT_FIELDS):
+        parts = [f"{word}:{shown[name]}" for name, word in group if shown.get(name)]
+        if parts:
+            lines.append(" ".join(parts))
+    return "\n".join(lines)
+
+
+def input_fields_used(inputs: Iterable[str]) -> list[str]:
+    """The optional fields that appear, in :func:`render_input`'s layout, in any of ``inputs`` (canonical order).
+
+    This is what an adapter trained on these inputs has seen; /analyze passes it only these fields.
+    """
+    found: set[str] = set()
+    for text in inputs:
+        found.update(name for name, marker in _MARKERS.items() if name not in found and marker.search(text))
+        if len(found) == len(INPUT_FIELDS):
+            break
+    return [name for name in INPUT_FIELDS if name in found]
+
+
+@dataclass(frozen=True)
+class NewsItem:
+    """A news text with optional fields, rendered by :func:`render_input` once the text is clipped to fit."""
+
+    text: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def render(self, text: str | None = None) -> str:
+        return render_input(self.text if text is None else text, self.fields)
 
 
 @dataclass(frozen=True)

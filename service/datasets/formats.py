@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from service.datasets.base import MAX_REJECTED_LISTED, DatasetError, Options, Parsed
-from service.prompts import DEFAULT_INSTRUCTION, Example, normalise_label, render_response
+from service.prompts import DEFAULT_INSTRUCTION, INPUT_FIELDS, Example, normalise_label, render_input, render_response
 
 __all__ = ["MAX_REJECTED_LISTED", "DatasetError", "Parsed", "detect_format", "parse"]
 
@@ -178,6 +178,7 @@ def parse_csv(data: bytes, options: Options) -> Parsed:
     star_name = options.text("star_column", None)
     star_at = _column(header, star_name, ("star",), "star_column") if star_name or "star" in header else None
     instruction = options.text("instruction", DEFAULT_INSTRUCTION)
+    field_at = _input_columns(header, options)
     line = reader.line_num
     for row in reader:
         start, line = line + 1, reader.line_num  # a quoted field may span lines: report where the row starts
@@ -193,10 +194,31 @@ def parse_csv(data: bytes, options: Options) -> Parsed:
             parsed.rejected.append({"line": start, "reason": f"{what} (column '{header[label_at]}')"})
         else:
             star = star_of(row[star_at]) if star_at is not None and star_at < len(row) else DEFAULT_STAR
-            parsed.examples.append(Example(instruction, text, render_response(label, star)))
+            values = {name: row[at] if at < len(row) else None for name, at in field_at.items()}
+            try:
+                model_input = render_input(text, values)
+            except ValueError as exc:
+                parsed.rejected.append({"line": start, "reason": str(exc)})
+                continue
+            parsed.examples.append(Example(instruction, model_input, render_response(label, star)))
     parsed.extra["columns"] = {"text": header[text_at], "label": header[label_at],
-                               "star": header[star_at] if star_at is not None else None}  # fmt: skip
+                               "star": header[star_at] if star_at is not None else None,
+                               "input_fields": {name: header[at] for name, at in field_at.items()}}  # fmt: skip
     return parsed
+
+
+def _input_columns(header: list[str], options: Options) -> dict[str, int]:
+    """The option ``input_fields``: optional fields (``pre_ret``, or ``volatility=range_ratio`` to read a column
+    of another name) put into each example's input by :func:`service.prompts.render_input`; name -> column."""
+    found: dict[str, int] = {}
+    for entry in options.items("input_fields", []):
+        name, _, column = str(entry).partition("=")
+        name, column = name.strip(), column.strip() or name.strip()
+        if name not in INPUT_FIELDS:
+            raise DatasetError(f"option 'input_fields': unknown field {name!r} (known: {', '.join(INPUT_FIELDS)})",
+                               {"option": "input_fields", "allowed": list(INPUT_FIELDS)})  # fmt: skip
+        found[name] = _column(header, column, (), "input_fields")
+    return found
 
 
 def _column(header: list[str], wanted: str | None, defaults: tuple[str, ...], option: str) -> int:

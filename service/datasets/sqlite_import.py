@@ -8,6 +8,10 @@ checked against that schema; user values (ticker, window, sources) only ever tra
 Labelling follows the user's own pipeline: the return over ``window_min`` minutes after the event, cut into
 bearish / neutral / bullish at two thresholds, either fixed or quantiles of the *training* period's returns
 (so the validation period never informs its own labels). Validation is the latest share of events by ts_utc.
+
+The input of each example is rendered by :func:`service.prompts.render_input`, the function /analyze uses too:
+the text (flash ``content`` or calendar ``name``) and the fields the option ``input_fields`` names (by default the
+calendar figures ``previous``/``consensus``/``actual``, as the user's own data reads).
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from urllib.parse import quote
 
 from service.datasets.base import DatasetError, Options, Parsed
 from service.datasets.formats import DEFAULT_STAR, star_of
-from service.prompts import DEFAULT_INSTRUCTION, Example, Label, render_response
+from service.prompts import DEFAULT_INSTRUCTION, METADATA_FIELDS, Example, Label, render_input, render_response
 
 SOURCES = ("flash", "calendar")
 # The allow-list: the only identifiers that ever appear in SQL here.
 EVENT_COLUMNS = ("event_id", "source", "ts_utc", "content", "star")
 CALENDAR_COLUMNS = ("name", "previous", "consensus", "actual")
 IMPACT_COLUMNS = ("event_id", "ticker", "window_min", "ret")
-CALENDAR_FIGURES = (("previous", "前值"), ("consensus", "预期"), ("actual", "公布"))
+FIGURES = ("previous", "consensus", "actual")  # calendar events only
+INPUT_COLUMNS = ("country",)  # read only when the option input_fields names it
+DEFAULT_INPUT_FIELDS = FIGURES
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class ImportOptions:
     limit: int | None
     seed: int
     instruction: str
+    input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,11 @@ def read_options(options: Options) -> ImportOptions:
     if unknown or not sources:
         raise DatasetError(f"option 'sources' must list some of {', '.join(SOURCES)}, got {list(sources)}",
                            {"option": "sources", "allowed": list(SOURCES)})  # fmt: skip
+    input_fields = tuple(str(f).strip() for f in options.items("input_fields", list(DEFAULT_INPUT_FIELDS)))
+    bad = [f for f in input_fields if f not in METADATA_FIELDS]
+    if bad:
+        raise DatasetError(f"option 'input_fields' may list {', '.join(METADATA_FIELDS)} (the database has no "
+                           f"{bad[0]!r})", {"option": "input_fields", "allowed": list(METADATA_FIELDS)})  # fmt: skip
     thresholds = _pair(options, "thresholds", None, low=None, high=None)
     rule = options.text("label_rule", "fixed" if thresholds else "quantile")
     if rule not in ("quantile", "fixed"):
@@ -86,6 +98,7 @@ def read_options(options: Options) -> ImportOptions:
         limit=options.integer("limit", None, low=1),
         seed=options.integer("seed", 0),
         instruction=options.text("instruction", DEFAULT_INSTRUCTION),
+        input_fields=input_fields,
     )
 
 
@@ -110,7 +123,7 @@ def parse_sqlite(data: bytes, options: Options) -> Parsed:
     opts = read_options(options)
     parsed = Parsed(format="sqlite")
     with open_readonly(data) as conn:
-        check_schema(conn, opts.sources)
+        check_schema(conn, opts.sources, opts.input_fields)
         events = _events(conn, opts, parsed)
         if not events:
             raise DatasetError(_nothing_matched(conn, opts), {"ticker": opts.ticker, "window_min": opts.window_min})
@@ -121,7 +134,7 @@ def parse_sqlite(data: bytes, options: Options) -> Parsed:
     parsed.validation = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in validation]
     parsed.extra["import"] = {
         "ticker": opts.ticker, "window_min": opts.window_min, "sources": list(opts.sources),
-        "min_star": opts.min_star, "label_rule": opts.label_rule,
+        "min_star": opts.min_star, "label_rule": opts.label_rule, "input_fields": list(opts.input_fields),
         "quantiles": list(opts.cut) if opts.label_rule == "quantile" else None,
         "thresholds": {"low": low, "high": high},
         "events_matched": len(events), "limit": opts.limit, "seed": opts.seed,
@@ -162,10 +175,17 @@ def _authorize(action: int, arg1: str | None, _arg2: str | None, _db: str | None
     return sqlite3.SQLITE_DENY
 
 
-def check_schema(conn: sqlite3.Connection, sources: tuple[str, ...]) -> None:
+def _event_columns(sources: tuple[str, ...], input_fields: tuple[str, ...]) -> tuple[str, ...]:
+    return (EVENT_COLUMNS + (CALENDAR_COLUMNS if "calendar" in sources else ())
+            + tuple(c for c in INPUT_COLUMNS if c in input_fields))  # fmt: skip
+
+
+def check_schema(
+    conn: sqlite3.Connection, sources: tuple[str, ...], input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS
+) -> None:
     """Every table and column the import uses exists; otherwise a 4xx naming what is missing and what exists."""
     tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
-    event_columns = EVENT_COLUMNS + (CALENDAR_COLUMNS if "calendar" in sources else ())
+    event_columns = _event_columns(sources, input_fields)
     for table, needed in (("events", event_columns), ("event_impacts", IMPACT_COLUMNS)):
         if table not in tables:
             raise DatasetError(f"the database has no table '{table}' (tables: {', '.join(tables) or 'none'})",
@@ -182,8 +202,8 @@ def check_schema(conn: sqlite3.Connection, sources: tuple[str, ...]) -> None:
 
 def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> list[Event]:
     """The events with a return for the ticker and window, oldest first; unusable ones go to ``parsed.rejected``."""
-    calendar = CALENDAR_COLUMNS if "calendar" in opts.sources else ()
-    columns = ", ".join(f"e.{c}" for c in EVENT_COLUMNS + calendar)  # allow-listed and checked against the schema
+    # allow-listed and checked against the schema
+    columns = ", ".join(f"e.{c}" for c in _event_columns(opts.sources, opts.input_fields))
     marks = ", ".join("?" for _ in opts.sources)
     sql = (
         f"SELECT {columns}, i.ret FROM events AS e JOIN event_impacts AS i ON i.event_id = e.event_id "
@@ -194,7 +214,11 @@ def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> li
         star = star_of(row["star"]) if row["star"] is not None else DEFAULT_STAR
         if opts.min_star is not None and star < opts.min_star:
             continue
-        text = event_text(row)
+        try:
+            text = event_text(row, opts.input_fields)
+        except ValueError as exc:  # a field value render_input refuses (too long, a line break)
+            parsed.rejected.append({"event_id": row["event_id"], "reason": str(exc)})
+            continue
         problem = ("no ts_utc" if not row["ts_utc"] else "no return (ret is NULL)" if row["ret"] is None
                    else "empty text" if not text else None)  # fmt: skip
         if problem:
@@ -204,14 +228,20 @@ def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> li
     return events
 
 
-def event_text(row: sqlite3.Row | dict[str, Any]) -> str:
-    """Flash news: its content. Calendar events: the name and figures, as the user wrote them
-    (``美国至12月13日当周初请失业金人数 前值:23.6 预期:22.5 公布:22.4``)."""
-    if row["source"] != "calendar":
-        return str(row["content"] or "").strip()
-    name = str(row["name"] or "").strip()
-    figures = [f"{word}:{row[c]}" for c, word in CALENDAR_FIGURES if row[c] not in (None, "")]
-    return " ".join([name, *figures]) if name else ""
+def event_text(row: sqlite3.Row | dict[str, Any], input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS) -> str:
+    """The model input of an event (:func:`render_input`): flash news, its content; calendar events, the name
+    and, by default, the figures as the user wrote them (``美国初请失业金人数 前值:23.6 预期:22.5 公布:22.4``); plus
+    the star and country when ``input_fields`` names them. Empty when the event has no text."""
+    calendar = row["source"] == "calendar"
+    text = str((row["name"] if calendar else row["content"]) or "").strip()
+    if not text:
+        return ""
+    fields: dict[str, Any] = {f: row[f] for f in FIGURES if calendar and f in input_fields}
+    if "star" in input_fields and row["star"] is not None:
+        fields["star"] = star_of(row["star"])
+    if "country" in input_fields:
+        fields["country"] = row["country"]
+    return render_input(text, fields)
 
 
 def _nothing_matched(conn: sqlite3.Connection, opts: ImportOptions) -> str:

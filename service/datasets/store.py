@@ -23,7 +23,7 @@ from service.builtin.data import builtin_dataset
 from service.config import Settings
 from service.datasets.formats import MAX_REJECTED_LISTED, Parsed, parse
 from service.models import Dataset, DatasetPublic
-from service.prompts import LABELS, Example
+from service.prompts import LABELS, Example, input_fields_used
 
 BUILTIN = "builtin"
 
@@ -65,6 +65,7 @@ def save_upload(
         "rejected_count": len(parsed.rejected),
         "options": options or {},
         "details": parsed.extra,
+        "input_fields": input_fields_used(e.input for e in parsed.examples + parsed.validation),
     }
     dataset = Dataset(
         id=ds_id, sha256=sha256, format=parsed.format, filename=filename,
@@ -99,7 +100,7 @@ def to_public(dataset: Dataset) -> DatasetPublic:
         num_validation=s.get("num_validation", 0), label_distribution=s.get("label_distribution", {}),
         unlabelled=s.get("unlabelled", 0), duplicates_removed=s.get("duplicates_removed", 0),
         rejected=s.get("rejected", []), rejected_count=s.get("rejected_count", 0), options=s.get("options", {}),
-        details=s.get("details", {}), sha256=dataset.sha256,
+        details=s.get("details", {}), input_fields=s.get("input_fields", []), sha256=dataset.sha256,
         created_at=dataset.created_at,
     )  # fmt: skip
 
@@ -127,3 +128,17 @@ def load_examples(
         validation = [train[i] for i in sorted(order[:cut])]
         train = [train[i] for i in sorted(order[cut:])]
     return train, validation, dataset.sha256
+
+
+def dataset_input_fields(settings: Settings, ds_id: str) -> list[str]:
+    """The optional input fields (``service.prompts.INPUT_FIELDS``) the examples of a dataset carry, read from its
+    stored examples: what an adapter trained on it has seen (for adapters whose training_info predates the record).
+    """
+    if ds_id == BUILTIN:
+        train, validation = builtin_dataset()
+        return input_fields_used(e.input for e in train + validation)
+    path = settings.datasets_dir / ds_id / "examples.jsonl"
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as rows:
+        return input_fields_used(str(json.loads(line).get("input") or "") for line in rows if line.strip())
