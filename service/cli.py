@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from service import logs
 from service.cli_client import add_commands
 from service.config import Settings
 
@@ -25,7 +26,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    return Settings(**overrides)
+    if getattr(args, "log_json", False):
+        overrides["log_json"] = True
+    settings = Settings(**overrides)
+    if settings.log_json:
+        logs.configure(json_lines=True)
+    return settings
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -47,7 +53,10 @@ def serve(args: argparse.Namespace) -> None:
                 f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public"
             )
         logging.getLogger("flashtune").warning("no FLASHTUNE_API_KEY set: the API is open to anyone who can reach it")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # JSON lines: log_config=None keeps the set-up of logs.configure instead of uvicorn's own formatters
+    logging_options: dict[str, Any] = {"log_config": None} if settings.log_json else {}
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                **logging_options)  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -132,6 +141,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", dest="database_url", help="FLASHTUNE_DATABASE_URL")
     parser.add_argument("--base-model", dest="base_model", help="FLASHTUNE_BASE_MODEL")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="FLASHTUNE_DEVICE")
+    parser.add_argument("--log-json", dest="log_json", action="store_true", default=None,
+                        help="FLASHTUNE_LOG_JSON: one JSON object per log line")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -153,8 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_demo.set_defaults(func=demo)
     add_commands(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(json_lines=False)  # serve and worker switch to JSON lines when FLASHTUNE_LOG_JSON says so
     args.func(args)
 
 

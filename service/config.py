@@ -25,6 +25,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    log_json: bool = Field(default=False, description="one JSON object per log line (service/logs.py)")
 
     # Queue and worker
     lease_seconds: float = 60.0

@@ -73,8 +73,8 @@ class Service:
         log = (self.data_dir / log_name).open("ab")
         return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env, stdout=log, stderr=log)
 
-    def start_api(self) -> None:
-        self.api = self._spawn(["serve", "--log-level", "warning"], "api.log")
+    def start_api(self, *extra: str, log_level: str = "warning") -> None:
+        self.api = self._spawn(["serve", "--log-level", log_level, *extra], "api.log")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-from service import jobstore
+from service import jobstore, logs
 from service.config import Settings
 from service.datasets.store import DatasetNotFound, load_examples
 from service.db import make_engine, session_scope
@@ -166,7 +166,9 @@ def run_attempt(settings: Settings, job_id: int, worker_id: str) -> Outcome:
 
 def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection) -> None:
     """Entry point of the child process (multiprocessing 'spawn')."""
-    outcome = run_attempt(settings, job_id, worker_id)
+    logs.configure(json_lines=settings.log_json)  # a spawned process starts without the worker's logging set-up
+    with logs.bind_job(job_id):
+        outcome = run_attempt(settings, job_id, worker_id)
     try:
         conn.send(outcome)
         conn.close()

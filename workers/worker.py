@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from service import jobstore
+from service import jobstore, logs
 from service.config import Settings
 from service.db import init_db, make_engine, session_scope
 from service.models import Job, ResolvedHyperparameters
@@ -59,7 +59,8 @@ class Worker:
             if job is None:
                 time.sleep(self.settings.poll_seconds)
                 continue
-            self.run_job(job)
+            with logs.bind_job(job.id):  # the job's id on every log record while it runs (FLASHTUNE_LOG_JSON)
+                self.run_job(job)
             done += 1
         log.info("worker %s stopped", self.worker_id)
 

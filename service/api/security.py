@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
+from service.logs import request_id_var
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 RATE_LIMITED_PATHS = ("/analyze", "/analyze/batch")
@@ -201,6 +202,10 @@ class SecurityMiddleware:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and REQUEST_ID.match(incoming) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
+        # Every log record of this request carries the id (service/logs.py). The server runs each request in a task
+        # of its own, whose context dies with it, so the id is not reset: the 500 handler, which runs outside this
+        # middleware, and the server's access line still see it.
+        request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
