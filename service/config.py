@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=32, ge=1, description="1 turns micro-batching off")
     batch_wait_ms: float = Field(default=5.0, ge=0)
     max_batch_items: int = Field(default=64, ge=1, description="items in one POST /analyze/batch")
+    serve_quantization: Literal["auto", "nf4", "none"] = Field(
+        default="auto", description="the served base: auto = NF4 on CUDA, float32 on CPU; none = bf16 on CUDA"
+    )
+    serve_merged: str = Field(
+        default="", description="adapters served merged into an unquantised copy of the base: names, comma-separated, "
+        "or 'all'; empty: none (every adapter attached to the one base)"
+    )  # fmt: skip
+    max_merged_models: int = Field(default=1, ge=1, description="merged copies kept in memory (each a whole model)")
 
     # Limits
     max_upload_bytes: int = 200 * 1024 * 1024
@@ -60,6 +68,10 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for sub in ("datasets", "jobs", "adapters", "models"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def serves_merged(self, adapter: str) -> bool:
+        names = {n.strip() for n in self.serve_merged.split(",") if n.strip()}
+        return "all" in names or adapter in names
 
     @property
     def auth_enabled(self) -> bool:

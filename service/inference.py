@@ -1,14 +1,24 @@
 """The serving model: one base in memory, adapters attached by name, analysis of news items.
 
-The base is loaded on the first request (``/healthz`` never loads it). Adapters are loaded into the same
-PeftModel with ``load_adapter`` and selected with ``set_adapter``; at most ``max_adapters`` stay loaded, the
-least recently used is evicted. ``adapter=None`` runs the base with the adapters disabled. A lock serialises use
-of the model; single requests go through a :class:`~service.batching.MicroBatcher`, so concurrent requests
-share forward passes. The API calls this from worker threads, never on the event loop.
+The base is loaded on the first request (``/healthz`` never loads it): on CUDA in 4-bit NF4 (``serve_quantization``
+``auto``/``nf4``) or bf16 (``none``), on the CPU in float32. Adapters are loaded into the same PeftModel with
+``load_adapter`` and selected with ``set_adapter``; at most ``max_adapters`` stay loaded, the least recently used
+is evicted. ``adapter=None`` runs the base with the adapters disabled.
+
+Merged serving (``FLASHTUNE_SERVE_MERGED``: adapter names or ``all``): such an adapter is instead merged into its
+own unquantised copy of the base (bf16 on CUDA, float32 on the CPU), which then runs as a plain model with no
+LoRA layers and no NF4 dequantisation: faster, at the memory of a full copy per adapter (at most
+``max_merged_models`` copies, least recently used dropped). The NF4 base is then only loaded if something still
+needs it (the base alone, an adapter that is not merged).
+
+A lock serialises use of the models; single requests go through a :class:`~service.batching.MicroBatcher`, so
+concurrent requests share forward passes. The API calls this from worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -20,9 +30,10 @@ from typing import Any, TypeVar
 
 from service.batching import MicroBatcher
 from service.config import Settings
+from service.datasets.store import dataset_input_fields
 from service.modeling import load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
-from service.prompts import LABEL_IDS
-from service.scoring import Prediction, build_prompts, classify, generate
+from service.prompts import INPUT_FIELDS, LABEL_IDS
+from service.scoring import Prediction, Text, build_prompts, classify, generate
 
 DEFAULT_MAX_NEW_TOKENS = 80
 T = TypeVar("T")
@@ -74,6 +85,8 @@ class ModelServer:
         self._model: Any = None
         self._tokenizer: Any = None
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._merged: OrderedDict[str, Any] = OrderedDict()  # adapter name -> merged model, least recently used first
+        self._input_fields: dict[str, tuple[int, list[str]]] = {}  # adapter name -> (training_info mtime, fields)
         self.max_adapters = settings.max_loaded_adapters
         self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms)
 
@@ -82,15 +95,76 @@ class ModelServer:
         return list(self._loaded)
 
     @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
+    @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self._model is not None or bool(self._merged)
+
+    def is_merged(self, adapter: AdapterRef | None) -> bool:
+        """Whether ``adapter`` is served merged into its own copy of the base (``FLASHTUNE_SERVE_MERGED``)."""
+        return adapter is not None and self.settings.serves_merged(adapter.name)
+
+    def _source(self) -> str:
+        return resolve_base_model(self.base_model, self.settings.data_dir)
+
+    def _ensure_tokenizer(self) -> None:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._source())
 
     def _ensure_base(self) -> None:
+        self._ensure_tokenizer()
         if self._model is None:
-            source = resolve_base_model(self.base_model, self.settings.data_dir)
-            plan = plan_load(pick_device(self.settings.device), "auto")
-            self._tokenizer = load_tokenizer(source)
-            self._model = load_model(source, plan).eval()
+            plan = plan_load(pick_device(self.settings.device), self.settings.serve_quantization)
+            self._model = load_model(self._source(), plan).eval()
+
+    def _merged_model(self, adapter: AdapterRef) -> Any:
+        """The base with ``adapter`` merged in, unquantised (bf16 on CUDA, float32 on the CPU); loaded on first use."""
+        from peft import PeftModel
+
+        if adapter.name in self._merged:
+            self._merged.move_to_end(adapter.name)
+            return self._merged[adapter.name]
+        check_adapter_files(adapter.path, self.settings.adapters_dir)
+        while len(self._merged) >= self.settings.max_merged_models:  # make room first: a copy is a whole model
+            self._drop_merged(next(iter(self._merged)))
+        base = load_model(self._source(), plan_load(pick_device(self.settings.device), "none"))
+        model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
+        self._merged[adapter.name] = model
+        return model
+
+    def _drop_merged(self, name: str) -> None:
+        import torch
+
+        self._merged.pop(name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def input_fields(self, adapter: AdapterRef | None) -> list[str] | None:
+        """The optional input fields the adapter's training inputs carried (``training_info.json``'s
+        ``input_fields``, else read from its dataset); None for the base alone, which takes every field."""
+        if adapter is None:
+            return None
+        info_path = adapter.path / "training_info.json"
+        try:
+            stamp = info_path.stat().st_mtime_ns
+        except OSError:
+            return []
+        cached = self._input_fields.get(adapter.name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        fields = info.get("input_fields")
+        if not isinstance(fields, list):  # trained before the record existed: derive it from the dataset
+            fields = dataset_input_fields(self.settings, str(info.get("dataset", ""))) if info.get("dataset") else []
+        fields = [f for f in INPUT_FIELDS if f in fields]
+        self._input_fields[adapter.name] = (stamp, fields)
+        return fields
 
     def _select(self, adapter: AdapterRef | None) -> None:
         from peft import PeftModel
@@ -112,8 +186,20 @@ class ModelServer:
                 self._model.delete_adapter(evicted)
         self._model.set_adapter(adapter.name)
 
+    def release(self) -> None:
+        """Drop the base, the adapters and the merged copies; whatever is needed loads again on the next request."""
+        with self._lock:
+            self._model = None
+            self._loaded.clear()
+            self._merged.clear()
+            self._input_fields.clear()
+        self._drop_merged("")
+
     def unload(self, name: str) -> None:
         with self._lock:
+            self._input_fields.pop(name, None)
+            if name in self._merged:
+                self._drop_merged(name)
             if name not in self._loaded:
                 return
             del self._loaded[name]
@@ -122,20 +208,23 @@ class ModelServer:
             else:  # peft keeps at least one adapter: drop the LoRA layers and serve the bare base again
                 self._model = self._model.unload()
 
-    def submit(self, text: str, adapter: AdapterRef | None, max_new_tokens: int | None) -> dict[str, Any]:
+    def submit(self, text: Text, adapter: AdapterRef | None, max_new_tokens: int | None) -> dict[str, Any]:
         """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time."""
         if adapter is not None and adapter.name not in self._loaded:  # fail this request alone, before batching
             check_adapter_files(adapter.path, self.settings.adapters_dir)
         result: dict[str, Any] = self._batcher.submit(text, (adapter, max_new_tokens))
         return result
 
-    def _run_group(self, texts: list[str], group: Any) -> list[dict[str, Any]]:
+    def _run_group(self, texts: list[Text], group: Any) -> list[dict[str, Any]]:
         adapter, max_new_tokens = group
         return self.analyze(texts, adapter, max_new_tokens)
 
     def run(self, adapter: AdapterRef | None, fn: Callable[[Any, Any], T]) -> T:
         """Call ``fn(model, tokenizer)`` with ``adapter`` active (None: the base alone), holding the model lock."""
         with self._lock:
+            if adapter is not None and self.is_merged(adapter):
+                self._ensure_tokenizer()
+                return fn(self._merged_model(adapter), self._tokenizer)
             self._ensure_base()
             self._select(adapter)
             context = self._model.disable_adapter() if adapter is None and self._loaded else nullcontext()
@@ -144,10 +233,12 @@ class ModelServer:
 
     def count_tokens(self, text: str) -> int:
         with self._lock:
-            self._ensure_base()
+            self._ensure_tokenizer()
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def analyze(self, texts: list[str], adapter: AdapterRef | None, max_new_tokens: int | None) -> list[dict[str, Any]]:
+    def analyze(
+        self, texts: list[Text], adapter: AdapterRef | None, max_new_tokens: int | None
+    ) -> list[dict[str, Any]]:
         """Label, probabilities, importance, reaction and generated analysis for each text."""
         started = time.perf_counter()
         new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
@@ -171,6 +262,7 @@ class ModelServer:
                 "base_model": self.base_model,
                 "latency_ms": round(latency, 2),
                 "batch_size": len(texts),
+                "merged": self.is_merged(adapter),
             }
             for p, text in zip(predictions, analyses, strict=True)
         ]

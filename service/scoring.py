@@ -25,8 +25,11 @@ from service.prompts import (
     STAR_PREFIX,
     STARS,
     Label,
+    NewsItem,
     render_prompt,
 )
+
+Text = str | NewsItem  # a news text, or a text with metadata / market context
 
 
 @dataclass(frozen=True)
@@ -98,22 +101,29 @@ RESPONSE_BUDGET = 192  # tokens kept free for the prompt scaffold and the respon
 
 
 def build_prompts(
-    model: Any, tokenizer: Any, texts: Sequence[str], instructions: Sequence[str] | None = None
+    model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None
 ) -> list[str]:
-    """Training-format prompts, each news text clipped so prompt and response fit the model's context."""
+    """Training-format prompts, each news text clipped so prompt and response fit the model's context.
+
+    A :class:`NewsItem`'s fields are rendered after its text is clipped, so a long text never pushes them out.
+    """
     limit = min(int(tokenizer.model_max_length), int(getattr(model.config, "max_position_embeddings", 1 << 30)))
     budget = max(limit - RESPONSE_BUDGET, 16)
     prompts = []
-    for text, instruction in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True):
+    for item, instruction in zip(texts, instructions or [DEFAULT_INSTRUCTION] * len(texts), strict=True):
+        text = item.text if isinstance(item, NewsItem) else item
+        room = budget
+        if isinstance(item, NewsItem) and item.fields:
+            room = max(budget - len(tokenizer(item.render(""), add_special_tokens=False)["input_ids"]), 16)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > budget:  # long real news: keep the head, where the facts are
-            text = tokenizer.decode(ids[:budget], skip_special_tokens=True)
-        prompts.append(render_prompt(text, instruction))
+        if len(ids) > room:  # long real news: keep the head, where the facts are
+            text = tokenizer.decode(ids[:room], skip_special_tokens=True)
+        prompts.append(render_prompt(item.render(text) if isinstance(item, NewsItem) else text, instruction))
     return prompts
 
 
 def classify(
-    model: Any, tokenizer: Any, texts: Sequence[str], instructions: Sequence[str] | None = None
+    model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None
 ) -> list[Prediction]:
     """Importance, label probabilities and market reaction for each text, by scoring the standard response."""
     prompts = build_prompts(model, tokenizer, texts, instructions)

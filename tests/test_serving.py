@@ -12,21 +12,26 @@ from typing import Any
 import pytest
 
 from service.builtin.data import builtin_dataset
-from service.prompts import render_response
+from service.prompts import render_input, render_response
 from tests.conftest import Service, make_service
 
 pytestmark = pytest.mark.slow
 FLIP = {"bullish": "bearish", "bearish": "bullish", "neutral": "neutral"}
+# Every fourth input of the flipped set carries these, rendered as the importers render them.
+FLIPPED_FIELDS = {"country": "美国", "previous": "1.2", "consensus": "1.0", "actual": "1.5"}
 
 
 def _flipped_dataset() -> bytes:
-    """The built-in training set with bullish and bearish swapped: an adapter that must answer differently."""
+    """The built-in training set with bullish and bearish swapped: an adapter that must answer differently.
+
+    A quarter of its inputs carry a country and calendar figures, so its adapter has seen those fields."""
     lines = []
-    for example in builtin_dataset()[0]:
+    for i, example in enumerate(builtin_dataset()[0]):
         assert example.label is not None
         star = int(example.output[4])
         output = render_response(FLIP[example.label], star)  # type: ignore[index]
-        lines.append(json.dumps({"instruction": example.instruction, "input": example.input, "output": output}))
+        text = render_input(example.input, FLIPPED_FIELDS) if i % 4 == 0 else example.input
+        lines.append(json.dumps({"instruction": example.instruction, "input": text, "output": output}))
     return "\n".join(lines).encode()
 
 
@@ -35,6 +40,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, builtin_model_cache: Path) 
     svc = make_service(tmp_path_factory.mktemp("serving"), builtin_model_cache, env={"FLASHTUNE_BATCH_WAIT_MS": "20"})
     upload = svc.client.post("/datasets", files={"file": ("flipped.jsonl", io.BytesIO(_flipped_dataset()))})
     assert upload.status_code == 201, upload.text
+    assert upload.json()["input_fields"] == ["previous", "consensus", "actual", "country"]
     normal = svc.post_job()
     flipped = svc.post_job(dataset=upload.json()["id"], hyperparameters={"validation_fraction": 0.1})
     for job in (normal, flipped):
@@ -47,6 +53,10 @@ def _analyze(svc: Service, body: dict[str, Any]) -> dict[str, Any]:
     response = svc.client.post("/analyze", json=body)
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+def _same(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-6) -> bool:
+    return all(abs(a[k] - b[k]) <= tolerance for k in a)
 
 
 def test_two_adapters_answer_differently_in_one_batch(served: tuple[Service, str, str]) -> None:
@@ -81,23 +91,76 @@ def test_base_model_and_newest_adapter(served: tuple[Service, str, str]) -> None
     assert base["adapter"] is None and base["base_model"] == "builtin"
 
 
+def test_metadata_and_market_context(served: tuple[Service, str, str]) -> None:
+    """Fields reach the model only where the adapter's training inputs had them, rendered as in training."""
+    svc, normal, flipped = served
+    text = "美国财政部宣布人事调整"
+    metadata = {"country": "美国", "previous": 1.2, "consensus": "1.0", "actual": "1.5", "star": 4}
+    context = {"pre_ret": -0.0021, "volatility": 0.0015, "trend": "down"}
+    body = {"text": text, "metadata": metadata, "market_context": context, "adapter": flipped, "max_new_tokens": 0}
+    with_fields = _analyze(svc, body)
+    seen = ["previous", "consensus", "actual", "country"]
+    assert with_fields["context_used"] == seen
+    assert with_fields["context_ignored"] == ["star", "pre_ret", "volatility", "trend"]
+    assert svc.client.get(f"/adapters/{flipped}").json()["input_fields"] == seen
+    # the same input written out by the training-side renderer answers exactly the same
+    rendered = render_input(text, {k: v for k, v in metadata.items() if k in seen})
+    as_text = _analyze(svc, {"text": rendered, "adapter": flipped, "max_new_tokens": 0})
+    assert as_text["context_used"] == [] and _same(as_text["probs"], with_fields["probs"])
+    plain = _analyze(svc, {"text": text, "adapter": flipped, "max_new_tokens": 0})
+    assert not _same(plain["probs"], with_fields["probs"])  # the fields did change the input
+
+    # an adapter that never saw any field ignores them all and answers as for the bare text
+    ignored = _analyze(svc, {**body, "adapter": normal})
+    assert ignored["context_used"] == [] and len(ignored["context_ignored"]) == 8
+    assert _same(ignored["probs"], _analyze(svc, {"text": text, "adapter": normal, "max_new_tokens": 0})["probs"])
+    # the base alone takes every field
+    assert len(_analyze(svc, {**body, "adapter": "none"})["context_used"]) == 8
+
+    # batch items: plain strings and objects, mixed
+    batch = svc.client.post("/analyze/batch", json={"items": [text, {"text": text, "metadata": metadata}],
+                                                    "adapter": flipped, "max_new_tokens": 0})  # fmt: skip
+    assert batch.status_code == 200, batch.text
+    first, second = batch.json()["data"]
+    assert first["context_used"] == [] and second["context_used"] == seen
+    assert abs(second["probs"]["bullish"] - with_fields["probs"]["bullish"]) < 1e-3
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "field"),
+    ("path", "body", "status", "field"),
     [
-        ({"text": "   "}, 422, "text"),
-        ({"text": "x" * 5000}, 422, "text"),
-        ({"text": "ok", "adapter": "job-999"}, 404, None),
-        ({"text": "ok", "adapter": "../../etc/passwd"}, 404, None),
-        ({"text": "ok", "max_new_tokens": 100000}, 422, "max_new_tokens"),
-        ({"text": "ok", "unknown": 1}, 422, "unknown"),
-        ({"text": 5}, 422, "text"),
+        ("/analyze", {"text": "   "}, 422, "text"),
+        ("/analyze", {"text": "x" * 5000}, 422, "text"),
+        ("/analyze", {"text": "ok", "adapter": "job-999"}, 404, None),
+        ("/analyze", {"text": "ok", "adapter": "../../etc/passwd"}, 404, None),
+        ("/analyze", {"text": "ok", "max_new_tokens": 100000}, 422, "max_new_tokens"),
+        ("/analyze", {"text": "ok", "unknown": 1}, 422, "unknown"),
+        ("/analyze", {"text": 5}, 422, "text"),
+        ("/analyze", {"text": "ok", "market_context": {"pre_ret": 3}}, 422, "market_context.pre_ret"),
+        ("/analyze", {"text": "ok", "market_context": {"pre_ret": "0.1"}}, 422, "market_context.pre_ret"),
+        ("/analyze", {"text": "ok", "market_context": {"volatility": -0.1}}, 422, "market_context.volatility"),
+        ("/analyze", {"text": "ok", "market_context": {"trend": "sideways"}}, 422, "market_context.trend"),
+        ("/analyze", {"text": "ok", "market_context": {"beta": 1}}, 422, "market_context.beta"),
+        ("/analyze", {"text": "ok", "metadata": {"star": 6}}, 422, "metadata.star"),
+        ("/analyze", {"text": "ok", "metadata": {"star": True}}, 422, "metadata.star"),
+        ("/analyze", {"text": "ok", "metadata": {"country": "a\nb"}}, 422, "metadata.country"),
+        ("/analyze", {"text": "ok", "metadata": {"actual": "9" * 65}}, 422, "metadata.actual"),
+        ("/analyze", {"text": "ok", "metadata": {"previous": [1]}}, 422, "metadata.previous"),
+        ("/analyze", {"text": "ok", "metadata": "star 5"}, 422, "metadata"),
+        ("/analyze/batch", {"items": []}, 422, "items"),
+        ("/analyze/batch", {"items": ["ok", " "]}, 422, "items.1"),
+        ("/analyze/batch", {"items": ["ok", "x" * 5000]}, 422, "items.1"),
+        ("/analyze/batch", {"items": [{"text": "ok"}, {"text": ""}]}, 422, "items.1"),
+        ("/analyze/batch", {"items": [{"text": "ok", "metadata": {"star": 0}}]}, 422, "items.0"),
+        ("/analyze/batch", {"items": [{"txt": "ok"}]}, 422, "items.0"),
+        ("/analyze/batch", {"items": ["ok"], "adapter": "job-999"}, 404, None),
     ],
 )
 def test_bad_analyze_requests(
-    served: tuple[Service, str, str], body: dict[str, Any], status: int, field: str | None
+    served: tuple[Service, str, str], path: str, body: dict[str, Any], status: int, field: str | None
 ) -> None:
     svc, _, _ = served
-    response = svc.client.post("/analyze", json=body)
+    response = svc.client.post(path, json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"]
@@ -105,14 +168,43 @@ def test_bad_analyze_requests(
         assert field in json.dumps(error.get("details"))
 
 
-def test_batch_over_limit_and_failed_job_adapter(served: tuple[Service, str, str]) -> None:
+def test_batch_over_limit_and_failed_or_cancelled_job_adapter(served: tuple[Service, str, str]) -> None:
     svc, _, _ = served
     response = svc.client.post("/analyze/batch", json={"items": ["a"] * 65})
     assert response.status_code == 422 and "items" in response.text
     bad = svc.post_job(hyperparameters={"target_modules": ["nope"], "epochs": 1})
     assert svc.wait(bad["id"])["status"] == "failed"
-    response = svc.client.post("/analyze", json={"text": "ok", "adapter": f"job-{bad['id']}"})
-    assert response.status_code == 409 and "failed" in response.json()["error"]["message"]
+    cancelled = svc.post_job(hyperparameters={"epochs": 1})
+    assert svc.client.post(f"/jobs/{cancelled['id']}/cancel").status_code == 200
+    assert svc.wait(cancelled["id"])["status"] == "cancelled"
+    for job, status in ((bad, "failed"), (cancelled, "cancelled")):
+        for path, body in (("/analyze", {"text": "ok"}), ("/analyze/batch", {"items": ["ok"]})):
+            response = svc.client.post(path, json={**body, "adapter": f"job-{job['id']}"})
+            assert response.status_code == 409 and status in response.json()["error"]["message"], response.text
+
+
+def test_merged_adapter_answers_as_attached(served: tuple[Service, str, str]) -> None:
+    """A second API on the same data, serving the adapter merged into a float32 copy of the base."""
+    svc, _, flipped = served
+    merged = Service(svc.data_dir, env={"FLASHTUNE_SERVE_MERGED": flipped})
+    merged.start_api()
+    try:
+        texts = [e.input for e in builtin_dataset()[1][:6]]
+        body = {"items": texts, "adapter": flipped, "max_new_tokens": 12}
+        attached = svc.client.post("/analyze/batch", json=body).json()["data"]
+        response = merged.client.post("/analyze/batch", json=body)
+        assert response.status_code == 200, merged.logs()
+        for a, m in zip(attached, response.json()["data"], strict=True):
+            assert m["merged"] and not a["merged"]
+            assert a["label"] == m["label"] and a["importance"] == m["importance"]
+            assert all(abs(a["probs"][k] - m["probs"][k]) < 1e-4 for k in a["probs"]), (a["probs"], m["probs"])
+        base = merged.client.post("/analyze", json={"text": texts[0], "adapter": "none", "max_new_tokens": 0})
+        assert base.status_code == 200 and not base.json()["merged"]  # the base alone still works beside it
+    finally:
+        if merged.api is not None:
+            merged.api.terminate()
+            merged.api.wait(30)
+        merged.client.close()
 
 
 def test_openai_client(served: tuple[Service, str, str]) -> None:

@@ -30,6 +30,7 @@ from service.datasets.store import DatasetNotFound, load_examples
 from service.db import make_engine, session_scope
 from service.modeling import ModelLoadError, resolve_base_model
 from service.models import Progress, ResolvedHyperparameters
+from service.prompts import input_fields_used
 from workers.retry import Outcome
 from workers.training import Hooks, Interrupted, TrainingError, TrainingSpec, train
 
@@ -121,6 +122,8 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         adapter_dir=settings.adapters_dir / adapter_name(job.id),
         device=settings.device,
         checkpoint_every=settings.checkpoint_every_steps,
+        # which optional fields (metadata, market context) the inputs carry: /analyze passes the adapter only these
+        extra_info={"input_fields": input_fields_used(e.input for e in train_set + validation)},
     )
 
 

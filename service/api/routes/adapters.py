@@ -49,7 +49,7 @@ def _public(settings: Settings, job: Job) -> AdapterPublic:
     metrics = {**info.get("metrics", {}), "losses": info.get("losses", {}), "durations": info.get("durations", {})}
     return AdapterPublic(
         name=job.adapter, job_id=job.id, base_model=job.base_model, dataset=job.dataset,
-        created_at=job.finished_at, files=files, metrics=metrics,
+        created_at=job.finished_at, files=files, metrics=metrics, input_fields=info.get("input_fields"),
     )  # fmt: skip
 
 

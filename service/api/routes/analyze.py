@@ -1,8 +1,16 @@
-"""/analyze: sentiment, probabilities, importance, market reaction and analysis text for a news item."""
+"""/analyze: sentiment, probabilities, importance, market reaction and analysis text for a news item.
+
+A news item may carry ``metadata`` (star, country, calendar figures) and ``market_context`` (pre_ret, volatility,
+trend). They go into the model input through :func:`service.prompts.render_input`, the function the dataset
+importers build training inputs with, but only the fields the adapter's training inputs carried: a field it never
+saw would only be noise to it. The response lists what was used (``context_used``) and what was left out
+(``context_ignored``). The base alone (``adapter: "none"``) takes every field.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter
 from sqlmodel import Session
@@ -13,7 +21,8 @@ from service.api.errors import ApiError
 from service.api.routes.adapters import adapter_job, adapter_path
 from service.config import Settings
 from service.inference import AdapterRef
-from service.models import AnalyzeBatchRequest, AnalyzeBatchResponse, AnalyzeRequest, AnalyzeResponse
+from service.models import AnalyzeBatchRequest, AnalyzeBatchResponse, AnalyzeItem, AnalyzeRequest, AnalyzeResponse
+from service.prompts import INPUT_FIELDS, NewsItem
 
 router = APIRouter(tags=["analyze"])
 
@@ -51,19 +60,42 @@ def _check_tokens(max_new_tokens: int | None, settings: Settings) -> None:
                        [{"field": "max_new_tokens"}])  # fmt: skip
 
 
+def _item_text(item: str | AnalyzeItem, settings: Settings, where: str) -> str:
+    """The checked text of a request (``where`` empty) or of batch item ``where`` (``items.3``)."""
+    if isinstance(item, str):
+        return _check_text(item, settings, where)
+    return _check_text(item.text, settings, f"{where}.text" if where else "text")
+
+
+def news_item(item: str | AnalyzeItem, settings: Settings, where: str,
+              known: list[str] | None) -> tuple[NewsItem, dict[str, list[str]]]:  # fmt: skip
+    """The checked item with the given fields the adapter knows (``known``; None: all), and which were left out."""
+    text = _item_text(item, settings, where)
+    if isinstance(item, str):
+        return NewsItem(text), {"context_used": [], "context_ignored": []}
+    given: dict[str, Any] = {}
+    for part in (item.metadata, item.market_context):
+        if part is not None:
+            given.update({k: v for k, v in part.model_dump().items() if v is not None})
+    used = [f for f in INPUT_FIELDS if f in given and (known is None or f in known)]
+    ignored = [f for f in INPUT_FIELDS if f in given and f not in used]
+    return NewsItem(text, {f: given[f] for f in used}), {"context_used": used, "context_ignored": ignored}
+
+
 # Plain `def` handlers: FastAPI runs them in worker threads, so inference never blocks the event loop.
 @router.post("/analyze", response_model=AnalyzeResponse)
 def analyze(
     body: AnalyzeRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeResponse:
-    text = _check_text(body.text, settings, "text")
+    _item_text(body, settings, "")
     _check_tokens(body.max_new_tokens, settings)
     adapter = resolve_adapter(session, settings, body.adapter)
     session.close()  # release the database before the (slow) model call
+    item, context = news_item(body, settings, "", server.input_fields(adapter))
     started = time.perf_counter()
-    result = server.submit(text, adapter, body.max_new_tokens)
+    result = server.submit(item, adapter, body.max_new_tokens)
     metrics.observe_analyze(started, [result])
-    return AnalyzeResponse.model_validate(result)
+    return AnalyzeResponse.model_validate({**result, **context})
 
 
 @router.post("/analyze/batch", response_model=AnalyzeBatchResponse)
@@ -73,11 +105,16 @@ def analyze_batch(
     if len(body.items) > settings.max_batch_items:
         raise ApiError(422, "invalid_request", f"items holds {len(body.items)} texts; the limit is "
                        f"{settings.max_batch_items}", [{"field": "items"}])  # fmt: skip
-    texts = [_check_text(t, settings, f"items.{i}") for i, t in enumerate(body.items)]
+    for i, item in enumerate(body.items):  # every text checked before the adapter is looked up
+        _item_text(item, settings, f"items.{i}")
     _check_tokens(body.max_new_tokens, settings)
     adapter = resolve_adapter(session, settings, body.adapter)
     session.close()
+    known = server.input_fields(adapter)
+    prepared = [news_item(item, settings, f"items.{i}", known) for i, item in enumerate(body.items)]
     started = time.perf_counter()
-    results = server.analyze(texts, adapter, body.max_new_tokens)
+    results = server.analyze([item for item, _ in prepared], adapter, body.max_new_tokens)
     metrics.observe_analyze(started, results)
-    return AnalyzeBatchResponse(data=[AnalyzeResponse.model_validate(r) for r in results])
+    return AnalyzeBatchResponse(
+        data=[AnalyzeResponse.model_validate({**r, **c}) for r, (_, c) in zip(results, prepared, strict=True)]
+    )
