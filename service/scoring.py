@@ -4,12 +4,16 @@ The label is not parsed from generated text: for each news item the model scores
 label's fixed place in the standard response (``service.prompts``), and the softmax of those log-likelihoods
 gives the probabilities. Importance (stars) and the market reaction are scored the same way. All items of a
 batch go through one forward pass per stage.
+
+:func:`generate_stream` generates one prompt token by token, handing each new piece of text to a callback as the
+token comes out of the model (``POST /v1/chat/completions`` with ``stream: true``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,3 +180,74 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     )
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+class _TextStreamer:
+    """A ``generate`` streamer: decodes the tokens so far after each step and hands on the text that is new.
+
+    Text is held back while it ends in an incomplete character (a byte-level token can be part of a CJK
+    character) or in whitespace, and leading and trailing whitespace are dropped, so the pieces join up to exactly
+    what :func:`generate` returns for the same prompt.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
+
+    def _text(self) -> str:
+        return str(self.tokenizer.decode(self.tokens, skip_special_tokens=True)).strip()
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            self.on_text(piece)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self._text()
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def end(self) -> None:
+        self._emit(self._text())
+
+
+class _StopWhenSet:
+    """A stopping criterion: stop generating once ``event`` is set (the client went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_stream(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, on_text: Callable[[str], None],
+    stop: threading.Event | None = None,
+) -> int:  # fmt: skip
+    """Greedy generation of one prompt, calling ``on_text`` with each new piece of text as its token is generated;
+    stops early when ``stop`` is set. Returns the number of tokens generated. Same decoding as :func:`generate`."""
+    from transformers import StoppingCriteriaList
+
+    if max_new_tokens <= 0:
+        return 0
+    device = next(model.parameters()).device
+    batch = tokenizer([prompt], return_tensors="pt").to(device)
+    streamer = _TextStreamer(tokenizer, on_text)
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop or threading.Event())]),
+    )
+    return int(output.shape[1] - batch["input_ids"].shape[1])

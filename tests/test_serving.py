@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,11 +222,20 @@ def test_openai_client(served: tuple[Service, str, str]) -> None:
     assert "利空" in (completion.choices[0].message.content or "")
     assert completion.usage is not None and completion.usage.completion_tokens > 0
 
+    started = time.perf_counter()
+    client.chat.completions.create(
+        model=normal, messages=[{"role": "user", "content": "美联储宣布加息25个基点"}], max_tokens=60
+    )
+    whole_request = time.perf_counter() - started
     stream = client.chat.completions.create(
         model=normal, messages=[{"role": "user", "content": "美联储宣布加息25个基点"}], max_tokens=60, stream=True
     )
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert streamed == completion.choices[0].message.content
+    pieces = [(time.perf_counter(), c.choices[0].delta.content or "") for c in stream if c.choices]
+    pieces = [(t, p) for t, p in pieces if p]
+    assert "".join(p for _, p in pieces) == completion.choices[0].message.content
+    assert len(pieces) > 10  # about one chunk per character (a CJK character is up to 3 byte tokens)
+    # token by token: the chunks arrive while the answer is being generated, not all at once at the end
+    assert pieces[-1][0] - pieces[0][0] > 0.25 * whole_request, (pieces[-1][0] - pieces[0][0], whole_request)
 
     choice = client.chat.completions.create(
         model=normal,

@@ -6,15 +6,22 @@ adapter sees what it was trained on. Decoding is greedy (``temperature`` is acce
 
 Constrained output: ``guided_choice`` (a list of strings) returns the choice the model scores highest;
 ``response_format`` ``json_object`` / ``json_schema`` returns the /analyze result as a JSON document.
-Streaming sends the finished completion as chunks (generation itself is not incremental).
+
+Streaming (``stream: true``) of plain text is token by token: the generation runs in a thread of its own and
+hands each new piece of text, as its token is generated, through a thread-safe hand-off into an asyncio queue
+that the response reads, so the event loop never waits on the model. A client that goes away stops the
+generation at its next token. Guided choices and JSON answers are decided whole, then sent as chunks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -25,9 +32,11 @@ from service import jobstore
 from service.api.deps import ModelServerDep, SessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.analyze import resolve_adapter
+from service.inference import AdapterRef, ModelServer
 from service.prompts import DEFAULT_INSTRUCTION, render_prompt
-from service.scoring import build_prompts, continuation_logprobs, generate
+from service.scoring import build_prompts, continuation_logprobs, generate, generate_stream
 
+log = logging.getLogger("flashtune.api")
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = 128
 STREAM_CHUNK_CHARS = 8
@@ -106,6 +115,10 @@ def chat_completions(
         result = server.submit(user_text.strip(), adapter, max_tokens)
         content = json.dumps({k: result[k] for k in ("label", "label_id", "score", "probs", "importance",
                                                      "market_reaction", "analysis")}, ensure_ascii=False)  # fmt: skip
+    elif format_type == "text" and body.stream:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        tokens = _token_stream(server, adapter, prompt_for, max_tokens, completion_id, body.model)
+        return StreamingResponse(tokens, media_type="text/event-stream")
     elif format_type == "text":
         content = server.run(adapter, lambda m, t: generate(m, t, [prompt_for(m, t)], max_tokens)[0])
     else:
@@ -132,11 +145,64 @@ def chat_completions(
     }
 
 
+def _chunk(completion_id: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+_END = object()
+
+
+async def _token_stream(
+    server: ModelServer, adapter: AdapterRef | None, prompt_for: Callable[[Any, Any], str], max_tokens: int,
+    completion_id: str, model: str,
+) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent chunks, one per piece of text as the generating thread produces it."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    stop = threading.Event()
+
+    def hand_over(item: Any) -> None:  # called on the generating thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
+
+    def run(model: Any, tokenizer: Any) -> int:
+        return generate_stream(model, tokenizer, prompt_for(model, tokenizer), max_tokens, hand_over, stop)
+
+    def work() -> None:
+        try:
+            count = server.run(adapter, run)
+            hand_over((_END, "length" if count >= max_tokens else "stop"))
+        except Exception as exc:  # noqa: BLE001 - reported to the client as the stream's last message
+            log.exception("streamed generation failed")
+            hand_over((_END, exc))
+
+    threading.Thread(target=work, name="flashtune-stream", daemon=True).start()
+    try:
+        yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+        while True:
+            item = await queue.get()
+            if isinstance(item, str):
+                yield _chunk(completion_id, model, {"content": item})
+                continue
+            _, outcome = item
+            if isinstance(outcome, Exception):
+                error = {"type": "internal_error", "message": f"generation failed: {type(outcome).__name__}"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            yield _chunk(completion_id, model, {}, outcome)
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        stop.set()  # the client went away (or the stream ended): the generation stops at its next token
+
+
 def _stream(completion_id: str, model: str, content: str) -> Iterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return _chunk(completion_id, model, delta, finish)
 
     yield chunk({"role": "assistant", "content": ""})
     for i in range(0, len(content), STREAM_CHUNK_CHARS):
