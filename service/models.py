@@ -151,6 +151,22 @@ class JobsPage(BaseModel):
     next_after: int | None
 
 
+class JobMetrics(BaseModel):
+    """The loss history of a job so far (service/loss_history.py); points are ``[step, loss]``."""
+
+    job_id: int
+    status: JobStatus
+    step: int = Field(description="the job's progress step")
+    total_steps: int
+    num_train_points: int = Field(description="training-loss points recorded; train_loss may be thinned")
+    train_loss: list[tuple[int, float]] = Field(description="training loss of each optimizer step, step order")
+    eval_loss: list[tuple[int, float | None]] = Field(description="held-out loss at each epoch end")
+    epoch_loss: list[tuple[int, float]] = Field(description="[epoch, mean training loss]; once the job succeeded")
+    source: Literal["adapter", "live", "none"] = Field(
+        description="adapter: the published training_info.json; live: the running job's step log and events"
+    )
+
+
 class JobEvent(SQLModel, table=True):
     __tablename__ = "job_events"
 

@@ -28,6 +28,7 @@ from service import jobstore, logs
 from service.config import Settings
 from service.datasets.store import DatasetNotFound, load_examples
 from service.db import make_engine, session_scope
+from service.loss_history import StepLog
 from service.modeling import ModelLoadError, resolve_base_model
 from service.models import Progress, ResolvedHyperparameters
 from service.prompts import input_fields_used
@@ -59,10 +60,15 @@ class _Reporter:
         self.last_progress: dict[str, Any] = {}
         self.parent_pid = os.getppid()
         self.micro_batch = 0  # set once the job's hyperparameters are known (fault-injection hook)
+        self.steps = StepLog(settings.jobs_dir / str(job_id))  # every step's loss, for GET /jobs/{id}/metrics
 
     def progress(self, progress: Progress, force: bool) -> None:
         self.last_progress = progress.model_dump()
         self._inject_oom()
+        try:
+            self.steps.append(self.last_progress)
+        except OSError as exc:  # the loss chart misses a point; training goes on
+            log.warning("job %s: step log write failed: %s", self.job_id, exc)
         now = time.monotonic()
         if not force and now - self.last_write < self.interval:
             return

@@ -18,6 +18,7 @@ from service.api.errors import ApiError, not_found
 from service.api.routes.events_stream import event_stream
 from service.config import Settings
 from service.datasets.store import BUILTIN
+from service.loss_history import job_metrics
 from service.modeling import BaseModelRejected, validate_base_model
 from service.models import (
     Dataset,
@@ -25,6 +26,7 @@ from service.models import (
     Job,
     JobCreate,
     JobEventPublic,
+    JobMetrics,
     JobPublic,
     JobsPage,
     JobStatus,
@@ -148,6 +150,17 @@ def job_events(
         return event_stream(request, job_id, after, last_event_id)
     events, has_more = jobstore.list_events(session, job_id, after, limit)
     return EventsPage(data=[JobEventPublic.model_validate(e, from_attributes=True) for e in events], has_more=has_more)
+
+
+@router.get("/{job_id}/metrics", response_model=JobMetrics)
+def get_job_metrics(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    max_points: Annotated[int, Query(ge=10, le=100_000, description="thin train_loss to this many points")] = 2000,
+) -> JobMetrics:
+    """Training loss by step and held-out loss by epoch, while the job runs and after (the dashboard's chart)."""
+    return job_metrics(settings, session, _job(session, job_id), max_points)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
