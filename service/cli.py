@@ -22,7 +22,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("data_dir", "database_url", "base_model", "device", "host", "port"):
+    for name in ("data_dir", "database_url", "base_model", "device", "host", "port", "gpus", "gpu"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -158,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_worker = sub.add_parser("worker", help="start a worker that trains queued jobs")
     _common(p_worker)
     p_worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    p_worker.add_argument("--gpus", help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun, "
+                          "data parallel); on CPU, N gloo processes")  # fmt: skip
+    p_worker.add_argument("--gpu", help="FLASHTUNE_GPU: the GPU(s) this worker's jobs may use (CUDA_VISIBLE_DEVICES), "
+                          "e.g. 0; run one worker per GPU with --gpu 0, --gpu 1, ...")  # fmt: skip
     p_worker.set_defaults(func=worker)
     p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
     p_demo.add_argument("--data-dir", dest="data_dir")

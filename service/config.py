@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 2.0
     poll_seconds: float = 1.0
     max_attempts: int = 3
+    gpus: str = Field(default="1", pattern=r"^(all|[1-9][0-9]*)$", description="GPUs one job trains on: a number "
+                      "or 'all'; more than 1 runs the job through torchrun (NCCL on CUDA; gloo processes on CPU)")
+    gpu: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. '0' or "
+                            "'0,1': one worker per GPU is the other way to use several GPUs")  # fmt: skip
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
 

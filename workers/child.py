@@ -5,6 +5,9 @@ the database, guarded by the worker's lease; if a write finds the lease gone (th
 over) the child stops at once, without writing a checkpoint or an adapter: a stale attempt changes nothing.
 SIGTERM from the parent means "checkpoint and stop"; an orphan (its worker died) does the same.
 
+Multi-GPU (``FLASHTUNE_GPUS`` > 1): the child loads the job, then becomes torchrun's launcher for N ranks
+(``workers.distributed.launch``), each running ``rank_main``, i.e. ``run_attempt`` for its rank; rank 0 reports.
+
 Fault injection for tests: ``FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=N`` makes the first optimizer step raise
 ``torch.OutOfMemoryError`` while the job's micro-batch is ``>= N``, so the memory fallback can be tested on CPU.
 It is read only here and has no effect when unset.
@@ -12,13 +15,18 @@ It is read only here and has no effect when unset.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -29,9 +37,11 @@ from service.config import Settings
 from service.datasets.store import DatasetNotFound, load_examples
 from service.db import make_engine, session_scope
 from service.loss_history import StepLog
-from service.modeling import ModelLoadError, resolve_base_model
+from service.modeling import ModelLoadError, pick_device, resolve_base_model
 from service.models import Progress, ResolvedHyperparameters
 from service.prompts import input_fields_used
+from workers import distributed
+from workers.distributed import SINGLE, Distributed
 from workers.retry import Outcome
 from workers.training import Hooks, Interrupted, TrainingError, TrainingSpec, train
 
@@ -137,17 +147,25 @@ def _error(type: str, message: str, hint: str | None) -> dict[str, Any]:
     return {"type": type, "message": message, "hint": hint}
 
 
-def run_attempt(settings: Settings, job_id: int, worker_id: str) -> Outcome:
-    """Train one attempt of a job and classify how it ended."""
+def run_attempt(settings: Settings, job_id: int, worker_id: str, dist: Distributed = SINGLE,
+                spec: TrainingSpec | None = None) -> Outcome:  # fmt: skip
+    """Train one attempt of a job and classify how it ended.
+
+    Multi-GPU: in the child this launches the ranks and returns their combined outcome; in a rank (``dist``,
+    ``spec`` loaded by the child) it trains that rank's part, and only rank 0's hooks reach the database.
+    """
     import torch
 
     reporter = _Reporter(settings, job_id, worker_id)
     signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_requested", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides for us
     try:
-        spec = _spec(settings, job_id)
+        spec = spec or _spec(settings, job_id)
+        if dist.world == 1 and (world := _world_size(settings)) > 1:
+            return _launch_ranks(settings, job_id, worker_id, spec, world, reporter)
         reporter.micro_batch = spec.hp.micro_batch_size
-        train(spec, Hooks(reporter.progress, reporter.event, reporter.should_stop))
+        hooks = distributed.rank_hooks(Hooks(reporter.progress, reporter.event, reporter.should_stop), dist)
+        train(spec, hooks, dist)
         return Outcome("succeeded", adapter=adapter_name(job_id), progress=reporter.last_progress)
     except Interrupted:
         return Outcome("interrupted", progress=reporter.last_progress)
@@ -183,3 +201,46 @@ def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection
         conn.close()
     except OSError:  # the worker is gone (killed): the lease decides what happens to the job
         pass
+
+
+# -------------------------------------------------------------------------------------------- multi-GPU
+def _world_size(settings: Settings) -> int:
+    if settings.gpus == "1":
+        return 1
+    return distributed.resolve_world_size(settings.gpus, pick_device(settings.device))
+
+
+def _launch_ranks(settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, world: int,
+                  reporter: _Reporter) -> Outcome:  # fmt: skip
+    """Train the attempt over ``world`` ranks started by torchrun's launcher; this process is the launcher."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # one process group with the ranks: the worker kills it as a whole when it must kill
+    distributed.die_with_parent(signal.SIGTERM, reporter.parent_pid)  # orphaned: checkpoint and stop, as above
+    if reporter.should_stop():  # asked to stop while the job was loading: nothing trained, nothing to save
+        return Outcome("interrupted")
+    backend = "nccl" if pick_device(settings.device) == "cuda" else "gloo"
+    spec.extra_info["distributed"] = {"world_size": world, "backend": backend}
+    message = f"data parallel over {world} {backend} processes (torchrun), {spec.hp.batch_size} samples per step in all"
+    reporter.event("distributed", message, {"world_size": world, "backend": backend})
+    run_dir = Path(tempfile.mkdtemp(prefix=f"flashtune-job-{job_id}-"))
+    try:
+        args = (settings, job_id, worker_id, spec, str(run_dir), os.getpid())
+        return distributed.launch(rank_main, args, world, run_dir, f"flashtune-job-{job_id}-{uuid.uuid4().hex[:8]}")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class RankStopped(Exception):
+    """A rank ended without success: exiting non-zero makes torchrun stop the other ranks at once."""
+
+
+def rank_main(settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, run_dir: str,
+              launcher_pid: int) -> None:  # fmt: skip
+    """One rank of a multi-GPU attempt (started by ``workers.distributed.launch``): train, then report to a file."""
+    dist = distributed.init_rank(pick_device(settings.device), launcher_pid)
+    outcome = run_attempt(settings, job_id, worker_id, dist, spec)
+    distributed.write_outcome(Path(run_dir), dist.rank, outcome)
+    if outcome.status != "succeeded":
+        message = (outcome.error or {}).get("message") or ""
+        raise RankStopped(f"rank {dist.rank} of {dist.world}: {outcome.status} {message}".strip())
+    distributed.close_rank()

@@ -220,8 +220,8 @@ def launch(entry: Callable[..., Any], args: tuple[Any, ...], world: int, run_dir
         raise StopRequested(signal.Signals(signum).name)
 
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast (NVLS) off: inherited by every rank
-    # Stopping (SIGTERM): ranks get SIGTERM, checkpoint after their step, and are killed if not gone by then; less
-    # than the worker's own grace (60 s), after which it kills this process group.
+    # Stopping (SIGTERM): the ranks get SIGTERM, finish their step, rank 0 checkpoints; ranks not gone after this
+    # many seconds are killed (torchrun's default, 30 s, is short for a large model's step and checkpoint).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "50")
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=run_id,

@@ -8,6 +8,7 @@ SIGTERM/SIGINT: the running child checkpoints and stops, the job is requeued, an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -23,8 +24,10 @@ from sqlalchemy.exc import DBAPIError
 from service import jobstore, logs
 from service.config import Settings
 from service.db import init_db, make_engine, session_scope
+from service.modeling import ModelLoadError, pick_device
 from service.models import Job, ResolvedHyperparameters
 from workers.child import child_main
+from workers.distributed import resolve_world_size
 from workers.retry import Decision, Outcome, decide
 
 log = logging.getLogger("flashtune.worker")
@@ -41,6 +44,7 @@ class Worker:
 
     # -------------------------------------------------------------------------------------------- main loop
     def run(self, max_jobs: int | None = None) -> None:
+        self._use_gpus()
         self.settings.ensure_dirs()
         init_db(self.engine)
         signal.signal(signal.SIGTERM, self._request_stop)
@@ -63,6 +67,17 @@ class Worker:
                 self.run_job(job)
             done += 1
         log.info("worker %s stopped", self.worker_id)
+
+    def _use_gpus(self) -> None:
+        """``--gpu``: the GPUs this worker's jobs see; ``--gpus``: how many processes train one job (checked here)."""
+        if self.settings.gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.settings.gpu  # inherited by every training process
+        if self.settings.gpus != "1":
+            try:
+                world = resolve_world_size(self.settings.gpus, pick_device(self.settings.device))
+            except (ValueError, ModelLoadError) as exc:
+                raise SystemExit(f"flashtune worker: {exc}") from exc
+            log.info("each job trains data parallel over %d processes (torchrun)", world)
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         log.info("signal %d: checkpointing the running job and stopping", signum)
@@ -120,7 +135,7 @@ class Worker:
                 self.sweep()  # other workers' stalled jobs are requeued even while every worker is busy
             except jobstore.LeaseLost:
                 # SIGKILL, not SIGTERM: SIGTERM means "checkpoint and stop", and a stale attempt must write nothing.
-                child.kill()
+                _kill(child)
                 return True
             except DBAPIError as exc:  # a missed heartbeat is fine; the lease covers several of them
                 log.warning("job %s: heartbeat failed (retrying): %s", job_id, exc)
@@ -133,7 +148,7 @@ class Worker:
         if child.is_alive():
             child.join(CHILD_STOP_GRACE_SECONDS)
         if child.is_alive():
-            child.kill()
+            _kill(child)
             child.join()
 
     def _record(self, job: Job, outcome: Outcome) -> None:
@@ -160,6 +175,15 @@ class Worker:
         except DBAPIError:  # the job stays running until its lease expires, then the sweep requeues it
             log.exception("job %s: could not record its outcome (%s)", job.id, outcome.status)
         log.info("job %s: %s", job.id, decision.action)
+
+
+def _kill(child: Any) -> None:
+    """SIGKILL the child and, when it leads a process group (a multi-GPU attempt: torchrun's launcher and its
+    ranks, workers/distributed.py), that whole group, so that no rank outlives it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if child.pid is not None and os.getpgid(child.pid) == child.pid:
+            os.killpg(child.pid, signal.SIGKILL)
+    child.kill()
 
 
 def _exit_reason(exitcode: int | None) -> str:
