@@ -1,0 +1,323 @@
+"""GPU benchmark of FlashTune's serving path (``service.inference.ModelServer`` and ``service.scoring``).
+
+On the H200 (no internet needed; about 4-6 minutes):
+
+    export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    python bench/analyze_gpu.py --out $OUT                       # --adapters 50 is the default
+    python bench/analyze_gpu.py --tiny --adapters 4 --out /tmp/x  # smoke test on a CPU
+
+It saves a randomly initialised DeepSeek-LLM-7B-shaped LlamaForCausalLM (hidden 4096, intermediate 11008, 30
+layers, 32 heads, vocab 102400; ``bench/job_api_gpu.build`` -> ``bench/train_gpu.build_checkpoint``, bf16, built on
+the GPU) with the built-in tokenizer, and ``--adapters`` random LoRA adapters (r 8 on q_proj/v_proj, peft's file
+layout, safetensors) in a DATA_DIR. A ``ModelServer`` then loads the base as the API does (on CUDA ``plan_load``
+with ``serve_quantization`` ``auto``: NF4, double quantisation, bf16 compute) and everything below goes through
+FlashTune's own serving code:
+
+  label-only latency   ``ModelServer.analyze`` of one text with ``max_new_tokens`` 0 (star, label, reaction
+                       scored), p50/p95 over repeated calls
+  generation           ``service.scoring.generate`` (the analysis text of /analyze) of 64 new tokens at batch 1
+                       and 32, tokens/s, against plain ``model.generate`` on the same model, same prompts, same
+                       run (``ratio`` = FlashTune / HF)
+  adapters             label-only requests/s through ``ModelServer.submit`` (the micro-batcher) from 64 threads:
+                       1 adapter loaded; all ``--adapters`` loaded but one used; all loaded, requests mixing them
+  merged               ``FLASHTUNE_SERVE_MERGED``: the adapter merged into a bf16 copy of the base; the same label
+                       latency and generation figures, and the memory it costs
+
+A random model never predicts its special tokens here (their output rows are zeroed after loading), so every
+generation really produces 64 tokens. Texts are the built-in held-out news items. The JSON summary is printed
+and written to ``--out``/analyze_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
+
+from service.config import Settings  # noqa: E402
+from service.inference import AdapterRef, ModelServer  # noqa: E402
+from service.scoring import build_prompts, generate  # noqa: E402
+
+NEW_TOKENS = 64
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def log(*args: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gib() -> float | None:
+    return round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def cleanup() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def make_adapters(checkpoint: Path, adapters_dir: Path, count: int, r: int = 8) -> list[AdapterRef]:
+    """``count`` random LoRA adapters in peft's layout, keys and shapes taken from peft on a meta-device copy."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(get_peft_model(skeleton, lora)).items()}
+    del skeleton
+    refs = []
+    for i in range(count):
+        folder = adapters_dir / f"job-{i + 1}"
+        folder.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(i)
+        tensors = {
+            key: torch.randn(shape, generator=gen) * (shape[1] ** -0.5 if "lora_A" in key else 0.02)
+            for key, shape in shapes.items()
+        }
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        lora.save_pretrained(str(folder))
+        (folder / "training_info.json").write_text(json.dumps({"dataset": "bench", "input_fields": []}))
+        refs.append(AdapterRef(folder.name, folder))
+    return refs
+
+
+def never_stop_early(model: Any, tokenizer: Any) -> bool:
+    """Zero the output rows of the special tokens: their logit is then 0 while the largest other one is positive.
+    False if the output layer is not a plain float weight (then generations may end early; tokens are counted)."""
+    weight = model.get_output_embeddings().weight
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    with torch.no_grad():
+        weight[tokenizer.all_special_ids] = 0
+    return True
+
+
+def texts_for(count: int) -> list[str]:
+    from service.builtin.data import builtin_dataset
+
+    pool = [e.input for e in builtin_dataset()[1]]
+    return [pool[i % len(pool)] for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+    return {"p50_ms": round(statistics.median(ordered), 2), "p95_ms": round(p95, 2), "n": len(ordered)}
+
+
+def label_latency(server: ModelServer, adapter: AdapterRef | None, texts: list[str], repeats: int) -> dict[str, Any]:
+    """Batch 1, label only (star, label and reaction scored; no text generated)."""
+    server.analyze([texts[0]], adapter, 0)  # warm-up (and loads the adapter)
+    samples = []
+    for i in range(repeats):
+        sync()
+        started = time.perf_counter()
+        server.analyze([texts[i % len(texts)]], adapter, 0)
+        sync()
+        samples.append((time.perf_counter() - started) * 1000)
+    return percentiles(samples)
+
+
+def hf_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int) -> int:
+    """Plain transformers: left-padded batch, greedy ``model.generate``; returns the tokens generated."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return int((out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0])
+
+
+def generation(server: ModelServer, adapter: AdapterRef | None, texts: list[str], batch: int,
+               repeats: int) -> dict[str, Any]:  # fmt: skip
+    """tokens/s of FlashTune's ``scoring.generate`` and of plain ``model.generate``, alternating, same prompts."""
+    chosen = texts[:batch]
+
+    def flashtune(model: Any, tokenizer: Any) -> int:
+        prompts = build_prompts(model, tokenizer, chosen)
+        generate(model, tokenizer, prompts, NEW_TOKENS)
+        return batch * NEW_TOKENS
+
+    def plain(model: Any, tokenizer: Any) -> int:
+        return hf_generate(model, tokenizer, build_prompts(model, tokenizer, chosen), NEW_TOKENS)
+
+    times: dict[str, list[float]] = {"flashtune": [], "hf": []}
+    counts: dict[str, int] = {}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, fn in (("flashtune", flashtune), ("hf", plain)):
+            sync()
+            started = time.perf_counter()
+            counts[name] = server.run(adapter, fn)
+            sync()
+            if i:
+                times[name].append(time.perf_counter() - started)
+    rates = {name: counts[name] / statistics.median(times[name]) for name in times}
+    return {
+        "batch": batch,
+        "new_tokens": NEW_TOKENS,
+        "flashtune_tokens_per_s": round(rates["flashtune"], 1),
+        "hf_tokens_per_s": round(rates["hf"], 1),
+        "hf_tokens_generated": counts["hf"],
+        "ratio": round(rates["flashtune"] / rates["hf"], 3),
+    }
+
+
+def throughput(server: ModelServer, adapters: list[AdapterRef], texts: list[str], requests: int,
+               threads: int) -> dict[str, Any]:  # fmt: skip
+    """Label-only requests/s through the micro-batcher, requests cycling over ``adapters``."""
+    jobs = [(texts[i % len(texts)], adapters[i % len(adapters)]) for i in range(requests)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda job: server.submit(job[0], job[1], 0), jobs[:threads]))  # warm-up
+        sync()
+        started = time.perf_counter()
+        results = list(pool.map(lambda job: server.submit(job[0], job[1], 0), jobs))
+        sync()
+    seconds = time.perf_counter() - started
+    return {
+        "adapters_used": len(adapters),
+        "adapters_loaded": len(server.loaded_adapters),
+        "requests": requests,
+        "requests_per_s": round(requests / seconds, 2),
+        "mean_batch_size": round(statistics.mean(r["batch_size"] for r in results), 2),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- phases
+Step = Callable[[str, Callable[[], Any]], Any]
+
+
+def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[str], step: Step,
+                   report: dict[str, Any], sizes: dict[str, int]) -> None:  # fmt: skip
+    """The NF4 (CPU: float32) base with adapters attached, as the API serves by default."""
+    started = time.perf_counter()
+    zeroed = server.run(None, never_stop_early)
+    report["load_base"] = {"seconds": round(time.perf_counter() - started, 1), "allocated_gib": gib(),
+                           "quantization": "nf4" if torch.cuda.is_available() else "none (float32, CPU)",
+                           "special_tokens_zeroed": zeroed}  # fmt: skip
+    first, repeats, requests = adapters[0], sizes["repeats"], sizes["requests"]
+    step("label_latency_base_alone", lambda: label_latency(server, None, texts, sizes["latency_repeats"]))
+    step("label_latency_adapter", lambda: label_latency(server, first, texts, sizes["latency_repeats"]))
+    step("generation_batch_1", lambda: generation(server, first, texts, 1, repeats))
+    step("generation_batch_32", lambda: generation(server, first, texts, 32, repeats))
+    step("throughput_1_loaded", lambda: throughput(server, [first], texts, requests, 64))
+
+    def load_all() -> dict[str, Any]:
+        began = time.perf_counter()
+        for ref in adapters:
+            server.analyze([texts[0]], ref, 0)
+        per_adapter = (time.perf_counter() - began) / len(adapters)
+        return {"adapters": len(adapters), "seconds_per_adapter_first_request": round(per_adapter, 3),
+                "allocated_gib": gib()}  # fmt: skip
+
+    step("load_all_adapters", load_all)
+    step("throughput_all_loaded_one_used", lambda: throughput(server, [first], texts, requests, 64))
+    step("throughput_all_loaded_mixed", lambda: throughput(server, adapters, texts, requests, 64))
+    server.release()  # its micro-batcher thread keeps the server alive: drop the models explicitly
+
+
+def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], step: Step,
+                 sizes: dict[str, int]) -> None:  # fmt: skip
+    """The same adapter merged into an unquantised (bf16; CPU: float32) copy of the base."""
+
+    def load_merged() -> dict[str, Any]:
+        began = time.perf_counter()
+        zeroed = server.run(adapter, never_stop_early)
+        return {"seconds": round(time.perf_counter() - began, 1), "allocated_gib": gib(),
+                "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
+                "special_tokens_zeroed": zeroed}  # fmt: skip
+
+    step("load_merged", load_merged)
+    step("merged_label_latency", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
+    step("merged_generation_batch_1", lambda: generation(server, adapter, texts, 1, sizes["repeats"]))
+    step("merged_generation_batch_32", lambda: generation(server, adapter, texts, 32, sizes["repeats"]))
+    step("merged_throughput", lambda: throughput(server, [adapter], texts, sizes["requests"], 64))
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="where the random checkpoint is (built there if missing)")
+    parser.add_argument("--data-dir", help="DATA_DIR for the adapters (default: a temporary folder)")
+    parser.add_argument("--adapters", type=int, default=50)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the script")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    tiny = args.tiny or not torch.cuda.is_available()
+    device = "cpu" if tiny else "cuda"
+    checkpoint = Path(args.checkpoint or f"/tmp/flashtune-bench/{'tiny-llama' if tiny else 'deepseek-7b-shaped'}")
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="flashtune-analyze-gpu-"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {"repeats": 1, "latency_repeats": 5, "requests": 48} if tiny else \
+        {"repeats": 3, "latency_repeats": 30, "requests": 256}  # fmt: skip
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": "tiny 2-layer Llama" if tiny else "random DeepSeek-LLM-7B-shaped Llama (bf16 checkpoint)",
+        "adapters": args.adapters,
+    }
+
+    def save() -> None:
+        (out / "analyze_gpu.json").write_text(json.dumps(report, indent=2))
+
+    def step(key: str, fn: Callable[[], Any]) -> Any:
+        """Run one measurement; a failure is reported and the others still run."""
+        try:
+            report[key] = fn()
+            log(key, json.dumps(report[key]))
+        except Exception:  # noqa: BLE001 - reported in the summary
+            log(f"{key} FAILED\n{traceback.format_exc()}")
+            report[key] = {"error": traceback.format_exc()[-2000:]}
+            cleanup()
+        save()
+        return report[key]
+
+    started = time.perf_counter()
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    build(checkpoint, tiny)
+    report["build_checkpoint_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    adapters = make_adapters(checkpoint, data_dir / "adapters", max(args.adapters, 1))
+    report["make_adapters_s"] = round(time.perf_counter() - started, 1)
+    log("checkpoint", checkpoint, "and", len(adapters), "adapters ready")
+    texts = texts_for(64)
+    settings = dict(data_dir=data_dir, base_model=str(checkpoint), device=device, batch_max_size=64,
+                    batch_wait_ms=2.0, max_loaded_adapters=len(adapters) + 1)  # fmt: skip
+
+    attached_phase(ModelServer(Settings(**settings)), adapters, texts, step, report, sizes)
+    cleanup()
+    merged_phase(ModelServer(Settings(**settings, serve_merged=adapters[0].name)), adapters[0], texts, step, sizes)
+    if device == "cuda":
+        report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    save()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
