@@ -3,8 +3,9 @@
 The user's recipe (3 epochs, batch 4 x gradient accumulation 4 = 16 samples per optimizer step, lr 2e-4, LoRA r 8 /
 alpha 16 on q_proj and v_proj) is the default for real models. ``batch_size`` is the samples per optimizer step;
 how many go through one forward pass is the worker's choice (on CUDA: as many as the free memory holds, see
-``workers.cuda_path``), so the user's accumulation is not a setting of its own. The built-in model is 2 layers of width 128 and learns too slowly with it, so it gets a higher
-learning rate and LoRA on every linear layer (see docs/benchmarks.md for the measurement).
+``workers.cuda_path``), so the user's accumulation is not a setting of its own. The built-in model is 2 layers of
+width 128 and learns too slowly with it, so it gets a higher learning rate and LoRA on every linear layer (see
+docs/benchmarks.md for the measurement).
 """
 
 from __future__ import annotations
