@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_json: bool = Field(default=False, description="one JSON object per log line (service/logs.py)")
+    dashboard: bool = Field(default=True, description="the web dashboard at /ui (service/static)")
 
     # Queue and worker
     lease_seconds: float = 60.0

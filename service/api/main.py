@@ -10,7 +10,17 @@ from fastapi import Depends, FastAPI
 
 from service.api import errors, security
 from service.api.deps import require_api_key
-from service.api.routes import adapters, analyze, datasets, health, jobs, metrics, openai_compat, openai_finetune
+from service.api.routes import (
+    adapters,
+    analyze,
+    datasets,
+    health,
+    jobs,
+    metrics,
+    openai_compat,
+    openai_finetune,
+    ui,
+)
 from service.config import Settings, get_settings
 from service.db import init_db, make_engine
 from service.inference import ModelServer
@@ -48,4 +58,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router, dependencies=protected, responses=documented)
     app.include_router(metrics.router, dependencies=protected, responses=documented)  # Prometheus can send the key
+    if settings.dashboard:  # the files are public, the API calls they make need the key (routes/ui.py)
+        app.include_router(ui.router)
     return app
