@@ -140,6 +140,7 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         checkpoint_every=settings.checkpoint_every_steps,
         # which optional fields (metadata, market context) the inputs carry: /analyze passes the adapter only these
         extra_info={"input_fields": input_fields_used(e.input for e in train_set + validation)},
+        token_cache_dir=settings.data_dir / "cache" / "tokens",
     )
 
 
