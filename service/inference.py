@@ -12,7 +12,11 @@ LoRA layers and no NF4 dequantisation: faster, at the memory of a full copy per 
 needs it (the base alone, an adapter that is not merged).
 
 A lock serialises use of the models; single requests go through a :class:`~service.batching.MicroBatcher`, so
-concurrent requests share forward passes. The API calls this from worker threads, never on the event loop.
+concurrent requests share forward passes. The batcher groups them by the model that serves them (the PeftModel
+with the adapters attached, or one merged copy), not by adapter: a micro-batch whose requests use different
+attached adapters (or the base) runs in one forward pass per stage, each request naming its adapter through
+peft's ``adapter_names`` (mixed-batch LoRA). :meth:`ModelServer._serve` is the one place that decides how a
+micro-batch runs; see there. The API calls this from worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,11 @@ from service.prompts import INPUT_FIELDS, LABEL_IDS
 from service.scoring import Prediction, Text, build_prompts, classify, generate
 
 DEFAULT_MAX_NEW_TOKENS = 80
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch's adapter_names
 T = TypeVar("T")
+# LoRA layer classes whose forward takes adapter_names (peft.tuners.lora: Linear, Embedding, Conv*; bitsandbytes
+# NF4/int8); peft refuses mixed batches on the others (MultiheadAttention, ParamWrapper, tensor-parallel, ...).
+MIXED_BATCH_LAYERS = frozenset({"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Linear4bit", "Linear8bitLt"})
 
 
 # Files that torch.load / pickle could execute code from: an adapter folder holding any of them is refused.
@@ -77,6 +85,25 @@ class AdapterRef:
     path: Path
 
 
+def mixes_in_batch(model: Any, name: str) -> bool:
+    """Whether peft can run the loaded adapter ``name`` of ``model`` in a mixed batch (``adapter_names``): a plain
+    LoRA adapter (no DoRA or other variant) on layers that support it, none of them merged."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import PeftType
+
+    config = model.peft_config.get(name)
+    if config is None or config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
+        return False
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and name in (*m.lora_A, *m.lora_embedding_A)]
+    return not any(
+        layer.merged
+        or type(layer).__name__ not in MIXED_BATCH_LAYERS
+        or name in getattr(layer, "lora_variant", {})
+        or layer.use_dora.get(name, False)
+        for layer in layers
+    )
+
+
 class ModelServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -85,6 +112,7 @@ class ModelServer:
         self._model: Any = None
         self._tokenizer: Any = None
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._mixable: dict[str, bool] = {}  # loaded adapter -> whether it can share a mixed batch
         self._merged: OrderedDict[str, Any] = OrderedDict()  # adapter name -> merged model, least recently used first
         self._input_fields: dict[str, tuple[int, list[str]]] = {}  # adapter name -> (training_info mtime, fields)
         self.max_adapters = settings.max_loaded_adapters
@@ -166,14 +194,17 @@ class ModelServer:
         self._input_fields[adapter.name] = (stamp, fields)
         return fields
 
-    def _select(self, adapter: AdapterRef | None) -> None:
+    def _load(self, adapters: Sequence[AdapterRef]) -> None:
+        """Make ``adapters`` (at most ``max_adapters`` distinct) loaded and the most recently used; the least recently
+        used others are evicted to stay within the limit."""
         from peft import PeftModel
 
-        if adapter is None:
-            return
-        if adapter.name in self._loaded:
-            self._loaded.move_to_end(adapter.name)
-        else:
+        for adapter in adapters:  # touch the loaded ones first, so loading the others never evicts them
+            if adapter.name in self._loaded:
+                self._loaded.move_to_end(adapter.name)
+        for adapter in adapters:
+            if adapter.name in self._loaded:
+                continue
             check_adapter_files(adapter.path, self.settings.adapters_dir)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(adapter.path), adapter_name=adapter.name)
@@ -181,9 +212,16 @@ class ModelServer:
                 self._model = PeftModel.from_pretrained(self._model, str(adapter.path), adapter_name=adapter.name)
             self._model.eval()
             self._loaded[adapter.name] = None
+            self._mixable[adapter.name] = mixes_in_batch(self._model, adapter.name)
             while len(self._loaded) > self.max_adapters:
                 evicted, _ = self._loaded.popitem(last=False)
+                self._mixable.pop(evicted, None)
                 self._model.delete_adapter(evicted)
+
+    def _select(self, adapter: AdapterRef | None) -> None:
+        if adapter is None:
+            return
+        self._load([adapter])
         self._model.set_adapter(adapter.name)
 
     def release(self) -> None:
@@ -191,6 +229,7 @@ class ModelServer:
         with self._lock:
             self._model = None
             self._loaded.clear()
+            self._mixable.clear()
             self._merged.clear()
             self._input_fields.clear()
         self._drop_merged("")
@@ -203,21 +242,25 @@ class ModelServer:
             if name not in self._loaded:
                 return
             del self._loaded[name]
+            self._mixable.pop(name, None)
             if self._loaded:
                 self._model.delete_adapter(name)
             else:  # peft keeps at least one adapter: drop the LoRA layers and serve the bare base again
                 self._model = self._model.unload()
 
     def submit(self, text: Text, adapter: AdapterRef | None, max_new_tokens: int | None) -> dict[str, Any]:
-        """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time."""
+        """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time (whichever
+        attached adapter they use)."""
         if adapter is not None and adapter.name not in self._loaded:  # fail this request alone, before batching
             check_adapter_files(adapter.path, self.settings.adapters_dir)
-        result: dict[str, Any] = self._batcher.submit(text, (adapter, max_new_tokens))
+        merged = adapter is not None and self.is_merged(adapter)
+        model_key = adapter.name if adapter is not None and merged else None  # None: the PeftModel, adapters attached
+        result: dict[str, Any] = self._batcher.submit((text, adapter), (model_key, max_new_tokens))
         return result
 
-    def _run_group(self, texts: list[Text], group: Any) -> list[dict[str, Any]]:
-        adapter, max_new_tokens = group
-        return self.analyze(texts, adapter, max_new_tokens)
+    def _run_group(self, items: list[tuple[Text, AdapterRef | None]], group: Any) -> list[dict[str, Any]]:
+        _, max_new_tokens = group
+        return self.analyze_mixed([text for text, _ in items], [adapter for _, adapter in items], max_new_tokens)
 
     def run(self, adapter: AdapterRef | None, fn: Callable[[Any, Any], T]) -> T:
         """Call ``fn(model, tokenizer)`` with ``adapter`` active (None: the base alone), holding the model lock."""
@@ -236,18 +279,81 @@ class ModelServer:
             self._ensure_tokenizer()
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _chunks(self, adapters: Sequence[AdapterRef | None]) -> list[list[int]]:
+        """The items of a micro-batch by the model that serves them (each merged copy, the attached PeftModel), the
+        attached ones cut so that no chunk needs more than ``max_adapters`` distinct adapters loaded at once."""
+        chunks: dict[Any, list[list[int]]] = {}
+        for i, adapter in enumerate(adapters):
+            key = ("merged", adapter.name) if adapter is not None and self.is_merged(adapter) else ("attached",)
+            own = chunks.setdefault(key, [[]])
+            names = {a.name for a in (adapters[j] for j in own[-1]) if a is not None}
+            if adapter is not None and adapter.name not in names and len(names) >= self.max_adapters:
+                own.append([])
+            own[-1].append(i)
+        return [chunk for own in chunks.values() for chunk in own]
+
+    def _serve(
+        self, texts: list[Text], adapters: list[AdapterRef | None], new_tokens: int
+    ) -> list[tuple[Prediction, str, int]]:
+        """(prediction, generated text, forward batch size) for each text with its own adapter; the one place that
+        decides how a micro-batch runs:
+
+        - a merged adapter's items run on its merged copy (a plain model: one pass for them);
+        - the others share the attached PeftModel, in chunks of at most ``max_adapters`` distinct adapters, all
+          loaded at once (:meth:`_chunks`); a chunk of one adapter (or the base alone) runs plainly with it
+          selected, a chunk of several in one forward pass per stage, each item naming its adapter (``__base__``:
+          none) through peft's ``adapter_names``, if peft can mix every one of them (:func:`mixes_in_batch`);
+          otherwise one pass per adapter.
+        """
+        out: list[tuple[Prediction, str, int] | None] = [None] * len(texts)
+
+        def run_pass(model: Any, indices: list[int], names: list[str] | None) -> None:
+            part = [texts[i] for i in indices]
+            predictions = classify(model, self._tokenizer, part, adapter_names=names)
+            prompts = build_prompts(model, self._tokenizer, part)
+            analyses = generate(model, self._tokenizer, prompts, new_tokens, adapter_names=names)
+            for i, p, a in zip(indices, predictions, analyses, strict=True):
+                out[i] = (p, a, len(indices))
+
+        for chunk in self._chunks(adapters):
+            first = adapters[chunk[0]]
+            with self._lock:
+                if first is not None and self.is_merged(first):
+                    self._ensure_tokenizer()
+                    run_pass(self._merged_model(first), chunk, None)
+                    continue
+                self._ensure_base()
+                needed = {a.name: a for a in (adapters[i] for i in chunk) if a is not None}
+                self._load(list(needed.values()))
+                names = [BASE if a is None else a.name for a in (adapters[i] for i in chunk)]
+                distinct = list(dict.fromkeys(names))
+                if len(distinct) > 1 and all(self._mixable.get(n, False) for n in needed):
+                    run_pass(self._model, chunk, names)
+                    continue
+                for name in distinct:  # one adapter (or the base) at a time
+                    indices = [i for i, n in zip(chunk, names, strict=True) if n == name]
+                    if name == BASE:
+                        context = self._model.disable_adapter() if self._loaded else nullcontext()
+                    else:
+                        self._model.set_adapter(name)
+                        context = nullcontext()
+                    with context:
+                        run_pass(self._model, indices, None)
+        return [item for item in out if item is not None]
+
     def analyze(
         self, texts: list[Text], adapter: AdapterRef | None, max_new_tokens: int | None
     ) -> list[dict[str, Any]]:
         """Label, probabilities, importance, reaction and generated analysis for each text."""
+        return self.analyze_mixed(texts, [adapter] * len(texts), max_new_tokens)
+
+    def analyze_mixed(
+        self, texts: list[Text], adapters: list[AdapterRef | None], max_new_tokens: int | None
+    ) -> list[dict[str, Any]]:
+        """As :meth:`analyze`, each text with its own adapter (None: the base alone)."""
         started = time.perf_counter()
         new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-
-        def run(model: Any, tokenizer: Any) -> tuple[list[Prediction], list[str]]:
-            predictions = classify(model, tokenizer, texts)
-            return predictions, generate(model, tokenizer, build_prompts(model, tokenizer, texts), new_tokens)
-
-        predictions, analyses = self.run(adapter, run)
+        served = self._serve(texts, adapters, new_tokens)
         latency = (time.perf_counter() - started) * 1000
         return [
             {
@@ -261,8 +367,8 @@ class ModelServer:
                 "adapter": adapter.name if adapter else None,
                 "base_model": self.base_model,
                 "latency_ms": round(latency, 2),
-                "batch_size": len(texts),
+                "batch_size": batch_size,
                 "merged": self.is_merged(adapter),
             }
-            for p, text in zip(predictions, analyses, strict=True)
+            for (p, text, batch_size), adapter in zip(served, adapters, strict=True)
         ]

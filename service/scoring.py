@@ -5,6 +5,9 @@ label's fixed place in the standard response (``service.prompts``), and the soft
 gives the probabilities. Importance (stars) and the market reaction are scored the same way. All items of a
 batch go through one forward pass per stage.
 
+``adapter_names`` (one per item, ``"__base__"`` for none) runs a batch whose items use different LoRA adapters of
+one PeftModel in the same forward passes (peft's mixed-batch inference); it is passed on to every forward call.
+
 :func:`generate_stream` generates one prompt token by token, handing each new piece of text to a callback as the
 token comes out of the model (``POST /v1/chat/completions`` with ``stream: true``).
 """
@@ -67,8 +70,9 @@ def _keeps_logits(model: Any) -> bool:
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: Any, tokenizer: Any, contexts: Sequence[str], candidates: Sequence[Sequence[str]]
-) -> list[list[float]]:
+    model: Any, tokenizer: Any, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
+    adapter_names: Sequence[str] | None = None,
+) -> list[list[float]]:  # fmt: skip
     """log P(candidate | context) for every candidate of every context, in one batched forward pass.
 
     Each sequence is tokenised whole (as in training), and all candidates of a context are scored from the
@@ -95,7 +99,9 @@ def continuation_logprobs(
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention[row, width - len(ids) :] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+    extra: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+    if adapter_names is not None:  # one name per sequence: every candidate of a context runs with its adapter
+        extra["adapter_names"] = [n for n, opts in zip(adapter_names, candidates, strict=True) for _ in opts]
     logits = model(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), **extra
     ).logits[:, -keep:]
@@ -144,12 +150,14 @@ def build_prompts(
 
 
 def classify(
-    model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None
-) -> list[Prediction]:
-    """Importance, label probabilities and market reaction for each text, by scoring the standard response."""
+    model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None,
+    adapter_names: Sequence[str] | None = None,
+) -> list[Prediction]:  # fmt: skip
+    """Importance, label probabilities and market reaction for each text, by scoring the standard response
+    (``adapter_names``: each text's adapter, for a mixed batch)."""
     prompts = build_prompts(model, tokenizer, texts, instructions)
     star_scores = continuation_logprobs(
-        model, tokenizer, prompts, [[f"{STAR_PREFIX}{s}星级" for s in STARS]] * len(prompts)
+        model, tokenizer, prompts, [[f"{STAR_PREFIX}{s}星级" for s in STARS]] * len(prompts), adapter_names
     )
     stars = [STARS[max(range(len(STARS)), key=row.__getitem__)] for row in star_scores]
     label_scores = continuation_logprobs(
@@ -157,6 +165,7 @@ def classify(
         tokenizer,
         [p + LABEL_PREFIX_TEMPLATE.format(star=s) for p, s in zip(prompts, stars, strict=True)],
         [[LABEL_WORDS[label] for label in LABELS]] * len(prompts),
+        adapter_names,
     )
     probs = [dict(zip(LABELS, _softmax(row), strict=True)) for row in label_scores]
     labels: list[Label] = [max(p, key=p.__getitem__) for p in probs]
@@ -168,6 +177,7 @@ def classify(
             for p, s, lab in zip(prompts, stars, labels, strict=True)
         ],
         [[REACTION_WORDS[label] for label in LABELS]] * len(prompts),
+        adapter_names,
     )
     reactions = [REACTION_WORDS[LABELS[max(range(3), key=row.__getitem__)]] for row in reaction_scores]
     return [
@@ -177,8 +187,11 @@ def classify(
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded), decoded without special tokens."""
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, adapter_names: Sequence[str] | None = None
+) -> list[str]:
+    """Greedy continuations of a batch of prompts (left-padded), decoded without special tokens
+    (``adapter_names``: each prompt's adapter, for a mixed batch)."""
     if max_new_tokens <= 0:
         return ["" for _ in prompts]
     device = next(model.parameters()).device
@@ -194,6 +207,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **({} if adapter_names is None else {"adapter_names": list(adapter_names)}),
     )
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
