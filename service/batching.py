@@ -1,9 +1,11 @@
 """Micro-batching for /analyze: concurrent requests are gathered for a short wait and run as one forward pass.
 
 Request threads call :meth:`MicroBatcher.submit` and block on a future; one background thread takes what has
-arrived (up to ``max_batch`` items, waiting at most ``max_wait_ms`` after the first), groups it by
-(adapter, max_new_tokens) and hands each group to the model in one call. If a group fails, its items are retried
-one by one, so a request that fails does not take the others of its batch down with it.
+arrived (up to ``max_batch`` items, waiting at most ``max_wait_ms`` after the first), groups it by the key each
+request was submitted with (the serving model, :class:`~service.inference.ModelServer`: the attached-adapter model
+or a merged copy, and max_new_tokens; not the adapter, which travels with each request's payload so that
+different adapters share a forward pass) and hands each group to the model in one call. If a group fails, its
+items are retried one by one, so a request that fails does not take the others of its batch down with it.
 """
 
 from __future__ import annotations
