@@ -288,3 +288,19 @@ def test_uploaded_dataset_is_offered_and_a_bad_job_is_explained(svc: Service, pa
     tab.reload()
     expect(tab.get_by_label("Existing dataset").locator(f'option[value="{uploaded["id"]}"]')).to_have_count(1)
     shot(tab, "new-job")
+
+
+def test_wrong_key_and_unknown_job_are_explained(svc: Service, page: tuple[Page, Problems]) -> None:
+    tab, _ = page
+    tab.goto(svc.url + "/ui/")
+    tab.get_by_label("API key", exact=True).fill("not-the-key")
+    tab.get_by_role("button", name="Use this key").click()
+    expect(tab.locator("#key-reason")).to_contain_text("did not accept this key")  # asked again, saying why
+    assert tab.evaluate("sessionStorage.getItem('flashtune.apiKey')") == "not-the-key"  # this tab only
+    tab.get_by_label("API key", exact=True).fill(KEY)
+    tab.get_by_role("button", name="Use this key").click()
+    expect(tab.locator("#key-panel")).to_be_hidden()
+    tab.goto(f"{svc.url}/ui/#/jobs/987654")
+    expect(tab.locator("#notice")).to_have_text("job 987654 does not exist")
+    tab.goto(f"{svc.url}/ui/#/nowhere")
+    expect(tab.get_by_role("heading", name="Not found")).to_be_visible()

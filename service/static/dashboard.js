@@ -169,7 +169,8 @@ function poll(fn, ms) {
         done = (await fn()) === true;
       } catch (err) {
         report(err);
-        if (err instanceof ApiError && err.status === 401) done = true; // until a key is entered (route() again)
+        // 401: until a key is entered (route() runs again); 404 and the like: asking again will not help
+        if (err instanceof ApiError && err.status < 500 && err.status !== 429) done = true;
       }
     }
     if (!stopped && !done) timer = setTimeout(tick, ms);
