@@ -267,7 +267,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=50)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the script")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--only", default="", help="comma-separated measurement keys to run (default: all)")
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
     tiny = args.tiny or not torch.cuda.is_available()
     device = "cpu" if tiny else "cuda"
     checkpoint = Path(args.checkpoint or f"/tmp/flashtune-bench/{'tiny-llama' if tiny else 'deepseek-7b-shaped'}")
@@ -288,6 +290,8 @@ def main() -> None:
 
     def step(key: str, fn: Callable[[], Any]) -> Any:
         """Run one measurement; a failure is reported and the others still run."""
+        if only and key not in only:
+            return None
         try:
             report[key] = fn()
             log(key, json.dumps(report[key]))
