@@ -61,15 +61,27 @@ def _same(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-6) -> 
 
 
 def test_two_adapters_answer_differently_in_one_batch(served: tuple[Service, str, str]) -> None:
+    """Requests for two adapters share one forward pass (peft's mixed batch) and answer as one at a time."""
     svc, normal, flipped = served
     texts = [e.input for e in builtin_dataset()[1] if e.label != "neutral"][:8]
     bodies = [{"text": t, "adapter": name, "max_new_tokens": 0} for t in texts for name in (normal, flipped)]
-    with ThreadPoolExecutor(16) as pool:  # all at once: the micro-batcher groups them by adapter
+    with ThreadPoolExecutor(17) as pool:
+        # a slow request (a long text, a long generation) holds the micro-batcher while the others queue up behind
+        # it, so they are gathered into one micro-batch: both adapters together
+        slow = pool.submit(_analyze, svc, {"text": "美联储宣布加息。" * 400, "adapter": "none", "max_new_tokens": 256})
+        time.sleep(0.1)
         results = list(pool.map(lambda b: _analyze(svc, b), bodies))
+        slow.result()
     labels = {(b["text"], b["adapter"]): r["label"] for b, r in zip(bodies, results, strict=True)}
     opposite = sum(labels[(t, flipped)] == FLIP[labels[(t, normal)]] for t in texts)
     assert opposite >= 6, labels  # the flipped adapter is ~0.95 accurate on its own held-out split
-    assert max(r["batch_size"] for r in results) > 1  # concurrent requests shared forward passes
+    # one forward pass served more requests than either adapter had: requests of both adapters
+    assert max(r["batch_size"] for r in results) > len(texts), [r["batch_size"] for r in results]
+    for body, result in zip(bodies, results, strict=True):  # the same answers as one request at a time
+        single = _analyze(svc, body)
+        assert single["batch_size"] == 1 and single["adapter"] == result["adapter"] == body["adapter"]
+        assert single["label"] == result["label"] and single["importance"] == result["importance"]
+        assert _same(single["probs"], result["probs"], 1e-4), (single["probs"], result["probs"])
 
 
 def test_batch_endpoint_and_fast_path(served: tuple[Service, str, str]) -> None:
