@@ -75,7 +75,7 @@ class Service:
 
     def start_api(self, *extra: str, log_level: str = "warning") -> None:
         self.api = self._spawn(["serve", "--log-level", log_level, *extra], "api.log")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded 2-core machine imports torch and transformers slowly
         while time.monotonic() < deadline:
             try:
                 if self.client.get("/healthz").status_code == 200:
