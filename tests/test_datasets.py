@@ -70,7 +70,7 @@ def test_shared_files_import_and_a_job_trains_on_the_database(service: Service, 
 
     csv_body = upload(service, SEED / "val_3cls.csv").json()  # same content again: same dataset
     assert csv_body["label_distribution"] == {"bearish": 715, "neutral": 1168, "bullish": 807}
-    assert csv_body["details"]["columns"] == {"text": "text", "label": "label", "star": "star"}
+    assert csv_body["details"]["columns"] == {"text": "text", "label": "label", "star": "star", "input_fields": {}}
 
     db_body = upload(service, DB).json()
     assert all(n > 0 for n in db_body["label_distribution"].values())
