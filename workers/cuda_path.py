@@ -48,7 +48,6 @@ class CudaPlan:
     micro_tokens: int  # token budget of one packed micro-batch
     row_tokens: int  # every packed row is padded to this length: one compiled attention kernel for the whole job
     gradient_checkpointing: bool
-    attention: str
     fused_ce: Any  # a fused linear cross-entropy module (reduction="sum") or None
     free_gib: float
 
@@ -56,7 +55,7 @@ class CudaPlan:
         return (
             f"packed micro-batches of up to {self.micro_tokens} tokens, "
             f"{'with' if self.gradient_checkpointing else 'no'} gradient checkpointing, "
-            f"{self.attention} attention, "
+            f"{ATTENTION} attention, "
             f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
             f"bf16 autocast ({self.free_gib:.1f} GiB free after loading)"
         )
@@ -67,10 +66,6 @@ class CudaPlan:
     def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce)
-
-    def prepare_generation(self, model: Any) -> None:
-        """Evaluation generates with a KV cache and padded batches: the base model's default attention for that."""
-        model.get_base_model().set_attn_implementation("sdpa")
 
 
 def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
@@ -116,8 +111,7 @@ def plan_cuda(model: Any, step_tokens: int, max_length: int, pad_id: int) -> Cud
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    plan = CudaPlan(micro_tokens, -(-micro_tokens // ROW_MULTIPLE) * ROW_MULTIPLE, checkpointing, ATTENTION, fused_ce,
-                    free / GIB)  # fmt: skip
+    plan = CudaPlan(micro_tokens, -(-micro_tokens // ROW_MULTIPLE) * ROW_MULTIPLE, checkpointing, fused_ce, free / GIB)
     # One training and one evaluation pass on a full-length row: the attention plans for the job's one row shape
     # are made here, outside the timed loop, and a row that does not fit fails now rather than mid-job.
     [batch] = plan.pack([([pad_id] * 8, [pad_id] * 8)], pad_id)

@@ -92,7 +92,11 @@ def tokenize(
     examples: list[Example], tokenizer: Any, max_length: int, cache_dir: Path | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per example, cut to ``max_length``; labels are -100 over the prompt."""
-    return [(ids[:max_length], labels[:max_length]) for ids, labels in tokenize_cached(examples, tokenizer, cache_dir)]
+    return truncate(tokenize_cached(examples, tokenizer, cache_dir), max_length)
+
+
+def truncate(rows: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    return [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
@@ -198,17 +202,17 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir)
     lengths = token_stats([len(ids) for ids, _ in full_rows], hp.max_length)
     hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
-    cut = [(ids[: hp.max_length], labels[: hp.max_length]) for ids, labels in full_rows]
+    cut = truncate(full_rows, hp.max_length)
     train_rows, val_rows = cut[: len(spec.train)], cut[len(spec.train) :]
     pad_id = tokenizer.pad_token_id
     cuda = None
     if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
-        from workers.cuda_path import plan_cuda
+        from workers.cuda_path import ATTENTION, plan_cuda
 
         step_tokens = max_step_tokens([len(ids) for ids, _ in train_rows], hp.batch_size, hp.epochs, hp.seed)
         cuda = plan_cuda(model, min(step_tokens, hp.micro_batch_size * hp.max_length), hp.max_length, pad_id)
         hooks.on_event("cuda_plan", cuda.describe(), {"micro_tokens": cuda.micro_tokens, "row_tokens": cuda.row_tokens,
-                       "attention": cuda.attention, "gradient_checkpointing": cuda.gradient_checkpointing,
+                       "attention": ATTENTION, "gradient_checkpointing": cuda.gradient_checkpointing,
                        "free_gib": round(cuda.free_gib, 2)})  # fmt: skip
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
@@ -303,8 +307,6 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
 
     # Evaluate base vs adapter on the held-out split, then publish.
     model.eval()
-    if cuda is not None:
-        cuda.prepare_generation(model)
     metrics = evaluate(model, tokenizer, spec.validation)
     hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
     info = {
