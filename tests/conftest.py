@@ -125,6 +125,17 @@ class Service:
         self.client.close()
 
 
+def wait_for(predicate: Any, timeout: float = 600, what: str = "condition", svc: Service | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that; fail with the services' logs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{svc.logs() if svc else ''}")
+
+
 def make_service(tmp: Path, cache: Path, workers: int = 1, env: dict[str, str] | None = None) -> Service:
     seed_builtin(tmp, cache)
     service = Service(tmp, env)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from service import logs
-from tests.conftest import Service, seed_builtin
+from tests.conftest import Service, seed_builtin, wait_for
 
 KEYS = ("timestamp", "level", "logger", "message")
 
@@ -24,16 +23,6 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
         if line.startswith("{"):
             entries.append(json.loads(line))
     return entries
-
-
-def wait_for(predicate: Any, seconds: float, what: str, svc: Service) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{svc.logs()}")
 
 
 def test_json_formatter_one_line_per_record_with_context_ids() -> None:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from service.builtin.data import builtin_dataset, generate
 from service.models import Hyperparameters
 from service.recipes import resolve
-from tests.conftest import Service, make_service
+from tests.conftest import Service, make_service, wait_for
 from tests.pgdb import postgres_database
 from workers import checkpoints
 from workers.training import Hooks, Interrupted, TrainingSpec, train
@@ -82,16 +82,6 @@ def signal_tree(worker: subprocess.Popen[bytes], sig: int) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     return pids
-
-
-def wait_for(predicate: Any, timeout: float = 600, what: str = "condition", svc: Service | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{svc.logs() if svc else ''}")
 
 
 def wait_gone(pids: list[int], timeout: float = 60) -> None:
