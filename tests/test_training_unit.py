@@ -66,3 +66,41 @@ def test_interrupt_checkpoints_and_resume_continues(tmp_path: Path, builtin_mode
     info = train(spec, Hooks(on_event=lambda t, m, d: events.append(t)))
     assert info["resumed_from_step"] == 3 and "resumed" in events
     assert [s for s, _ in info["losses"]["step_loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path, builtin_model_cache: Path) -> None:
+    """The evaluation runs base and adapter in mixed batches; its metrics equal separate passes of each."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.scoring import classify
+    from workers.evaluation import label_metrics
+
+    spec = _spec(tmp_path, builtin_model_cache)
+    info = train(spec, Hooks())
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_cache)
+    base = AutoModelForCausalLM.from_pretrained(builtin_model_cache)
+    model = PeftModel.from_pretrained(base, str(spec.adapter_dir)).eval()
+    labelled = [e for e in spec.validation if e.label is not None]
+    texts, instructions = [e.input for e in labelled], [e.instruction for e in labelled]
+    gold = [e.label for e in labelled]
+    with model.disable_adapter():
+        apart_base = label_metrics(gold, [p.label for p in classify(model, tokenizer, texts, instructions)])
+    apart_adapter = label_metrics(gold, [p.label for p in classify(model, tokenizer, texts, instructions)])
+    assert info["metrics"]["base"]["confusion"] == apart_base["confusion"]
+    assert info["metrics"]["adapter"]["confusion"] == apart_adapter["confusion"]
+
+
+def test_evaluation_halves_its_batches_when_memory_runs_out() -> None:
+    from workers.evaluation import in_chunks
+
+    sizes: list[int] = []
+
+    def run(chunk: list[int]) -> list[int]:
+        sizes.append(len(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [x * 2 for x in chunk]
+
+    assert in_chunks(run, list(range(10)), 16) == [x * 2 for x in range(10)]
+    assert sizes == [10, 8, 4, 2, 2, 2, 2, 2]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
 
 from service.prompts import LABELS, Example, Label, is_valid_response
 from service.scoring import build_prompts, classify, generate
 
-BATCH = 16
+BATCH = 16  # held-out items per classify pass (x2: base and adapter share it)
 GENERATED_SAMPLES = 16
+BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def label_metrics(gold: list[Label], predicted: list[Label]) -> dict[str, Any]:
@@ -29,20 +35,45 @@ def label_metrics(gold: list[Label], predicted: list[Label]) -> dict[str, Any]:
     }
 
 
-def _predict_and_generate(model: Any, tokenizer: Any, labelled: list[Example]) -> dict[str, Any]:
-    predicted: list[Label] = []
-    for i in range(0, len(labelled), BATCH):
-        chunk = labelled[i : i + BATCH]
-        predicted += [
-            p.label for p in classify(model, tokenizer, [e.input for e in chunk], [e.instruction for e in chunk])
-        ]
-    sample = labelled[:GENERATED_SAMPLES]
-    prompts = build_prompts(model, tokenizer, [e.input for e in sample], [e.instruction for e in sample])
-    answers = generate(model, tokenizer, prompts, 96)
+def in_chunks(run: Callable[[list[T]], list[R]], items: list[T], size: int) -> list[R]:
+    """``run`` over ``items`` in chunks of ``size``, halving the chunk after running out of GPU memory (a small
+    card, or a job held to ``FLASHTUNE_GPU_MEMORY_GIB``) instead of failing a job whose training is done."""
+    out: list[R] = []
+    while len(out) < len(items):
+        try:
+            out += run(items[len(out) : len(out) + size])
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size //= 2
+            torch.cuda.empty_cache()
+    return out
+
+
+def _compare(model: Any, tokenizer: Any, labelled: list[Example], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Label metrics and response format of each named adapter (``BASE``: none), all of them in the same batches
+    (peft's mixed-adapter batches): one pass scores and one ``generate`` writes for base and adapter alike."""
+    pairs = [(e, name) for e in labelled for name in names]
+    samples = [(e, name) for e in labelled[:GENERATED_SAMPLES] for name in names]
+
+    def predict(chunk: list[tuple[Example, str]]) -> list[Label]:
+        texts, instructions = [e.input for e, _ in chunk], [e.instruction for e, _ in chunk]
+        return [p.label for p in classify(model, tokenizer, texts, instructions, [n for _, n in chunk])]
+
+    def write(chunk: list[tuple[Example, str]]) -> list[str]:
+        prompts = build_prompts(model, tokenizer, [e.input for e, _ in chunk], [e.instruction for e, _ in chunk])
+        return generate(model, tokenizer, prompts, 96, [n for _, n in chunk])
+
+    predicted = in_chunks(predict, pairs, BATCH * len(names))
+    answers = in_chunks(write, samples, len(samples))
     gold = [e.label for e in labelled if e.label is not None]
-    result = label_metrics(gold, predicted)
-    result["valid_format"] = round(sum(map(is_valid_response, answers)) / len(answers), 4) if answers else 0.0
-    return result
+    results = {}
+    for name in names:
+        result = label_metrics(gold, [p for p, (_, n) in zip(predicted, pairs, strict=True) if n == name])
+        mine = [a for a, (_, n) in zip(answers, samples, strict=True) if n == name]
+        result["valid_format"] = round(sum(map(is_valid_response, mine)) / len(mine), 4) if mine else 0.0
+        results[name] = result
+    return results
 
 
 def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str, Any]:
@@ -50,7 +81,6 @@ def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str,
     labelled = [e for e in validation if e.label is not None]
     if not labelled:
         return {"num_labelled": 0, "base": {}, "adapter": {}}
-    with model.disable_adapter():
-        base = _predict_and_generate(model, tokenizer, labelled)
-    adapter = _predict_and_generate(model, tokenizer, labelled)
-    return {"num_labelled": len(labelled), "base": base, "adapter": adapter}
+    adapter = model.active_adapter
+    results = _compare(model, tokenizer, labelled, [BASE, adapter])
+    return {"num_labelled": len(labelled), "base": results[BASE], "adapter": results[adapter]}
