@@ -22,7 +22,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("data_dir", "database_url", "base_model", "device", "host", "port", "gpus", "gpu"):
+    for name in ("data_dir", "database_url", "base_model", "device", "host", "port", "gpus", "gpu", "gpu_memory_gib"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -162,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                           "data parallel); on CPU, N gloo processes")  # fmt: skip
     p_worker.add_argument("--gpu", help="FLASHTUNE_GPU: the GPU(s) this worker's jobs may use (CUDA_VISIBLE_DEVICES), "
                           "e.g. 0; run one worker per GPU with --gpu 0, --gpu 1, ...")  # fmt: skip
+    p_worker.add_argument("--gpu-memory-gib", type=float, help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may "
+                          "use, e.g. 7 on a shared card; the plan sizes micro-batches to it")  # fmt: skip
     p_worker.set_defaults(func=worker)
     p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
     p_demo.add_argument("--data-dir", dest="data_dir")

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
                       "or 'all'; more than 1 runs the job through torchrun (NCCL on CUDA; gloo processes on CPU)")
     gpu: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. '0' or "
                             "'0,1': one worker per GPU is the other way to use several GPUs")  # fmt: skip
+    gpu_memory_gib: float | None = Field(default=None, gt=0, description="GPU memory one training job may use "
+                                         "(e.g. 7 to share a card or to fit a 16 GB one); default: all that is free")
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
 

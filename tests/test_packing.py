@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.packing import IGNORE, pack, pack_by_tokens, packed_loss, per_sample_losses
+from workers.packing import (
+    IGNORE,
+    VARLEN,
+    pack,
+    pack_by_tokens,
+    packed_loss,
+    per_sample_losses,
+    register_varlen_attention,
+)
 
 
 def tiny_llama(attn: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    register_varlen_attention()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -35,7 +44,7 @@ def alone(model: torch.nn.Module, ids: list[int], labels: list[int]) -> float:
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), reduction="sum"))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_packed_loss_equals_unpacked(attn: str) -> None:
     model = tiny_llama(attn)
     samples = rows()
@@ -50,15 +59,40 @@ def test_packed_loss_equals_unpacked(attn: str) -> None:
     assert total == pytest.approx(sum(expected) / batch.num_target_tokens, rel=1e-5)
 
 
-def test_filler_padding_changes_nothing() -> None:
+@pytest.mark.parametrize("attn", ["sdpa", VARLEN])
+def test_filler_padding_changes_nothing(attn: str) -> None:
     """Rounding the row length up with a filler sequence leaves every sample's loss as it was."""
-    model = tiny_llama("sdpa")
+    model = tiny_llama(attn)
     samples = rows()
     batch = pack(samples, pad_to_multiple=16)
     assert batch.num_tokens == 32 and batch.num_real_tokens == 31
     assert batch.position_ids[0, -1] == 0  # the filler starts its own sequence
     expected = [alone(model, ids, labels) for ids, labels in samples]
     assert per_sample_losses(model, batch) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_varlen_boundaries_are_what_separates_samples() -> None:
+    """The varlen path has teeth too: one segment over the whole row lets later samples see earlier ones."""
+    model = tiny_llama(VARLEN)
+    samples = rows()
+    batch = pack(samples)
+    expected = [alone(model, ids, labels) for ids, labels in samples]
+    batch.segments = lambda: [batch.num_tokens]  # type: ignore[method-assign]
+    got = per_sample_losses(model, batch)
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)
+    assert abs(got[1] - expected[1]) > 1e-3
+
+
+@torch.no_grad()
+def test_varlen_without_boundaries_is_sdpa() -> None:
+    """Generation and batched scoring (left padding, a KV cache) run on the same model as plain sdpa."""
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    varlen, sdpa = tiny_llama(VARLEN), tiny_llama("sdpa")
+    logits = [m(input_ids=ids, attention_mask=mask).logits for m in (varlen, sdpa)]
+    assert torch.allclose(*logits, atol=1e-5)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    assert varlen.generate(ids, **kwargs).tolist() == sdpa.generate(ids, **kwargs).tolist()
 
 
 def test_without_restarting_positions_samples_leak() -> None:
@@ -108,3 +142,19 @@ def test_token_cache_hits_and_misses(tmp_path) -> None:  # type: ignore[no-untyp
     assert tokenize_cached(examples, tokenizer, tmp_path) == first  # read back from the file
     tokenize_cached(examples[:4], tokenizer, tmp_path)
     assert len(list(tmp_path.iterdir())) == 2  # other examples: another entry, never the stale one
+
+
+@torch.no_grad()
+def test_graphed_decoder_computes_what_the_packed_forward_does() -> None:
+    """What the CUDA graph records (workers.cuda_graphs), run eagerly on CPU: boundaries padded with empty
+    segments and a fixed longest-segment bound give the packed forward's hidden states."""
+    from workers.cuda_graphs import DecoderStack, GraphedDecoder
+    from workers.packing import packed_forward_hidden
+
+    model = tiny_llama(VARLEN)
+    batch = pack(rows(), pad_to_multiple=48)  # 31 tokens of samples, 17 of filler
+    decoder = GraphedDecoder(model, DecoderStack(model.model.layers, 48), 48, max_segments=6, device="cpu")
+    assert decoder.bounds(batch).tolist() == [0, 9, 26, 31, 48, 48, 48]
+    assert torch.allclose(decoder.hidden(batch), packed_forward_hidden(model, batch, "cpu"), atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder.bounds(pack(rows(), pad_to_multiple=16))  # 32 tokens: not the graph's row length

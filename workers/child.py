@@ -141,6 +141,7 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         # which optional fields (metadata, market context) the inputs carry: /analyze passes the adapter only these
         extra_info={"input_fields": input_fields_used(e.input for e in train_set + validation)},
         token_cache_dir=settings.data_dir / "cache" / "tokens",
+        gpu_memory_gib=settings.gpu_memory_gib,
     )
 
 

@@ -12,12 +12,19 @@ job's ``setup`` event:
   forward costs ~1/3 more compute.
 - **Fused linear cross-entropy** (Liger) when importable: the ``T x vocab`` logits are never materialised
   (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
-- **One row length per job.** Every packed row is padded to the largest step, rounded up to 256 tokens (the
-  filler has its own positions and no loss), so attention kernels are planned once, in a warm-up pass before the
-  loop, instead of once per row length.
-- **sdpa attention** with the block-diagonal mask the packed position ids give (exact, ``tests/test_packing.py``).
-  flex attention computes only the diagonal blocks and measured ~3% faster per step on the 7B shape, but its
-  compilation took ~40 s per job on the H200, more than it saves on jobs of this size (docs/benchmarks.md).
+- **Liger's RMSNorm, RoPE and SwiGLU kernels** when importable (Llama-family models): one fused kernel where
+  transformers launches five to ten, on a loop that is bound by kernel launches as much as by FLOPs.
+- **Attention confined to each sample.** On GPUs with flash attention (sm80+) torch's varlen kernel takes the
+  samples' boundaries (``workers.packing.varlen_attention``): only each sample's own causal triangle is
+  computed. Elsewhere sdpa with the block-diagonal mask the packed position ids give (exact,
+  ``tests/test_packing.py``); there every row is padded to one length per job, rounded up to 256 tokens (the filler
+  has its own positions and no loss), so cuDNN plans its attention once, in the warm-up pass, not once per row
+  length. flex attention was measured too: ~3% faster per step than sdpa, but ~40 s of compilation per job.
+- **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
+  (``workers.cuda_graphs``): the eager loop is bound by kernel launches, not by the GPU. Every row is then padded
+  to the job's one length, as for sdpa.
+- **A memory cap** (``FLASHTUNE_GPU_MEMORY_GIB``): the plan sizes itself to the cap instead of the free memory and
+  the process is held to it, so a job fits a smaller card or shares one.
 
 Nothing here is imported on the CPU path.
 """
@@ -29,7 +36,8 @@ from typing import Any
 
 import torch
 
-from workers.packing import PackedBatch, pack_by_tokens, packed_loss
+from workers.cuda_graphs import GraphedDecoder, capture
+from workers.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
 
 GIB = 2**30
 # Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces.
@@ -39,33 +47,50 @@ USABLE_FRACTION = 0.85
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
 # = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
 ACTIVATION_MARGIN = 1.25
-ROW_MULTIPLE = 256  # packed rows are padded to a multiple of this (tensor-core friendly, few kernel shapes)
-ATTENTION = "sdpa"
+SDPA_ROW_MULTIPLE = 256  # sdpa: rows padded to one length per job (cuDNN plans each new length)
+VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
 
 @dataclass(frozen=True)
 class CudaPlan:
     micro_tokens: int  # token budget of one packed micro-batch
-    row_tokens: int  # every packed row is padded to this length: one compiled attention kernel for the whole job
+    row_multiple: int  # packed rows are padded to a multiple of this
+    attention: str  # "varlen" or "sdpa"
     gradient_checkpointing: bool
     fused_ce: Any  # a fused linear cross-entropy module (reduction="sum") or None
-    free_gib: float
+    fused_layers: bool  # Liger RMSNorm/RoPE/SwiGLU
+    free_gib: float  # memory the plan was sized for (free after loading, or the cap's share)
+    graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training passes only)
+    graphs_note: str = ""  # why there are no graphs, when there are none
 
     def describe(self) -> str:
         return (
             f"packed micro-batches of up to {self.micro_tokens} tokens, "
             f"{'with' if self.gradient_checkpointing else 'no'} gradient checkpointing, "
-            f"{ATTENTION} attention, "
+            f"{self.attention} attention, "
             f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
-            f"bf16 autocast ({self.free_gib:.1f} GiB free after loading)"
+            f"{'Liger RMSNorm/RoPE/SwiGLU, ' if self.fused_layers else ''}"
+            f"{'CUDA graphs' if self.graphed is not None else 'eager (' + self.graphs_note + ')'}, "
+            f"bf16 autocast ({self.free_gib:.1f} GiB for activations after loading)"
         )
 
+    def summary(self) -> dict[str, Any]:
+        """The plan's choices as the ``cuda_plan`` event's data."""
+        return {"micro_tokens": self.micro_tokens, "row_multiple": self.row_multiple, "attention": self.attention,
+                "gradient_checkpointing": self.gradient_checkpointing, "fused_ce": self.fused_ce is not None,
+                "fused_layers": self.fused_layers, "cuda_graphs": self.graphed is not None,
+                "graphs_note": self.graphs_note, "free_gib": round(self.free_gib, 2)}  # fmt: skip
+
     def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
-        return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_tokens, pad_id=pad_id)
+        return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_multiple, pad_id=pad_id)
 
     def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return packed_loss(model, batch, "cuda", denominator, self.fused_ce)
+        # no autocast cache: graphs are captured under this autocast, and a cached cast would outlive its input
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            hidden = None
+            if self.graphed is not None and model.training and torch.is_grad_enabled():
+                hidden = self.graphed.hidden(batch)
+            return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
 
 
 def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
@@ -99,22 +124,90 @@ def liger_fused_ce() -> Any:
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
-def plan_cuda(model: Any, step_tokens: int, max_length: int, pad_id: int) -> CudaPlan:
-    """Decide the CUDA path for this model and job (see the module docstring)."""
-    fused_ce = liger_fused_ce()
+def liger_fused_layers(base: Any) -> bool:
+    """Swap in Liger's RMSNorm, RoPE and SwiGLU kernels where Liger supports the model type."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(
+        model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    return True
 
-    model.get_base_model().set_attn_implementation(ATTENTION)
+
+def varlen_available() -> bool:
+    """torch's flash-attention varlen kernel (torch >= 2.10, sm80+), probed with a tiny forward and backward."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        return False
+    try:
+        from workers.packing import _causal_varlen_attn
+
+        q = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        bounds = torch.tensor([0, 8, 16], device="cuda", dtype=torch.int32)
+        _causal_varlen_attn()(q, q, q, bounds, bounds, 8, 8).sum().backward()
+    except Exception:  # noqa: BLE001 - missing, or no backward in this torch: sdpa it is
+        return False
+    return True
+
+
+def free_memory(cap_gib: float | None) -> int:
+    """Bytes free for this job's activations; with a cap, the process is held to it (beyond it: OOM and retry)."""
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    config = model.get_base_model().config
-    micro_tokens, checkpointing = size_micro_batch(config, free, step_tokens, max_length, fused_ce is not None)
+    free, total = torch.cuda.mem_get_info()
+    if cap_gib is None:
+        return free
+    torch.cuda.set_per_process_memory_fraction(min(cap_gib * GIB / total, 1.0))
+    return max(min(free, int(cap_gib * GIB) - torch.cuda.memory_reserved()), 0)
+
+
+def graph_decoder(model: Any, row_tokens: int, max_samples: int) -> tuple[GraphedDecoder | None, str]:
+    """Capture the decoder layers as CUDA graphs, or say why not (the job then runs eagerly)."""
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return capture(model, row_tokens, max_samples + 1), ""  # + 1: the row's filler segment
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: report and train eagerly
+        return None, f"no CUDA graphs: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def plan_cuda(
+    model: Any, step_tokens: int, max_length: int, pad_id: int, max_samples: int,
+    memory_cap_gib: float | None = None,
+) -> CudaPlan:  # fmt: skip
+    """Decide the CUDA path for this model and job (see the module docstring).
+
+    ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
+    base = model.get_base_model()
+    fused_ce = liger_fused_ce()
+    fused_layers = liger_fused_layers(base)
+    if varlen_available():
+        register_varlen_attention()
+        attention, row_multiple = "varlen", VARLEN_ROW_MULTIPLE
+        base.set_attn_implementation(VARLEN)
+    else:
+        attention, row_multiple = "sdpa", SDPA_ROW_MULTIPLE
+        base.set_attn_implementation("sdpa")
+    free = free_memory(memory_cap_gib)
+    micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    plan = CudaPlan(micro_tokens, -(-micro_tokens // ROW_MULTIPLE) * ROW_MULTIPLE, checkpointing, fused_ce, free / GIB)
-    # One training and one evaluation pass on a full-length row: the attention plans for the job's one row shape
-    # are made here, outside the timed loop, and a row that does not fit fails now rather than mid-job.
-    [batch] = plan.pack([([pad_id] * 8, [pad_id] * 8)], pad_id)
+    row_tokens = -(-micro_tokens // SDPA_ROW_MULTIPLE) * SDPA_ROW_MULTIPLE  # one row length for sdpa and graphs
+    graphed, note = None, "needs varlen attention" if attention != "varlen" else "needs no checkpointing"
+    if attention == "varlen" and not checkpointing:
+        graphed, note = graph_decoder(model, row_tokens, max_samples)
+    if attention == "sdpa" or graphed is not None:
+        row_multiple = row_tokens
+    plan = CudaPlan(micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB,
+                    graphed, note)  # fmt: skip
+    # One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled
+    # (Liger's Triton kernels) and planned (cuDNN) here, and a row that does not fit fails now rather than mid-job.
+    [batch] = plan.pack([([pad_id] * micro_tokens, [pad_id] * micro_tokens)], pad_id)
     plan.loss(model, batch, 1).backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():

@@ -11,11 +11,20 @@ otherwise transformers skips that detection.
 The label of each sample's first token is masked, so no sample is trained to predict the next sample's start.
 ``tests/test_packing.py`` checks exactness on CPU: the per-sample loss of a packed row equals the unpacked loss.
 Training selects this path at run time on CUDA only (``workers.cuda_path``); nothing here needs a GPU to import.
+
+A dense block-diagonal mask makes sdpa compute the whole ``T x T`` score matrix of a ~2,800-token row (~26% of a
+step's GPU time on the 7B shape). ``varlen_attention`` instead hands the samples' boundaries (``cu_seq_lens``, the
+keyword transformers' flash-attention path uses) to torch's flash-attention varlen kernel, which computes only
+each sample's own causal triangle. It is registered with transformers as the attention implementation
+``VARLEN``; calls without boundaries (generation, batched scoring) take plain sdpa with transformers' mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +41,11 @@ class PackedBatch:
     position_ids: torch.Tensor
     labels: torch.Tensor
     lengths: list[int]
+
+    def segments(self) -> list[int]:
+        """Lengths of the row's attention segments: the samples, then the filler (if any)."""
+        filler = self.num_tokens - self.num_real_tokens
+        return self.lengths + ([filler] if filler else [])
 
     @property
     def num_tokens(self) -> int:
@@ -110,24 +124,95 @@ def _causal_lm(model: Any) -> Any:
 def packed_forward_hidden(model: Any, batch: PackedBatch, device: str | torch.device) -> torch.Tensor:
     """Final hidden states ``[T, H]`` of a packed row (the decoder only, no LM head)."""
     lm = _causal_lm(model)
+    segments = batch.segments()
+    bounds = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32).to(device, non_blocking=True)
     out = lm.model(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
-        attention_mask=None,  # the packed mask comes from the position ids
+        attention_mask=None,  # sdpa/eager/flex: the packed mask comes from the position ids
         use_cache=False,
+        # varlen/flash attention: the sample boundaries (transformers passes these keywords to the attention call)
+        cu_seq_lens_q=bounds,
+        cu_seq_lens_k=bounds,
+        max_length_q=max(segments),
+        max_length_k=max(segments),
     )
     return out.last_hidden_state[0]
 
 
+VARLEN = "packed_varlen"  # no "flash" in the name: transformers would take it for a flash-attention kernel
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed sample, as a transformers attention function (``[B, T, H, D]`` out).
+
+    On CUDA torch's flash-attention varlen kernel; elsewhere one sdpa call per sample, the reference the CPU tests
+    compare against. Without ``cu_seq_lens_q`` (not a packed row) it is plain sdpa.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, H, T, D] -> [T, H, D]
+    if q.is_cuda:
+        longest = int(kwargs["max_length_q"])
+        out = _causal_varlen_attn()(q, k, v, bounds, bounds, longest, longest, scale=scaling)
+    else:
+        edges = bounds.tolist()
+        out = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
+            ).transpose(0, 1)
+            for a, b in itertools.pairwise(edges) if b > a  # empty segments pad a graphed row's boundaries
+        ])  # fmt: skip
+    return out.unsqueeze(0), None
+
+
+@functools.cache
+def _causal_varlen_attn() -> Callable[..., torch.Tensor]:
+    """torch's varlen flash attention, causal; raises ImportError before torch 2.10."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch 2.10 takes is_causal; later versions express causality as a window of (all before, none after)
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
+        "window_size": (-1, 0)}  # fmt: skip
+    return functools.partial(varlen_attn, **causal)  # type: ignore[arg-type,return-value]
+
+
+def register_varlen_attention() -> None:
+    """Make ``VARLEN`` a transformers attention implementation (masks as for sdpa, used only without boundaries)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
 def packed_loss(
-    model: Any, batch: PackedBatch, device: str | torch.device, denominator: int, fused_ce: Any = None
-) -> torch.Tensor:
+    model: Any, batch: PackedBatch, device: str | torch.device, denominator: int, fused_ce: Any = None,
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Summed response-token cross-entropy of a packed row, divided by the optimizer step's target tokens.
 
     ``fused_ce`` is an optional fused linear cross-entropy (e.g. Liger's, ``reduction="sum"``) called as
-    ``fused_ce(lm_head_weight, hidden, targets)``; it never materialises the ``T x vocab`` logits.
+    ``fused_ce(lm_head_weight, hidden, targets)``; it never materialises the ``T x vocab`` logits. ``hidden``: the
+    row's final hidden states when the caller computed them (``workers.cuda_graphs``).
     """
-    hidden = packed_forward_hidden(model, batch, device)
+    if hidden is None:
+        hidden = packed_forward_hidden(model, batch, device)
     targets = batch.labels[0, 1:].to(device)
     head = _causal_lm(model).get_output_embeddings()
     if fused_ce is not None:

@@ -69,6 +69,7 @@ class TrainingSpec:
     device: str = "auto"
     checkpoint_every: int = 50
     token_cache_dir: Path | None = None  # tokenised rows cached per dataset and tokenizer (workers.token_cache)
+    gpu_memory_gib: float | None = None  # CUDA: memory the job may use (FLASHTUNE_GPU_MEMORY_GIB); None: all free
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -207,17 +208,21 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     pad_id = tokenizer.pad_token_id
     cuda = None
     if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
-        from workers.cuda_path import ATTENTION, plan_cuda
+        from workers.cuda_path import plan_cuda
 
         step_tokens = max_step_tokens([len(ids) for ids, _ in train_rows], hp.batch_size, hp.epochs, hp.seed)
-        cuda = plan_cuda(model, min(step_tokens, hp.micro_batch_size * hp.max_length), hp.max_length, pad_id)
-        hooks.on_event("cuda_plan", cuda.describe(), {"micro_tokens": cuda.micro_tokens, "row_tokens": cuda.row_tokens,
-                       "attention": ATTENTION, "gradient_checkpointing": cuda.gradient_checkpointing,
-                       "free_gib": round(cuda.free_gib, 2)})  # fmt: skip
+        micro_tokens = min(step_tokens, hp.micro_batch_size * hp.max_length)
+        cuda = plan_cuda(model, micro_tokens, hp.max_length, pad_id, hp.batch_size, spec.gpu_memory_gib)
+        hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
     total_steps = steps_per_epoch * hp.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # CUDA graphs reuse their gradient buffers: autograd must add into gradients it does not own (cuda_graphs.py)
+    keep_grads = cuda is not None and cuda.graphed is not None
+    if keep_grads:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
     optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=device == "cuda")
     from transformers import get_scheduler
 
@@ -263,7 +268,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
 
         done = step + 1
         history["step_loss"].append([done, round(loss_value, 5)])
@@ -333,6 +338,9 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
         "versions": _versions(),
         **spec.extra_info,
     }
+    if cuda is not None:
+        info["cuda_plan"] = cuda.summary()
+        info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     publish_adapter(model, tokenizer, info, spec.adapter_dir)
     checkpoints.prune(spec.job_dir, keep=0)
     return info

@@ -1,0 +1,95 @@
+"""A training job's decoder layers captured as CUDA graphs: one replay per forward and one per backward pass.
+
+Why: a packed optimizer step of the user's recipe on the 7B shape is ~2,700 tokens. The GPU needs ~0.2 s for it,
+and the host needs about as long to launch its ~4,000 kernels one by one (30 layers of NF4 dequantisation, LoRA,
+dropout, casts, norms, rotary embeddings, attention), so the eager loop is bound by kernel launches: fused kernels,
+which cut GPU time but launch through Python, made the eager step slower (docs/benchmarks.md). A CUDA graph
+launches all of a pass's kernels at once.
+
+What it takes, checked by :func:`capture` (otherwise the job runs eagerly and its ``cuda_plan`` event says why):
+
+- A Llama-family layout (``model.embed_tokens``, ``rotary_emb``, ``layers``, ``norm``) and varlen attention
+  (``workers.packing.varlen_attention``): the layers then take only tensors of fixed shapes. Every row of the job
+  is padded to one length, and the sample boundaries to a fixed count with empty segments at the end; there is
+  no mask to build and nothing that waits on the GPU.
+- No gradient checkpointing.
+
+Only training passes replay the graphs (gradients on, model in train mode); evaluation and generation run the
+same layers eagerly. The embeddings, the final norm and the loss stay eager too (the fused cross-entropy reads a
+count back from the GPU).
+
+Gradients: the graphed backward hands out the same output buffers on every replay. Autograd would take such a
+buffer as a parameter's ``.grad`` when ``.grad`` is None, and the next micro-batch's replay would overwrite it,
+so the loop keeps zero-filled gradients (``zero_grad(set_to_none=False)``) that autograd adds into.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.packing import PackedBatch
+
+
+class DecoderStack(torch.nn.Module):
+    """The decoder layers as one module of tensor arguments (the model's own layers, not copies)."""
+
+    def __init__(self, layers: torch.nn.ModuleList, row_tokens: int) -> None:
+        super().__init__()
+        self.layers = layers
+        self.row_tokens = row_tokens  # varlen's longest-segment bound: fixed, so it can be baked into the graph
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        longest = self.row_tokens
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), cu_seq_lens_q=bounds,
+                        cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)  # fmt: skip
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+@dataclass
+class GraphedDecoder:
+    lm: Any  # the *ForCausalLM whose layers are graphed
+    stack: Any  # the DecoderStack after torch.cuda.make_graphed_callables
+    row_tokens: int  # every packed row has exactly this many tokens
+    max_segments: int  # samples (and filler) one row may hold
+    device: str = "cuda"
+
+    def bounds(self, batch: PackedBatch) -> torch.Tensor:
+        """The row's segment boundaries, padded with empty segments to the captured count."""
+        segments = batch.segments()
+        if len(segments) > self.max_segments or batch.num_tokens != self.row_tokens:
+            raise ValueError(f"a row of {batch.num_tokens} tokens in {len(segments)} segments does not fit the "
+                             f"graph ({self.row_tokens} tokens, {self.max_segments} segments)")  # fmt: skip
+        edges = [0, *itertools.accumulate(segments)]
+        edges += [edges[-1]] * (self.max_segments + 1 - len(edges))
+        return torch.tensor(edges, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def hidden(self, batch: PackedBatch) -> torch.Tensor:
+        """Final hidden states ``[T, H]`` of a packed training row, the layers replayed from the graph."""
+        inner = self.lm.model
+        hidden = inner.embed_tokens(batch.input_ids.to(self.device, non_blocking=True))
+        cos, sin = inner.rotary_emb(hidden, batch.position_ids.to(self.device, non_blocking=True))
+        return inner.norm(self.stack(hidden, cos, sin, self.bounds(batch)))[0]
+
+
+def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
+    """Graph the decoder layers of ``model`` (a PeftModel) for rows of ``row_tokens`` tokens; raises if it cannot.
+
+    Call under the autocast the loop uses, with its cache off (a cached cast would outlive the graph's inputs).
+    """
+    lm = model.get_base_model()
+    inner: Any = getattr(lm, "model", None)
+    model.train()  # LoRA dropout is recorded into the graph only if it is active while capturing
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        raise ValueError(f"{type(lm).__name__} has no Llama-style decoder to graph")
+    stack = DecoderStack(inner.layers, row_tokens)
+    hidden = torch.zeros(1, row_tokens, lm.config.hidden_size, device="cuda", dtype=inner.embed_tokens.weight.dtype)
+    cos, sin = inner.rotary_emb(hidden, torch.arange(row_tokens, device="cuda").unsqueeze(0))
+    bounds = torch.tensor([0] + [row_tokens] * max_segments, dtype=torch.int32, device="cuda")
+    graphed = torch.cuda.make_graphed_callables(stack, (hidden, cos, sin, bounds))
+    return GraphedDecoder(lm, graphed, row_tokens, max_segments)
