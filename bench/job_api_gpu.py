@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--hyperparameters", default="{}", help="JSON object merged into the job's hyperparameters")
     parser.add_argument("--checkpoint", help="an already saved checkpoint to use (default: build one in DATA_DIR)")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--gpu-memory-gib", type=float, help="FLASHTUNE_GPU_MEMORY_GIB for the worker")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
@@ -66,6 +67,8 @@ def main() -> None:
     env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
            "FLASHTUNE_POLL_SECONDS": "0.2", "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1",
            "FLASHTUNE_ALLOWED_MODEL_ROOTS": json.dumps([str(model.parent)])}  # fmt: skip
+    if args.gpu_memory_gib:
+        env["FLASHTUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
     api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
     worker = spawn(["worker"], env, data_dir / "worker.log")
     report: dict[str, Any] = {"build_checkpoint_s": round(build_s, 1)}
@@ -91,6 +94,8 @@ def main() -> None:
             if info_path.exists():
                 info = json.loads(info_path.read_text())
                 report["durations"] = info["durations"]
+                report["peak_gpu_memory_gib"] = info.get("peak_gpu_memory_gib")
+                report["cuda_plan"] = info.get("cuda_plan")
                 report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
             report["progress"] = job.get("progress")
     finally:
@@ -98,7 +103,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
-    Path(args.out, "job_api_gpu.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    name = "job_api_gpu_cap.json" if args.gpu_memory_gib else "job_api_gpu.json"
+    Path(args.out, name).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
 
 
 if __name__ == "__main__":

@@ -294,13 +294,23 @@ def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: lis
         cleanup()
 
 
-def trainer_variant(checkpoint: str, dataset: str, name: str, **overrides: Any) -> dict[str, Any]:
+def trainer_variant(
+    checkpoint: str, dataset: str, name: str, memory_cap_gib: float | None = None, before: bool = False,
+    graphs: bool = True, **overrides: Any,
+) -> dict[str, Any]:  # fmt: skip
     """The real ``workers.training.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate, publish.
 
     The user's seed instructions (real text through the built-in tokenizer saved beside the checkpoint), the
     user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v) unless ``overrides`` say otherwise, 10% held
     out as the worker does. ``train_seconds`` is the training steps of the user's job, measured, not projected.
+    ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``. ``before`` plans as the worker did before varlen attention
+    and Liger's layer kernels (sdpa with the dense packed mask, transformers' RMSNorm/RoPE/SwiGLU); it must run
+    before any other worker variant, since Liger's RoPE replaces a module-level function for the whole process.
+    ``graphs=False``: the eager loop (no CUDA graphs) with everything else as the worker plans it.
     """
+    import workers.cuda_path as cuda_path
+
+    saved = cuda_path.varlen_available, cuda_path.liger_fused_layers, cuda_path.graph_decoder
     from service.builtin.model import _corpus, _train_tokenizer
     from service.models import Hyperparameters
     from service.prompts import Example
@@ -321,7 +331,13 @@ def trainer_variant(checkpoint: str, dataset: str, name: str, **overrides: Any) 
         job_id=1, base_model="deepseek-7b-shaped", base_source=checkpoint, dataset=Path(dataset).name,
         dataset_sha256=None, train=train_set, validation=validation, hp=hp, job_dir=Path(f"/tmp/bench-job-{name}"),
         adapter_dir=Path(f"/tmp/bench-adapters/{name}"), device="cuda", checkpoint_every=10_000,
+        gpu_memory_gib=memory_cap_gib,
     )  # fmt: skip
+    if before:
+        cuda_path.varlen_available = lambda: False  # type: ignore[assignment]
+        cuda_path.liger_fused_layers = lambda base: False  # type: ignore[assignment]
+    if not graphs:
+        cuda_path.graph_decoder = lambda *args: (None, "off in this variant")  # type: ignore[assignment]
     progress: list[Any] = []
     events: list[str] = []
     stamps: list[float] = []
@@ -332,7 +348,11 @@ def trainer_variant(checkpoint: str, dataset: str, name: str, **overrides: Any) 
 
     hooks = Hooks(on_progress=on_progress, on_event=lambda t, m, d: events.append(f"{t}: {m}"))
     torch.cuda.reset_peak_memory_stats()
-    info = train(spec, hooks)
+    try:
+        info = train(spec, hooks)
+    finally:
+        cuda_path.varlen_available, cuda_path.liger_fused_layers, cuda_path.graph_decoder = saved
+        torch.cuda.set_per_process_memory_fraction(1.0)
     tokens_per_s = progress[-1].tokens_per_second
     # The loop's figure includes the per-epoch eval and checkpoints; the median step shows the steady pace.
     tokens_per_step = tokens_per_s * info["durations"]["train_seconds"] / len(progress) if tokens_per_s else 0
@@ -348,6 +368,7 @@ def trainer_variant(checkpoint: str, dataset: str, name: str, **overrides: Any) 
         "steady_tokens_per_s": round(tokens_per_step / median_step, 1),
         "steady_mfu": round(tokens_per_step / median_step * FLOPS_PER_TOKEN / PEAK_FLOPS, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "accuracy": {k: info["metrics"].get(k, {}).get("accuracy") for k in ("base", "adapter")},
         "events": events,
         "adapter_files": sorted(p.name for p in spec.adapter_dir.iterdir()),
@@ -358,17 +379,65 @@ def trainer_variant(checkpoint: str, dataset: str, name: str, **overrides: Any) 
 
 
 # ------------------------------------------------------------------------------------------------------ checks
-@torch.no_grad()
-def exactness_on_gpu(model: Any, rows: list[Row]) -> dict[str, Any]:
-    """Per-sample loss of a packed row vs each sample alone, on the NF4 7B model in bf16."""
-    from workers.packing import pack, per_sample_losses
+def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
+    """The graphed training pass against the eager one: loss and LoRA gradients on real-length rows.
 
+    LoRA dropout is 0 here, so both passes compute the same function; the rows hold 16, 9 and 3 samples (the
+    graph pads the boundaries with empty segments). Run it before any other worker variant (Liger's RoPE).
+    """
+    from service.modeling import load_model, plan_load
+    from service.models import Hyperparameters
+    from service.recipes import resolve
+    from workers.cuda_path import plan_cuda
+    from workers.packing import packed_loss
+    from workers.training import attach_lora
+
+    hp = resolve(Hyperparameters(lora_dropout=0.0), "deepseek-7b-shaped")
+    plan_ = plan_load("cuda", "auto")
+    model = attach_lora(load_model(checkpoint, plan_), hp, plan_)
+    step_tokens = max(sum(len(r[0]) for r in take(rows, s, 16)) for s in range(0, len(rows) - 16, 16))
+    plan = plan_cuda(model, step_tokens, 512, 0, 16)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    out: dict[str, Any] = {"plan": plan.describe(), "rows": []}
+    for count in (16, 9, 3):
+        [batch] = plan.pack(take(rows, 0, count), 0)
+        results = []
+        for graphed in (True, False):
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            if graphed:
+                loss = plan.loss(model, batch, batch.num_target_tokens)
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = packed_loss(model, batch, "cuda", batch.num_target_tokens, plan.fused_ce)
+            loss.backward()
+            results.append((float(loss), torch.cat([p.grad.flatten() for p in trainable])))
+        (lg, gg), (le, ge) = results
+        out["rows"].append({"samples": count, "tokens": batch.num_tokens, "loss_graphed": lg, "loss_eager": le,
+                            "grad_rel_diff": float((gg - ge).norm() / ge.norm())})  # fmt: skip
+    log("GRAPH EXACTNESS", json.dumps(out))
+    del model, plan
+    cleanup()
+    return out
+
+
+@torch.no_grad()
+def exactness_on_gpu(model: Any, rows: list[Row], attention: str = "sdpa") -> dict[str, Any]:
+    """Per-sample loss of a packed row vs each sample alone (sdpa, unpacked), on the NF4 7B model in bf16."""
+    from workers.packing import pack, per_sample_losses, register_varlen_attention
+
+    register_varlen_attention()
     samples = rows[:4]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        packed = per_sample_losses(model, pack(samples), "cuda")
+        model.set_attn_implementation("sdpa")
         alone = [per_sample_losses(model, pack([s]), "cuda")[0] for s in samples]
+        model.set_attn_implementation(attention)
+        packed = per_sample_losses(model, pack(samples, pad_to_multiple=64), "cuda")
+        model.set_attn_implementation("sdpa")
     rel = max(abs(a - b) / abs(b) for a, b in zip(packed, alone, strict=True))
-    result = {"packed": [round(x, 3) for x in packed], "alone": [round(x, 3) for x in alone], "max_rel_diff": rel}
+    result = {"attention": attention, "packed": [round(x, 3) for x in packed], "alone": [round(x, 3) for x in alone],
+              "max_rel_diff": rel}  # fmt: skip
     log("EXACTNESS", json.dumps(result))
     return result
 
@@ -419,7 +488,10 @@ def main() -> None:
     log("loaded NF4 in", report["load_nf4_s"], "s;", report["weights_gib"], "GiB allocated")
     rows, meta = make_rows()
     report["mean_real_tokens"] = meta["mean_tokens"]
+    from workers.packing import VARLEN
+
     report["exactness"] = exactness_on_gpu(base, rows)
+    report["exactness_varlen"] = exactness_on_gpu(base, rows, VARLEN)
     fused = liger_fused_ce()
     ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     prof = out / "profile_packed_flex.txt"
@@ -465,12 +537,18 @@ def main() -> None:
             save()
     del base
     cleanup()
-    worker_runs = [("worker", {}), ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
+    worker_runs: list[tuple[str, dict[str, Any]]] = [("worker_before", {"before": True}),  # first: see trainer_variant
+                   ("graph_exactness", {}), ("worker_eager", {"graphs": False}), ("worker", {}),
+                   ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
+                   ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
                    ("worker_b4", {"batch_size": 4})]  # fmt: skip
     for key, overrides in worker_runs:
         if only and key not in only:
             continue
         try:
+            if key == "graph_exactness":
+                report[key] = graph_exactness(args.checkpoint, rows)
+                continue
             results.append(trainer_variant(args.checkpoint, args.dataset, key, **overrides))
         except Exception:  # noqa: BLE001 - reported
             log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
