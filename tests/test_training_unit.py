@@ -104,3 +104,15 @@ def test_evaluation_halves_its_batches_when_memory_runs_out() -> None:
 
     assert in_chunks(run, list(range(10)), 16) == [x * 2 for x in range(10)]
     assert sizes == [10, 8, 4, 2, 2, 2, 2, 2]
+
+
+def test_step_tokens_are_sized_per_rank() -> None:
+    """On N GPUs each rank's packed rows are sized to its own share of a step, not to the whole step."""
+    from workers.distributed import Distributed
+    from workers.training import max_step_tokens
+
+    lengths = [100] * 8 + [300] * 8
+    whole = max_step_tokens(lengths, 8, 2, seed=0)
+    halves = [max_step_tokens(lengths, 8, 2, 0, Distributed(rank, 2, "cpu").shard) for rank in (0, 1)]
+    assert whole <= 8 * 300 and all(h < whole for h in halves)
+    assert max(halves) <= 4 * 300  # a rank holds 4 of a step's 8 samples

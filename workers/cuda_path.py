@@ -2,7 +2,7 @@
 
 On a GPU the worker trains padding-free packed rows (``workers.packing``) in bf16 autocast. What else pays off
 depends on the model and the memory left after loading it, so it is decided here, up front, and reported in the
-job's ``setup`` event:
+job's ``cuda_plan`` event:
 
 - **Micro-batch size in tokens.** As many packed tokens per forward pass as the free memory holds, up to the
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
@@ -13,7 +13,8 @@ job's ``setup`` event:
 - **Fused linear cross-entropy** (Liger) when importable: the ``T x vocab`` logits are never materialised
   (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
 - **Liger's RMSNorm, RoPE and SwiGLU kernels** when importable (Llama-family models): one fused kernel where
-  transformers launches five to ten, on a loop that is bound by kernel launches as much as by FLOPs.
+  transformers launches five to ten. They cut GPU work; their Triton launches cost more host time than
+  transformers' kernels, which only CUDA graphs (below) take off the step (docs/benchmarks.md).
 - **Attention confined to each sample.** On GPUs with flash attention (sm80+) torch's varlen kernel takes the
   samples' boundaries (``workers.packing.varlen_attention``): only each sample's own causal triangle is
   computed. Elsewhere sdpa with the block-diagonal mask the packed position ids give (exact,
@@ -47,7 +48,7 @@ USABLE_FRACTION = 0.85
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
 # = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
 ACTIVATION_MARGIN = 1.25
-SDPA_ROW_MULTIPLE = 256  # sdpa: rows padded to one length per job (cuDNN plans each new length)
+FIXED_ROW_MULTIPLE = 256  # sdpa and graphs: every row padded to one length per job, rounded up to this
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
 
@@ -190,14 +191,14 @@ def plan_cuda(
         attention, row_multiple = "varlen", VARLEN_ROW_MULTIPLE
         base.set_attn_implementation(VARLEN)
     else:
-        attention, row_multiple = "sdpa", SDPA_ROW_MULTIPLE
+        attention, row_multiple = "sdpa", FIXED_ROW_MULTIPLE
         base.set_attn_implementation("sdpa")
     free = free_memory(memory_cap_gib)
     micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    row_tokens = -(-micro_tokens // SDPA_ROW_MULTIPLE) * SDPA_ROW_MULTIPLE  # one row length for sdpa and graphs
+    row_tokens = -(-micro_tokens // FIXED_ROW_MULTIPLE) * FIXED_ROW_MULTIPLE  # one row length for sdpa and graphs
     graphed, note = None, "needs varlen attention" if attention != "varlen" else "needs no checkpointing"
     if attention == "varlen" and not checkpointing:
         graphed, note = graph_decoder(model, row_tokens, max_samples)

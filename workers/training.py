@@ -154,13 +154,16 @@ def step_loss(model: Any, batch: Batch, device: str, denominator: int) -> torch.
     return loss / max(denominator, 1)
 
 
-def max_step_tokens(lengths: list[int], batch_size: int, epochs: int, seed: int) -> int:
-    """The most tokens any optimizer step of the job will hold (the CUDA path sizes its packed rows to it)."""
+def max_step_tokens(
+    lengths: list[int], batch_size: int, epochs: int, seed: int, shard: Callable[[list[int]], list[int]] = list
+) -> int:
+    """The most tokens any optimizer step of the job will hold on this rank (``shard``: the rank's share of a
+    step's samples); the CUDA path sizes its packed rows to it."""
     most = 0
     for epoch in range(epochs):
         order = epoch_order(len(lengths), seed, epoch)
         for i in range(0, len(order), batch_size):
-            most = max(most, sum(lengths[j] for j in order[i : i + batch_size]))
+            most = max(most, sum(lengths[j] for j in shard(order[i : i + batch_size])))
     return most
 
 
@@ -210,7 +213,8 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
         from workers.cuda_path import plan_cuda
 
-        step_tokens = max_step_tokens([len(ids) for ids, _ in train_rows], hp.batch_size, hp.epochs, hp.seed)
+        row_lengths = [len(ids) for ids, _ in train_rows]
+        step_tokens = max_step_tokens(row_lengths, hp.batch_size, hp.epochs, hp.seed, dist.shard)
         micro_tokens = min(step_tokens, hp.micro_batch_size * hp.max_length)
         cuda = plan_cuda(model, micro_tokens, hp.max_length, pad_id, hp.batch_size, spec.gpu_memory_gib)
         hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
