@@ -1,7 +1,6 @@
 """Multi-GPU training benchmark: tokens/s of one job on 1, 2, ... N GPUs (FLASHTUNE_GPUS), 7B-shaped model.
 
-NOT RUN YET: no multi-GPU machine was available when this was written (docs/operations.md says what was tested
-on CPU instead). On a host with N GPUs:
+Run on the 2-GPU H200 kind of the device machine (docs/benchmarks.md). On a host with N GPUs:
 
     export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     python bench/train_multi_gpu.py --out $OUT                      # 1, 2 and N GPUs, the user's recipe
@@ -12,8 +11,10 @@ torchrun's launcher, NCCL, NVLink multicast off) and each rank runs the real ``w
 the CUDA path, its share of every optimizer step's samples, gradients all-reduced. The model is
 ``bench/train_gpu.py``'s random DeepSeek-LLM-7B-shaped Llama (built once, saved to ``--checkpoint``); the samples
 are the user's seed instructions (real text, built-in tokenizer saved beside the checkpoint), repeated to fill
-``--steps`` optimizer steps of ``--batch-size`` samples (default: the user's recipe, 16). No held-out split and no
-checkpoints, so the loop is all training. The same samples and the same order for every GPU count.
+``--steps`` optimizer steps of ``--batch-size`` samples (default: the user's recipe, 16). No checkpoints, and the
+evaluation set (16 seed examples, also trained on) is only scored once, after the loop, so the loop is all
+training. The same samples and the same order for every GPU count: each count's step losses, eval loss and
+evaluation are compared with 1 GPU's.
 
 Reported per GPU count (``train_multi_gpu.json`` and a table): the median optimizer step after ``--warm`` steps,
 real (non-padding) tokens/s over the timed steps, the speed-up over 1 GPU and the scaling efficiency
@@ -49,14 +50,17 @@ def _rank(spec: Any, run_dir: str, launcher_pid: int) -> None:
     from workers.training import Hooks, train
 
     dist = distributed.init_rank(spec.device, launcher_pid)
-    stamps: list[tuple[int, float]] = []
+    stamps: list[tuple[int, float, float | None]] = []
     if spec.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    hooks = Hooks(on_progress=lambda p, force: stamps.append((p.step, time.perf_counter())))
-    train(spec, distributed.rank_hooks(hooks, dist), dist)
+    hooks = Hooks(on_progress=lambda p, force: stamps.append((p.step, time.perf_counter(), p.loss)))
+    info = train(spec, distributed.rank_hooks(hooks, dist), dist)
     if dist.is_main:
         peak = torch.cuda.max_memory_allocated() / 2**30 if spec.device == "cuda" else 0.0
-        (Path(run_dir) / "timing.json").write_text(json.dumps({"stamps": stamps, "peak_gib": round(peak, 2)}))
+        evaluation = {"eval_loss": info["losses"]["eval_loss"], "metrics": info["metrics"],
+                      "cuda_plan": info.get("cuda_plan")}  # fmt: skip
+        (Path(run_dir) / "timing.json").write_text(json.dumps({"stamps": stamps, "peak_gib": round(peak, 2),
+                                                               **evaluation}))  # fmt: skip
     distributed.write_outcome(Path(run_dir), dist.rank, Outcome("succeeded"))
     distributed.close_rank()
 
@@ -92,7 +96,7 @@ def run_one(spec: Any, gpus: int, per_step: list[int], warm: int) -> dict[str, A
             return {"gpus": gpus, "error": outcome.error}
         timing = json.loads((run_dir / "timing.json").read_text())
     stamps = timing["stamps"]
-    step_times = [b - a for (_, a), (_, b) in zip(stamps[warm:], stamps[warm + 1 :], strict=False)]
+    step_times = [b[1] - a[1] for a, b in zip(stamps[warm:], stamps[warm + 1 :], strict=False)]
     timed_tokens = sum(per_step[warm + 1 : len(stamps)])  # steps warm+2 .. last, after the stamp of step warm+1
     seconds = stamps[-1][1] - stamps[warm][1]
     return {
@@ -103,6 +107,10 @@ def run_one(spec: Any, gpus: int, per_step: list[int], warm: int) -> dict[str, A
         "real_tokens_per_s": round(timed_tokens / seconds, 1),
         "peak_gib_rank0": timing["peak_gib"],
         "wall_s_with_load": round(wall, 1),
+        "step_losses": [round(loss or 0.0, 5) for _, _, loss in stamps],
+        "eval_loss": timing["eval_loss"],
+        "accuracy": {k: v.get("accuracy") for k, v in timing["metrics"].items() if isinstance(v, dict)},
+        "cuda_plan": timing.get("cuda_plan"),
     }
 
 
@@ -162,7 +170,8 @@ def main() -> None:
     hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
     spec = TrainingSpec(
         job_id=1, base_model="deepseek-7b-shaped", base_source=args.checkpoint, dataset=Path(args.dataset).name,
-        dataset_sha256=None, train=samples(Path(args.dataset), args.steps * hp.batch_size), validation=[], hp=hp,
+        dataset_sha256=None, train=samples(Path(args.dataset), args.steps * hp.batch_size),
+        validation=samples(Path(args.dataset), 16), hp=hp,
         job_dir=Path(tempfile.mkdtemp(prefix="bench-multi-job-")), adapter_dir=Path("/tmp/bench-multi-adapter"),
         device="cuda", checkpoint_every=10**9,
     )  # fmt: skip
@@ -191,6 +200,12 @@ def main() -> None:
         r["speedup"], r["efficiency"] = round(speedup, 3), round(speedup / r["gpus"], 3)
         print(f"{r['gpus']:>4} {r['samples_per_step']:>12} {r['median_step_s']:>8.3f} {r['real_tokens_per_s']:>11.0f} "
               f"{speedup:>8.2f} {speedup / r['gpus']:>10.2f} {r['peak_gib_rank0']:>8.2f}")  # fmt: skip
+    for r in ok:  # same samples, same schedule: losses agree up to bf16 and reduction-order noise
+        if one and r is not one:
+            pairs = zip(r["step_losses"], one["step_losses"], strict=True)
+            r["max_step_loss_diff_vs_1"] = max(abs(a - b) for a, b in pairs)
+            print(f"{r['gpus']} GPUs vs 1: max |step loss difference| {r['max_step_loss_diff_vs_1']:.4f}; eval loss "
+                  f"{r['eval_loss']} vs {one['eval_loss']}; accuracy {r['accuracy']} vs {one['accuracy']}")
     for r in report["results"]:
         if "error" in r:
             print(f"FAILED on {r['gpus']} GPUs: {r['error']}")
