@@ -32,6 +32,7 @@ Nothing here is imported on the CPU path.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,9 @@ def liger_fused_layers(base: Any) -> bool:
         return False
     if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return False
+    # Liger warns, on every job, that its optional CuTe-DSL and Ascend backends are missing; its Triton kernels
+    # are the ones used here.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     _apply_liger_kernel_to_instance(
         model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
