@@ -37,10 +37,9 @@ from service.config import Settings
 from service.datasets.store import dataset_input_fields
 from service.modeling import load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.prompts import INPUT_FIELDS, LABEL_IDS
-from service.scoring import Prediction, Text, build_prompts, classify, generate
+from service.scoring import BASE, Prediction, Text, build_prompts, classify, generate
 
 DEFAULT_MAX_NEW_TOKENS = 80
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch's adapter_names
 T = TypeVar("T")
 # LoRA layer classes whose forward takes adapter_names (peft.tuners.lora: Linear, Embedding, Conv*; bitsandbytes
 # NF4/int8); peft refuses mixed batches on the others (MultiheadAttention, ParamWrapper, tensor-parallel, ...).

@@ -5,7 +5,7 @@ label's fixed place in the standard response (``service.prompts``), and the soft
 gives the probabilities. Importance (stars) and the market reaction are scored the same way. All items of a
 batch go through one forward pass per stage.
 
-``adapter_names`` (one per item, ``"__base__"`` for none) runs a batch whose items use different LoRA adapters of
+``adapter_names`` (one per item, ``BASE`` for none) runs a batch whose items use different LoRA adapters of
 one PeftModel in the same forward passes (peft's mixed-batch inference); it is passed on to every forward call.
 
 :func:`generate_stream` generates one prompt token by token, handing each new piece of text to a callback as the
@@ -38,6 +38,7 @@ from service.prompts import (
 )
 
 Text = str | NewsItem  # a news text, or a text with metadata / market context
+BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch's adapter_names
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ from typing import Any, TypeVar
 import torch
 
 from service.prompts import LABELS, Example, Label, is_valid_response
-from service.scoring import build_prompts, classify, generate
+from service.scoring import BASE, build_prompts, classify, generate
 
 BATCH = 16  # held-out items per classify pass (x2: base and adapter share it)
 GENERATED_SAMPLES = 16
-BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
 T = TypeVar("T")
 R = TypeVar("R")
 
