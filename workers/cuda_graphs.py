@@ -25,7 +25,6 @@ so the loop keeps zero-filled gradients (``zero_grad(set_to_none=False)``) that 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +60,11 @@ class GraphedDecoder:
 
     def bounds(self, batch: PackedBatch) -> torch.Tensor:
         """The row's segment boundaries, padded with empty segments to the captured count."""
-        segments = batch.segments()
-        if len(segments) > self.max_segments or batch.num_tokens != self.row_tokens:
-            raise ValueError(f"a row of {batch.num_tokens} tokens in {len(segments)} segments does not fit the "
+        segments = len(batch.segments())
+        if segments > self.max_segments or batch.num_tokens != self.row_tokens:
+            raise ValueError(f"a row of {batch.num_tokens} tokens in {segments} segments does not fit the "
                              f"graph ({self.row_tokens} tokens, {self.max_segments} segments)")  # fmt: skip
-        edges = [0, *itertools.accumulate(segments)]
-        edges += [edges[-1]] * (self.max_segments + 1 - len(edges))
+        edges = batch.bounds(self.max_segments)
         return torch.tensor(edges, dtype=torch.int32).to(self.device, non_blocking=True)
 
     def hidden(self, batch: PackedBatch) -> torch.Tensor:

@@ -87,12 +87,17 @@ class CudaPlan:
         return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_multiple, pad_id=pad_id)
 
     def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
-        # no autocast cache: graphs are captured under this autocast, and a cached cast would outlive its input
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        with bf16_autocast():
             hidden = None
             if self.graphed is not None and model.training and torch.is_grad_enabled():
                 hidden = self.graphed.hidden(batch)
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
+
+
+def bf16_autocast() -> torch.autocast:
+    """The autocast of every CUDA training pass and of graph capture. No cast cache: a graph is captured under it,
+    and a cached cast would outlive its input."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
 def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
@@ -172,7 +177,7 @@ def free_memory(cap_gib: float | None) -> int:
 def graph_decoder(model: Any, row_tokens: int, max_samples: int) -> tuple[GraphedDecoder | None, str]:
     """Capture the decoder layers as CUDA graphs, or say why not (the job then runs eagerly)."""
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        with bf16_autocast():
             return capture(model, row_tokens, max_samples + 1), ""  # + 1: the row's filler segment
     except torch.OutOfMemoryError:
         raise
@@ -192,10 +197,10 @@ def plan_cuda(
     fused_layers = liger_fused_layers(base)
     if varlen_available():
         register_varlen_attention()
-        attention, row_multiple = "varlen", VARLEN_ROW_MULTIPLE
+        attention = "varlen"
         base.set_attn_implementation(VARLEN)
     else:
-        attention, row_multiple = "sdpa", FIXED_ROW_MULTIPLE
+        attention = "sdpa"
         base.set_attn_implementation("sdpa")
     free = free_memory(memory_cap_gib)
     micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
@@ -206,8 +211,8 @@ def plan_cuda(
     graphed, note = None, "needs varlen attention" if attention != "varlen" else "needs no checkpointing"
     if attention == "varlen" and not checkpointing:
         graphed, note = graph_decoder(model, row_tokens, max_samples)
-    if attention == "sdpa" or graphed is not None:
-        row_multiple = row_tokens
+    # sdpa and graphs: every row padded to the one length; eager varlen: only to a multiple of 8
+    row_multiple = row_tokens if attention == "sdpa" or graphed is not None else VARLEN_ROW_MULTIPLE
     plan = CudaPlan(micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB,
                     graphed, note)  # fmt: skip
     # One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled

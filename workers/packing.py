@@ -47,6 +47,12 @@ class PackedBatch:
         filler = self.num_tokens - self.num_real_tokens
         return self.lengths + ([filler] if filler else [])
 
+    def bounds(self, count: int | None = None) -> list[int]:
+        """The segments' cumulative boundaries (``cu_seq_lens``: 0, end of the first, ...), padded with empty
+        segments to ``count`` segments when given (a CUDA graph's fixed shape)."""
+        edges = [0, *itertools.accumulate(self.segments())]
+        return edges + [edges[-1]] * ((count or 0) + 1 - len(edges))
+
     @property
     def num_tokens(self) -> int:
         """Tokens the GPU processes, filler included."""
@@ -124,8 +130,8 @@ def _causal_lm(model: Any) -> Any:
 def packed_forward_hidden(model: Any, batch: PackedBatch, device: str | torch.device) -> torch.Tensor:
     """Final hidden states ``[T, H]`` of a packed row (the decoder only, no LM head)."""
     lm = _causal_lm(model)
-    segments = batch.segments()
-    bounds = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32).to(device, non_blocking=True)
+    longest = max(batch.segments())
+    bounds = torch.tensor(batch.bounds(), dtype=torch.int32).to(device, non_blocking=True)
     out = lm.model(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
@@ -134,8 +140,8 @@ def packed_forward_hidden(model: Any, batch: PackedBatch, device: str | torch.de
         # varlen/flash attention: the sample boundaries (transformers passes these keywords to the attention call)
         cu_seq_lens_q=bounds,
         cu_seq_lens_k=bounds,
-        max_length_q=max(segments),
-        max_length_k=max(segments),
+        max_length_q=longest,
+        max_length_k=longest,
     )
     return out.last_hidden_state[0]
 
