@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import math
-import random
 import statistics
 import time
 import traceback
@@ -312,6 +311,7 @@ def trainer_variant(
 
     saved = cuda_path.varlen_available, cuda_path.liger_fused_layers, cuda_path.graph_decoder
     from service.builtin.model import _corpus, _train_tokenizer
+    from service.datasets.store import hold_out
     from service.models import Hyperparameters
     from service.prompts import Example
     from service.recipes import resolve
@@ -322,11 +322,7 @@ def trainer_variant(
     unique = dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output"))
     examples = [Example(*key) for key in unique]  # duplicates dropped, as POST /datasets does
     hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
-    order = list(range(len(examples)))
-    random.Random(hp.seed).shuffle(order)  # the held-out split of service.datasets.store.load_examples
-    cut = max(1, round(len(examples) * hp.validation_fraction))
-    validation = [examples[i] for i in sorted(order[:cut])]
-    train_set = [examples[i] for i in sorted(order[cut:])]
+    train_set, validation = hold_out(examples, hp.validation_fraction, hp.seed)  # as the worker's job loads it
     spec = TrainingSpec(
         job_id=1, base_model="deepseek-7b-shaped", base_source=checkpoint, dataset=Path(dataset).name,
         dataset_sha256=None, train=train_set, validation=validation, hp=hp, job_dir=Path(f"/tmp/bench-job-{name}"),

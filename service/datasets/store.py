@@ -121,13 +121,19 @@ def load_examples(
             row = json.loads(line)
             example = Example(row["instruction"], row["input"], row["output"])
             (validation if row.get("split") == "validation" else train).append(example)
-    if not validation and validation_fraction > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        cut = max(1, round(len(train) * validation_fraction))
-        validation = [train[i] for i in sorted(order[:cut])]
-        train = [train[i] for i in sorted(order[cut:])]
+    if not validation:
+        train, validation = hold_out(train, validation_fraction, seed)
     return train, validation, dataset.sha256
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a seeded random ``fraction`` of ``examples`` held out (at least one), order kept."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(examples) * fraction))
+    return [examples[i] for i in sorted(order[cut:])], [examples[i] for i in sorted(order[:cut])]
 
 
 def dataset_input_fields(settings: Settings, ds_id: str) -> list[str]:
