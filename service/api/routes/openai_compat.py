@@ -201,11 +201,8 @@ async def _token_stream(
 
 
 def _stream(completion_id: str, model: str, content: str) -> Iterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return _chunk(completion_id, model, delta, finish)
-
-    yield chunk({"role": "assistant", "content": ""})
+    yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
     for i in range(0, len(content), STREAM_CHUNK_CHARS):
-        yield chunk({"content": content[i : i + STREAM_CHUNK_CHARS]})
-    yield chunk({}, "stop")
+        yield _chunk(completion_id, model, {"content": content[i : i + STREAM_CHUNK_CHARS]})
+    yield _chunk(completion_id, model, {}, "stop")
     yield "data: [DONE]\n\n"
