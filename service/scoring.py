@@ -2,8 +2,9 @@
 
 The label is not parsed from generated text: for each news item the model scores the three label words at the
 label's fixed place in the standard response (``service.prompts``), and the softmax of those log-likelihoods
-gives the probabilities. Importance (stars) and the market reaction are scored the same way. All items of a
-batch go through one forward pass per stage.
+gives the probabilities. Importance (stars) and the market reaction are scored the same way. The stages (star,
+then label, then reaction) and all items of a batch go through one forward pass, each item's candidates sharing
+its prompt in a token tree (:func:`group_logprobs`).
 
 ``adapter_names`` (one per item, ``BASE`` for none) runs a batch whose items use different LoRA adapters of
 one PeftModel in the same forward passes (peft's mixed-batch inference); it is passed on to every forward call.
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.prompts import (
@@ -62,6 +64,81 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+Group = tuple[str, Sequence[str]]  # a context and the candidate continuations scored against each other
+
+
+@dataclass
+class _TokenTree:
+    """One item's candidate sequences merged into a trie of tokens: a shared prefix (the prompt) appears once.
+
+    Nodes are numbered in creation order, so a parent always comes before its children; a node's depth is its
+    position id. ``scored[s]`` lists, for sequence ``s``, the (node that predicts it, token) of each scored token.
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    scored: list[list[tuple[int, int]]]
+
+    @classmethod
+    def build(cls, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> _TokenTree:
+        tree = cls([], [], [], [])
+        children: dict[tuple[int, int], int] = {}
+        for ids, start in zip(sequences, starts, strict=True):
+            node, pairs = -1, []
+            for j, token in enumerate(ids):
+                if j >= start:  # start >= 1: the first token is never scored
+                    pairs.append((node, token))
+                if (node, token) not in children:
+                    children[node, token] = len(tree.tokens)
+                    tree.tokens.append(token)
+                    tree.parents.append(node)
+                    tree.depths.append(tree.depths[node] + 1 if node >= 0 else 0)
+                node = children[node, token]
+            tree.scored.append(pairs)
+        return tree
+
+    def layout(self) -> tuple[list[int], list[int]]:
+        """The order of the nodes in the row, predicting nodes last (only the row's last logits are computed), and
+        the predicting nodes."""
+        predicting = sorted({node for pairs in self.scored for node, _ in pairs})
+        chosen = set(predicting)
+        return [n for n in range(len(self.tokens)) if n not in chosen] + predicting, predicting
+
+    def ancestry(self, order: Sequence[int]) -> np.ndarray:
+        """``[i, j]``: the node at place ``i`` of ``order`` may attend to the node at place ``j`` (an ancestor or
+        itself)."""
+        n = len(self.tokens)
+        allowed = np.zeros((n, n), dtype=bool)
+        for node, parent in enumerate(self.parents):
+            if parent >= 0:
+                allowed[node] = allowed[parent]
+            allowed[node, node] = True
+        return allowed[np.ix_(order, order)]
+
+
+def _tokenise_groups(tokenizer: Any, items: Sequence[Sequence[Group]]) -> list[_TokenTree]:
+    """Each item's groups as one token tree. Every sequence (context + candidate) is tokenised whole, as in
+    training, and the candidates of a group are scored from the first token where any of them departs from the
+    context, so their scores compare like with like."""
+    texts = [
+        text for groups in items for context, options in groups for text in (context, *(context + o for o in options))
+    ]
+    encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"])
+    trees = []
+    for groups in items:
+        sequences: list[list[int]] = []
+        starts: list[int] = []
+        for _, options in groups:
+            ctx_ids = next(encoded)
+            full = [next(encoded) for _ in options]
+            start = max(1, min(_common_prefix(ctx_ids, ids) for ids in full))
+            sequences.extend(full)
+            starts.extend([start] * len(full))
+        trees.append(_TokenTree.build(sequences, starts))
+    return trees
+
+
 def _keeps_logits(model: Any) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (computes the vocabulary logits of the last positions
     only); every transformers causal LM does, a PeftModel passes it on to its base."""
@@ -69,53 +146,79 @@ def _keeps_logits(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _attention_mask(allowed: torch.Tensor, model: Any) -> torch.Tensor:
+    """A custom 4D mask (transformers passes it on as it is): boolean for sdpa and its kin, additive for eager."""
+    mask = allowed.unsqueeze(1)
+    if model.config._attn_implementation != "eager":
+        return mask
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 @torch.no_grad()
+def group_logprobs(
+    model: Any, tokenizer: Any, items: Sequence[Sequence[Group]], adapter_names: Sequence[str] | None = None
+) -> list[list[list[float]]]:
+    """log P(candidate | context) for every candidate of every group of every item, in one forward pass.
+
+    Each item is one row holding its token tree (:class:`_TokenTree`): every token attends to its ancestors only
+    (a 4D mask) at its depth as position, so each sequence is computed exactly as if alone, but the prompt they
+    share is computed once, not once per candidate. Rows are left-padded, and the nodes whose next-token
+    distribution is read are placed last, so only the vocabulary logits of the last few positions are computed:
+    with a 100k vocabulary, full logits of a batch would take tens of GB. ``adapter_names``: each item's adapter
+    (peft's mixed batch).
+    """
+    trees = _tokenise_groups(tokenizer, items)
+    layouts = [tree.layout() for tree in trees]
+    width = max(len(tree.tokens) for tree in trees)
+    keep = max(len(predicting) for _, predicting in layouts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(trees), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(trees), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(trees), 1, 1)  # a padding place sees itself: no NaN
+    for row, (tree, (order, _)) in enumerate(zip(trees, layouts, strict=True)):
+        first = width - len(order)
+        input_ids[row, first:] = torch.tensor([tree.tokens[n] for n in order])
+        positions[row, first:] = torch.tensor([tree.depths[n] for n in order])
+        allowed[row, first:, first:] = torch.from_numpy(tree.ancestry(order))
+    device = next(model.parameters()).device
+    extra: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+    if adapter_names is not None:
+        extra["adapter_names"] = list(adapter_names)
+    logits = model(
+        input_ids=input_ids.to(device),
+        attention_mask=_attention_mask(allowed, model).to(device),
+        position_ids=positions.to(device),
+        **extra,
+    ).logits[:, -keep:]
+    # every scored token as (row, kept place of the node that predicts it, token), gathered in one go
+    rows: list[int] = []
+    places: list[int] = []
+    tokens: list[int] = []
+    for row, (tree, (_, predicting)) in enumerate(zip(trees, layouts, strict=True)):
+        place = {node: keep - len(predicting) + i for i, node in enumerate(predicting)}
+        for pairs in tree.scored:
+            rows.extend([row] * len(pairs))
+            places.extend(place[node] for node, _ in pairs)
+            tokens.extend(token for _, token in pairs)
+    norms = torch.stack([torch.logsumexp(logits[row].float(), dim=-1) for row in range(len(trees))])  # row by row
+    index = torch.tensor(rows, device=device), torch.tensor(places, device=device)
+    token_lp = (logits[index + (torch.tensor(tokens, device=device),)].float() - norms[index]).cpu().tolist()
+    values = iter(token_lp)
+    out: list[list[list[float]]] = []
+    for tree, groups in zip(trees, items, strict=True):
+        sums = iter([math.fsum(next(values) for _ in pairs) for pairs in tree.scored])
+        out.append([[next(sums) for _ in options] for _, options in groups])
+    return out
+
+
 def continuation_logprobs(
     model: Any, tokenizer: Any, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
     adapter_names: Sequence[str] | None = None,
 ) -> list[list[float]]:  # fmt: skip
-    """log P(candidate | context) for every candidate of every context, in one batched forward pass.
-
-    Each sequence is tokenised whole (as in training), and all candidates of a context are scored from the
-    first token where any of them departs from the context, so their scores compare like with like. Sequences
-    are left-padded (position ids counted from each one's first real token), so every candidate ends at the last
-    position and only the last few positions' vocabulary logits are computed: with a 100k vocabulary, full
-    logits of a batch of 32 news items (11 candidate sequences each) would take tens of GB.
-    """
-    sequences: list[list[int]] = []
-    starts: list[int] = []
-    for context, options in zip(contexts, candidates, strict=True):
-        ctx_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
-        full = [tokenizer(context + option, add_special_tokens=True)["input_ids"] for option in options]
-        start = max(1, min(_common_prefix(ctx_ids, ids) for ids in full))
-        sequences.extend(full)
-        starts.extend([start] * len(full))
-    device = next(model.parameters()).device
-    width = max(len(s) for s in sequences)
-    keep = max(len(ids) - start for ids, start in zip(sequences, starts, strict=True)) + 1
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention[row, width - len(ids) :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    extra: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
-    if adapter_names is not None:  # one name per sequence: every candidate of a context runs with its adapter
-        extra["adapter_names"] = [n for n, opts in zip(adapter_names, candidates, strict=True) for _ in opts]
-    logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), **extra
-    ).logits[:, -keep:]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # kept position i predicts the token at i + 1
-    targets = input_ids[:, width - keep + 1 :].to(device)
-    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-    # a row of length n has its scored tokens (from ``start``) in the last n - start target positions
-    scores = [float(token_lp[row, keep - len(ids) + starts[row] - 1 :].sum()) for row, ids in enumerate(sequences)]
-    out, i = [], 0
-    for options in candidates:
-        out.append(scores[i : i + len(options)])
-        i += len(options)
-    return out
+    """log P(candidate | context) for every candidate of every context, in one batched forward pass."""
+    items = [[(context, options)] for context, options in zip(contexts, candidates, strict=True)]
+    return [groups[0] for groups in group_logprobs(model, tokenizer, items, adapter_names)]
 
 
 def _softmax(values: Sequence[float]) -> list[float]:
@@ -150,41 +253,46 @@ def build_prompts(
     return prompts
 
 
+def _response_groups(prompt: str) -> list[Group]:
+    """The scoring groups of one prompt: the stars; the labels after each star; the reactions after each (star,
+    label). All go in one forward pass (:func:`group_logprobs`); :func:`_decide` reads the winners' path."""
+    groups: list[Group] = [(prompt, [f"{STAR_PREFIX}{s}星级" for s in STARS])]
+    label_words = [LABEL_WORDS[label] for label in LABELS]
+    groups += [(prompt + LABEL_PREFIX_TEMPLATE.format(star=s), label_words) for s in STARS]
+    groups += [
+        (prompt + REACTION_PREFIX_TEMPLATE.format(star=s, label=word), [REACTION_WORDS[r] for r in LABELS])
+        for s in STARS
+        for word in label_words
+    ]
+    return groups
+
+
+def _decide(scores: Sequence[Sequence[float]]) -> Prediction:
+    """The greedy reading of one item's group scores: the best star, the label probabilities after it, and the best
+    reaction after that star and label; what scoring the stages one after another would give."""
+
+    def best(row: Sequence[float]) -> int:
+        return max(range(len(row)), key=row.__getitem__)
+
+    star = best(scores[0])
+    label_scores = scores[1 + star]
+    probs = dict(zip(LABELS, _softmax(label_scores), strict=True))
+    label = best(label_scores)
+    reaction = best(scores[1 + len(STARS) + star * len(LABELS) + label])
+    return Prediction(
+        label=LABELS[label], probs=probs, importance=STARS[star], market_reaction=REACTION_WORDS[LABELS[reaction]]
+    )
+
+
 def classify(
     model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None,
     adapter_names: Sequence[str] | None = None,
 ) -> list[Prediction]:  # fmt: skip
-    """Importance, label probabilities and market reaction for each text, by scoring the standard response
-    (``adapter_names``: each text's adapter, for a mixed batch)."""
+    """Importance, label probabilities and market reaction for each text, by scoring the standard response in
+    one forward pass (``adapter_names``: each text's adapter, for a mixed batch)."""
     prompts = build_prompts(model, tokenizer, texts, instructions)
-    star_scores = continuation_logprobs(
-        model, tokenizer, prompts, [[f"{STAR_PREFIX}{s}星级" for s in STARS]] * len(prompts), adapter_names
-    )
-    stars = [STARS[max(range(len(STARS)), key=row.__getitem__)] for row in star_scores]
-    label_scores = continuation_logprobs(
-        model,
-        tokenizer,
-        [p + LABEL_PREFIX_TEMPLATE.format(star=s) for p, s in zip(prompts, stars, strict=True)],
-        [[LABEL_WORDS[label] for label in LABELS]] * len(prompts),
-        adapter_names,
-    )
-    probs = [dict(zip(LABELS, _softmax(row), strict=True)) for row in label_scores]
-    labels: list[Label] = [max(p, key=p.__getitem__) for p in probs]
-    reaction_scores = continuation_logprobs(
-        model,
-        tokenizer,
-        [
-            p + REACTION_PREFIX_TEMPLATE.format(star=s, label=LABEL_WORDS[lab])
-            for p, s, lab in zip(prompts, stars, labels, strict=True)
-        ],
-        [[REACTION_WORDS[label] for label in LABELS]] * len(prompts),
-        adapter_names,
-    )
-    reactions = [REACTION_WORDS[LABELS[max(range(3), key=row.__getitem__)]] for row in reaction_scores]
-    return [
-        Prediction(label=lab, probs=p, importance=s, market_reaction=r)
-        for lab, p, s, r in zip(labels, probs, stars, reactions, strict=True)
-    ]
+    scores = group_logprobs(model, tokenizer, [_response_groups(p) for p in prompts], adapter_names)
+    return [_decide(item) for item in scores]
 
 
 @torch.no_grad()

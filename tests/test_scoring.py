@@ -1,0 +1,78 @@
+"""Tree scoring is exact: one forward pass over an item's token tree gives each candidate the log-probability it
+has when its sequence is run alone, and ``classify`` reads the stages as scoring them one after another would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.prompts import LABEL_PREFIX_TEMPLATE, LABEL_WORDS, LABELS, REACTION_PREFIX_TEMPLATE, REACTION_WORDS
+from service.scoring import STAR_PREFIX, STARS, build_prompts, classify, continuation_logprobs, group_logprobs
+
+TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady 🛢️"]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model_and_tokenizer(request: pytest.FixtureRequest, builtin_model_cache: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_cache, attn_implementation=request.param)
+    return model.eval(), AutoTokenizer.from_pretrained(builtin_model_cache)
+
+
+@torch.no_grad()
+def alone(model: Any, tokenizer: Any, context: str, options: list[str]) -> list[float]:
+    """Each candidate's sequence run by itself, unpadded, scored from where the candidates depart from the context."""
+    ctx = tokenizer(context)["input_ids"]
+    full = [tokenizer(context + o)["input_ids"] for o in options]
+    shared = [next((i for i, (a, b) in enumerate(zip(ctx, f, strict=False)) if a != b), len(ctx)) for f in full]
+    start = max(1, min(shared))
+    out = []
+    for ids in full:
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        out.append(float(sum(logprobs[j - 1, ids[j]] for j in range(start, len(ids)))))
+    return out
+
+
+def test_tree_scores_equal_sequences_alone(model_and_tokenizer: tuple[Any, Any]) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = build_prompts(model, tokenizer, TEXTS)
+    items = [
+        [
+            (p, [f"{STAR_PREFIX}{s}星级" for s in STARS]),
+            (p + LABEL_PREFIX_TEMPLATE.format(star=2), ["利好", "利空", "中性"]),
+        ]
+        for p in prompts
+    ]
+    got = group_logprobs(model, tokenizer, items)
+    for item, scores in zip(items, got, strict=True):
+        for (context, options), row in zip(item, scores, strict=True):
+            assert row == pytest.approx(alone(model, tokenizer, context, list(options)), abs=2e-4)
+    # one group per context is the plain candidate scoring the OpenAI route's guided_choice uses
+    assert continuation_logprobs(model, tokenizer, prompts[:1], [["是", "否"]])[0] == pytest.approx(
+        alone(model, tokenizer, prompts[0], ["是", "否"]), abs=2e-4
+    )
+
+
+def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any]) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = build_prompts(model, tokenizer, TEXTS)
+    for prompt, got in zip(prompts, classify(model, tokenizer, TEXTS), strict=True):
+        stars = alone(model, tokenizer, prompt, [f"{STAR_PREFIX}{s}星级" for s in STARS])
+        star = STARS[max(range(len(STARS)), key=stars.__getitem__)]
+        words = [LABEL_WORDS[label] for label in LABELS]
+        labels = alone(model, tokenizer, prompt + LABEL_PREFIX_TEMPLATE.format(star=star), words)
+        label = LABELS[max(range(3), key=labels.__getitem__)]
+        reactions = alone(
+            model, tokenizer, prompt + REACTION_PREFIX_TEMPLATE.format(star=star, label=LABEL_WORDS[label]),
+            [REACTION_WORDS[r] for r in LABELS],
+        )  # fmt: skip
+        assert (got.importance, got.label) == (star, label)
+        assert got.market_reaction == REACTION_WORDS[LABELS[max(range(3), key=reactions.__getitem__)]]
+        total = torch.logsumexp(torch.tensor(labels), 0)
+        assert [got.probs[lab] for lab in LABELS] == pytest.approx(
+            [float(torch.exp(v - total)) for v in labels], abs=1e-4
+        )
