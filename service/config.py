@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         "or 'all'; empty: none (every adapter attached to the one base)"
     )  # fmt: skip
     max_merged_models: int = Field(default=1, ge=1, description="merged copies kept in memory (each a whole model)")
+    compile_merged_decoding: bool = Field(
+        default=True, description="on CUDA, merged copies generate with a static KV cache that transformers compiles "
+        "(torch.compile, CUDA graphs); each new batch size compiles once, for tens of seconds"
+    )  # fmt: skip
 
     # Limits
     max_upload_bytes: int = 200 * 1024 * 1024

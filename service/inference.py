@@ -167,6 +167,10 @@ class ModelServer:
             self._drop_merged(next(iter(self._merged)))
         base = load_model(self._source(), plan_load(pick_device(self.settings.device), "none"))
         model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
+        if model.device.type == "cuda" and self.settings.compile_merged_decoding:
+            # transformers' generate then decodes with a static KV cache and compiles the step (CUDA graphs), so
+            # decoding is no longer bound by Python; only a plain model can, hence merged copies only
+            model.generation_config.cache_implementation = "static"
         self._merged[adapter.name] = model
         return model
 

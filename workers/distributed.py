@@ -77,22 +77,23 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return int(tensor.item())
 
-    def reduce_step(self, params: list[torch.Tensor], loss: float, tokens: int) -> tuple[float, int]:
-        """Sum the gradients of ``params``, the step's loss and its token count over all ranks, in one all_reduce.
+    def reduce_step(self, params: list[torch.Tensor], loss: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+        """Sum the gradients of ``params``, the step's loss (a scalar tensor) and its token count over all ranks, in
+        one all_reduce.
 
         A rank without samples in this step (fewer samples than ranks) contributes zeros.
         """
         if self.world == 1:
             return loss, tokens
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        scalars = torch.tensor([loss, float(tokens)], dtype=torch.float32, device=self.device)
+        scalars = torch.stack([loss.float().to(self.device), torch.tensor(float(tokens), device=self.device)])
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [scalars])
         torch.distributed.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.dtype)
             offset += g.numel()
-        return float(flat[-2].item()), int(round(float(flat[-1].item())))
+        return flat[-2], int(round(float(flat[-1].item())))
 
     def sync_start(self, params: list[torch.Tensor], seed: int, start_step: int) -> None:
         """Every rank starts from rank 0's weights; ranks > 0 reseed so their dropout masks differ from rank 0's."""

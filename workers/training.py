@@ -257,7 +257,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
                 collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
             ]
         denominator = dist.sum_int(sum(b.num_target_tokens for b in micro))  # the step's target tokens, all ranks
-        loss_value, step_tokens = 0.0, 0
+        step_loss_sum, step_tokens = torch.zeros((), device=device), 0
         for batch in micro:
             if isinstance(batch, PackedBatch):
                 assert cuda is not None
@@ -265,14 +265,15 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
             else:
                 loss, tokens = step_loss(model, batch, device, denominator), batch.num_tokens
             loss.backward()
-            loss_value += float(loss.detach())
+            step_loss_sum += loss.detach()  # a tensor: reading it per micro-batch would stall the GPU each time
             step_tokens += tokens
-        loss_value, step_tokens = dist.reduce_step(trainable, loss_value, step_tokens)  # gradients summed over ranks
+        step_loss_sum, step_tokens = dist.reduce_step(trainable, step_loss_sum, step_tokens)  # summed over ranks
         tokens_seen += step_tokens
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=not keep_grads)
+        loss_value = float(step_loss_sum)  # the step's one wait for the GPU, once all its work is queued
 
         done = step + 1
         history["step_loss"].append([done, round(loss_value, 5)])
