@@ -38,6 +38,7 @@ from service.prompts import (
     NewsItem,
     render_prompt,
 )
+from service.token_tree import Group, TreeRow, encode_items
 
 Text = str | NewsItem  # a news text, or a text with metadata / market context
 BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch's adapter_names
@@ -53,90 +54,6 @@ class Prediction:
     @property
     def score(self) -> float:
         return self.probs[self.label]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-Group = tuple[str, Sequence[str]]  # a context and the candidate continuations scored against each other
-
-
-@dataclass
-class _TokenTree:
-    """One item's candidate sequences merged into a trie of tokens: a shared prefix (the prompt) appears once.
-
-    Nodes are numbered in creation order, so a parent always comes before its children; a node's depth is its
-    position id. ``scored[s]`` lists, for sequence ``s``, the (node that predicts it, token) of each scored token.
-    """
-
-    tokens: list[int]
-    parents: list[int]
-    depths: list[int]
-    scored: list[list[tuple[int, int]]]
-
-    @classmethod
-    def build(cls, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> _TokenTree:
-        tree = cls([], [], [], [])
-        children: dict[tuple[int, int], int] = {}
-        for ids, start in zip(sequences, starts, strict=True):
-            node, pairs = -1, []
-            for j, token in enumerate(ids):
-                if j >= start:  # start >= 1: the first token is never scored
-                    pairs.append((node, token))
-                if (node, token) not in children:
-                    children[node, token] = len(tree.tokens)
-                    tree.tokens.append(token)
-                    tree.parents.append(node)
-                    tree.depths.append(tree.depths[node] + 1 if node >= 0 else 0)
-                node = children[node, token]
-            tree.scored.append(pairs)
-        return tree
-
-    def layout(self) -> tuple[list[int], list[int]]:
-        """The order of the nodes in the row, predicting nodes last (only the row's last logits are computed), and
-        the predicting nodes."""
-        predicting = sorted({node for pairs in self.scored for node, _ in pairs})
-        chosen = set(predicting)
-        return [n for n in range(len(self.tokens)) if n not in chosen] + predicting, predicting
-
-    def ancestry(self, order: Sequence[int]) -> np.ndarray:
-        """``[i, j]``: the node at place ``i`` of ``order`` may attend to the node at place ``j`` (an ancestor or
-        itself)."""
-        n = len(self.tokens)
-        allowed = np.zeros((n, n), dtype=bool)
-        for node, parent in enumerate(self.parents):
-            if parent >= 0:
-                allowed[node] = allowed[parent]
-            allowed[node, node] = True
-        return allowed[np.ix_(order, order)]
-
-
-def _tokenise_groups(tokenizer: Any, items: Sequence[Sequence[Group]]) -> list[_TokenTree]:
-    """Each item's groups as one token tree. Every sequence (context + candidate) is tokenised whole, as in
-    training, and the candidates of a group are scored from the first token where any of them departs from the
-    context, so their scores compare like with like."""
-    texts = [
-        text for groups in items for context, options in groups for text in (context, *(context + o for o in options))
-    ]
-    encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"])
-    trees = []
-    for groups in items:
-        sequences: list[list[int]] = []
-        starts: list[int] = []
-        for _, options in groups:
-            ctx_ids = next(encoded)
-            full = [next(encoded) for _ in options]
-            start = max(1, min(_common_prefix(ctx_ids, ids) for ids in full))
-            sequences.extend(full)
-            starts.extend([start] * len(full))
-        trees.append(_TokenTree.build(sequences, starts))
-    return trees
 
 
 def _keeps_logits(model: Any) -> bool:
@@ -161,26 +78,30 @@ def group_logprobs(
 ) -> list[list[list[float]]]:
     """log P(candidate | context) for every candidate of every group of every item, in one forward pass.
 
-    Each item is one row holding its token tree (:class:`_TokenTree`): every token attends to its ancestors only
-    (a 4D mask) at its depth as position, so each sequence is computed exactly as if alone, but the prompt they
-    share is computed once, not once per candidate. Rows are left-padded, and the nodes whose next-token
-    distribution is read are placed last, so only the vocabulary logits of the last few positions are computed:
-    with a 100k vocabulary, full logits of a batch would take tens of GB. ``adapter_names``: each item's adapter
-    (peft's mixed batch).
+    Each item is one row: its prompt once, then its candidates' token tree (``service.token_tree``), each token
+    attending to the prompt and its own ancestors only (a 4D mask) at its depth as position, so each sequence is
+    computed exactly as if alone. Rows are left-padded and the nodes whose next-token distribution is read come
+    last, so only the vocabulary logits of the last few positions are computed: with a 100k vocabulary, full logits
+    of a batch would take tens of GB. ``adapter_names``: each item's adapter (peft's mixed batch).
     """
-    trees = _tokenise_groups(tokenizer, items)
-    layouts = [tree.layout() for tree in trees]
-    width = max(len(tree.tokens) for tree in trees)
-    keep = max(len(predicting) for _, predicting in layouts)
+    rows = encode_items(tokenizer, items)
+    width = max(len(row.trunk) + len(row.branches.tokens) for row in rows)
+    keep = max(row.branches.predicting for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(trees), width), pad, dtype=torch.long)
-    positions = torch.zeros((len(trees), width), dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(len(trees), 1, 1)  # a padding place sees itself: no NaN
-    for row, (tree, (order, _)) in enumerate(zip(trees, layouts, strict=True)):
-        first = width - len(order)
-        input_ids[row, first:] = torch.tensor([tree.tokens[n] for n in order])
-        positions[row, first:] = torch.tensor([tree.depths[n] for n in order])
-        allowed[row, first:, first:] = torch.from_numpy(tree.ancestry(order))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # a padding place sees itself: no NaN
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for i, row in enumerate(rows):
+        trunk, branches = len(row.trunk), row.branches
+        first = width - trunk - len(branches.tokens)  # where the trunk starts; the branches start at first + trunk
+        input_ids[i, first : first + trunk] = torch.tensor(row.trunk, dtype=torch.long)
+        input_ids[i, first + trunk :] = torch.from_numpy(branches.tokens)
+        positions[i, first : first + trunk] = torch.arange(trunk)
+        positions[i, first + trunk :] = torch.from_numpy(branches.depths) + trunk
+        allowed[i, first : first + trunk, first : first + trunk] = causal[:trunk, :trunk]
+        allowed[i, first + trunk :, first : first + trunk] = True
+        allowed[i, first + trunk :, first + trunk :] = torch.from_numpy(branches.ancestry)
     device = next(model.parameters()).device
     extra: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
     if adapter_names is not None:
@@ -192,24 +113,20 @@ def group_logprobs(
         **extra,
     ).logits[:, -keep:]
     # every scored token as (row, kept place of the node that predicts it, token), gathered in one go
-    rows: list[int] = []
-    places: list[int] = []
-    tokens: list[int] = []
-    for row, (tree, (_, predicting)) in enumerate(zip(trees, layouts, strict=True)):
-        place = {node: keep - len(predicting) + i for i, node in enumerate(predicting)}
-        for pairs in tree.scored:
-            rows.extend([row] * len(pairs))
-            places.extend(place[node] for node, _ in pairs)
-            tokens.extend(token for _, token in pairs)
-    norms = torch.stack([torch.logsumexp(logits[row].float(), dim=-1) for row in range(len(trees))])  # row by row
-    index = torch.tensor(rows, device=device), torch.tensor(places, device=device)
-    token_lp = (logits[index + (torch.tensor(tokens, device=device),)].float() - norms[index]).cpu().tolist()
-    values = iter(token_lp)
-    out: list[list[list[float]]] = []
-    for tree, groups in zip(trees, items, strict=True):
-        sums = iter([math.fsum(next(values) for _ in pairs) for pairs in tree.scored])
-        out.append([[next(sums) for _ in options] for _, options in groups])
-    return out
+    which = np.concatenate([np.full(len(row.branches.targets), i) for i, row in enumerate(rows)])
+    places = np.concatenate([keep - row.branches.predicting + row.branches.places for row in rows])
+    targets = np.concatenate([row.branches.targets for row in rows])
+    index = torch.from_numpy(which).to(device), torch.from_numpy(places).to(device)
+    norms = torch.stack([torch.logsumexp(logits[i].float(), dim=-1) for i in range(len(rows))])  # row by row
+    token_lp = logits[index + (torch.from_numpy(targets).to(device),)].float() - norms[index]
+    sums = iter(np.add.reduceat(token_lp.double().cpu().numpy(), _offsets(rows)).tolist())
+    return [[[next(sums) for _ in options] for _, options in groups] for groups in items]
+
+
+def _offsets(rows: Sequence[TreeRow]) -> np.ndarray:
+    """Where each sequence's scored tokens start in the concatenation of all rows' scored tokens."""
+    lengths = [n for row in rows for n in row.branches.lengths]
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
 def continuation_logprobs(

@@ -57,6 +57,20 @@ def test_tree_scores_equal_sequences_alone(model_and_tokenizer: tuple[Any, Any])
     )
 
 
+def test_tokenised_whole_where_the_prompt_does_not_end_at_a_token_boundary(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    """A context ending mid-number: a candidate merges with its last character ("1" + "0" is the token "10"), so
+    the item is tokenised sequence by sequence (the fallback), and still scores as the sequences alone do."""
+    model, tokenizer = model_and_tokenizer
+    context, options = "美联储利率为1", ["0", "5", "点"]
+    joined = tokenizer(context + options[0])["input_ids"]
+    assert joined != tokenizer(context)["input_ids"] + tokenizer(options[0], add_special_tokens=False)["input_ids"]
+    got = continuation_logprobs(model, tokenizer, [context, "利好消息"], [options, ["利好", "中性"]])
+    assert got[0] == pytest.approx(alone(model, tokenizer, context, options), abs=2e-4)
+    assert got[1] == pytest.approx(alone(model, tokenizer, "利好消息", ["利好", "中性"]), abs=2e-4)
+
+
 def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any]) -> None:
     model, tokenizer = model_and_tokenizer
     prompts = build_prompts(model, tokenizer, TEXTS)
