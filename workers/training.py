@@ -241,21 +241,24 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     setup_seconds = time.monotonic() - started
 
     # The loop: one optimizer step per iteration, micro-batches accumulated inside it.
-    model.train()
-    loop_start, tokens_seen = time.monotonic(), 0
-    epoch_losses: list[float] = []
-    for step in range(start_step, total_steps):
+    def micro_batches(step: int) -> list[Batch] | list[PackedBatch]:
+        """This rank's share of the step's samples, as packed rows (CUDA) or padded micro-batches."""
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_rows), hp.seed, epoch)
         chosen = [train_rows[i] for i in order[index_in_epoch * hp.batch_size : (index_in_epoch + 1) * hp.batch_size]]
-        chosen = dist.shard(chosen)  # multi-GPU: this rank's share of the step's samples
-        micro: list[Batch] | list[PackedBatch]
+        chosen = dist.shard(chosen)
         if cuda is not None:
-            micro = cuda.pack(chosen, pad_id)
-        else:
-            micro = [
-                collate(chosen[i : i + hp.micro_batch_size], pad_id) for i in range(0, len(chosen), hp.micro_batch_size)
-            ]
+            return cuda.pack(chosen, pad_id)
+        size = hp.micro_batch_size
+        return [collate(chosen[i : i + size], pad_id) for i in range(0, len(chosen), size)]
+
+    model.train()
+    loop_start, tokens_seen = time.monotonic(), 0
+    epoch_losses: list[float] = []
+    next_micro = micro_batches(start_step) if start_step < total_steps else []
+    for step in range(start_step, total_steps):
+        epoch = step // steps_per_epoch
+        micro = next_micro
         denominator = dist.sum_int(sum(b.num_target_tokens for b in micro))  # the step's target tokens, all ranks
         step_loss_sum, step_tokens = torch.zeros((), device=device), 0
         for batch in micro:
@@ -273,6 +276,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=not keep_grads)
+        next_micro = micro_batches(step + 1) if step + 1 < total_steps else []  # while the GPU finishes this step
         loss_value = float(step_loss_sum)  # the step's one wait for the GPU, once all its work is queued
 
         done = step + 1
