@@ -4,7 +4,8 @@
     python bench/profile_label_gpu.py --out $OUT      # the checkpoint and adapter of bench/analyze_gpu.py
 
 For the NF4 base with an adapter attached and for the merged bf16 copy it prints the median of:
-``ModelServer.analyze`` (what the latency figure of analyze_gpu.py measures); ``scoring.classify`` alone; the
+``ModelServer.analyze`` (what the latency figure of analyze_gpu.py measures); ``scoring.classify`` alone, eager
+and replaying CUDA graphs (``service.scoring_graphs``); the
 tokenisation into token trees (``token_tree.encode_items``); and plain forward passes of the same number of tokens:
 causal without a mask, and with a custom 4D mask (the tree's), so the cost of the mask shows. It writes a
 ``torch.profiler`` table of the classify calls (ops by CUDA time) to ``profile_label_<name>.txt``.
@@ -30,6 +31,7 @@ from analyze_gpu import build, make_adapters, sync, texts_for  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.inference import AdapterRef, ModelServer  # noqa: E402
 from service.scoring import _response_groups, build_prompts, classify  # noqa: E402
+from service.scoring_graphs import ScoringGraphs  # noqa: E402
 from service.token_tree import encode_items  # noqa: E402
 
 
@@ -48,6 +50,8 @@ def median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
 def measure(server: ModelServer, adapter: AdapterRef, texts: list[str], out: Path, name: str) -> dict[str, Any]:
     report: dict[str, Any] = {"analyze_ms": median_ms(lambda: server.analyze([texts[0]], adapter, 0))}
 
+    graphs = ScoringGraphs()
+
     @torch.no_grad()
     def inside(model: Any, tokenizer: Any) -> None:
         prompts = build_prompts(model, tokenizer, texts[:1])
@@ -60,6 +64,7 @@ def measure(server: ModelServer, adapter: AdapterRef, texts: list[str], out: Pat
         report.update(
             tree_tokens=width,
             classify_ms=median_ms(lambda: classify(model, tokenizer, texts[:1])),
+            classify_graphed_ms=median_ms(lambda: classify(model, tokenizer, texts[:1], graphs=graphs)),
             encode_items_ms=median_ms(lambda: encode_items(tokenizer, items)),
             forward_causal_ms=median_ms(lambda: model(input_ids=ids, logits_to_keep=keep)),
             forward_4d_mask_ms=median_ms(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=keep)),

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         "or 'all'; empty: none (every adapter attached to the one base)"
     )  # fmt: skip
     max_merged_models: int = Field(default=1, ge=1, description="merged copies kept in memory (each a whole model)")
+    cuda_graph_scoring: bool = Field(
+        default=True, description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
+        "bucket and adapter, captured on first use)"
+    )  # fmt: skip
     compile_merged_decoding: bool = Field(
         default=True, description="on CUDA, merged copies generate with a static KV cache that transformers compiles "
         "(torch.compile, CUDA graphs); each new batch size compiles once, for tens of seconds"

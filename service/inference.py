@@ -38,6 +38,7 @@ from service.datasets.store import dataset_input_fields
 from service.modeling import load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.prompts import INPUT_FIELDS, LABEL_IDS
 from service.scoring import BASE, Prediction, Text, build_prompts, classify, generate
+from service.scoring_graphs import ScoringGraphs
 
 DEFAULT_MAX_NEW_TOKENS = 80
 T = TypeVar("T")
@@ -123,6 +124,7 @@ class ModelServer:
         self._mixable: dict[str, bool] = {}  # loaded adapter -> whether it can share a mixed batch
         self._merged: OrderedDict[str, Any] = OrderedDict()  # adapter name -> merged model, least recently used first
         self._input_fields: dict[str, tuple[int, list[str]]] = {}  # adapter name -> (training_info mtime, fields)
+        self._graphs: dict[tuple[str, str], ScoringGraphs] = {}  # (model, adapter) -> its scoring CUDA graphs
         self.max_adapters = settings.max_loaded_adapters
         self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms)
 
@@ -155,6 +157,18 @@ class ModelServer:
             plan = plan_load(pick_device(self.settings.device), self.settings.serve_quantization)
             self._model = load_model(self._source(), plan).eval()
 
+    def _scoring_graphs(self, model: str, adapter: str) -> ScoringGraphs | None:
+        """The CUDA graphs of label scoring on ``model`` ("attached": the base with its adapters; "merged": a merged
+        copy) with ``adapter`` (``BASE``: none) active; None where scoring is not graphed."""
+        if not self.settings.cuda_graph_scoring or pick_device(self.settings.device) != "cuda":
+            return None
+        return self._graphs.setdefault((model, adapter), ScoringGraphs())
+
+    def _drop_graphs(self, model: str, adapter: str | None = None) -> None:
+        """Forget graphs whose weights change or go (they replay the memory they were captured with)."""
+        for key in [k for k in self._graphs if k[0] == model and adapter in (None, k[1])]:
+            del self._graphs[key]
+
     def _merged_model(self, adapter: AdapterRef) -> Any:
         """The base with ``adapter`` merged in, unquantised (bf16 on CUDA, float32 on the CPU); loaded on first use."""
         from peft import PeftModel
@@ -176,6 +190,7 @@ class ModelServer:
 
     def _drop_merged(self, name: str) -> None:
         self._merged.pop(name, None)
+        self._drop_graphs("merged", name)
         _free_memory()
 
     def input_fields(self, adapter: AdapterRef | None) -> list[str] | None:
@@ -214,6 +229,7 @@ class ModelServer:
             if adapter.name in self._loaded:
                 continue
             check_adapter_files(adapter.path, self.settings.adapters_dir)
+            self._drop_graphs("attached")  # the model gains LoRA layers (and may lose an adapter below)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(adapter.path), adapter_name=adapter.name)
             else:
@@ -240,6 +256,7 @@ class ModelServer:
             self._mixable.clear()
             self._merged.clear()
             self._input_fields.clear()
+            self._graphs.clear()
         _free_memory()
 
     def unload(self, name: str) -> None:
@@ -251,6 +268,7 @@ class ModelServer:
                 return
             del self._loaded[name]
             self._mixable.pop(name, None)
+            self._drop_graphs("attached")
             if self._loaded:
                 self._model.delete_adapter(name)
             else:  # peft keeps at least one adapter: drop the LoRA layers and serve the bare base again
@@ -315,9 +333,9 @@ class ModelServer:
         """
         out: list[tuple[Prediction, str, int] | None] = [None] * len(texts)
 
-        def run_pass(model: Any, indices: list[int], names: list[str] | None) -> None:
+        def run_pass(model: Any, indices: list[int], names: list[str] | None, graphs: ScoringGraphs | None) -> None:
             part = [texts[i] for i in indices]
-            predictions = classify(model, self._tokenizer, part, adapter_names=names)
+            predictions = classify(model, self._tokenizer, part, adapter_names=names, graphs=graphs)
             prompts = build_prompts(model, self._tokenizer, part)
             analyses = generate(model, self._tokenizer, prompts, new_tokens, adapter_names=names)
             for i, p, a in zip(indices, predictions, analyses, strict=True):
@@ -328,7 +346,7 @@ class ModelServer:
             with self._lock:
                 if first is not None and self.is_merged(first):
                     self._ensure_tokenizer()
-                    run_pass(self._merged_model(first), chunk, None)
+                    run_pass(self._merged_model(first), chunk, None, self._scoring_graphs("merged", first.name))
                     continue
                 self._ensure_base()
                 needed = {a.name: a for a in (adapters[i] for i in chunk) if a is not None}
@@ -336,7 +354,7 @@ class ModelServer:
                 names = [BASE if a is None else a.name for a in (adapters[i] for i in chunk)]
                 distinct = list(dict.fromkeys(names))
                 if len(distinct) > 1 and all(self._mixable.get(n, False) for n in needed):
-                    run_pass(self._model, chunk, names)
+                    run_pass(self._model, chunk, names, None)
                     continue
                 for name in distinct:  # one adapter (or the base) at a time
                     indices = [i for i, n in zip(chunk, names, strict=True) if n == name]
@@ -346,7 +364,7 @@ class ModelServer:
                         self._model.set_adapter(name)
                         context = nullcontext()
                     with context:
-                        run_pass(self._model, indices, None)
+                        run_pass(self._model, indices, None, self._scoring_graphs("attached", name))
         return [item for item in out if item is not None]
 
     def analyze(

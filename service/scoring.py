@@ -38,6 +38,7 @@ from service.prompts import (
     NewsItem,
     render_prompt,
 )
+from service.scoring_graphs import WIDTH_MULTIPLE, ScoringGraphs
 from service.token_tree import Group, TreeRow, encode_items
 
 Text = str | NewsItem  # a news text, or a text with metadata / market context
@@ -74,18 +75,22 @@ def _attention_mask(allowed: torch.Tensor, model: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def group_logprobs(
-    model: Any, tokenizer: Any, items: Sequence[Sequence[Group]], adapter_names: Sequence[str] | None = None
-) -> list[list[list[float]]]:
+    model: Any, tokenizer: Any, items: Sequence[Sequence[Group]], adapter_names: Sequence[str] | None = None,
+    graphs: ScoringGraphs | None = None,
+) -> list[list[list[float]]]:  # fmt: skip
     """log P(candidate | context) for every candidate of every group of every item, in one forward pass.
 
     Each item is one row: its prompt once, then its candidates' token tree (``service.token_tree``), each token
     attending to the prompt and its own ancestors only (a 4D mask) at its depth as position, so each sequence is
     computed exactly as if alone. Rows are left-padded and the nodes whose next-token distribution is read come
     last, so only the vocabulary logits of the last few positions are computed: with a 100k vocabulary, full logits
-    of a batch would take tens of GB. ``adapter_names``: each item's adapter (peft's mixed batch).
+    of a batch would take tens of GB. ``adapter_names``: each item's adapter (peft's mixed batch). ``graphs``: this
+    model's CUDA graphs (``service.scoring_graphs``), which the pass replays where it can.
     """
     rows = encode_items(tokenizer, items)
     width = max(len(row.trunk) + len(row.branches.tokens) for row in rows)
+    if graphs is not None:  # similar prompts share a graph
+        width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     keep = max(row.branches.predicting for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -103,15 +108,15 @@ def group_logprobs(
         allowed[i, first + trunk :, first : first + trunk] = True
         allowed[i, first + trunk :, first + trunk :] = torch.from_numpy(branches.ancestry)
     device = next(model.parameters()).device
-    extra: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
-    if adapter_names is not None:
-        extra["adapter_names"] = list(adapter_names)
-    logits = model(
-        input_ids=input_ids.to(device),
-        attention_mask=_attention_mask(allowed, model).to(device),
-        position_ids=positions.to(device),
-        **extra,
-    ).logits[:, -keep:]
+    inputs = input_ids.to(device), _attention_mask(allowed, model).to(device), positions.to(device)
+    logits = graphs.forward(model, *inputs, keep) if graphs is not None and adapter_names is None else None
+    if logits is None:
+        extra: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
+        if adapter_names is not None:
+            extra["adapter_names"] = list(adapter_names)
+        ids, mask, position_ids = inputs
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **extra).logits
+    logits = logits[:, -keep:]
     # every scored token as (row, kept place of the node that predicts it, token), gathered in one go
     which = np.concatenate([np.full(len(row.branches.targets), i) for i, row in enumerate(rows)])
     places = np.concatenate([keep - row.branches.predicting + row.branches.places for row in rows])
@@ -203,12 +208,13 @@ def _decide(scores: Sequence[Sequence[float]]) -> Prediction:
 
 def classify(
     model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None,
-    adapter_names: Sequence[str] | None = None,
+    adapter_names: Sequence[str] | None = None, graphs: ScoringGraphs | None = None,
 ) -> list[Prediction]:  # fmt: skip
     """Importance, label probabilities and market reaction for each text, by scoring the standard response in
-    one forward pass (``adapter_names``: each text's adapter, for a mixed batch)."""
+    one forward pass (``adapter_names``: each text's adapter, for a mixed batch; ``graphs``: the model's CUDA
+    graphs, see :func:`group_logprobs`)."""
     prompts = build_prompts(model, tokenizer, texts, instructions)
-    scores = group_logprobs(model, tokenizer, [_response_groups(p) for p in prompts], adapter_names)
+    scores = group_logprobs(model, tokenizer, [_response_groups(p) for p in prompts], adapter_names, graphs)
     return [_decide(item) for item in scores]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from service.prompts import LABEL_PREFIX_TEMPLATE, LABEL_WORDS, LABELS, REACTION_PREFIX_TEMPLATE, REACTION_WORDS
 from service.scoring import STAR_PREFIX, STARS, build_prompts, classify, continuation_logprobs, group_logprobs
+from service.scoring_graphs import ScoringGraphs
 
 TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady 🛢️"]
 
@@ -90,3 +91,32 @@ def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any])
         assert [got.probs[lab] for lab in LABELS] == pytest.approx(
             [float(torch.exp(v - total)) for v in labels], abs=1e-4
         )
+
+
+class _EagerReplay:
+    """Stands in for a CUDA graph on the CPU: replaying reruns the recorded function into the same output buffer,
+    reading the same static inputs, as a graph's replay does."""
+
+    def __init__(self, run: Any) -> None:
+        self.run, self.out = run, run()
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+
+class _CpuGraphs(ScoringGraphs):
+    def _capture(self, run: Any) -> tuple[Any, torch.Tensor]:
+        graph = _EagerReplay(run)
+        return graph, graph.out
+
+
+def test_graphed_scoring_pads_to_buckets_and_replays_new_inputs(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """With graphs, rows are padded to a width bucket and each call copies its inputs into the captured ones: a
+    second text of the same bucket replays the first one's graph and still gets its own scores."""
+    model, tokenizer = model_and_tokenizer
+    graphs = _CpuGraphs()
+    for text in TEXTS[:2]:
+        assert classify(model, tokenizer, [text], graphs=graphs) == classify(model, tokenizer, [text])
+    assert len(graphs) == 1
+    assert len(classify(model, tokenizer, TEXTS * 2, graphs=graphs)) == 6  # more rows than MAX_ROWS: eager
+    assert len(graphs) == 1
