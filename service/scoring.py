@@ -39,7 +39,7 @@ from service.prompts import (
     render_prompt,
 )
 from service.scoring_graphs import WIDTH_MULTIPLE, ScoringGraphs
-from service.token_tree import Group, TreeRow, encode_items
+from service.token_tree import Group, encode_items
 
 Text = str | NewsItem  # a news text, or a text with metadata / market context
 BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch's adapter_names
@@ -124,14 +124,11 @@ def group_logprobs(
     index = torch.from_numpy(which).to(device), torch.from_numpy(places).to(device)
     norms = torch.stack([torch.logsumexp(logits[i].float(), dim=-1) for i in range(len(rows))])  # row by row
     token_lp = logits[index + (torch.from_numpy(targets).to(device),)].float() - norms[index]
-    sums = iter(np.add.reduceat(token_lp.double().cpu().numpy(), _offsets(rows)).tolist())
+    running = np.concatenate([[0.0], np.cumsum(token_lp.double().cpu().numpy())])
+    lengths = np.array([n for row in rows for n in row.branches.lengths], dtype=np.int64)  # per sequence, in order
+    ends = np.cumsum(lengths)
+    sums = iter((running[ends] - running[ends - lengths]).tolist())
     return [[[next(sums) for _ in options] for _, options in groups] for groups in items]
-
-
-def _offsets(rows: Sequence[TreeRow]) -> np.ndarray:
-    """Where each sequence's scored tokens start in the concatenation of all rows' scored tokens."""
-    lengths = [n for row in rows for n in row.branches.lengths]
-    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
 def continuation_logprobs(
