@@ -22,7 +22,6 @@ micro-batch runs; see there. The API calls this from worker threads, never on th
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +38,8 @@ from service.modeling import load_model, load_tokenizer, pick_device, plan_load,
 from service.prompts import INPUT_FIELDS, LABEL_IDS
 from service.scoring import BASE, Prediction, Text, build_prompts, classify, generate
 from service.scoring_graphs import ScoringGraphs
+from service.training_info import FILENAME as TRAINING_INFO
+from service.training_info import read_training_info
 
 DEFAULT_MAX_NEW_TOKENS = 80
 T = TypeVar("T")
@@ -198,18 +199,14 @@ class ModelServer:
         ``input_fields``, else read from its dataset); None for the base alone, which takes every field."""
         if adapter is None:
             return None
-        info_path = adapter.path / "training_info.json"
         try:
-            stamp = info_path.stat().st_mtime_ns
+            stamp = (adapter.path / TRAINING_INFO).stat().st_mtime_ns
         except OSError:
             return []
         cached = self._input_fields.get(adapter.name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            info = {}
+        info = read_training_info(adapter.path)
         fields = info.get("input_fields")
         if not isinstance(fields, list):  # trained before the record existed: derive it from the dataset
             fields = dataset_input_fields(self.settings, str(info.get("dataset", ""))) if info.get("dataset") else []

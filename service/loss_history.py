@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 
 from service.config import Settings
 from service.models import Job, JobEvent, JobMetrics, JobStatus
+from service.training_info import read_training_info
 
 STEPS_FILE = "steps.jsonl"
 
@@ -78,12 +79,7 @@ def _eval_from_events(session: Session, job_id: int) -> list[tuple[int, float | 
 def _training_info(settings: Settings, job: Job) -> dict[str, Any] | None:
     if not job.adapter:
         return None
-    path = settings.adapters_dir / job.adapter / "training_info.json"
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
+    return read_training_info(settings.adapters_dir / job.adapter) or None
 
 
 def thin(points: list[Any], max_points: int) -> list[Any]:

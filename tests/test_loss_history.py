@@ -30,3 +30,16 @@ def test_missing_file_and_thinning(tmp_path: Path) -> None:
     thinned = thin(points, 100)
     assert len(thinned) == 100 and thinned[0] == (1, 1.0) and thinned[-1] == (1000, 1000.0)
     assert thinned == sorted(thinned) and thin(points[:50], 100) == points[:50]
+
+
+def test_a_damaged_training_record_reads_as_empty(tmp_path: Path) -> None:
+    """One reader for training_info.json (adapters route, loss history, model server): missing, unparseable or not
+    an object all read as {}, so an adapter with a damaged record still lists and serves."""
+    from service.training_info import FILENAME, read_training_info
+
+    assert read_training_info(tmp_path) == {}
+    for damaged in ("{not json", "[1, 2]", "\udcff"):
+        (tmp_path / FILENAME).write_text(damaged, encoding="utf-8", errors="surrogateescape")
+        assert read_training_info(tmp_path) == {}
+    (tmp_path / FILENAME).write_text('{"input_fields": ["star"]}', encoding="utf-8")
+    assert read_training_info(tmp_path) == {"input_fields": ["star"]}

@@ -27,6 +27,7 @@ from service.datasets.tokens import token_stats
 from service.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
 from service.models import Progress, ResolvedHyperparameters
 from service.prompts import Example
+from service.training_info import FILENAME as TRAINING_INFO
 from workers import artifacts, checkpoints
 from workers.distributed import SINGLE, Distributed
 from workers.evaluation import evaluate
@@ -371,7 +372,7 @@ def publish_adapter(model: Any, tokenizer: Any, info: dict[str, Any], adapter_di
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "training_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
+        (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
         artifacts.write_all(tmp, info["losses"])
         os.chmod(tmp, 0o755)
         if adapter_dir.exists():  # a retried job whose previous attempt published: replace it

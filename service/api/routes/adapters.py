@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -19,6 +17,7 @@ from service.api.deps import ModelServerDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.config import Settings
 from service.models import AdapterPublic, Job, JobStatus
+from service.training_info import read_training_info
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 ADAPTER_NAME = re.compile(r"^job-(\d{1,18})$")
@@ -43,9 +42,7 @@ def _public(settings: Settings, job: Job) -> AdapterPublic:
     assert job.adapter is not None and job.id is not None
     folder = adapter_path(settings, job.adapter)
     files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(folder.iterdir())] if folder.exists() else []
-    info: dict[str, Any] = {}
-    if (folder / "training_info.json").exists():
-        info = json.loads((folder / "training_info.json").read_text())
+    info = read_training_info(folder)
     metrics = {**info.get("metrics", {}), "losses": info.get("losses", {}), "durations": info.get("durations", {})}
     return AdapterPublic(
         name=job.adapter, job_id=job.id, base_model=job.base_model, dataset=job.dataset,
