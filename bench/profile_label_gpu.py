@@ -4,8 +4,9 @@
     python bench/profile_label_gpu.py --out $OUT      # the checkpoint and adapter of bench/analyze_gpu.py
 
 For the NF4 base with an adapter attached and for the merged bf16 copy it prints the median of:
-``ModelServer.analyze`` (what the latency figure of analyze_gpu.py measures); ``scoring.classify`` alone, eager
-and replaying CUDA graphs (``service.scoring_graphs``); the
+``ModelServer.analyze`` (what the latency figure of analyze_gpu.py measures); ``scoring.classify`` alone (one
+pass over every stage's candidates), eager and replaying CUDA graphs (``service.scoring_graphs``); the same
+scoring in two graphed passes (stars and labels, then reactions), as classify does for larger batches; the
 tokenisation into token trees (``token_tree.encode_items``); and plain forward passes of the same number of tokens:
 causal without a mask, and with a custom 4D mask (the tree's), so the cost of the mask shows. It writes a
 ``torch.profiler`` table of the classify calls (ops by CUDA time) to ``profile_label_<name>.txt``.
@@ -30,7 +31,8 @@ from analyze_gpu import build, make_adapters, sync, texts_for  # noqa: E402
 
 from service.config import Settings  # noqa: E402
 from service.inference import AdapterRef, ModelServer  # noqa: E402
-from service.scoring import _response_groups, build_prompts, classify  # noqa: E402
+from service.prompts import LABELS, STARS  # noqa: E402
+from service.scoring import _label_groups, _reaction_group, build_prompts, classify, group_logprobs  # noqa: E402
 from service.scoring_graphs import ScoringGraphs  # noqa: E402
 from service.token_tree import encode_items  # noqa: E402
 
@@ -50,22 +52,31 @@ def median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
 def measure(server: ModelServer, adapter: AdapterRef, texts: list[str], out: Path, name: str) -> dict[str, Any]:
     report: dict[str, Any] = {"analyze_ms": median_ms(lambda: server.analyze([texts[0]], adapter, 0))}
 
-    graphs = ScoringGraphs()
+    graphs, two_pass_graphs = ScoringGraphs(), ScoringGraphs()
 
     @torch.no_grad()
     def inside(model: Any, tokenizer: Any) -> None:
-        prompts = build_prompts(model, tokenizer, texts[:1])
-        items = [_response_groups(p) for p in prompts]
-        rows = encode_items(tokenizer, items)
+        prompt = build_prompts(model, tokenizer, texts[:1])[0]
+        first = [_label_groups(prompt)]
+        every = [first[0] + [_reaction_group(prompt, s, lab) for s in range(len(STARS)) for lab in LABELS]]
+
+        def two_passes() -> None:  # as classify scores more than ONE_PASS_MAX_TEXTS texts
+            group_logprobs(model, tokenizer, first, graphs=two_pass_graphs)
+            group_logprobs(model, tokenizer, [[_reaction_group(prompt, 0, "neutral")]], graphs=two_pass_graphs)
+
+        rows = encode_items(tokenizer, every)
         width = len(rows[0].trunk) + len(rows[0].branches.tokens)
         keep = rows[0].branches.predicting
         ids = torch.randint(1000, 2000, (1, width), device="cuda")
         mask = torch.ones((1, 1, width, width), dtype=torch.bool, device="cuda").tril()
+        first_row = encode_items(tokenizer, first)[0]
         report.update(
-            tree_tokens=width,
+            one_pass_tree_tokens=width,
+            first_pass_tree_tokens=len(first_row.trunk) + len(first_row.branches.tokens),
             classify_ms=median_ms(lambda: classify(model, tokenizer, texts[:1])),
             classify_graphed_ms=median_ms(lambda: classify(model, tokenizer, texts[:1], graphs=graphs)),
-            encode_items_ms=median_ms(lambda: encode_items(tokenizer, items)),
+            two_passes_graphed_ms=median_ms(two_passes),
+            encode_items_ms=median_ms(lambda: encode_items(tokenizer, every)),
             forward_causal_ms=median_ms(lambda: model(input_ids=ids, logits_to_keep=keep)),
             forward_4d_mask_ms=median_ms(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=keep)),
         )
@@ -99,7 +110,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="flashtune-profile-"))
     adapter = make_adapters(checkpoint, data_dir / "adapters", 1)[0]
     texts = texts_for(8)
-    settings = dict(data_dir=data_dir, base_model=str(checkpoint), device="cuda", batch_wait_ms=2.0)
+    settings: dict[str, Any] = dict(data_dir=data_dir, base_model=str(checkpoint), device="cuda", batch_wait_ms=2.0)
     report = {"nf4_attached": measure(ModelServer(Settings(**settings)), adapter, texts, out, "nf4")}
     merged = ModelServer(Settings(**settings, serve_merged=adapter.name))
     report["merged_bf16"] = measure(merged, adapter, texts, out, "merged")

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from service.prompts import LABEL_PREFIX_TEMPLATE, LABEL_WORDS, LABELS, REACTION_PREFIX_TEMPLATE, REACTION_WORDS
-from service.scoring import STAR_PREFIX, STARS, build_prompts, classify, continuation_logprobs, group_logprobs
+from service.scoring import (
+    ONE_PASS_MAX_TEXTS,
+    STAR_PREFIX,
+    STARS,
+    build_prompts,
+    classify,
+    continuation_logprobs,
+    group_logprobs,
+)
 from service.scoring_graphs import ScoringGraphs
 
 TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady 🛢️"]
@@ -72,10 +80,13 @@ def test_tokenised_whole_where_the_prompt_does_not_end_at_a_token_boundary(
     assert got[1] == pytest.approx(alone(model, tokenizer, "利好消息", ["利好", "中性"]), abs=2e-4)
 
 
-def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("texts", [TEXTS, TEXTS * 2], ids=["one-pass", "two-passes"])
+def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any], texts: list[str]) -> None:
+    """A few texts are scored in one pass, more in two (``ONE_PASS_MAX_TEXTS``); either reads the stages in turn."""
     model, tokenizer = model_and_tokenizer
-    prompts = build_prompts(model, tokenizer, TEXTS)
-    for prompt, got in zip(prompts, classify(model, tokenizer, TEXTS), strict=True):
+    assert (len(texts) <= ONE_PASS_MAX_TEXTS) == (texts is TEXTS)
+    prompts = build_prompts(model, tokenizer, texts)
+    for prompt, got in zip(prompts, classify(model, tokenizer, texts), strict=True):
         stars = alone(model, tokenizer, prompt, [f"{STAR_PREFIX}{s}星级" for s in STARS])
         star = STARS[max(range(len(STARS)), key=stars.__getitem__)]
         words = [LABEL_WORDS[label] for label in LABELS]
@@ -115,8 +126,8 @@ def test_graphed_scoring_pads_to_buckets_and_replays_new_inputs(model_and_tokeni
     second text of the same bucket replays the first one's graph and still gets its own scores."""
     model, tokenizer = model_and_tokenizer
     graphs = _CpuGraphs()
-    for text in TEXTS[:2]:
-        assert classify(model, tokenizer, [text], graphs=graphs) == classify(model, tokenizer, [text])
-    assert len(graphs) == 1
+    assert classify(model, tokenizer, TEXTS[:1], graphs=graphs) == classify(model, tokenizer, TEXTS[:1])
+    captured = len(graphs)
+    assert classify(model, tokenizer, TEXTS[1:2], graphs=graphs) == classify(model, tokenizer, TEXTS[1:2])
     assert len(classify(model, tokenizer, TEXTS * 2, graphs=graphs)) == 6  # more rows than MAX_ROWS: eager
-    assert len(graphs) == 1
+    assert len(graphs) == captured == 1
