@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from workers.distributed import SINGLE, Distributed
 from workers.evaluation import evaluate
 from workers.packing import PackedBatch
 from workers.token_cache import tokenize_cached
+
+if TYPE_CHECKING:
+    from workers.cuda_path import CudaPlan
 
 
 class Interrupted(Exception):
@@ -186,6 +189,30 @@ def eval_loss(
     return total / max(tokens, 1)
 
 
+def _plan_cuda(
+    model: Any, row_lengths: list[int], hp: ResolvedHyperparameters, pad_id: int, dist: Distributed,
+    gpu_memory_gib: float | None,
+) -> CudaPlan:  # fmt: skip
+    """The CUDA plan for this rank's packed micro-batches: at most one step's share of tokens, or the recipe's
+    micro-batch of full-length rows, whichever is less."""
+    from workers.cuda_path import plan_cuda
+
+    step_tokens = max_step_tokens(row_lengths, hp.batch_size, hp.epochs, hp.seed, dist.shard)
+    micro_tokens = min(step_tokens, hp.micro_batch_size * hp.max_length)
+    return plan_cuda(model, micro_tokens, hp.max_length, pad_id, hp.batch_size, gpu_memory_gib)
+
+
+def _optimizer(
+    trainable: list[torch.Tensor], hp: ResolvedHyperparameters, total_steps: int, fused: bool
+) -> tuple[Any, Any]:
+    """AdamW (fused on CUDA) and the linear schedule with warm-up."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=fused)
+    warmup = math.ceil(hp.warmup_ratio * total_steps)
+    return optimizer, get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
 # ------------------------------------------------------------------------------------------------------- train
 def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[str, Any]:
     """Run the job to completion and publish the adapter; returns the training_info written beside it.
@@ -212,12 +239,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     pad_id = tokenizer.pad_token_id
     cuda = None
     if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
-        from workers.cuda_path import plan_cuda
-
-        row_lengths = [len(ids) for ids, _ in train_rows]
-        step_tokens = max_step_tokens(row_lengths, hp.batch_size, hp.epochs, hp.seed, dist.shard)
-        micro_tokens = min(step_tokens, hp.micro_batch_size * hp.max_length)
-        cuda = plan_cuda(model, micro_tokens, hp.max_length, pad_id, hp.batch_size, spec.gpu_memory_gib)
+        cuda = _plan_cuda(model, [len(ids) for ids, _ in train_rows], hp, pad_id, dist, spec.gpu_memory_gib)
         hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
@@ -228,12 +250,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     if keep_grads:
         for p in trainable:
             p.grad = torch.zeros_like(p)
-    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=device == "cuda")
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(
-        "linear", optimizer, num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
+    optimizer, scheduler = _optimizer(trainable, hp, total_steps, fused=device == "cuda")
     history: dict[str, list[Any]] = {"step_loss": [], "epoch_loss": [], "eval_loss": []}
     start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history)
     dist.sync_start(trainable, hp.seed, start_step)  # multi-GPU: every rank starts from rank 0's weights
