@@ -217,7 +217,7 @@ def classify(
     labels = [LABELS[_best(row)] for row in label_scores]
     reactions: list[list[float]]
     if one_pass:
-        after = len(_label_groups(""))  # where the reaction groups start
+        after = 1 + len(STARS)  # the reaction groups follow the stars' group and one label group per star
         reactions = [
             item[after + every_reaction.index((star, label))]
             for item, star, label in zip(scores, stars, labels, strict=True)

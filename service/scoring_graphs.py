@@ -9,8 +9,8 @@ A graph is captured per shape (rows, width, kept logits) on first use: the score
 :data:`WIDTH_MULTIPLE` so that prompts of similar length share one, and only small batches (at most
 :data:`MAX_ROWS` rows: larger ones keep the GPU busy anyway) are graphed. A graph replays the memory addresses it was
 captured with, so one :class:`ScoringGraphs` belongs to one model in one state (which adapter is active), and its
-owner calls :meth:`ScoringGraphs.clear` when the weights change (an adapter loaded or unloaded). If capturing fails
-(a kernel that cannot be captured), scoring stays eager for that model.
+owner drops it when the weights change (an adapter loaded or unloaded). If capturing fails (a kernel that cannot be
+captured), scoring stays eager for that model.
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ class ScoringGraphs:
 
     def __len__(self) -> int:
         return len(self._graphs)
-
-    def clear(self) -> None:
-        self._graphs.clear()
 
     def forward(
         self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, keep: int

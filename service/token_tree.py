@@ -75,13 +75,12 @@ def build_branches(sequences: tuple[tuple[int, ...], ...], starts: tuple[int, ..
         if parent >= 0:
             allowed[node] = allowed[parent]
         allowed[node, node] = True
-    first = len(tokens) - len(predicting)
     place = {node: i for i, node in enumerate(predicting)}
     return Branches(
         tokens=np.array(tokens, dtype=np.int64)[order],
         depths=np.array(depths, dtype=np.int64)[order],
         ancestry=allowed[np.ix_(order, order)],
-        predicting=len(tokens) - first,
+        predicting=len(predicting),
         places=np.array([place[node] for pairs in scored for node, _ in pairs], dtype=np.int64),
         targets=np.array([token for pairs in scored for _, token in pairs], dtype=np.int64),
         lengths=tuple(len(pairs) for pairs in scored),
@@ -97,28 +96,20 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return n
 
 
-def _starts(sequences: Sequence[Sequence[int]], groups: Sequence[Group]) -> list[int]:
-    """Per group (its context's sequence, then its candidates'): where its candidates' scored tokens start, the first
-    token where any of them departs from the context, so their scores compare like with like."""
+def _branches(sequences: Sequence[Sequence[int]], groups: Sequence[Group]) -> Branches:
+    """The branches of an item's sequences (each group's context, then its candidates; the trunk already cut off).
+
+    A context's own sequence only sets where its candidates' scored tokens start: at the first token where any of
+    them departs from the context, so their scores compare like with like."""
+    candidates: list[tuple[int, ...]] = []
     starts: list[int] = []
     at = 0
     for _, options in groups:
         context, full = sequences[at], sequences[at + 1 : at + 1 + len(options)]
-        start = max(1, min(_common_prefix(context, ids) for ids in full))
-        starts.extend([start] * len(options))
+        candidates.extend(tuple(ids) for ids in full)
+        starts.extend([max(1, min(_common_prefix(context, ids) for ids in full))] * len(options))
         at += 1 + len(options)
-    return starts
-
-
-def _branches(sequences: Sequence[Sequence[int]], groups: Sequence[Group]) -> Branches:
-    """The branches of an item's sequences (each group's context, then its candidates; the trunk already cut off).
-    A context's own sequence only sets where its candidates' scores start."""
-    candidates: list[tuple[int, ...]] = []
-    at = 0
-    for _, options in groups:
-        candidates.extend(tuple(ids) for ids in sequences[at + 1 : at + 1 + len(options)])
-        at += 1 + len(options)
-    return build_branches(tuple(candidates), tuple(_starts(sequences, groups)))
+    return build_branches(tuple(candidates), tuple(starts))
 
 
 def _texts(groups: Sequence[Group], head: str) -> list[str]:
