@@ -1,7 +1,9 @@
 """Engine and schema: SQLite (WAL, busy timeout, immediate transactions) or PostgreSQL.
 
-SQLite: every transaction starts with ``BEGIN IMMEDIATE`` so two writers never both read and then fail to
-upgrade their lock (``database is locked``); they queue on the busy timeout instead. The service refuses an
+SQLite: every transaction that may write starts with ``BEGIN IMMEDIATE`` so two writers never both read and then
+fail to upgrade their lock (``database is locked``); they queue on the busy timeout instead. Sessions that only
+read (``session_scope(engine, read_only=True)``: the API's GETs and adapter lookups) begin DEFERRED, so in WAL
+mode they never wait for a writer, not even one stopped while holding the write lock. The service refuses an
 SQLite file that cannot be put in WAL mode (network file systems, read-only media), because readers would
 then block the worker's progress writes.
 
@@ -22,6 +24,8 @@ from sqlmodel import Session, SQLModel, create_engine
 from service import models  # noqa: F401  (registers the tables)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_IDLE_IN_TRANSACTION_MS = 300_000  # far above any transaction of ours, which last milliseconds
+READ_ONLY = "flashtune_read_only"  # execution option of the engine behind read-only sessions
 
 
 class DatabaseError(Exception):
@@ -50,7 +54,7 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -59,8 +63,11 @@ def make_engine(url: str) -> Engine:
         _sqlite_setup(engine)
     else:
         # Timestamps are stored without a time zone, in UTC: pin the session's zone so the server's default
-        # cannot shift them.
-        connect_args = {"options": "-c timezone=UTC"} if url.startswith("postgresql") else {}
+        # cannot shift them. A client stopped inside a transaction (a paused VM) would hold its row locks, and
+        # so block the other workers' sweep of its job, until it resumed: the server ends such a session after
+        # PG_IDLE_IN_TRANSACTION_MS (the stopped worker's next write then finds its lease gone).
+        options = f"-c timezone=UTC -c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS}"
+        connect_args = {"options": options} if url.startswith("postgresql") else {}
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
     return engine
 
@@ -93,10 +100,19 @@ def init_db(engine: Engine) -> int:
     return SCHEMA_VERSION
 
 
+def _refuse_writes(_session: Session, _context: Any, _instances: Any) -> None:
+    raise DatabaseError("a read-only session was asked to write; use session_scope(engine) for writes")
+
+
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on error."""
+def session_scope(engine: Engine, read_only: bool = False) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error. ``read_only``: a transaction
+    that never waits for SQLite's write lock (see the module's docstring) and refuses to flush changes."""
+    if read_only:
+        engine = engine.execution_options(**{READ_ONLY: True})
     with Session(engine, expire_on_commit=False) as session:
+        if read_only:
+            event.listen(session, "before_flush", _refuse_writes)
         try:
             yield session
             session.commit()

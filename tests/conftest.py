@@ -101,7 +101,9 @@ class Service:
         return dict(response.json())
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return dict(self.client.get(f"/jobs/{job_id}").json())
+        response = self.client.get(f"/jobs/{job_id}")
+        assert response.status_code == 200, f"{response.status_code} {response.text}\n{self.logs()}"
+        return dict(response.json())
 
     def wait(self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
              timeout: float = 900) -> dict[str, Any]:  # fmt: skip

@@ -1,5 +1,6 @@
 """The job store's state machine on SQLite and on the real PostgreSQL server (127.0.0.1:5432): every transition,
-lease-guarded writes, a claim race between 8 processes, and the refusal of an SQLite file that cannot use WAL.
+lease-guarded writes, a claim race between 8 processes, reads that never wait for a writer, and the refusal of an
+SQLite file that cannot use WAL.
 
 PostgreSQL tests create their own database per test and drop it afterwards; they never skip (CI has PostgreSQL).
 """
@@ -227,6 +228,38 @@ def test_claim_race_each_row_claimed_once(db_url: str) -> None:
         assert started.scalar_one() == RACE_ROWS
     print(f"\n{db_url.split(':')[0]}: claims per process {sorted(len(ids) for ids, _ in results)}")
     engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- reads and locks
+def test_reads_never_wait_for_a_writer(engine: Engine) -> None:
+    """A writer stopped inside its transaction (SIGSTOP, a paused VM) holds SQLite's write lock or PostgreSQL's row
+    lock until it goes on; read-only sessions, the API's GETs, answer meanwhile with the last committed state."""
+    job_id = _new_job(engine)
+    with session_scope(engine) as writer:
+        jobstore.cancel(writer, job_id)
+        writer.flush()  # the lock is held from here to the commit
+        with session_scope(engine, read_only=True) as reader:  # another pooled connection
+            job = jobstore.get(reader, job_id)
+            assert job is not None and job.status == JobStatus.queued
+    assert _job(engine, job_id).status == JobStatus.cancelled
+
+
+def test_read_only_session_refuses_writes(engine: Engine) -> None:
+    job_id = _new_job(engine)
+    with pytest.raises(DatabaseError, match="read-only"), session_scope(engine, read_only=True) as session:
+        job = jobstore.get(session, job_id)
+        assert job is not None
+        job.status = JobStatus.cancelled
+    assert _job(engine, job_id).status == JobStatus.queued
+
+
+def test_postgres_ends_a_transaction_left_idle() -> None:
+    """A worker stopped inside a transaction would keep its job's row locked, blocking the other workers' sweep."""
+    with postgres_database() as url:
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "5min"
+        engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------------- SQLite WAL

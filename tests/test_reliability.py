@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -84,6 +85,25 @@ def signal_tree(worker: subprocess.Popen[bytes], sig: int) -> list[int]:
     return pids
 
 
+def pause_outside_a_write(svc: Service, worker: subprocess.Popen[bytes]) -> list[int]:
+    """SIGSTOP a worker and its training child at a moment when neither holds SQLite's write lock. Stopped inside
+    a write (a heartbeat or a progress update lasts milliseconds), a process stalls every writer, the other worker
+    included, until it resumes: the lock belongs to the database file. (Workers that share a queue across hosts,
+    where a paused VM is a real event, use PostgreSQL, whose server ends such a transaction: service/db.py.)"""
+    for _ in range(50):
+        paused = signal_tree(worker, signal.SIGSTOP)
+        with contextlib.closing(sqlite3.connect(svc.data_dir / "flashtune.db", timeout=1, isolation_level=None)) as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("ROLLBACK")
+                return paused
+            except sqlite3.OperationalError:  # "database is locked": stopped mid-write; let it finish, try again
+                for pid in paused:
+                    os.kill(pid, signal.SIGCONT)
+        time.sleep(random.uniform(0.05, 0.3))
+    raise AssertionError("the worker held the database's write lock at each of 50 pauses\n" + svc.logs())
+
+
 def wait_gone(pids: list[int], timeout: float = 60) -> None:
     wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids), timeout, "exit")
 
@@ -147,7 +167,7 @@ def test_sigstop_past_lease_then_sigcont_changes_nothing(svc: Service) -> None:
     job = svc.post_job(dataset=dataset, hyperparameters=LONGER)
     wait_for(lambda: checkpointed_past(svc, job["id"], CHECKPOINT_EVERY), what="a checkpoint", svc=svc)
     stalled = svc.workers[0]
-    paused = signal_tree(stalled, signal.SIGSTOP)  # a paused VM: worker and training process freeze together
+    paused = pause_outside_a_write(svc, stalled)  # a paused VM: worker and training process freeze together
     try:
         svc.start_worker()  # takes the job over once the lease has expired
         done = svc.wait(job["id"], timeout=WAIT)

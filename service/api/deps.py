@@ -24,16 +24,27 @@ def get_settings(request: Request) -> Settings:
 SESSION_THREADS = 512
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    # A request holds its transaction (on SQLite: the write lock, BEGIN IMMEDIATE) until this dependency exits,
-    # after the response is serialized, which for a sync endpoint needs a threadpool thread. With anyio's default
-    # 40 threads, 40 requests waiting for the lock (or a pooled connection) starve the lock holder: a deadlock until
-    # the 30 s busy timeout ("database is locked"). So: more threads than concurrent requests in practice, and the
-    # commit runs here on the event loop (async dependency), needing no thread at all.
+def _ensure_session_threads() -> None:
+    # A request holds its transaction (on SQLite: the write lock, BEGIN IMMEDIATE) until its session dependency
+    # exits, after the response is serialized, which for a sync endpoint needs a threadpool thread. With anyio's
+    # default 40 threads, 40 requests waiting for the lock (or a pooled connection) starve the lock holder: a
+    # deadlock until the 30 s busy timeout ("database is locked"). So: more threads than concurrent requests in
+    # practice, and the commit runs on the event loop (async dependency), needing no thread at all.
     limiter = anyio.to_thread.current_default_thread_limiter()
     if limiter.total_tokens < SESSION_THREADS:
         limiter.total_tokens = SESSION_THREADS
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    _ensure_session_threads()
     with session_scope(request.app.state.engine) as session:
+        yield session
+
+
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """For handlers that only read: never waits for SQLite's write lock (service/db.py)."""
+    _ensure_session_threads()
+    with session_scope(request.app.state.engine, read_only=True) as session:
         yield session
 
 
@@ -44,6 +55,7 @@ def get_model_server(request: Request) -> ModelServer:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 ModelServerDep = Annotated[ModelServer, Depends(get_model_server)]
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlmodel import Session
 
 from service import jobstore
-from service.api.deps import ModelServerDep, SessionDep, SettingsDep
+from service.api.deps import ModelServerDep, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.config import Settings
 from service.models import AdapterPublic, Job, JobStatus
@@ -51,12 +51,12 @@ def _public(settings: Settings, job: Job) -> AdapterPublic:
 
 
 @router.get("", response_model=list[AdapterPublic])
-def list_adapters(session: SessionDep, settings: SettingsDep) -> list[AdapterPublic]:
+def list_adapters(session: ReadSessionDep, settings: SettingsDep) -> list[AdapterPublic]:
     return [_public(settings, job) for job in jobstore.succeeded_jobs(session) if job.adapter]
 
 
 @router.get("/{name}", response_model=AdapterPublic)
-def get_adapter(name: str, session: SessionDep, settings: SettingsDep) -> AdapterPublic:
+def get_adapter(name: str, session: ReadSessionDep, settings: SettingsDep) -> AdapterPublic:
     return _public(settings, adapter_job(session, name))
 
 
@@ -68,7 +68,7 @@ TARBALL = {"application/gzip": {"schema": {"type": "string", "format": "binary"}
     response_class=StreamingResponse,
     responses={200: {"content": TARBALL, "description": "the adapter folder as a tar.gz"}},
 )
-def download_adapter(name: str, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
+def download_adapter(name: str, session: ReadSessionDep, settings: SettingsDep) -> StreamingResponse:
     adapter_job(session, name)
     folder = adapter_path(settings, name)
     buffer = io.BytesIO()

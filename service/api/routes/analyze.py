@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from sqlmodel import Session
 
 from service import jobstore, metrics
-from service.api.deps import ModelServerDep, SessionDep, SettingsDep
+from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.adapters import adapter_job, adapter_path
 from service.config import Settings
@@ -85,7 +85,7 @@ def news_item(item: str | AnalyzeItem, settings: Settings, where: str,
 # Plain `def` handlers: FastAPI runs them in worker threads, so inference never blocks the event loop.
 @router.post("/analyze", response_model=AnalyzeResponse)
 def analyze(
-    body: AnalyzeRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
+    body: AnalyzeRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeResponse:
     _item_text(body, settings, "")
     _check_tokens(body.max_new_tokens, settings)
@@ -100,7 +100,7 @@ def analyze(
 
 @router.post("/analyze/batch", response_model=AnalyzeBatchResponse)
 def analyze_batch(
-    body: AnalyzeBatchRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
+    body: AnalyzeBatchRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeBatchResponse:
     if len(body.items) > settings.max_batch_items:
         raise ApiError(422, "invalid_request", f"items holds {len(body.items)} texts; the limit is "

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.datasets.formats import DatasetError
 from service.datasets.store import save_upload, to_public
@@ -68,12 +68,12 @@ def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
 
 
 @router.get("", response_model=list[DatasetPublic])
-def list_datasets(session: SessionDep) -> list[DatasetPublic]:
+def list_datasets(session: ReadSessionDep) -> list[DatasetPublic]:
     return [to_public(d) for d in session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())).all()]
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
+def get_dataset(dataset_id: str, session: ReadSessionDep) -> DatasetPublic:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id)

@@ -52,7 +52,7 @@ def parse_last_event_id(value: str | None) -> int | None:
 def _poll(engine: Engine, job_id: int, after: int | None) -> tuple[str | None, list[dict[str, Any]], bool]:
     """The job's status, then its events after ``after``: reading the status first means that, once it is final,
     the events written with the final transition (same transaction) are already visible to the second read."""
-    with session_scope(engine) as session:
+    with session_scope(engine, read_only=True) as session:
         job = session.get(Job, job_id)
         status = job.status if job is not None else None
         events, has_more = jobstore.list_events(session, job_id, after, BATCH)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service.api.deps import ModelServerDep, SessionDep
+from service.api.deps import ModelServerDep, ReadSessionDep
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +17,7 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(session: SessionDep, server: ModelServerDep) -> JSONResponse:
+def readyz(session: ReadSessionDep, server: ModelServerDep) -> JSONResponse:
     try:
         session.execute(text("SELECT 1"))
         database = "ok"

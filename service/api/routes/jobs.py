@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from service import jobstore
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.events_stream import event_stream
 from service.config import Settings
@@ -110,7 +110,7 @@ def _replay(job: Job, request_hash: str) -> Job:
 
 @router.get("", response_model=JobsPage)
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     status: JobStatus | None = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
@@ -120,7 +120,7 @@ def list_jobs(
                     next_after=jobs[-1].id if has_more and jobs else None)  # fmt: skip
 
 
-def _job(session: SessionDep, job_id: int) -> Job:
+def _job(session: Session, job_id: int) -> Job:
     job = jobstore.get(session, job_id)
     if job is None:
         raise not_found("job", job_id)
@@ -128,7 +128,7 @@ def _job(session: SessionDep, job_id: int) -> Job:
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
+def get_job(job_id: JobId, session: ReadSessionDep) -> JobPublic:
     return to_public(_job(session, job_id))
 
 
@@ -137,7 +137,7 @@ def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
 )  # with stream=true: see events_stream.py
 def job_events(
     job_id: JobId,
-    session: SessionDep,
+    session: ReadSessionDep,
     request: Request,
     after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -155,7 +155,7 @@ def job_events(
 @router.get("/{job_id}/metrics", response_model=JobMetrics)
 def get_job_metrics(
     job_id: JobId,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     max_points: Annotated[int, Query(ge=10, le=100_000, description="thin train_loss to this many points")] = 2000,
 ) -> JobMetrics:

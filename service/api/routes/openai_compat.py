@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import jobstore
-from service.api.deps import ModelServerDep, SessionDep, SettingsDep
+from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.analyze import resolve_adapter
 from service.inference import AdapterRef, ModelServer
@@ -68,7 +68,7 @@ class ChatRequest(BaseModel):
 
 
 @router.get("/models")
-def list_models(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+def list_models(session: ReadSessionDep, settings: SettingsDep) -> dict[str, Any]:
     created = int(time.time())
     data = [{"id": settings.base_model, "object": "model", "created": created, "owned_by": "flashtune"}]
     for job in jobstore.succeeded_jobs(session):
@@ -92,7 +92,7 @@ def _prompt(body: ChatRequest, max_chars: int) -> tuple[str, str]:
 
 @router.post("/chat/completions", response_model=None)
 def chat_completions(
-    body: ChatRequest, session: SessionDep, settings: SettingsDep, server: ModelServerDep
+    body: ChatRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> dict[str, Any] | StreamingResponse:
     adapter = None if body.model == settings.base_model else resolve_adapter(session, settings, body.model)
     session.close()

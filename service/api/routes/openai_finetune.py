@@ -13,10 +13,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import jobstore
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.jobs import queue_job
 from service.datasets.formats import DatasetError
@@ -57,7 +58,7 @@ async def upload_file(
 
 
 @router.get("/files/{file_id}")
-def get_file(file_id: str, session: SessionDep) -> dict[str, Any]:
+def get_file(file_id: str, session: ReadSessionDep) -> dict[str, Any]:
     dataset = session.get(Dataset, file_id)
     if dataset is None:
         raise not_found("file", file_id)
@@ -107,7 +108,7 @@ def _to_openai(job: Job) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _job(session: SessionDep, job_id: str) -> Job:
+def _job(session: Session, job_id: str) -> Job:
     number = job_id.removeprefix(JOB_PREFIX)
     job = jobstore.get(session, int(number)) if number.isdigit() and len(number) < 19 else None
     if job is None:
@@ -139,7 +140,7 @@ def create_fine_tune(body: FineTuneCreate, session: SessionDep, settings: Settin
 
 @router.get("/fine_tuning/jobs")
 def list_fine_tunes(
-    session: SessionDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    session: ReadSessionDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
     number = (after or "").removeprefix(JOB_PREFIX)
     after_id = int(number) if number.isdigit() and len(number) < 19 else None
@@ -148,7 +149,7 @@ def list_fine_tunes(
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def get_fine_tune(job_id: str, session: SessionDep) -> dict[str, Any]:
+def get_fine_tune(job_id: str, session: ReadSessionDep) -> dict[str, Any]:
     return _to_openai(_job(session, job_id))
 
 
@@ -166,7 +167,7 @@ def cancel_fine_tune(job_id: str, session: SessionDep) -> dict[str, Any]:
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def fine_tune_events(
-    job_id: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+    job_id: str, session: ReadSessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 20
 ) -> dict[str, Any]:
     job = _job(session, job_id)
     assert job.id is not None
@@ -179,7 +180,7 @@ def fine_tune_events(
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def fine_tune_checkpoints(job_id: str, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+def fine_tune_checkpoints(job_id: str, session: ReadSessionDep, settings: SettingsDep) -> dict[str, Any]:
     """Complete intermediate checkpoints while the job runs, and the published adapter once it succeeded."""
     job = _job(session, job_id)
     data = []
