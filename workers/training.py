@@ -341,35 +341,44 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     model.eval()
     metrics = evaluate(model, tokenizer, spec.validation)
     hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
+    durations = {"setup_seconds": setup_seconds, "train_seconds": train_seconds,
+                 "total_seconds": time.monotonic() - started}  # fmt: skip
+    info = _training_info(spec, plan, cuda, history, metrics, durations, num_train=len(train_rows),
+                          num_validation=len(val_rows), total_steps=total_steps, start_step=start_step)  # fmt: skip
+    publish_adapter(model, tokenizer, info, spec.adapter_dir)
+    checkpoints.prune(spec.job_dir, keep=0)
+    return info
+
+
+def _training_info(
+    spec: TrainingSpec, plan: LoadPlan, cuda: CudaPlan | None, history: dict[str, list[Any]],
+    metrics: dict[str, Any], durations: dict[str, float], *, num_train: int, num_validation: int, total_steps: int,
+    start_step: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The record published beside the adapter (training_info.json): where it came from, how it trained, how well."""
     info = {
         "job_id": spec.job_id,
         "base_model": spec.base_model,
         "base_model_source": spec.base_source,
         "dataset": spec.dataset,
         "dataset_sha256": spec.dataset_sha256,
-        "hyperparameters": hp.model_dump(),
+        "hyperparameters": spec.hp.model_dump(),
         "device": plan.device,
         "quantization": plan.quantization,
         "load_reason": plan.reason,
-        "num_train": len(train_rows),
-        "num_validation": len(val_rows),
+        "num_train": num_train,
+        "num_validation": num_validation,
         "total_steps": total_steps,
         "resumed_from_step": start_step,
         "losses": history,
         "metrics": metrics,
-        "durations": {
-            "setup_seconds": round(setup_seconds, 2),
-            "train_seconds": round(train_seconds, 2),
-            "total_seconds": round(time.monotonic() - started, 2),
-        },
+        "durations": {name: round(seconds, 2) for name, seconds in durations.items()},
         "versions": _versions(),
         **spec.extra_info,
     }
     if cuda is not None:
         info["cuda_plan"] = cuda.summary()
         info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    publish_adapter(model, tokenizer, info, spec.adapter_dir)
-    checkpoints.prune(spec.job_dir, keep=0)
     return info
 
 
