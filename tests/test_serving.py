@@ -235,6 +235,10 @@ def test_openai_client(served: tuple[Service, str, str]) -> None:
     )
     assert "利空" in (completion.choices[0].message.content or "")
     assert completion.usage is not None and completion.usage.completion_tokens > 0
+    cut = client.chat.completions.create(
+        model=normal, messages=[{"role": "user", "content": "美联储宣布加息25个基点"}], max_tokens=3
+    )
+    assert cut.choices[0].finish_reason == "length" and cut.usage is not None and cut.usage.completion_tokens == 3
 
     started = time.perf_counter()
     client.chat.completions.create(
@@ -242,9 +246,13 @@ def test_openai_client(served: tuple[Service, str, str]) -> None:
     )
     whole_request = time.perf_counter() - started
     stream = client.chat.completions.create(
-        model=normal, messages=[{"role": "user", "content": "美联储宣布加息25个基点"}], max_tokens=60, stream=True
-    )
-    pieces = [(time.perf_counter(), c.choices[0].delta.content or "") for c in stream if c.choices]
+        model=normal, messages=[{"role": "user", "content": "美联储宣布加息25个基点"}], max_tokens=60, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = [(time.perf_counter(), c) for c in stream]
+    assert chunks[-1][1].usage == completion.usage and not chunks[-1][1].choices  # the counts come last
+    assert chunks[-2][1].choices[0].finish_reason == completion.choices[0].finish_reason
+    pieces = [(t, c.choices[0].delta.content or "") for t, c in chunks if c.choices]
     pieces = [(t, p) for t, p in pieces if p]
     assert "".join(p for _, p in pieces) == completion.choices[0].message.content
     assert len(pieces) > 10  # about one chunk per character (a CJK character is up to 3 byte tokens)

@@ -7,6 +7,10 @@ adapter sees what it was trained on. Decoding is greedy (``temperature`` is acce
 Constrained output: ``guided_choice`` (a list of strings) returns the choice the model scores highest;
 ``response_format`` ``json_object`` / ``json_schema`` returns the /analyze result as a JSON document.
 
+``finish_reason`` is ``length`` when a plain-text answer used all of ``max_tokens``, else ``stop``; ``usage``
+counts the prompt and the generated tokens, and ends a stream as a last chunk when ``stream_options`` asks for it
+(``{"include_usage": true}``).
+
 Streaming (``stream: true``) of plain text is token by token: the generation runs in a thread of its own and
 hands each new piece of text, as its token is generated, through a thread-safe hand-off into an asyncio queue
 that the response reads, so the event loop never waits on the model. A client that goes away stops the
@@ -22,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -34,7 +39,7 @@ from service.api.errors import ApiError
 from service.api.routes.analyze import resolve_adapter
 from service.inference import AdapterRef, ModelServer
 from service.prompts import DEFAULT_INSTRUCTION, render_prompt
-from service.scoring import build_prompts, continuation_logprobs, generate, generate_stream
+from service.scoring import build_prompts, continuation_logprobs, generate_stream
 
 log = logging.getLogger("flashtune.api")
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -63,6 +68,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    stream_options: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=64)
 
@@ -102,7 +108,11 @@ def chat_completions(
         return build_prompts(model, tokenizer, [user_text], [instruction])[0]
 
     max_tokens = min(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
+    prompt_tokens = server.count_tokens(render_prompt(user_text, instruction))
+    reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model, prompt_tokens,
+                  bool((body.stream_options or {}).get("include_usage")))  # fmt: skip
     format_type = (body.response_format or {}).get("type", "text")
+    finish = "stop"
     if body.guided_choice:
         choices = body.guided_choice
 
@@ -111,44 +121,66 @@ def chat_completions(
             return choices[max(range(len(choices)), key=scores.__getitem__)]
 
         content = server.run(adapter, choose)
+        completion_tokens = server.count_tokens(content)
     elif format_type in ("json_object", "json_schema"):
         result = server.submit(user_text.strip(), adapter, max_tokens)
         content = json.dumps({k: result[k] for k in ("label", "label_id", "score", "probs", "importance",
                                                      "market_reaction", "analysis")}, ensure_ascii=False)  # fmt: skip
+        completion_tokens = server.count_tokens(content)
     elif format_type == "text" and body.stream:
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        tokens = _token_stream(server, adapter, prompt_for, max_tokens, completion_id, body.model)
-        return StreamingResponse(tokens, media_type="text/event-stream")
+        return StreamingResponse(_token_stream(server, adapter, prompt_for, max_tokens, reply),
+                                 media_type="text/event-stream")  # fmt: skip
     elif format_type == "text":
-        content = server.run(adapter, lambda m, t: generate(m, t, [prompt_for(m, t)], max_tokens)[0])
+
+        def complete(model: Any, tokenizer: Any) -> tuple[str, int]:
+            pieces: list[str] = []  # the streamed pieces join up to the whole answer (scoring.generate_stream)
+            count = generate_stream(model, tokenizer, prompt_for(model, tokenizer), max_tokens, pieces.append)
+            return "".join(pieces), count
+
+        content, completion_tokens = server.run(adapter, complete)
+        finish = "length" if completion_tokens >= max_tokens else "stop"
     else:
         raise ApiError(422, "invalid_request", f"response_format type {format_type!r} is not supported",
                        [{"field": "response_format.type"}])  # fmt: skip
-    prompt_tokens, completion_tokens = (
-        server.count_tokens(render_prompt(user_text, instruction)),
-        server.count_tokens(content),
-    )
-    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return StreamingResponse(_stream(completion_id, body.model, content), media_type="text/event-stream")
+        return StreamingResponse(_stream(reply, content, completion_tokens), media_type="text/event-stream")
     return {
-        "id": completion_id,
+        "id": reply.id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },  # fmt: skip
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "usage": reply.usage(completion_tokens),
     }
 
 
-def _chunk(completion_id: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+@dataclass(frozen=True)
+class Reply:
+    """What every chunk of one completion repeats, and whether its stream ends with the token counts."""
+
+    id: str
+    model: str
+    prompt_tokens: int
+    include_usage: bool
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    def end(self, finish: str, completion_tokens: int) -> Iterator[str]:
+        """The last chunks: the finish reason, the usage if asked for, and [DONE]."""
+        yield self.chunk({}, finish)
+        if self.include_usage:  # as OpenAI sends it: no choices, only the counts
+            yield self._event([], self.usage(completion_tokens))
+        yield "data: [DONE]\n\n"
+
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,
+                "choices": choices, **({"usage": usage} if usage is not None else {})}  # fmt: skip
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 _END = object()
@@ -156,7 +188,7 @@ _END = object()
 
 async def _token_stream(
     server: ModelServer, adapter: AdapterRef | None, prompt_for: Callable[[Any, Any], str], max_tokens: int,
-    completion_id: str, model: str,
+    reply: Reply,
 ) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent chunks, one per piece of text as the generating thread produces it."""
     loop = asyncio.get_running_loop()
@@ -174,35 +206,34 @@ async def _token_stream(
 
     def work() -> None:
         try:
-            count = server.run(adapter, run)
-            hand_over((_END, "length" if count >= max_tokens else "stop"))
+            hand_over((_END, server.run(adapter, run)))
         except Exception as exc:  # noqa: BLE001 - reported to the client as the stream's last message
             log.exception("streamed generation failed")
             hand_over((_END, exc))
 
     threading.Thread(target=work, name="flashtune-stream", daemon=True).start()
     try:
-        yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+        yield reply.chunk({"role": "assistant", "content": ""})
         while True:
             item = await queue.get()
             if isinstance(item, str):
-                yield _chunk(completion_id, model, {"content": item})
+                yield reply.chunk({"content": item})
                 continue
             _, outcome = item
             if isinstance(outcome, Exception):
                 error = {"type": "internal_error", "message": f"generation failed: {type(outcome).__name__}"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
-            yield _chunk(completion_id, model, {}, outcome)
-            yield "data: [DONE]\n\n"
+            for message in reply.end("length" if outcome >= max_tokens else "stop", outcome):
+                yield message
             return
     finally:
         stop.set()  # the client went away (or the stream ended): the generation stops at its next token
 
 
-def _stream(completion_id: str, model: str, content: str) -> Iterator[str]:
-    yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+def _stream(reply: Reply, content: str, completion_tokens: int) -> Iterator[str]:
+    """A whole answer (a guided choice, a JSON document) sent as a stream."""
+    yield reply.chunk({"role": "assistant", "content": ""})
     for i in range(0, len(content), STREAM_CHUNK_CHARS):
-        yield _chunk(completion_id, model, {"content": content[i : i + STREAM_CHUNK_CHARS]})
-    yield _chunk(completion_id, model, {}, "stop")
-    yield "data: [DONE]\n\n"
+        yield reply.chunk({"content": content[i : i + STREAM_CHUNK_CHARS]})
+    yield from reply.end("stop", completion_tokens)
