@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, text
+from sqlmodel import select
 
+from service.config import Settings
 from service.datasets.base import DatasetError
 from service.datasets.formats import parse
 from service.datasets.sqlite_import import open_readonly, quantile
+from service.datasets.store import save_upload
+from service.db import init_db, make_engine, session_scope
+from service.models import Dataset
 from service.prompts import parse_label
-from tests.conftest import SHARED_DATA, Service
+from tests.conftest import SHARED_DATA, Service, wait_for
+from tests.pgdb import postgres_database
 
 DB = SHARED_DATA / "finance_analysis_sample.db"
 SEED = SHARED_DATA / "seed"
@@ -204,3 +214,40 @@ def test_database_is_opened_read_only_and_nothing_but_reads_run() -> None:
                           "PRAGMA journal_mode = WAL"):  # fmt: skip
             with pytest.raises(sqlite3.DatabaseError):
                 conn.execute(statement)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_twin_uploads_at_the_same_instant_register_one_dataset(backend: str, tmp_path: Path) -> None:
+    """The same file uploaded twice at once: the second request waits for the first's row (SQLite's write lock,
+    PostgreSQL's unique index) and both answer with the one dataset; no 500, nothing stored twice."""
+    settings = Settings(data_dir=tmp_path)
+    settings.ensure_dirs()
+    data = (SHARED_DATA / "seed" / "instructions.jsonl").read_bytes()
+    with contextlib.ExitStack() as stack:
+        url = settings.resolved_database_url if backend == "sqlite" else stack.enter_context(postgres_database())
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        init_db(engine)
+
+        def upload_alone() -> str:
+            with session_scope(engine) as session:
+                return save_upload(settings, session, data, "twin.jsonl").id
+
+        pool = stack.enter_context(ThreadPoolExecutor(1))
+        with session_scope(engine) as first:
+            first_id = save_upload(settings, first, data, "first.jsonl").id  # inserted, not yet committed
+            twin = pool.submit(upload_alone)
+            if backend == "postgresql":  # the twin's INSERT waits on the unique index until the first commits
+                wait_for(lambda: _waiting_on_a_lock(engine), 60, "the twin to wait")
+            else:
+                time.sleep(0.5)  # the twin waits for the write lock (BEGIN IMMEDIATE)
+        assert twin.result(timeout=60) == first_id
+        with session_scope(engine, read_only=True) as session:
+            assert [d.id for d in session.exec(select(Dataset)).all()] == [first_id]
+    assert [p.name for p in settings.datasets_dir.iterdir()] == [first_id]  # no temporary folder left
+
+
+def _waiting_on_a_lock(engine: Engine) -> bool:
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    with engine.connect() as conn:  # a transaction of its own: pg_stat_activity is read once per transaction
+        return bool(conn.execute(text(query)).scalar())

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from service.builtin.data import builtin_dataset
@@ -71,7 +72,14 @@ def save_upload(
         id=ds_id, sha256=sha256, format=parsed.format, filename=filename,
         num_examples=len(parsed.examples) + len(parsed.validation), stats=stats,
     )  # fmt: skip
-    session.add(dataset)
+    try:
+        with session.begin_nested():  # the row is inserted here, so a concurrent twin is found now, not at commit
+            session.add(dataset)
+    except IntegrityError:  # the same upload, registered by a concurrent request (PostgreSQL): use its row
+        existing = session.get(Dataset, ds_id)
+        if existing is None:
+            raise
+        return existing
     return dataset
 
 
@@ -88,7 +96,11 @@ def _write_atomically(folder: Path, data: bytes, parsed: Parsed) -> None:
                     row = {"instruction": e.instruction, "input": e.input, "output": e.output, "split": split}
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.chmod(tmp, 0o755)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.exists():
+                raise  # else a concurrent twin upload stored the same files first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
