@@ -184,6 +184,7 @@ def svc(tmp_path: Path, builtin_model_cache: Path, request: pytest.FixtureReques
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("svc", [{"FLASHTUNE_LOG_JSON": "true"}], indirect=True)
 def test_worker_gpus_2_trains_one_job(svc: Service) -> None:
     job = svc.post_job(dataset=_upload(svc, 20), hyperparameters={"epochs": 1, "validation_fraction": 0.0})
     seen: list[dict[str, Any]] = []
@@ -208,6 +209,9 @@ def test_worker_gpus_2_trains_one_job(svc: Service) -> None:
     assert [e["data"]["step"] for e in evs if e["type"] == "checkpoint"] == [2, 4], types  # rank 0 alone writes
     assert next(e for e in evs if e["type"] == "distributed")["data"]["world_size"] == 2
     _no_attempt_processes(svc)
+    lines = (svc.data_dir / "worker-0.log").read_text().splitlines()
+    logged = [json.loads(line) for line in lines if line.strip()]  # the launcher's and both ranks' lines too
+    assert any(e.get("job_id") == job["id"] for e in logged), lines
 
 
 @pytest.mark.slow

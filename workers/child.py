@@ -239,8 +239,10 @@ class RankStopped(Exception):
 def rank_main(settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, run_dir: str,
               launcher_pid: int) -> None:  # fmt: skip
     """One rank of a multi-GPU attempt (started by ``workers.distributed.launch``): train, then report to a file."""
+    logs.configure(json_lines=settings.log_json)  # like the child: a spawned rank starts without logging set up
     dist = distributed.init_rank(pick_device(settings.device), launcher_pid)
-    outcome = run_attempt(settings, job_id, worker_id, dist, spec)
+    with logs.bind_job(job_id):
+        outcome = run_attempt(settings, job_id, worker_id, dist, spec)
     distributed.write_outcome(Path(run_dir), dist.rank, outcome)
     if outcome.status != "succeeded":
         message = (outcome.error or {}).get("message") or ""
