@@ -2,10 +2,10 @@
 
 SQLite: every transaction that may write starts with ``BEGIN IMMEDIATE`` so two writers never both read and then
 fail to upgrade their lock (``database is locked``); they queue on the busy timeout instead. Sessions that only
-read (``session_scope(engine, read_only=True)``: the API's GETs and adapter lookups) begin DEFERRED, so in WAL
-mode they never wait for a writer, not even one stopped while holding the write lock. The service refuses an
-SQLite file that cannot be put in WAL mode (network file systems, read-only media), because readers would
-then block the worker's progress writes.
+read (``session_scope(engine, read_only=True)``: the API's GETs and adapter lookups, the loading of a job's
+dataset) begin DEFERRED, so in WAL mode they never wait for a writer, not even one stopped while holding the
+write lock, and hold no lock themselves. The service refuses an SQLite file that cannot be put in WAL mode
+(network file systems, read-only media), because readers would then block the worker's progress writes.
 
 The schema carries a version number; ``MIGRATIONS`` upgrades an older database in order.
 """

@@ -119,7 +119,7 @@ class _Reporter:
 
 def _spec(settings: Settings, job_id: int) -> TrainingSpec:
     engine = make_engine(settings.resolved_database_url)
-    with session_scope(engine) as session:
+    with session_scope(engine, read_only=True) as session:  # reading a large dataset must not hold the write lock
         job = jobstore.get(session, job_id)
         assert job is not None and job.id is not None
         hp = ResolvedHyperparameters.model_validate(job.hyperparameters)
