@@ -51,11 +51,10 @@ def save_upload(
     sha256 = hashlib.sha256(data).hexdigest()
     parsed = parse(data, format, options)
     ds_id = dataset_id(sha256, parsed.format, options)
+    _write_atomically(settings.datasets_dir / ds_id, data, parsed)  # before the database: no lock held meanwhile
     existing = session.get(Dataset, ds_id)
     if existing is not None:
         return existing
-    folder = settings.datasets_dir / ds_id
-    _write_atomically(folder, data, parsed)
     distribution, unlabelled = label_stats(parsed.examples + parsed.validation)
     stats = {
         "num_validation": len(parsed.validation),
