@@ -222,7 +222,7 @@ def test_twin_uploads_at_the_same_instant_register_one_dataset(backend: str, tmp
     PostgreSQL's unique index) and both answer with the one dataset; no 500, nothing stored twice."""
     settings = Settings(data_dir=tmp_path)
     settings.ensure_dirs()
-    data = (SHARED_DATA / "seed" / "instructions.jsonl").read_bytes()
+    data = (SEED / "instructions.jsonl").read_bytes()
     with contextlib.ExitStack() as stack:
         url = settings.resolved_database_url if backend == "sqlite" else stack.enter_context(postgres_database())
         engine = make_engine(url)

@@ -138,7 +138,7 @@ def chat_completions(
             return "".join(pieces), count
 
         content, completion_tokens = server.run(adapter, complete)
-        finish = "length" if completion_tokens >= max_tokens else "stop"
+        finish = _finish_reason(completion_tokens, max_tokens)
     else:
         raise ApiError(422, "invalid_request", f"response_format type {format_type!r} is not supported",
                        [{"field": "response_format.type"}])  # fmt: skip
@@ -152,6 +152,10 @@ def chat_completions(
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
         "usage": reply.usage(completion_tokens),
     }
+
+
+def _finish_reason(generated: int, max_tokens: int) -> str:
+    return "length" if generated >= max_tokens else "stop"
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,7 @@ async def _token_stream(
                 error = {"type": "internal_error", "message": f"generation failed: {type(outcome).__name__}"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
-            for message in reply.end("length" if outcome >= max_tokens else "stop", outcome):
+            for message in reply.end(_finish_reason(outcome, max_tokens), outcome):
                 yield message
             return
     finally:
