@@ -59,9 +59,13 @@ class Settings(BaseSettings):
         default=True, description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
         "bucket and adapter, captured on first use)"
     )  # fmt: skip
-    compile_merged_decoding: bool = Field(
-        default=True, description="on CUDA, merged copies generate with a static KV cache that transformers compiles "
-        "(torch.compile, CUDA graphs); each new batch size compiles once, for tens of seconds"
+    cuda_graph_decoding: bool = Field(
+        default=True, description="on CUDA, merged copies decode greedily with a static KV cache and each step "
+        "replayed from a CUDA graph (one per batch size and cache length, captured on first use in a few eager steps)"
+    )  # fmt: skip
+    fused_kernels: bool = Field(
+        default=True, description="on CUDA, served Llama-family models use Liger's fused RMSNorm, RoPE and SwiGLU "
+        "kernels (where liger-kernel is installed)"
     )  # fmt: skip
 
     # Limits

@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.datasets.store import dataset_input_fields
-from service.modeling import load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
+from service.decoding import GraphDecoder, attach
+from service.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.prompts import INPUT_FIELDS, LABEL_IDS
 from service.scoring import BASE, Prediction, Text, build_prompts, classify, generate
 from service.scoring_graphs import ScoringGraphs
@@ -105,6 +106,26 @@ def mixes_in_batch(model: Any, name: str) -> bool:
     )
 
 
+def _eos_ids(tokenizer: Any) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _adapter_in_base_dtype(model: Any, name: str) -> None:
+    """On CUDA, cast adapter ``name``'s LoRA weights to the base's compute dtype (bf16). peft loads them in float32,
+    and each LoRA layer then casts its input to float32 and its output back, and multiplies in float32: measured
+    ~1.5 ms of float32 GEMMs plus the casts in a 7B label-scoring pass (docs/benchmarks.md)."""
+    from peft.tuners.lora import LoraLayer
+
+    if model.device.type != "cuda":
+        return
+    dtype = model.get_input_embeddings().weight.dtype
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            module.lora_A[name].to(dtype)
+            module.lora_B[name].to(dtype)
+
+
 def _free_memory() -> None:
     """Give the memory of dropped models back now (and to the GPU), not at the next garbage collection."""
     import torch
@@ -156,7 +177,13 @@ class ModelServer:
         self._ensure_tokenizer()
         if self._model is None:
             plan = plan_load(pick_device(self.settings.device), self.settings.serve_quantization)
-            self._model = load_model(self._source(), plan).eval()
+            self._model = self._prepared(load_model(self._source(), plan).eval())
+
+    def _prepared(self, model: Any) -> Any:
+        """A freshly loaded model as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``)."""
+        if model.device.type == "cuda" and self.settings.fused_kernels:
+            fuse_layers(model)
+        return model
 
     def _scoring_graphs(self, model: str, adapter: str) -> ScoringGraphs | None:
         """The CUDA graphs of label scoring on ``model`` ("attached": the base with its adapters; "merged": a merged
@@ -180,12 +207,11 @@ class ModelServer:
         check_adapter_files(adapter.path, self.settings.adapters_dir)
         while len(self._merged) >= self.settings.max_merged_models:  # make room first: a copy is a whole model
             self._drop_merged(next(iter(self._merged)))
-        base = load_model(self._source(), plan_load(pick_device(self.settings.device), "none"))
+        base = self._prepared(load_model(self._source(), plan_load(pick_device(self.settings.device), "none")))
         model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
-        if model.device.type == "cuda" and self.settings.compile_merged_decoding:
-            # transformers' generate then decodes with a static KV cache and compiles the step (CUDA graphs), so
-            # decoding is no longer bound by Python; only a plain model can, hence merged copies only
-            model.generation_config.cache_implementation = "static"
+        if model.device.type == "cuda" and self.settings.cuda_graph_decoding:
+            # a plain model whose weights never change: its decoding step can be one CUDA graph (service.decoding)
+            attach(model, GraphDecoder(model, _eos_ids(self._tokenizer), self._tokenizer.pad_token_id))
         self._merged[adapter.name] = model
         return model
 
@@ -232,6 +258,7 @@ class ModelServer:
             else:
                 self._model = PeftModel.from_pretrained(self._model, str(adapter.path), adapter_name=adapter.name)
             self._model.eval()
+            _adapter_in_base_dtype(self._model, adapter.name)
             self._loaded[adapter.name] = None
             self._mixable[adapter.name] = mixes_in_batch(self._model, adapter.name)
             while len(self._loaded) > self.max_adapters:

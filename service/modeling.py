@@ -7,6 +7,7 @@ kernels need a GPU. ``describe_load`` says which and why, for the job's events.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,23 @@ def load_model(source: str, plan: LoadPlan) -> Any:
     if plan.quantization != "nf4":
         model.to(plan.device)  # type: ignore[arg-type]
     return model
+
+
+def fuse_layers(model: Any) -> bool:
+    """Swap in Liger's fused RMSNorm, RoPE and SwiGLU kernels where liger-kernel is installed and supports the model
+    type (CUDA only). Liger also patches transformers' module for that model type, so later models of the type in
+    this process get the kernels too."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    # Liger warns, on every model, that its optional CuTe-DSL and Ascend backends are missing; its Triton kernels
+    # are the ones used here.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    return True

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.decoding import decoder_for
 from service.prompts import (
     DEFAULT_INSTRUCTION,
     LABEL_PREFIX_TEMPLATE,
@@ -241,7 +242,8 @@ def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, adapter_names: Sequence[str] | None = None
 ) -> list[str]:
     """Greedy continuations of a batch of prompts (left-padded), decoded without special tokens
-    (``adapter_names``: each prompt's adapter, for a mixed batch)."""
+    (``adapter_names``: each prompt's adapter, for a mixed batch). A model with a graph decoder attached
+    (``service.decoding``) decodes with it."""
     if max_new_tokens <= 0:
         return ["" for _ in prompts]
     device = next(model.parameters()).device
@@ -251,15 +253,18 @@ def generate(
         batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     finally:
         tokenizer.padding_side = side
-    output = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **({} if adapter_names is None else {"adapter_names": list(adapter_names)}),
-    )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    decoder = decoder_for(model) if adapter_names is None else None
+    new_tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens) if decoder else None
+    if new_tokens is None:
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **({} if adapter_names is None else {"adapter_names": list(adapter_names)}),
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -289,7 +294,11 @@ class _TextStreamer:
         if not self.prompt_seen:  # generate() first passes the prompt
             self.prompt_seen = True
             return
-        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, tokens: list[int]) -> None:
+        """The next generated tokens."""
+        self.tokens.extend(int(t) for t in tokens)
         text = self._text()
         if not text.endswith("\ufffd"):
             self._emit(text)
@@ -322,6 +331,18 @@ def generate_stream(
     device = next(model.parameters()).device
     batch = tokenizer([prompt], return_tensors="pt").to(device)
     streamer = _TextStreamer(tokenizer, on_text)
+    stopped = stop or threading.Event()
+    decoder = decoder_for(model)
+    if decoder is not None:
+
+        def on_tokens(tokens: torch.Tensor) -> bool:
+            streamer.add(tokens.tolist())
+            return not stopped.is_set()
+
+        new_tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens, on_tokens)
+        if new_tokens is not None:
+            streamer.end()
+            return int(new_tokens.shape[1])
     output = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
@@ -329,6 +350,6 @@ def generate_stream(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop or threading.Event())]),
+        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stopped)]),
     )
     return int(output.shape[1] - batch["input_ids"].shape[1])

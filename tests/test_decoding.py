@@ -1,0 +1,76 @@
+"""Graph decoding decodes as ``model.generate`` does: the same greedy tokens for a left-padded batch, rows that end
+early padded, and the same stop. The CUDA graph itself runs on the GPU machine (bench/analyze_gpu.py); here the step it
+records runs eagerly, with the same static cache and the same tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.decoding import GraphDecoder, attach, decoder_for
+from service.scoring import build_prompts, generate, generate_stream
+from tests.test_scoring import TEXTS
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(builtin_model_cache: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_cache)
+    return model.eval(), AutoTokenizer.from_pretrained(builtin_model_cache)
+
+
+def _batch(tokenizer: Any, prompts: list[str]) -> Any:
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+
+
+@pytest.mark.parametrize("eos_at", [None, 5])
+def test_tokens_equal_generate(model_and_tokenizer: tuple[Any, Any], eos_at: int | None) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = build_prompts(model, tokenizer, TEXTS)  # three lengths: the batch is left-padded
+    batch = _batch(tokenizer, prompts)
+    with torch.no_grad():
+        plain = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)[:, batch["input_ids"].shape[1]:]  # fmt: skip
+        eos = tokenizer.eos_token_id
+        if eos_at is not None:  # a token the first row produces early ends that row, as if it were end-of-sequence
+            eos = int(plain[0, eos_at])
+            plain = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=eos)[:, batch["input_ids"].shape[1]:]  # fmt: skip
+        decoder = GraphDecoder(model, [eos], tokenizer.pad_token_id, graphs=False)
+        for _ in range(2):  # the second call reuses the first one's cache: nothing of it may leak
+            tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], 12)
+            assert tokens is not None
+            assert tokens.tolist() == plain.tolist()
+    if eos_at is not None:
+        assert (plain[0, eos_at + 1 :] == tokenizer.pad_token_id).all()  # the row that ended is padded
+
+
+def test_attached_decoder_serves_generate_and_stream(model_and_tokenizer: tuple[Any, Any]) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = build_prompts(model, tokenizer, TEXTS)
+    with torch.no_grad():
+        before = generate(model, tokenizer, prompts, 10)
+        streamed_before: list[str] = []
+        generate_stream(model, tokenizer, prompts[0], 10, streamed_before.append)
+        decoder = GraphDecoder(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, graphs=False)
+        attach(model, decoder)
+        try:
+            calls: list[int] = []
+            original = decoder.generate
+            decoder.generate = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+            assert generate(model, tokenizer, prompts, 10) == before
+            streamed: list[str] = []
+            assert generate_stream(model, tokenizer, prompts[0], 10, streamed.append) == 10
+            assert streamed == streamed_before
+            assert len(calls) == 2
+        finally:
+            attach(model, None)
+    assert decoder_for(model) is None
