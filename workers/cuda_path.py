@@ -24,6 +24,11 @@ job's ``cuda_plan`` event:
 - **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
   (``workers.cuda_graphs``): the eager loop is bound by kernel launches, not by the GPU. Every row is then padded
   to the job's one length, as for sdpa.
+- **Each NF4 weight dequantised once per pass** when memory allows: bitsandbytes dequantises a 4-bit weight in
+  the forward pass and again in the backward pass (for the input's gradient). Where the bf16 copies of the weights
+  (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose anyway, the forward's copy is kept for the
+  backward (``keep_dequantized_weights``): one of the two ~7 ms dequantisations per step is saved, measured
+  +6% steady tokens/s on the 7B shape.
 - **A memory cap** (``FLASHTUNE_GPU_MEMORY_GIB``): the plan sizes itself to the cap instead of the free memory and
   the process is held to it, so a job fits a smaller card or shares one.
 
@@ -32,12 +37,12 @@ Nothing here is imported on the CPU path.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from service.modeling import fuse_layers
 from workers.cuda_graphs import GraphedDecoder, capture
 from workers.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
 
@@ -64,6 +69,7 @@ class CudaPlan:
     free_gib: float  # memory the plan was sized for (free after loading, or the cap's share)
     graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training passes only)
     graphs_note: str = ""  # why there are no graphs, when there are none
+    kept_dequantized: int = 0  # NF4 layers whose forward keeps the bf16 weight for the backward
 
     def describe(self) -> str:
         return (
@@ -73,6 +79,7 @@ class CudaPlan:
             f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
             f"{'Liger RMSNorm/RoPE/SwiGLU, ' if self.fused_layers else ''}"
             f"{'CUDA graphs' if self.graphed is not None else 'eager (' + self.graphs_note + ')'}, "
+            f"{'NF4 weights dequantised once per pass, ' if self.kept_dequantized else ''}"
             f"bf16 autocast ({self.free_gib:.1f} GiB for activations after loading)"
         )
 
@@ -81,7 +88,8 @@ class CudaPlan:
         return {"micro_tokens": self.micro_tokens, "row_multiple": self.row_multiple, "attention": self.attention,
                 "gradient_checkpointing": self.gradient_checkpointing, "fused_ce": self.fused_ce is not None,
                 "fused_layers": self.fused_layers, "cuda_graphs": self.graphed is not None,
-                "graphs_note": self.graphs_note, "free_gib": round(self.free_gib, 2)}  # fmt: skip
+                "graphs_note": self.graphs_note, "free_gib": round(self.free_gib, 2),
+                "kept_dequantized": self.kept_dequantized}  # fmt: skip
 
     def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
         return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_multiple, pad_id=pad_id)
@@ -131,24 +139,6 @@ def liger_fused_ce() -> Any:
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
-def liger_fused_layers(base: Any) -> bool:
-    """Swap in Liger's RMSNorm, RoPE and SwiGLU kernels where Liger supports the model type."""
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        return False
-    if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return False
-    # Liger warns, on every job, that its optional CuTe-DSL and Ascend backends are missing; its Triton kernels
-    # are the ones used here.
-    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
-    _apply_liger_kernel_to_instance(
-        model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
-    )
-    return True
-
-
 def varlen_available() -> bool:
     """torch's flash-attention varlen kernel (torch >= 2.10, sm80+), probed with a tiny forward and backward."""
     if torch.cuda.get_device_capability() < (8, 0):
@@ -174,6 +164,51 @@ def free_memory(cap_gib: float | None) -> int:
     return max(min(free, int(cap_gib * GIB) - torch.cuda.memory_reserved()), 0)
 
 
+class _DequantizeOnce(torch.autograd.Function):
+    """``x @ W.T + b`` for a 4-bit weight, dequantised in the forward pass and kept for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, quant_state: Any, bias: torch.Tensor | None) -> Any:
+        from bitsandbytes.functional import dequantize_4bit
+
+        dense = dequantize_4bit(weight.view(-1, 1), quant_state).to(x.dtype)
+        ctx.save_for_backward(dense)
+        return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (dense,) = ctx.saved_tensors
+        return grad @ dense, None, None, None  # the base is frozen: no gradient for the weight or the bias
+
+
+def nf4_layers(model: Any) -> list[Any]:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def dequantized_bytes(layers: list[Any]) -> int:
+    """Memory of the bf16 copies of these 4-bit weights, all held at once between a forward and its backward."""
+    return sum(2 * layer.weight.quant_state.shape.numel() for layer in layers)
+
+
+def keep_dequantized_weights(layers: list[Any]) -> int:
+    """Make each 4-bit layer's training passes dequantise its weight once (see the module docstring); passes
+    without a gradient for the input (evaluation, the first layer's projections) run bitsandbytes' own path."""
+    for layer in layers:
+        plain = layer.forward
+
+        def forward(x: torch.Tensor, layer: Any = layer, plain: Any = plain) -> torch.Tensor:
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return plain(x)  # type: ignore[no-any-return]
+            return _DequantizeOnce.apply(x, layer.weight, layer.weight.quant_state, layer.bias)  # type: ignore[no-any-return]
+
+        layer.forward = forward
+    return len(layers)
+
+
 def graph_decoder(model: Any, row_tokens: int, max_samples: int) -> tuple[GraphedDecoder | None, str]:
     """Capture the decoder layers as CUDA graphs, or say why not (the job then runs eagerly)."""
     try:
@@ -194,7 +229,7 @@ def plan_cuda(
     ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
     base = model.get_base_model()
     fused_ce = liger_fused_ce()
-    fused_layers = liger_fused_layers(base)
+    fused_layers = fuse_layers(base)
     if varlen_available():
         register_varlen_attention()
         attention = "varlen"
@@ -204,6 +239,12 @@ def plan_cuda(
         base.set_attn_implementation("sdpa")
     free = free_memory(memory_cap_gib)
     micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
+    kept = 0
+    layers = nf4_layers(base)
+    if layers and not checkpointing:  # keep the bf16 weights only where the micro-batch stays as large
+        spare = free - dequantized_bytes(layers)
+        if size_micro_batch(base.config, spare, step_tokens, max_length, fused_ce is not None) == (micro_tokens, False):
+            kept = keep_dequantized_weights(layers)
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -214,7 +255,7 @@ def plan_cuda(
     # sdpa and graphs: every row padded to the one length; eager varlen: only to a multiple of 8
     row_multiple = row_tokens if attention == "sdpa" or graphed is not None else VARLEN_ROW_MULTIPLE
     plan = CudaPlan(micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB,
-                    graphed, note)  # fmt: skip
+                    graphed, note, kept)  # fmt: skip
     # One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled
     # (Liger's Triton kernels) and planned (cuDNN) here, and a row that does not fit fails now rather than mid-job.
     [batch] = plan.pack([([pad_id] * micro_tokens, [pad_id] * micro_tokens)], pad_id)
