@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 
 from service.config import Settings  # noqa: E402
+from service.decoding import GraphDecoder, decoder_for  # noqa: E402
 from service.inference import AdapterRef, ModelServer  # noqa: E402
 from service.scoring import build_prompts, generate  # noqa: E402
 
@@ -142,41 +143,28 @@ def label_latency(server: ModelServer, adapter: AdapterRef | None, texts: list[s
     return percentiles(samples)
 
 
-def hf_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int) -> int:
-    """Plain transformers: left-padded batch, greedy ``model.generate``; returns the tokens generated."""
+def hf_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, static: bool = False) -> int:
+    """Plain transformers: left-padded batch, greedy ``model.generate`` (``static``: with its static KV cache, which
+    it compiles); returns the tokens generated."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
     finally:
         tokenizer.padding_side = side
-    saved, model.generation_config.cache_implementation = model.generation_config.cache_implementation, None
-    try:  # plain generate: the dynamic KV cache, even where FlashTune set a compiled static one
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    finally:
-        model.generation_config.cache_implementation = saved
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             **({"cache_implementation": "static"} if static else {}))  # fmt: skip
     return int((out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0])
 
 
-def generation(server: ModelServer, adapter: AdapterRef | None, texts: list[str], batch: int,
-               repeats: int) -> dict[str, Any]:  # fmt: skip
-    """tokens/s of FlashTune's ``scoring.generate`` and of plain ``model.generate``, alternating, same prompts."""
-    chosen = texts[:batch]
-
-    def flashtune(model: Any, tokenizer: Any) -> int:
-        prompts = build_prompts(model, tokenizer, chosen)
-        generate(model, tokenizer, prompts, NEW_TOKENS)
-        return batch * NEW_TOKENS
-
-    def plain(model: Any, tokenizer: Any) -> int:
-        return hf_generate(model, tokenizer, build_prompts(model, tokenizer, chosen), NEW_TOKENS)
-
-    times: dict[str, list[float]] = {"flashtune": [], "hf": []}
+def timed(server: ModelServer, adapter: AdapterRef | None, variants: list[tuple[str, Callable[[Any, Any], int]]],
+          repeats: int) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:  # fmt: skip
+    """tokens/s of each variant (median of ``repeats`` rounds, alternating), tokens counted, first-round seconds."""
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
     counts: dict[str, int] = {}
     warm_up: dict[str, float] = {}
-    for i in range(repeats + 1):  # the first round warms up (and compiles, where decoding is compiled)
-        for name, fn in (("flashtune", flashtune), ("hf", plain)):
+    for i in range(repeats + 1):  # the first round warms up (and compiles or captures graphs)
+        for name, fn in variants:
             sync()
             started = time.perf_counter()
             counts[name] = server.run(adapter, fn)
@@ -185,17 +173,68 @@ def generation(server: ModelServer, adapter: AdapterRef | None, texts: list[str]
             if i:
                 times[name].append(seconds)
             else:
-                warm_up[name] = seconds
-    rates = {name: counts[name] / statistics.median(times[name]) for name in times}
+                warm_up[name] = round(seconds, 1)
+    return {name: counts[name] / statistics.median(times[name]) for name in times}, counts, warm_up
+
+
+def generation(server: ModelServer, adapter: AdapterRef | None, texts: list[str], batch: int,
+               repeats: int) -> dict[str, Any]:  # fmt: skip
+    """tokens/s of FlashTune's ``scoring.generate`` and of plain ``model.generate``, alternating, same prompts."""
+    chosen = texts[:batch]
+    decoders: list[str] = []
+
+    def flashtune(model: Any, tokenizer: Any) -> int:
+        generate(model, tokenizer, build_prompts(model, tokenizer, chosen), NEW_TOKENS)
+        decoder = decoder_for(model)
+        decoders.append("generate" if decoder is None else "generate (graph failed)" if decoder.broken else "graph")
+        return batch * NEW_TOKENS
+
+    def plain(model: Any, tokenizer: Any) -> int:
+        return hf_generate(model, tokenizer, build_prompts(model, tokenizer, chosen), NEW_TOKENS)
+
+    rates, counts, warm_up = timed(server, adapter, [("flashtune", flashtune), ("hf", plain)], repeats)
     return {
         "batch": batch,
         "new_tokens": NEW_TOKENS,
+        "decoding": decoders[-1],
         "flashtune_tokens_per_s": round(rates["flashtune"], 1),
         "hf_tokens_per_s": round(rates["hf"], 1),
         "hf_tokens_generated": counts["hf"],
         "ratio": round(rates["flashtune"] / rates["hf"], 3),
-        "warm_up_s": {name: round(seconds, 1) for name, seconds in warm_up.items()},
+        "warm_up_s": warm_up,
     }
+
+
+def graph_exactness(server: ModelServer, adapter: AdapterRef, texts: list[str]) -> dict[str, Any]:
+    """The graph replays exactly the step it recorded: the same tokens as the same decoder run eagerly, for a
+    left-padded batch of 4 (and how many rows ``generate`` matches, whose kernels differ: informational)."""
+
+    def compare(model: Any, tokenizer: Any) -> dict[str, Any]:
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        batch = tokenizer(build_prompts(model, tokenizer, texts[:4]), return_tensors="pt", padding=True).to("cuda")
+        tokenizer.padding_side = side
+        eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+        with torch.no_grad():
+            graphed = GraphDecoder(model, eos, pad).generate(batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
+            eager = GraphDecoder(model, eos, pad, graphs=False).generate(
+                batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
+            plain = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
+        plain = plain[:, batch["input_ids"].shape[1]:]
+        assert graphed is not None and eager is not None, "graph decoding fell back to generate"
+        return {"graph_equals_eager": bool(torch.equal(graphed, eager)),
+                "rows_equal_to_generate": int((graphed == plain).all(dim=1).sum()), "rows": 4}  # fmt: skip
+
+    return server.run(adapter, compare)  # type: ignore[no-any-return]
+
+
+def compiled_static(server: ModelServer, adapter: AdapterRef, texts: list[str], repeats: int) -> dict[str, Any]:
+    """Batch 1: ``generate`` with transformers' compiled static cache (what FlashTune used before graph decoding)."""
+
+    def compiled(model: Any, tokenizer: Any) -> int:
+        return hf_generate(model, tokenizer, build_prompts(model, tokenizer, texts[:1]), NEW_TOKENS, static=True)
+
+    rates, _, warm_up = timed(server, adapter, [("hf_compiled_static", compiled)], repeats)
+    return {"hf_compiled_static_tokens_per_s": round(rates["hf_compiled_static"], 1), "warm_up_s": warm_up}
 
 
 def throughput(server: ModelServer, adapters: list[AdapterRef], texts: list[str], requests: int,
@@ -220,6 +259,37 @@ def throughput(server: ModelServer, adapters: list[AdapterRef], texts: list[str]
 
 # --------------------------------------------------------------------------------------------------------- phases
 Step = Callable[[str, Callable[[], Any]], Any]
+
+
+def before_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
+                 sizes: dict[str, int]) -> None:  # fmt: skip
+    """The baseline of ``label_latency_adapter`` in this run: the NF4 base with the adapter attached as served before
+    Liger's kernels and bf16 adapters. First: once any model is fused, Liger has patched transformers' Llama module
+    for the whole process."""
+    import service.inference as inference
+
+    cast, inference._adapter_in_base_dtype = inference._adapter_in_base_dtype, lambda model, name: None
+    server = ModelServer(Settings(**settings, fused_kernels=False))
+    try:
+        server.run(None, never_stop_early)
+        step("label_latency_adapter_before", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
+    finally:
+        inference._adapter_in_base_dtype = cast
+        server.release()
+
+
+def compiled_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
+                   sizes: dict[str, int]) -> None:  # fmt: skip
+    """The baseline of ``merged_generation_batch_1``: the merged copy decoding with transformers' compiled static
+    cache, without graph decoding or Liger. Alone in its process (``--only merged_batch_1_compiled_static``): in a
+    process that has captured decoding graphs, the compiled run ended in an illegal memory access on the H200."""
+    server = ModelServer(Settings(**settings, fused_kernels=False, cuda_graph_decoding=False,
+                                  serve_merged=adapter.name))  # fmt: skip
+    try:
+        server.run(adapter, never_stop_early)
+        step("merged_batch_1_compiled_static", lambda: compiled_static(server, adapter, texts, sizes["repeats"]))
+    finally:
+        server.release()
 
 
 def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[str], step: Step,
@@ -264,6 +334,7 @@ def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], ste
 
     step("load_merged", load_merged)
     step("merged_label_latency", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
+    step("merged_graph_exactness", lambda: graph_exactness(server, adapter, texts))
     step("merged_generation_batch_1", lambda: generation(server, adapter, texts, 1, sizes["repeats"]))
     step("merged_generation_batch_32", lambda: generation(server, adapter, texts, 32, sizes["repeats"]))
     step("merged_throughput", lambda: throughput(server, [adapter], texts, sizes["requests"], 64))
@@ -324,6 +395,13 @@ def main() -> None:
     settings = dict(data_dir=data_dir, base_model=str(checkpoint), device=device, batch_max_size=64,
                     batch_wait_ms=2.0, max_loaded_adapters=len(adapters) + 1)  # fmt: skip
 
+    if only == {"merged_batch_1_compiled_static"}:
+        compiled_phase(settings, adapters[0], texts, step, sizes)
+        save()
+        return
+    if not only or "label_latency_adapter_before" in only:
+        before_phase(settings, adapters[0], texts, step, sizes)
+        cleanup()
     attached_phase(ModelServer(Settings(**settings)), adapters, texts, step, report, sizes)
     cleanup()
     merged_phase(ModelServer(Settings(**settings, serve_merged=adapters[0].name)), adapters[0], texts, step, sizes)

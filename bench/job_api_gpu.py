@@ -104,6 +104,7 @@ def main() -> None:
             proc.wait(60)
     print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     name = "job_api_gpu_cap.json" if args.gpu_memory_gib else "job_api_gpu.json"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, name).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
 
 

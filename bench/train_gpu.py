@@ -295,7 +295,7 @@ def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: lis
 
 def trainer_variant(
     checkpoint: str, dataset: str, name: str, memory_cap_gib: float | None = None, before: bool = False,
-    graphs: bool = True, **overrides: Any,
+    graphs: bool = True, dequantize_twice: bool = False, **overrides: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """The real ``workers.training.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate, publish.
 
@@ -306,10 +306,12 @@ def trainer_variant(
     and Liger's layer kernels (sdpa with the dense packed mask, transformers' RMSNorm/RoPE/SwiGLU); it must run
     before any other worker variant, since Liger's RoPE replaces a module-level function for the whole process.
     ``graphs=False``: the eager loop (no CUDA graphs) with everything else as the worker plans it.
+    ``dequantize_twice``: bitsandbytes' own 4-bit layers, which dequantise each weight in the backward pass again.
     """
     import workers.cuda_path as cuda_path
 
-    saved = cuda_path.varlen_available, cuda_path.liger_fused_layers, cuda_path.graph_decoder
+    patched = ("varlen_available", "fuse_layers", "graph_decoder", "keep_dequantized_weights")
+    saved = {name: getattr(cuda_path, name) for name in patched}
     from service.builtin.model import _corpus, _train_tokenizer
     from service.datasets.store import hold_out
     from service.models import Hyperparameters
@@ -331,7 +333,9 @@ def trainer_variant(
     )  # fmt: skip
     if before:
         cuda_path.varlen_available = lambda: False  # type: ignore[assignment]
-        cuda_path.liger_fused_layers = lambda base: False  # type: ignore[assignment]
+        cuda_path.fuse_layers = lambda base: False  # type: ignore[assignment]
+    if before or dequantize_twice:
+        cuda_path.keep_dequantized_weights = lambda layers: 0  # type: ignore[assignment]
     if not graphs:
         cuda_path.graph_decoder = lambda *args: (None, "off in this variant")  # type: ignore[assignment]
     progress: list[Any] = []
@@ -347,7 +351,8 @@ def trainer_variant(
     try:
         info = train(spec, hooks)
     finally:
-        cuda_path.varlen_available, cuda_path.liger_fused_layers, cuda_path.graph_decoder = saved
+        for name, value in saved.items():
+            setattr(cuda_path, name, value)
         torch.cuda.set_per_process_memory_fraction(1.0)
     tokens_per_s = progress[-1].tokens_per_second
     # The loop's figure includes the per-epoch eval and checkpoints; the median step shows the steady pace.
@@ -457,6 +462,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated variant keys to run (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     import torch._dynamo
 
     # flex attention is compiled per row length; the rows are bucketed to 256 tokens, which still gives more
@@ -534,7 +540,8 @@ def main() -> None:
     del base
     cleanup()
     worker_runs: list[tuple[str, dict[str, Any]]] = [("worker_before", {"before": True}),  # first: see trainer_variant
-                   ("graph_exactness", {}), ("worker_eager", {"graphs": False}), ("worker", {}),
+                   ("graph_exactness", {}), ("worker_eager", {"graphs": False}),
+                   ("worker_dequantize_twice", {"dequantize_twice": True}), ("worker", {}),
                    ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
                    ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
                    ("worker_b4", {"batch_size": 4})]  # fmt: skip
