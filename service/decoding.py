@@ -68,12 +68,22 @@ class GraphDecoder:
     def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int | None, limit: int = 2,
                  graphs: bool = True) -> None:  # fmt: skip
         device = next(model.parameters()).device
-        self.model, self.limit, self.graphs, self.broken = model, limit, graphs, False
+        # weakly: the registry maps the model to its decoder, and a strong reference back would keep a dropped
+        # merged copy (a whole model) alive
+        self._model = weakref.ref(model)
+        self.limit, self.graphs, self.broken = limit, graphs, False
         self.eos = torch.tensor(list(eos_ids), device=device)
         self.pad = torch.tensor(eos_ids[0] if pad_id is None else pad_id, device=device)
         # the cache argument is ``cache`` in transformers 5.24, ``past_key_values`` in 5.17 (the GPU machine's)
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._steps: OrderedDict[tuple[int, int], _Step] = OrderedDict()
+
+    @property
+    def model(self) -> Any:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this decoder was dropped")
+        return model
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

@@ -74,3 +74,18 @@ def test_attached_decoder_serves_generate_and_stream(model_and_tokenizer: tuple[
         finally:
             attach(model, None)
     assert decoder_for(model) is None
+
+
+def test_an_attached_decoder_does_not_keep_its_model_alive(builtin_model_cache: Path) -> None:
+    """A dropped merged copy must free its memory: the registry holds the model weakly, and so does its decoder."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_cache)
+    attach(model, GraphDecoder(model, [0], 0, graphs=False))
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
