@@ -38,8 +38,8 @@ RUN groupadd --system --gid 10001 flashtune \
     && useradd --system --uid 10001 --gid flashtune --create-home --home-dir /home/flashtune flashtune \
     && install -d -o flashtune -g flashtune /data
 
-# The CUDA build of torch, pinned; bitsandbytes (4-bit NF4 quantization) and the rest come pinned from
-# docker/constraints.txt through the project's dependencies.
+# The CUDA build of torch, pinned; bitsandbytes (4-bit NF4 quantization), liger-kernel (the cuda extra: fused
+# kernels) and the rest come pinned from docker/constraints.txt through the project's dependencies.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app
@@ -47,7 +47,7 @@ COPY docker/constraints.txt docker/constraints.txt
 COPY pyproject.toml README.md ./
 COPY service service
 COPY workers workers
-RUN pip install --no-cache-dir --constraint docker/constraints.txt ".[postgres]" \
+RUN pip install --no-cache-dir --constraint docker/constraints.txt ".[postgres,cuda]" \
     && python -c "import bitsandbytes, peft, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 COPY docker/healthcheck.py /usr/local/bin/flashtune-healthcheck
 
