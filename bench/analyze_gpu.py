@@ -292,6 +292,18 @@ def compiled_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[st
         server.release()
 
 
+def bf16_base_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
+                    sizes: dict[str, int]) -> None:  # fmt: skip
+    """``FLASHTUNE_SERVE_QUANTIZATION=none``: adapters attached to an unquantised bf16 base, the middle way between
+    the NF4 base (least memory) and a merged copy per adapter (fastest)."""
+    server = ModelServer(Settings(**settings, serve_quantization="none"))
+    try:
+        server.run(None, never_stop_early)
+        step("label_latency_adapter_bf16_base", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
+    finally:
+        server.release()
+
+
 def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[str], step: Step,
                    report: dict[str, Any], sizes: dict[str, int]) -> None:  # fmt: skip
     """The NF4 (CPU: float32) base with adapters attached, as the API serves by default."""
@@ -401,6 +413,9 @@ def main() -> None:
         return
     if not only or "label_latency_adapter_before" in only:
         before_phase(settings, adapters[0], texts, step, sizes)
+        cleanup()
+    if not only or "label_latency_adapter_bf16_base" in only:
+        bf16_base_phase(settings, adapters[0], texts, step, sizes)
         cleanup()
     attached_phase(ModelServer(Settings(**settings)), adapters, texts, step, report, sizes)
     cleanup()
