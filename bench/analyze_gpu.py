@@ -52,7 +52,7 @@ from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 from service.config import Settings  # noqa: E402
 from service.decoding import GraphDecoder, decoder_for  # noqa: E402
 from service.inference import AdapterRef, ModelServer  # noqa: E402
-from service.scoring import build_prompts, generate  # noqa: E402
+from service.scoring import build_prompts, generate, left_padded  # noqa: E402
 
 NEW_TOKENS = 64
 LORA_TARGETS = ["q_proj", "v_proj"]
@@ -146,11 +146,7 @@ def label_latency(server: ModelServer, adapter: AdapterRef | None, texts: list[s
 def hf_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, static: bool = False) -> int:
     """Plain transformers: left-padded batch, greedy ``model.generate`` (``static``: with its static KV cache, which
     it compiles); returns the tokens generated."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    finally:
-        tokenizer.padding_side = side
+    batch = left_padded(tokenizer, prompts, next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              **({"cache_implementation": "static"} if static else {}))  # fmt: skip
@@ -210,9 +206,7 @@ def graph_exactness(server: ModelServer, adapter: AdapterRef, texts: list[str]) 
     left-padded batch of 4 (and how many rows ``generate`` matches, whose kernels differ: informational)."""
 
     def compare(model: Any, tokenizer: Any) -> dict[str, Any]:
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        batch = tokenizer(build_prompts(model, tokenizer, texts[:4]), return_tensors="pt", padding=True).to("cuda")
-        tokenizer.padding_side = side
+        batch = left_padded(tokenizer, build_prompts(model, tokenizer, texts[:4]), "cuda")
         eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
         with torch.no_grad():
             graphed = GraphDecoder(model, eos, pad).generate(batch["input_ids"], batch["attention_mask"], NEW_TOKENS)

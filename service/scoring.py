@@ -237,6 +237,16 @@ def classify(
     ]
 
 
+def left_padded(tokenizer: Any, prompts: Sequence[str], device: Any) -> Any:
+    """A batch of prompts padded on the left, as greedy generation takes them, on ``device``."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+
+
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, adapter_names: Sequence[str] | None = None
@@ -246,13 +256,7 @@ def generate(
     (``service.decoding``) decodes with it."""
     if max_new_tokens <= 0:
         return ["" for _ in prompts]
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
+    batch = left_padded(tokenizer, prompts, next(model.parameters()).device)
     decoder = decoder_for(model) if adapter_names is None else None
     new_tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens) if decoder else None
     if new_tokens is None:

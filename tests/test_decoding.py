@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from service.decoding import GraphDecoder, attach, decoder_for
-from service.scoring import build_prompts, generate, generate_stream
+from service.scoring import build_prompts, generate, generate_stream, left_padded
 from tests.test_scoring import TEXTS
 
 
@@ -23,19 +23,11 @@ def model_and_tokenizer(builtin_model_cache: Path) -> tuple[Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(builtin_model_cache)
 
 
-def _batch(tokenizer: Any, prompts: list[str]) -> Any:
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return tokenizer(prompts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-
-
 @pytest.mark.parametrize("eos_at", [None, 5])
 def test_tokens_equal_generate(model_and_tokenizer: tuple[Any, Any], eos_at: int | None) -> None:
     model, tokenizer = model_and_tokenizer
     prompts = build_prompts(model, tokenizer, TEXTS)  # three lengths: the batch is left-padded
-    batch = _batch(tokenizer, prompts)
+    batch = left_padded(tokenizer, prompts, "cpu")
     with torch.no_grad():
         plain = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id)[:, batch["input_ids"].shape[1]:]  # fmt: skip

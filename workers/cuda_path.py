@@ -182,7 +182,7 @@ class _DequantizeOnce(torch.autograd.Function):
 
 
 def nf4_layers(model: Any) -> list[Any]:
-    try:
+    try:  # a bf16 base (quantization "none") must train even where bitsandbytes does not import
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return []
