@@ -12,7 +12,9 @@ The decoding is ``model.generate(do_sample=False)``'s: the prompt's positions co
 skipped), a row that has ended gets the pad token from then on, and decoding stops when every row has ended or after
 ``max_new_tokens``. ``tests/test_decoding.py`` checks the tokens against ``generate``'s.
 
-A :class:`GraphDecoder` belongs to one model whose weights do not change (a merged copy). It keeps a static cache and a
+A :class:`GraphDecoder` belongs to one model whose weights do not change while it is used: a merged copy, or a
+PeftModel whose adapter stays as it was when the step was captured (the worker's evaluation of a trained adapter,
+``workers.evaluation``: the graph replays whichever adapter, or none, was active then). It keeps a static cache and a
 graph per batch size and cache length (rounded up to :data:`CACHE_MULTIPLE`), at most ``limit`` of them, the least
 recently used dropped first: a cache of 32 rows x 512 tokens of the 7B shape takes 8 GiB. Capturing costs three eager
 steps. Only caches whose every layer is a plain static layer are graphed (a sliding-window layer keeps Python-side
@@ -35,6 +37,12 @@ import torch
 log = logging.getLogger("flashtune.inference")
 CACHE_MULTIPLE = 256
 _DECODERS: weakref.WeakKeyDictionary[Any, GraphDecoder] = weakref.WeakKeyDictionary()
+
+
+def eos_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's end-of-sequence token ids (one, or several)."""
+    eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 def attach(model: Any, decoder: GraphDecoder | None) -> None:
@@ -74,8 +82,10 @@ class GraphDecoder:
         self.limit, self.graphs, self.broken = limit, graphs, False
         self.eos = torch.tensor(list(eos_ids), device=device)
         self.pad = torch.tensor(eos_ids[0] if pad_id is None else pad_id, device=device)
-        # the cache argument is ``cache`` in transformers 5.24, ``past_key_values`` in 5.17 (the GPU machine's)
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # the cache argument is ``cache`` in transformers 5.24, ``past_key_values`` in 5.17 (the GPU machine's); a
+        # PeftModel passes it on to its base model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
         self._steps: OrderedDict[tuple[int, int], _Step] = OrderedDict()
 
     @property

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.datasets.store import dataset_input_fields
-from service.decoding import GraphDecoder, attach
+from service.decoding import GraphDecoder, attach, eos_ids
 from service.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.prompts import INPUT_FIELDS, LABEL_IDS
 from service.scoring import BASE, Prediction, Text, build_prompts, classify, generate
@@ -104,11 +104,6 @@ def mixes_in_batch(model: Any, name: str) -> bool:
         or layer.use_dora.get(name, False)
         for layer in layers
     )
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 def _adapter_in_base_dtype(model: Any, name: str) -> None:
@@ -211,7 +206,7 @@ class ModelServer:
         model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
         if model.device.type == "cuda" and self.settings.cuda_graph_decoding:
             # a plain model whose weights never change: its decoding step can be one CUDA graph (service.decoding)
-            attach(model, GraphDecoder(model, _eos_ids(self._tokenizer), self._tokenizer.pad_token_id))
+            attach(model, GraphDecoder(model, eos_ids(self._tokenizer), self._tokenizer.pad_token_id))
         self._merged[adapter.name] = model
         return model
 

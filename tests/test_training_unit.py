@@ -73,8 +73,9 @@ def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.scoring import classify
-    from workers.evaluation import label_metrics
+    from service.decoding import decoder_for
+    from service.scoring import BASE, build_prompts, classify, generate
+    from workers.evaluation import label_metrics, write_each
 
     spec = _spec(tmp_path, builtin_model_cache)
     info = train(spec, Hooks())
@@ -89,6 +90,17 @@ def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path
     apart_adapter = label_metrics(gold, [p.label for p in classify(model, tokenizer, texts, instructions)])
     assert info["metrics"]["base"]["confusion"] == apart_base["confusion"]
     assert info["metrics"]["adapter"]["confusion"] == apart_adapter["confusion"]
+    assert set(info["metrics"]["seconds"]) == {"labels", "generation"}
+
+    # CUDA writes the format check's answers one adapter at a time, each with a graph decoder captured with it
+    # active (here its step runs eagerly): the same answers as the mixed batch
+    prompts = build_prompts(model, tokenizer, texts[:3], instructions[:3]) * 2
+    names = [BASE] * 3 + [model.active_adapter] * 3
+    with torch.no_grad():
+        assert write_each(model, tokenizer, prompts, names, 16, graphs=False) == generate(
+            model, tokenizer, prompts, 16, names
+        )
+    assert decoder_for(model) is None
 
 
 def test_evaluation_halves_its_batches_when_memory_runs_out() -> None:

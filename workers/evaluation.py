@@ -1,12 +1,21 @@
-"""Compare the base model and the adapter on held-out examples: accuracy, macro-F1, confusion, format."""
+"""Compare the base model and the adapter on held-out examples: accuracy, macro-F1, confusion, format.
+
+Both are scored in the same batches (peft's mixed-adapter batches). The format check generates up to 96 tokens for
+each of 16 samples with each of them: on the CPU in one mixed batch through ``generate``; on CUDA one adapter (or the
+base) at a time, each decoded with its step captured as a CUDA graph (``service.decoding``), because on an NF4 base
+``generate`` spends far longer in Python than the GPU spends on the step (docs/benchmarks.md, session 7).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import torch
 
+from service.decoding import GraphDecoder, attach, eos_ids
 from service.prompts import LABELS, Example, Label, is_valid_response
 from service.scoring import BASE, build_prompts, classify, generate
 
@@ -49,11 +58,40 @@ def in_chunks(run: Callable[[list[T]], list[R]], items: list[T], size: int) -> l
     return out
 
 
-def _compare(model: Any, tokenizer: Any, labelled: list[Example], names: list[str]) -> dict[str, dict[str, Any]]:
-    """Label metrics and response format of each named adapter (``BASE``: none), all of them in the same batches
-    (peft's mixed-adapter batches): one pass scores and one ``generate`` writes for base and adapter alike."""
+def _active(model: Any, name: str) -> AbstractContextManager[Any]:
+    """``name`` active on ``model`` for the duration (``BASE``: the adapters disabled)."""
+    if name == BASE:
+        return model.disable_adapter()  # type: ignore[no-any-return]
+    model.set_adapter(name)
+    return nullcontext()
+
+
+def write_each(model: Any, tokenizer: Any, prompts: list[str], names: list[str], max_new_tokens: int,
+               graphs: bool = True) -> list[str]:  # fmt: skip
+    """The greedy answers to ``prompts``, each with its adapter (``BASE``: none), one adapter at a time, each decoded
+    by a :class:`~service.decoding.GraphDecoder` captured with that adapter active and dropped afterwards
+    (``graphs=False``: the same step run eagerly, for tests). ``generate`` decodes where capturing fails."""
+    answers: dict[int, str] = {}
+    for name in dict.fromkeys(names):
+        indices = [i for i, n in enumerate(names) if n == name]
+        with _active(model, name):
+            attach(model, GraphDecoder(model, eos_ids(tokenizer), tokenizer.pad_token_id, limit=1, graphs=graphs))
+            try:
+                texts = generate(model, tokenizer, [prompts[i] for i in indices], max_new_tokens)
+            finally:
+                attach(model, None)
+        answers.update(zip(indices, texts, strict=True))
+    return [answers[i] for i in range(len(prompts))]
+
+
+def _compare(
+    model: Any, tokenizer: Any, labelled: list[Example], names: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Label metrics and response format of each named adapter (``BASE``: none), scored in the same batches (peft's
+    mixed-adapter batches), the answers written as the module docstring says; and the seconds each part took."""
     pairs = [(e, name) for e in labelled for name in names]
     samples = [(e, name) for e in labelled[:GENERATED_SAMPLES] for name in names]
+    on_cuda = next(model.parameters()).device.type == "cuda"
 
     def predict(chunk: list[tuple[Example, str]]) -> list[Label]:
         texts, instructions = [e.input for e, _ in chunk], [e.instruction for e, _ in chunk]
@@ -61,10 +99,16 @@ def _compare(model: Any, tokenizer: Any, labelled: list[Example], names: list[st
 
     def write(chunk: list[tuple[Example, str]]) -> list[str]:
         prompts = build_prompts(model, tokenizer, [e.input for e, _ in chunk], [e.instruction for e, _ in chunk])
-        return generate(model, tokenizer, prompts, 96, [n for _, n in chunk])
+        chunk_names = [n for _, n in chunk]
+        if on_cuda:
+            return write_each(model, tokenizer, prompts, chunk_names, 96)
+        return generate(model, tokenizer, prompts, 96, chunk_names)
 
+    started = time.perf_counter()
     predicted = in_chunks(predict, pairs, BATCH * len(names))
+    scored = time.perf_counter()
     answers = in_chunks(write, samples, len(samples))
+    timings = {"labels": round(scored - started, 2), "generation": round(time.perf_counter() - scored, 2)}
     gold = [e.label for e in labelled if e.label is not None]
     results = {}
     for name in names:
@@ -72,7 +116,7 @@ def _compare(model: Any, tokenizer: Any, labelled: list[Example], names: list[st
         mine = [a for a, (_, n) in zip(answers, samples, strict=True) if n == name]
         result["valid_format"] = round(sum(map(is_valid_response, mine)) / len(mine), 4) if mine else 0.0
         results[name] = result
-    return results
+    return results, timings
 
 
 def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str, Any]:
@@ -81,5 +125,5 @@ def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str,
     if not labelled:
         return {"num_labelled": 0, "base": {}, "adapter": {}}
     adapter = model.active_adapter
-    results = _compare(model, tokenizer, labelled, [BASE, adapter])
-    return {"num_labelled": len(labelled), "base": results[BASE], "adapter": results[adapter]}
+    results, seconds = _compare(model, tokenizer, labelled, [BASE, adapter])
+    return {"num_labelled": len(labelled), "base": results[BASE], "adapter": results[adapter], "seconds": seconds}

@@ -231,6 +231,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     torch.manual_seed(hp.seed)
     tokenizer = load_tokenizer(spec.base_source)
     model = attach_lora(load_model(spec.base_source, plan), hp, plan)
+    load_seconds = time.monotonic() - started
     full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir)
     lengths = token_stats([len(ids) for ids, _ in full_rows], hp.max_length)
     hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
@@ -339,9 +340,11 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
 
     # Evaluate base vs adapter on the held-out split, then publish.
     model.eval()
+    evaluation_start = time.monotonic()
     metrics = evaluate(model, tokenizer, spec.validation)
     hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
-    durations = {"setup_seconds": setup_seconds, "train_seconds": train_seconds,
+    durations = {"load_seconds": load_seconds, "setup_seconds": setup_seconds, "train_seconds": train_seconds,
+                 "evaluate_seconds": time.monotonic() - evaluation_start,
                  "total_seconds": time.monotonic() - started}  # fmt: skip
     info = _training_info(spec, plan, cuda, history, metrics, durations, num_train=len(train_rows),
                           num_validation=len(val_rows), total_steps=total_steps, start_step=start_step)  # fmt: skip

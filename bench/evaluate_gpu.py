@@ -1,0 +1,126 @@
+"""The worker's format check after training, on the GPU machine: 96 tokens for 16 held-out prompts with the base and
+16 with the adapter, written as before (one ``generate`` over the mixed batch, each row naming its adapter) and as
+now (``workers.evaluation.write_each``: one adapter at a time, each step a CUDA graph), in the same process.
+
+    export PYTHONPATH=$PWD/.devsite:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    python3 bench/evaluate_gpu.py --checkpoint /tmp/ck/deepseek-7b-shaped --out $OUT
+
+The base is the randomly initialised DeepSeek-LLM-7B-shaped checkpoint in NF4 (the worker's load), the adapter a
+q/v r 8 LoRA whose B matrices are set to small random values, so that base and adapter write different tokens.
+Prompts are the seed instructions' first 16. Prints seconds per way (the first call captures the graphs) and how
+many rows' token ids equal those of a third way, the reference for exactness: ``generate`` one adapter at a time,
+the same batches as ``write_each`` (a different batch, as in the mixed way, may flip a near tie in bf16). Token ids,
+not text: the random model mostly writes ids the built-in tokenizer decodes to nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
+
+from service.datasets.formats import parse  # noqa: E402
+from service.modeling import load_model, load_tokenizer, plan_load  # noqa: E402
+from service.models import Hyperparameters  # noqa: E402
+from service.recipes import resolve  # noqa: E402
+from service.scoring import BASE, build_prompts, generate  # noqa: E402
+from workers.evaluation import GENERATED_SAMPLES, write_each  # noqa: E402
+from workers.training import attach_lora  # noqa: E402
+
+NEW_TOKENS = 96
+
+
+def timed(fn: object, *args: object) -> tuple[float, list[str]]:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = fn(*args)  # type: ignore[operator]
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, out
+
+
+class _Ids:
+    """The tokenizer, except that a decoded batch is each row's token ids (as text): answers compare by id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        object.__setattr__(self, "_tokenizer", tokenizer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # left_padded() sets the padding side
+        setattr(self._tokenizer, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer(*args, **kwargs)
+
+    def batch_decode(self, ids: torch.Tensor, **kwargs: Any) -> list[str]:
+        return [str(row) for row in ids.tolist()]
+
+
+def _each_generate(model: Any, tokenizer: Any, prompts: list[str], names: list[str]) -> list[str]:
+    """``generate`` one adapter (or the base) at a time, batched as ``write_each`` batches them."""
+    out: dict[int, str] = {}
+    for name in dict.fromkeys(names):
+        indices = [i for i, n in enumerate(names) if n == name]
+        context = model.disable_adapter() if name == BASE else nullcontext()
+        with context:
+            out.update(zip(indices, generate(model, tokenizer, [prompts[i] for i in indices], NEW_TOKENS), strict=True))
+    return [out[i] for i in range(len(prompts))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--dataset", default=".devsite/seed/instructions.jsonl")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    checkpoint = Path(args.checkpoint)
+    build(checkpoint, tiny=False)
+    plan = plan_load("cuda", "auto")
+    tokenizer = load_tokenizer(str(checkpoint))
+    model = attach_lora(load_model(str(checkpoint), plan), resolve(Hyperparameters(), str(checkpoint)), plan)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    model.eval()
+    examples = parse(Path(args.dataset).read_bytes()).examples
+    chosen = examples[:GENERATED_SAMPLES]
+    prompts = build_prompts(model, tokenizer, [e.input for e in chosen], [e.instruction for e in chosen])
+    adapter = model.active_adapter
+    names = [BASE] * len(prompts) + [adapter] * len(prompts)
+    prompts = prompts * 2
+    report: dict[str, object] = {"rows": len(prompts), "new_tokens": NEW_TOKENS}
+    ids = _Ids(tokenizer)
+    with torch.no_grad():
+        for way, fn in (("mixed_generate", lambda: generate(model, ids, prompts, NEW_TOKENS, names)),
+                        ("each_generate", lambda: _each_generate(model, ids, prompts, names)),
+                        ("write_each_graphs", lambda: write_each(model, ids, prompts, names, NEW_TOKENS))):
+            first, _ = timed(fn)
+            second, answers = timed(fn)
+            report[way] = {"first_s": round(first, 2), "second_s": round(second, 2)}
+            report[f"{way}_answers"] = answers
+            print(way, report[way], flush=True)
+    now = report["write_each_graphs_answers"]
+    for way in ("mixed_generate", "each_generate"):
+        report[f"rows_equal_to_{way}"] = sum(a == b for a, b in zip(report[f"{way}_answers"], now, strict=True))  # type: ignore[call-overload]
+    report["speedup_second_call"] = round(
+        report["mixed_generate"]["second_s"] / report["write_each_graphs"]["second_s"], 2  # type: ignore[index]
+    )
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_answers")}), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "evaluate_gpu.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
