@@ -39,6 +39,10 @@ class Settings(BaseSettings):
                             "'0,1': one worker per GPU is the other way to use several GPUs")  # fmt: skip
     gpu_memory_gib: float | None = Field(default=None, gt=0, description="GPU memory one training job may use "
                                          "(e.g. 7 to share a card or to fit a 16 GB one); default: all that is free")
+    job_process_start: Literal["forkserver", "spawn"] = Field(
+        default="forkserver", description="how each job's training process starts: forked from a server that has "
+        "imported torch and transformers once (workers/preload.py), or as a fresh interpreter ('spawn')"
+    )  # fmt: skip
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
 

@@ -64,15 +64,17 @@ def of_type(evs: list[dict[str, Any]], *types: str) -> list[dict[str, Any]]:
 
 
 def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the worker's training process), read from /proc."""
-    found = []
+    """Every descendant of ``pid`` (the worker's fork server and the training process forked from it), from /proc."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
     return found
 
 
@@ -115,11 +117,15 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def _is_training_child(pid: int) -> bool:
+def _is_training_child(pid: int, worker_pid: int) -> bool:
+    """Not the worker's resource tracker, nor its fork server (a child of the worker; the training process forked
+    from the server has the same command line, but the server as its parent)."""
     try:
-        return b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
         return False
+    return b"resource_tracker" not in command and not (b"forkserver" in command and parent == worker_pid)
 
 
 def checkpointed_past(svc: Service, job_id: int, step: int) -> bool:
@@ -179,7 +185,7 @@ def test_sigstop_past_lease_then_sigcont_changes_nothing(svc: Service) -> None:
     adapter_bytes = adapter_file.read_bytes()
     before_events = events(svc, job["id"])
     # The stalled worker wakes up: its heartbeat and its child's next write find the lease gone.
-    wait_gone([p for p in paused if p != stalled.pid and _is_training_child(p)])  # not the resource tracker
+    wait_gone([p for p in paused if p != stalled.pid and _is_training_child(p, stalled.pid)])
     wait_for(lambda: "lease lost" in (svc.data_dir / "worker-0.log").read_text(), 60, "the stale worker", svc)
     time.sleep(2)
     after = svc.job(job["id"])

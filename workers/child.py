@@ -194,8 +194,8 @@ def run_attempt(settings: Settings, job_id: int, worker_id: str, dist: Distribut
 
 
 def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection) -> None:
-    """Entry point of the child process (multiprocessing 'spawn')."""
-    logs.configure(json_lines=settings.log_json)  # a spawned process starts without the worker's logging set-up
+    """Entry point of the child process (forked from the worker's fork server, or spawned; workers/worker.py)."""
+    logs.configure(json_lines=settings.log_json)  # a new process starts without the worker's logging set-up
     with logs.bind_job(job_id):
         outcome = run_attempt(settings, job_id, worker_id)
     try:

@@ -3,6 +3,10 @@
     start-up sweep of stalled jobs
     loop: sweep now and then; claim the oldest queued job; run it (child process + heartbeats); decide; repeat
 
+Each job attempt runs in a child process of its own, forked from a fork server that has imported torch,
+transformers and FlashTune once (``workers.preload``; ``FLASHTUNE_JOB_PROCESS_START=spawn``: a fresh interpreter
+per job, as before).
+
 SIGTERM/SIGINT: the running child checkpoints and stops, the job is requeued, and the worker exits.
 """
 
@@ -16,6 +20,7 @@ import signal
 import socket
 import time
 import uuid
+from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
 from sqlalchemy import Engine
@@ -41,12 +46,14 @@ class Worker:
         self.engine: Engine = make_engine(settings.resolved_database_url)
         self.stopping = False
         self.last_sweep = 0.0
+        self.context: ForkServerContext | SpawnContext | None = None  # how job processes start: set by run()
 
     # -------------------------------------------------------------------------------------------- main loop
     def run(self, max_jobs: int | None = None) -> None:
         self._use_gpus()
         self.settings.ensure_dirs()
         init_db(self.engine)
+        self.context = job_process_context(self.settings.job_process_start)
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         log.info("worker %s started (database %s)", self.worker_id, self.engine.url.render_as_string())
@@ -96,7 +103,9 @@ class Worker:
     def run_job(self, job: Job) -> None:
         assert job.id is not None
         log.info("running job %s (attempt %d)", job.id, job.attempts)
-        context = multiprocessing.get_context("spawn")
+        if self.context is None:  # run_job called without run()
+            self.context = job_process_context(self.settings.job_process_start)
+        context = self.context
         receiver, sender = context.Pipe(duplex=False)
         child = context.Process(
             target=child_main, args=(self.settings, job.id, self.worker_id, sender), name=f"flashtune-job-{job.id}"
@@ -175,6 +184,24 @@ class Worker:
         except DBAPIError:  # the job stays running until its lease expires, then the sweep requeues it
             log.exception("job %s: could not record its outcome (%s)", job.id, outcome.status)
         log.info("job %s: %s", job.id, decision.action)
+
+
+def job_process_context(start: str) -> ForkServerContext | SpawnContext:
+    """The multiprocessing context that starts job processes: "forkserver" (preloaded, see ``workers.preload``)
+    where a forked process can still use CUDA, else "spawn"."""
+    if start == "forkserver":
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["workers.preload"])
+        from workers.preload import cuda_works_in_a_fork
+
+        probe = context.Process(target=cuda_works_in_a_fork, name="flashtune-fork-check")
+        probe.start()
+        probe.join()
+        if probe.exitcode == 0:
+            return context
+        log.warning("job processes start as fresh interpreters: a process forked from the preloaded fork server "
+                    "could not use CUDA (exit code %s)", probe.exitcode)  # fmt: skip
+    return multiprocessing.get_context("spawn")
 
 
 def _kill(child: Any) -> None:

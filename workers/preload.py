@@ -1,0 +1,28 @@
+"""What the worker's fork server imports once, so that every job's process starts with it already imported.
+
+Each job still trains in a process of its own (GPU memory is only reliably freed when a process exits), but a
+process forked from a server that has imported torch, transformers' model code and FlashTune does not import them
+again. Measured on the GPU machine (docs/benchmarks.md, session 7), a spawned job process spent 5-8 s before its
+first event and ~12 s more importing before it began to load the base; on a 2-core CPU machine the imports below
+take ~7 s.
+
+CUDA must not be initialised in the server: a process forked from one that has initialised CUDA cannot use it.
+bitsandbytes initialises CUDA when it is imported, and peft imports bitsandbytes, so both are left to the job's
+process. :func:`cuda_works_in_a_fork` is what the worker runs once in a forked process to check that (see
+``workers.worker.job_process_context``); if it fails, jobs start as fresh processes ("spawn"), as before.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401
+import transformers.modeling_utils  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401  (the Llama family: the built-in base, DeepSeek-7B)
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+import workers.child  # noqa: F401
+
+
+def cuda_works_in_a_fork() -> None:
+    """Raise (exit non-zero) if this forked process cannot use the GPU that the machine has."""
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
