@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,11 @@ def build(path: Path, tiny: bool) -> None:
     _train_tokenizer(_corpus()).save_pretrained(path)
 
 
+def _seconds_after(start: datetime, stamp: str) -> float:
+    when = datetime.fromisoformat(stamp)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - start.timestamp()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="/tmp/ft-gpu-job")
@@ -53,7 +59,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="an already saved checkpoint to use (default: build one in DATA_DIR)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--gpu-memory-gib", type=float, help="FLASHTUNE_GPU_MEMORY_GIB for the worker")
+    parser.add_argument("--job-process-start", choices=["forkserver", "spawn"], default="forkserver",
+                        help="FLASHTUNE_JOB_PROCESS_START for the worker")  # fmt: skip
     parser.add_argument("--out", default=".")
+    parser.add_argument("--name", default="job_api_gpu.json", help="the result file's name under --out")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,20 +76,29 @@ def main() -> None:
     env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
            "FLASHTUNE_POLL_SECONDS": "0.2", "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1",
            "FLASHTUNE_ALLOWED_MODEL_ROOTS": json.dumps([str(model.parent)])}  # fmt: skip
+    env["FLASHTUNE_JOB_PROCESS_START"] = args.job_process_start
     if args.gpu_memory_gib:
         env["FLASHTUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
+    launched = time.perf_counter()
     api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
     worker = spawn(["worker"], env, data_dir / "worker.log")
-    report: dict[str, Any] = {"build_checkpoint_s": round(build_s, 1)}
+    report: dict[str, Any] = {"build_checkpoint_s": round(build_s, 1), "job_process_start": args.job_process_start}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             wait_healthy(client, api)
+            # the user's worker is already running when they post: wait until this one has started (a fork-server
+            # worker first imports torch and transformers once, workers/preload.py), and say how long that took
+            while "started (database" not in (data_dir / "worker.log").read_text(errors="replace"):
+                if worker.poll() is not None:
+                    raise SystemExit("the worker exited")
+                time.sleep(0.2)
+            report["worker_ready_s"] = round(time.perf_counter() - launched, 1)
             with open(args.dataset, "rb") as handle:
                 dataset = client.post("/datasets", files={"file": handle}).json()
             report["dataset"] = {k: dataset.get(k) for k in ("id", "num_examples", "duplicates_removed")}
             body = {"dataset": dataset["id"], "base_model": str(model),
                     "hyperparameters": json.loads(args.hyperparameters)}  # fmt: skip
-            posted = time.perf_counter()
+            posted, posted_at = time.perf_counter(), datetime.now(UTC)
             job = client.post("/jobs", json=body).json()
             report["hyperparameters"] = job.get("hyperparameters")
             while job["status"] not in ("succeeded", "failed", "cancelled"):
@@ -89,7 +107,9 @@ def main() -> None:
             report["post_to_done_s"] = round(time.perf_counter() - posted, 1)
             report["status"], report["error"] = job["status"], job.get("error")
             events = client.get(f"/jobs/{job['id']}/events").json()
-            report["events"] = [(e["type"], e["message"]) for e in events.get("data", events)]
+            # each event with its time after the POST (seconds), to see where the job's wall time goes
+            report["events"] = [(round(_seconds_after(posted_at, e["created_at"]), 1), e["type"], e["message"])
+                                for e in events.get("data", events)]  # fmt: skip
             info_path = data_dir / "adapters" / f"job-{job['id']}" / "training_info.json"
             if info_path.exists():
                 info = json.loads(info_path.read_text())
@@ -97,13 +117,14 @@ def main() -> None:
                 report["peak_gpu_memory_gib"] = info.get("peak_gpu_memory_gib")
                 report["cuda_plan"] = info.get("cuda_plan")
                 report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
+                report["evaluation_seconds"] = info["metrics"].get("seconds")  # label scoring, generation
             report["progress"] = job.get("progress")
     finally:
         for proc in (worker, api):
             proc.terminate()
             proc.wait(60)
     print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
-    name = "job_api_gpu_cap.json" if args.gpu_memory_gib else "job_api_gpu.json"
+    name = "job_api_gpu_cap.json" if args.gpu_memory_gib else args.name
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, name).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
 
