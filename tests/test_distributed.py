@@ -150,7 +150,8 @@ def _upload(svc: Service, count: int) -> str:
 
 
 def _attempt_processes(svc: Service) -> list[str]:
-    """Processes of this service other than the API and the workers (and a worker's multiprocessing helper)."""
+    """Processes of this service other than the API and the workers (and a worker's multiprocessing helpers: its
+    resource tracker and its fork server; a training process forked from the server has the server as parent)."""
     mine = f"FLASHTUNE_DATA_DIR={svc.data_dir}".encode()
     keep = {p.pid for p in [*svc.workers, *([svc.api] if svc.api else [])]}
     found = []
@@ -162,7 +163,7 @@ def _attempt_processes(svc: Service) -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError):
             continue
-        if stat[0] == "Z" or (int(stat[1]) in keep and "resource_tracker" in cmdline):
+        if stat[0] == "Z" or (int(stat[1]) in keep and ("resource_tracker" in cmdline or "forkserver" in cmdline)):
             continue
         found.append(f"{proc.name} (parent {stat[1]}): {cmdline[:120]}")
     return found

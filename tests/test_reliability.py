@@ -217,10 +217,22 @@ def test_sigterm_requeues_with_checkpoint(svc: Service) -> None:
     print(f"\nSIGTERM: checkpoint at step {stop_checkpoint}, resumed there on another worker")
 
 
+def test_job_processes_are_forked_from_the_preloaded_server_where_a_fork_can_use_the_device() -> None:
+    """Otherwise every job would fall back to a spawned process silently (slower, the same results)."""
+    from multiprocessing.context import ForkServerContext, SpawnContext
+
+    from workers.worker import job_process_context
+
+    assert isinstance(job_process_context("forkserver"), ForkServerContext)
+    assert isinstance(job_process_context("spawn"), SpawnContext)
+
+
 def test_injected_oom_halves_micro_batch(tmp_path: Path, builtin_model_cache: Path) -> None:
     """Fault injection (FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=8): the first step at micro-batch 8 raises
-    torch.OutOfMemoryError; the job is retried at 4 with twice the accumulation."""
-    svc = make_service(tmp_path, builtin_model_cache, env={**ENV, "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH": "8"})
+    torch.OutOfMemoryError; the job is retried at 4 with twice the accumulation. Here each attempt's process is
+    spawned, as where the fork server cannot be used (workers.worker.job_process_context); elsewhere it is forked."""
+    env = {**ENV, "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH": "8", "FLASHTUNE_JOB_PROCESS_START": "spawn"}
+    svc = make_service(tmp_path, builtin_model_cache, env=env)
     try:
         dataset = upload_small(svc, 24)
         job = svc.post_job(dataset=dataset, hyperparameters={**SHORT, "batch_size": 8})
