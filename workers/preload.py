@@ -8,8 +8,8 @@ take ~7 s.
 
 CUDA must not be initialised in the server: a process forked from one that has initialised CUDA cannot use it.
 bitsandbytes initialises CUDA when it is imported, and peft imports bitsandbytes, so both are left to the job's
-process. :func:`cuda_works_in_a_fork` is what the worker runs once in a forked process to check that (see
-``workers.worker.job_process_context``); if it fails, jobs start as fresh processes ("spawn"), as before.
+process. The worker checks that once, in a process forked from the server (``workers.worker.job_process_context``);
+if the check fails, jobs start as fresh processes ("spawn"), as before. Only the fork server imports this module.
 """
 
 from __future__ import annotations
@@ -20,9 +20,3 @@ import transformers.models.llama.modeling_llama  # noqa: F401  (the Llama family
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 import workers.child  # noqa: F401
-
-
-def cuda_works_in_a_fork() -> None:
-    """Raise (exit non-zero) if this forked process cannot use the GPU that the machine has."""
-    if torch.cuda.is_available():
-        torch.zeros(1, device="cuda")

@@ -191,10 +191,8 @@ def job_process_context(start: str) -> ForkServerContext | SpawnContext:
     where a forked process can still use CUDA, else "spawn"."""
     if start == "forkserver":
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["workers.preload"])
-        from workers.preload import cuda_works_in_a_fork
-
-        probe = context.Process(target=cuda_works_in_a_fork, name="flashtune-fork-check")
+        context.set_forkserver_preload(["workers.preload"])  # imported by the server only, not here as well
+        probe = context.Process(target=_cuda_works_in_a_fork, name="flashtune-fork-check")
         probe.start()
         probe.join()
         if probe.exitcode == 0:
@@ -202,6 +200,14 @@ def job_process_context(start: str) -> ForkServerContext | SpawnContext:
         log.warning("job processes start as fresh interpreters: a process forked from the preloaded fork server "
                     "could not use CUDA (exit code %s)", probe.exitcode)  # fmt: skip
     return multiprocessing.get_context("spawn")
+
+
+def _cuda_works_in_a_fork() -> None:
+    """Raise (exit non-zero) if this process, forked from the fork server, cannot use the GPU the machine has."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
 
 
 def _kill(child: Any) -> None:
