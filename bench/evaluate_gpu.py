@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from service.datasets.formats import parse  # noqa: E402
 from service.modeling import load_model, load_tokenizer, plan_load  # noqa: E402
 from service.models import Hyperparameters  # noqa: E402
 from service.recipes import resolve  # noqa: E402
-from service.scoring import BASE, build_prompts, generate  # noqa: E402
+from service.scoring import BASE, adapter_active, build_prompts, generate  # noqa: E402
 from workers.evaluation import GENERATED_SAMPLES, write_each  # noqa: E402
 from workers.training import attach_lora  # noqa: E402
 
@@ -72,8 +71,7 @@ def _each_generate(model: Any, tokenizer: Any, prompts: list[str], names: list[s
     out: dict[int, str] = {}
     for name in dict.fromkeys(names):
         indices = [i for i, n in enumerate(names) if n == name]
-        context = model.disable_adapter() if name == BASE else nullcontext()
-        with context:
+        with adapter_active(model, name):
             out.update(zip(indices, generate(model, tokenizer, [prompts[i] for i in indices], NEW_TOKENS), strict=True))
     return [out[i] for i in range(len(prompts))]
 

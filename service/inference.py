@@ -37,7 +37,7 @@ from service.datasets.store import dataset_input_fields
 from service.decoding import GraphDecoder, attach, eos_ids
 from service.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.prompts import INPUT_FIELDS, LABEL_IDS
-from service.scoring import BASE, Prediction, Text, build_prompts, classify, generate
+from service.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, generate
 from service.scoring_graphs import ScoringGraphs
 from service.training_info import FILENAME as TRAINING_INFO
 from service.training_info import read_training_info
@@ -377,12 +377,7 @@ class ModelServer:
                     continue
                 for name in distinct:  # one adapter (or the base) at a time
                     indices = [i for i, n in zip(chunk, names, strict=True) if n == name]
-                    if name == BASE:
-                        context = self._model.disable_adapter() if self._loaded else nullcontext()
-                    else:
-                        self._model.set_adapter(name)
-                        context = nullcontext()
-                    with context:
+                    with adapter_active(self._model, name):  # a bare base (no adapter loaded yet) runs as it is
                         run_pass(self._model, indices, None, self._scoring_graphs("attached", name))
         return [item for item in out if item is not None]
 

@@ -18,6 +18,7 @@ import inspect
 import math
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +236,15 @@ def classify(
         )
         for star, row, label, reaction in zip(stars, label_scores, labels, reactions, strict=True)
     ]
+
+
+def adapter_active(model: Any, name: str) -> AbstractContextManager[Any]:
+    """Adapter ``name`` of ``model`` active while the returned context lasts (``BASE``: a PeftModel's adapters
+    disabled; a model without adapters runs as it is)."""
+    if name == BASE:
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()  # type: ignore[no-any-return]
+    model.set_adapter(name)
+    return nullcontext()
 
 
 def left_padded(tokenizer: Any, prompts: Sequence[str], device: Any) -> Any:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import torch
 
 from service.decoding import GraphDecoder, attach, eos_ids
 from service.prompts import LABELS, Example, Label, is_valid_response
-from service.scoring import BASE, build_prompts, classify, generate
+from service.scoring import BASE, adapter_active, build_prompts, classify, generate
 
 BATCH = 16  # held-out items per classify pass (x2: base and adapter share it)
 GENERATED_SAMPLES = 16
@@ -58,14 +57,6 @@ def in_chunks(run: Callable[[list[T]], list[R]], items: list[T], size: int) -> l
     return out
 
 
-def _active(model: Any, name: str) -> AbstractContextManager[Any]:
-    """``name`` active on ``model`` for the duration (``BASE``: the adapters disabled)."""
-    if name == BASE:
-        return model.disable_adapter()  # type: ignore[no-any-return]
-    model.set_adapter(name)
-    return nullcontext()
-
-
 def write_each(model: Any, tokenizer: Any, prompts: list[str], names: list[str], max_new_tokens: int,
                graphs: bool = True) -> list[str]:  # fmt: skip
     """The greedy answers to ``prompts``, each with its adapter (``BASE``: none), one adapter at a time, each decoded
@@ -74,7 +65,7 @@ def write_each(model: Any, tokenizer: Any, prompts: list[str], names: list[str],
     answers: dict[int, str] = {}
     for name in dict.fromkeys(names):
         indices = [i for i, n in enumerate(names) if n == name]
-        with _active(model, name):
+        with adapter_active(model, name):
             attach(model, GraphDecoder(model, eos_ids(tokenizer), tokenizer.pad_token_id, limit=1, graphs=graphs))
             try:
                 texts = generate(model, tokenizer, [prompts[i] for i in indices], max_new_tokens)
