@@ -6,7 +6,8 @@ gives the probabilities. Importance (stars) and the market reaction are scored t
 forward passes per batch, each item's candidates sharing its prompt in a token tree (:func:`group_logprobs`).
 
 ``adapter_names`` (one per item, ``BASE`` for none) runs a batch whose items use different LoRA adapters of
-one PeftModel in the same forward passes (peft's mixed-batch inference); it is passed on to every forward call.
+one PeftModel in the same forward passes (peft's mixed-batch inference); it is passed on to every forward call,
+inside :func:`mixed_batch`.
 
 :func:`generate_stream` generates one prompt token by token, handing each new piece of text to a callback as the
 token comes out of the model (``POST /v1/chat/completions`` with ``stream: true``).
@@ -17,8 +18,8 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +117,8 @@ def group_logprobs(
         if adapter_names is not None:
             extra["adapter_names"] = list(adapter_names)
         ids, mask, position_ids = inputs
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **extra).logits
+        with mixed_batch(model):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **extra).logits
     logits = logits[:, -keep:]
     # every scored token as (row, kept place of the node that predicts it, token), gathered in one go
     which = np.concatenate([np.full(len(row.branches.targets), i) for i, row in enumerate(rows)])
@@ -238,6 +240,27 @@ def classify(
     ]
 
 
+PEFT_ADAPTER_NAMES_HOOK = "_adapter_names_pre_forward_hook"  # peft.tuners.lora.model
+
+
+@contextmanager
+def mixed_batch(model: Any) -> Iterator[None]:
+    """Around a forward pass or ``generate`` given ``adapter_names``. peft registers the hooks that hand each LoRA
+    layer the names without try/finally (huggingface/peft#3475), so a pass that raises (out of GPU memory on a busy
+    card, say) leaves them on the model, and every later pass fails on the stale names ("Length of
+    `adapter_names` should be the same as the number of inputs"). This removes them when the pass raises."""
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            hooks = module._forward_pre_hooks
+            for key in [k for k, hook in hooks.items() if getattr(hook, "func", None) is not None
+                        and hook.func.__name__ == PEFT_ADAPTER_NAMES_HOOK]:  # fmt: skip
+                del hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        raise
+
+
 def adapter_active(model: Any, name: str) -> AbstractContextManager[Any]:
     """Adapter ``name`` of ``model`` active while the returned context lasts (``BASE``: a PeftModel's adapters
     disabled; a model without adapters runs as it is)."""
@@ -270,14 +293,15 @@ def generate(
     decoder = decoder_for(model) if adapter_names is None else None
     new_tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens) if decoder else None
     if new_tokens is None:
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **({} if adapter_names is None else {"adapter_names": list(adapter_names)}),
-        )
+        with mixed_batch(model):
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **({} if adapter_names is None else {"adapter_names": list(adapter_names)}),
+            )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

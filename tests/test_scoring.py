@@ -140,3 +140,37 @@ def test_graphed_scoring_pads_to_buckets_and_replays_new_inputs(model_and_tokeni
     _assert_same(classify(model, tokenizer, TEXTS[1:2], graphs=graphs), classify(model, tokenizer, TEXTS[1:2]))
     assert len(classify(model, tokenizer, TEXTS * 2, graphs=graphs)) == 6  # more rows than MAX_ROWS: eager
     assert len(graphs) == captured == 1
+
+
+def test_a_failed_mixed_batch_leaves_the_model_usable(builtin_model_cache: Path) -> None:
+    """A mixed-adapter pass that runs out of memory must not leave peft's ``adapter_names`` hooks behind
+    (huggingface/peft#3475): the next, smaller mixed batch scores as each adapter alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.scoring import BASE, adapter_active
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_cache)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(builtin_model_cache), config)
+    model.add_adapter("other", config)
+    model.eval()
+    items = [[(text, [LABEL_WORDS[label] for label in LABELS])] for text in TEXTS]
+
+    def out_of_memory(module: Any, args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = model.get_base_model().model.embed_tokens.register_forward_pre_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        group_logprobs(model, tokenizer, items, ["default", "other", BASE])
+    handle.remove()
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+    with torch.no_grad():
+        mixed = group_logprobs(model, tokenizer, items[:2], ["other", BASE])
+        with adapter_active(model, "other"):
+            other = group_logprobs(model, tokenizer, items[:1])
+        with adapter_active(model, BASE):
+            base = group_logprobs(model, tokenizer, items[1:2])
+    flat = [score for item in mixed for group in item for score in group]
+    assert flat == pytest.approx([score for item in other + base for group in item for score in group], abs=1e-4)
