@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     serve_quantization: Literal["auto", "nf4", "none"] = Field(
         default="auto", description="the served base: auto = NF4 on CUDA, float32 on CPU; none = bf16 on CUDA"
     )
+    serve_dense_nf4: bool = Field(
+        default=True, description="on CUDA, an NF4 base keeps each weight's bf16 copy, dequantised once, when the "
+        "copies take at most half the free GPU memory: no dequantising per pass, ~4x the NF4 weights' memory"
+    )  # fmt: skip
     serve_merged: str = Field(
         default="", description="adapters served merged into an unquantised copy of the base: names, comma-separated, "
         "or 'all'; empty: none (every adapter attached to the one base)"

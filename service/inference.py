@@ -1,7 +1,8 @@
 """The serving model: one base in memory, adapters attached by name, analysis of news items.
 
 The base is loaded on the first request (``/healthz`` never loads it): on CUDA in 4-bit NF4 (``serve_quantization``
-``auto``/``nf4``) or bf16 (``none``), on the CPU in float32. Adapters are loaded into the same PeftModel with
+``auto``/``nf4``; its weights kept dequantised too where memory allows, ``serve_dense_nf4``, service/nf4.py) or bf16
+(``none``), on the CPU in float32. Adapters are loaded into the same PeftModel with
 ``load_adapter`` and selected with ``set_adapter``; at most ``max_adapters`` stay loaded, the least recently used
 is evicted. ``adapter=None`` runs the base with the adapters disabled.
 
@@ -22,6 +23,7 @@ micro-batch runs; see there. The API calls this from worker threads, never on th
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,11 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.datasets.store import dataset_input_fields
 from service.decoding import GraphDecoder, attach, eos_ids
 from service.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
+from service.nf4 import keep_dense_copies, nf4_layers
 from service.prompts import INPUT_FIELDS, LABEL_IDS
 from service.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, generate
 from service.scoring_graphs import ScoringGraphs
@@ -43,6 +48,7 @@ from service.training_info import FILENAME as TRAINING_INFO
 from service.training_info import read_training_info
 
 DEFAULT_MAX_NEW_TOKENS = 80
+log = logging.getLogger("flashtune.inference")
 T = TypeVar("T")
 # LoRA layer classes whose forward takes adapter_names (peft.tuners.lora: Linear, Embedding, Conv*; bitsandbytes
 # NF4/int8); peft refuses mixed batches on the others (MultiheadAttention, ParamWrapper, tensor-parallel, ...).
@@ -123,8 +129,6 @@ def _adapter_in_base_dtype(model: Any, name: str) -> None:
 
 def _free_memory() -> None:
     """Give the memory of dropped models back now (and to the GPU), not at the next garbage collection."""
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -175,9 +179,16 @@ class ModelServer:
             self._model = self._prepared(load_model(self._source(), plan).eval())
 
     def _prepared(self, model: Any) -> Any:
-        """A freshly loaded model as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``)."""
-        if model.device.type == "cuda" and self.settings.fused_kernels:
+        """A freshly loaded model as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``) and
+        an NF4 base's weights kept dequantised where memory allows (``serve_dense_nf4``, service/nf4.py)."""
+        if model.device.type != "cuda":
+            return model
+        if self.settings.fused_kernels:
             fuse_layers(model)
+        layers = nf4_layers(model) if self.settings.serve_dense_nf4 else []
+        if layers:
+            kept = keep_dense_copies(layers, torch.cuda.mem_get_info()[0])
+            log.info("NF4 base: %s", "bf16 copies of its weights kept" if kept else "dequantised per pass (no room)")
         return model
 
     def _scoring_graphs(self, model: str, adapter: str) -> ScoringGraphs | None:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from service.modeling import fuse_layers
+from service.nf4 import dequantize, dequantized_bytes, nf4_layers
 from workers.cuda_graphs import GraphedDecoder, capture
 from workers.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
 
@@ -168,30 +169,15 @@ class _DequantizeOnce(torch.autograd.Function):
     """``x @ W.T + b`` for a 4-bit weight, dequantised in the forward pass and kept for the backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, quant_state: Any, bias: torch.Tensor | None) -> Any:
-        from bitsandbytes.functional import dequantize_4bit
-
-        dense = dequantize_4bit(weight.view(-1, 1), quant_state).to(x.dtype)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        dense = dequantize(weight, x.dtype)
         ctx.save_for_backward(dense)
         return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         (dense,) = ctx.saved_tensors
-        return grad @ dense, None, None, None  # the base is frozen: no gradient for the weight or the bias
-
-
-def nf4_layers(model: Any) -> list[Any]:
-    try:  # a bf16 base (quantization "none") must train even where bitsandbytes does not import
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, Linear4bit)]
-
-
-def dequantized_bytes(layers: list[Any]) -> int:
-    """Memory of the bf16 copies of these 4-bit weights, all held at once between a forward and its backward."""
-    return sum(2 * layer.weight.quant_state.shape.numel() for layer in layers)
+        return grad @ dense, None, None  # the base is frozen: no gradient for the weight or the bias
 
 
 def keep_dequantized_weights(layers: list[Any]) -> int:
@@ -203,7 +189,7 @@ def keep_dequantized_weights(layers: list[Any]) -> int:
         def forward(x: torch.Tensor, layer: Any = layer, plain: Any = plain) -> torch.Tensor:
             if not (torch.is_grad_enabled() and x.requires_grad):
                 return plain(x)  # type: ignore[no-any-return]
-            return _DequantizeOnce.apply(x, layer.weight, layer.weight.quant_state, layer.bias)  # type: ignore[no-any-return]
+            return _DequantizeOnce.apply(x, layer.weight, layer.bias)  # type: ignore[no-any-return]
 
         layer.forward = forward
     return len(layers)
