@@ -258,12 +258,12 @@ Step = Callable[[str, Callable[[], Any]], Any]
 def before_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
                  sizes: dict[str, int]) -> None:  # fmt: skip
     """The baseline of ``label_latency_adapter`` in this run: the NF4 base with the adapter attached as served before
-    Liger's kernels and bf16 adapters. First: once any model is fused, Liger has patched transformers' Llama module
-    for the whole process."""
+    Liger's kernels, bf16 adapters and dense NF4 copies. First: once any model is fused, Liger has patched
+    transformers' Llama module for the whole process."""
     import service.inference as inference
 
     cast, inference._adapter_in_base_dtype = inference._adapter_in_base_dtype, lambda model, name: None
-    server = ModelServer(Settings(**settings, fused_kernels=False))
+    server = ModelServer(Settings(**settings, fused_kernels=False, serve_dense_nf4=False))
     try:
         server.run(None, never_stop_early)
         step("label_latency_adapter_before", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
@@ -296,6 +296,57 @@ def bf16_base_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[s
         step("label_latency_adapter_bf16_base", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
     finally:
         server.release()
+
+
+def dense_nf4_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
+                    sizes: dict[str, int]) -> None:  # fmt: skip
+    """Label-only latency of the adapter attached to the NF4 base with ``FLASHTUNE_SERVE_DENSE_NF4`` on (the
+    default) and off, and to a bf16 base (``SERVE_QUANTIZATION=none``): all three servers loaded, requests
+    alternating between them so that all see the same machine."""
+    servers = {
+        "dense": ModelServer(Settings(**settings)),
+        "per_pass": ModelServer(Settings(**settings, serve_dense_nf4=False)),
+        "bf16_base": ModelServer(Settings(**settings, serve_quantization="none")),
+    }
+
+    def paired() -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        samples: dict[str, list[float]] = {name: [] for name in servers}
+        for name, server in servers.items():
+            before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            server.run(None, never_stop_early)
+            result[f"{name}_base_gib"] = round(((torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
+                                                - before) / 2**30, 2)  # fmt: skip
+            server.analyze([texts[0]], adapter, 0)  # warm-up: loads the adapter, captures the graph
+        for i in range(sizes["latency_repeats"]):
+            for name, server in servers.items():
+                sync()
+                started = time.perf_counter()
+                server.analyze([texts[i % len(texts)]], adapter, 0)
+                sync()
+                samples[name].append((time.perf_counter() - started) * 1000)
+        for name in servers:
+            result[name] = percentiles(samples[name])
+        result["p50_ratio_per_pass_over_dense"] = round(result["per_pass"]["p50_ms"] / result["dense"]["p50_ms"], 3)
+        # Same numbers? Scoring passes are long enough that bitsandbytes dequantises and multiplies, as the copies do.
+        answers = {name: [server.analyze([text], adapter, 0)[0] for text in texts[:8]]
+                   for name, server in servers.items() if name != "bf16_base"}  # fmt: skip
+        result["texts_compared"] = len(answers["dense"])
+        result["dense_predictions_equal_per_pass"] = sum(
+            all(a[k] == b[k] for k in ("label", "probs", "importance", "market_reaction"))
+            for a, b in zip(answers["dense"], answers["per_pass"], strict=True)
+        )
+        result["max_prob_difference"] = max(
+            abs(a["probs"][k] - b["probs"][k]) for a, b in zip(answers["dense"], answers["per_pass"], strict=True)
+            for k in a["probs"]
+        )
+        return result
+
+    try:
+        step("label_latency_dense_nf4_paired", paired)
+    finally:
+        for server in servers.values():
+            server.release()
 
 
 def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[str], step: Step,
@@ -407,6 +458,9 @@ def main() -> None:
         return
     if not only or "label_latency_adapter_before" in only:
         before_phase(settings, adapters[0], texts, step, sizes)
+        cleanup()
+    if not only or "label_latency_dense_nf4_paired" in only:
+        dense_nf4_phase(settings, adapters[0], texts, step, sizes)
         cleanup()
     if not only or "label_latency_adapter_bf16_base" in only:
         bf16_base_phase(settings, adapters[0], texts, step, sizes)

@@ -10,7 +10,11 @@ q/v r 8 LoRA whose B matrices are set to small random values, so that base and a
 Prompts are the seed instructions' first 16. Prints seconds per way (the first call captures the graphs) and how
 many rows' token ids equal those of a third way, the reference for exactness: ``generate`` one adapter at a time,
 the same batches as ``write_each`` (a different batch, as in the mixed way, may flip a near tie in bf16). Token ids,
-not text: the random model mostly writes ids the built-in tokenizer decodes to nothing.
+not text: the random model mostly writes ids the built-in tokenizer decodes to nothing. Last, an experiment the
+worker does not adopt (docs/benchmarks.md, session 8): the graph-decoded way again with the NF4 weights kept
+dequantised (``service.nf4.keep_dense_copies``, as serving keeps them), and how many rows' ids it shares with the
+graph-decoded way on the packed weights (for a few rows per step bitsandbytes multiplies with a fused 4-bit
+kernel, which rounds differently).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 from service.datasets.formats import parse  # noqa: E402
 from service.modeling import load_model, load_tokenizer, plan_load  # noqa: E402
 from service.models import Hyperparameters  # noqa: E402
+from service.nf4 import keep_dense_copies, nf4_layers  # noqa: E402
 from service.recipes import resolve  # noqa: E402
 from service.scoring import BASE, adapter_active, build_prompts, generate  # noqa: E402
 from workers.evaluation import GENERATED_SAMPLES, write_each  # noqa: E402
@@ -109,6 +114,15 @@ def main() -> None:
             report[way] = {"first_s": round(first, 2), "second_s": round(second, 2)}
             report[f"{way}_answers"] = answers
             print(way, report[way], flush=True)
+        # What-if: the NF4 weights kept dequantised, as serving keeps them (service/nf4.py); not what the job does.
+        report["dense_copies_kept"] = keep_dense_copies(nf4_layers(model), torch.cuda.mem_get_info()[0])
+        for attempt in ("first_s", "second_s"):
+            seconds, dense_answers = timed(lambda: write_each(model, ids, prompts, names, NEW_TOKENS))
+            report.setdefault("write_each_graphs_dense", {})[attempt] = round(seconds, 2)  # type: ignore[index]
+        print("write_each_graphs_dense", report["write_each_graphs_dense"], flush=True)
+        report["rows_dense_equal_to_write_each"] = sum(
+            a == b for a, b in zip(dense_answers, report["write_each_graphs_answers"], strict=True)  # type: ignore[call-overload]
+        )
     now = report["write_each_graphs_answers"]
     for way in ("mixed_generate", "each_generate"):
         report[f"rows_equal_to_{way}"] = sum(a == b for a, b in zip(report[f"{way}_answers"], now, strict=True))  # type: ignore[call-overload]

@@ -249,6 +249,11 @@ def hf_variant(base: Any, rows: list[Row], fp16: bool, warm: int = 2, timed: int
 
     class Timer(TrainerCallback):  # type: ignore[misc]
         times: list[float] = []
+        began = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            torch.cuda.synchronize()
+            self.began = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             torch.cuda.synchronize()
@@ -270,7 +275,10 @@ def hf_variant(base: Any, rows: list[Row], fp16: bool, warm: int = 2, timed: int
         seconds = timer.times[-1] - timer.times[warm - 1]
         mean_len = statistics.mean(len(ids) for ids, _ in data)
         name = f"hf: Trainer user recipe ({'fp16' if fp16 else 'bf16'}, padded 512, 4x4, grad ckpt, paged 8-bit)"
-        return summarise(name, seconds, timed, 16 * timed * mean_len, 16 * timed * 512, 16 * timed)
+        result = summarise(name, seconds, timed, 16 * timed * mean_len, 16 * timed * 512, 16 * timed)
+        # Over its whole loop, warm-up steps included, as the worker's real_tokens_per_s is measured
+        result["loop_real_tokens_per_s"] = round(16 * steps * mean_len / (timer.times[-1] - timer.began))
+        return result
     finally:
         model.unload()
         cleanup()
@@ -351,14 +359,16 @@ def trainer_variant(
     try:
         info = train(spec, hooks)
     finally:
-        for name, value in saved.items():
-            setattr(cuda_path, name, value)
+        for attribute, value in saved.items():
+            setattr(cuda_path, attribute, value)
         torch.cuda.set_per_process_memory_fraction(1.0)
     tokens_per_s = progress[-1].tokens_per_second
     # The loop's figure includes the per-epoch eval and checkpoints; the median step shows the steady pace.
     tokens_per_step = tokens_per_s * info["durations"]["train_seconds"] / len(progress) if tokens_per_s else 0
-    median_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    median_step = statistics.median(intervals)
     result = {
+        "key": name,
         "variant": f"workers.training.train ({name}): {len(train_set)} seed samples x {hp.epochs} epochs",
         "hyperparameters": hp.model_dump(),
         "durations": info["durations"],
@@ -370,6 +380,7 @@ def trainer_variant(
         "steady_mfu": round(tokens_per_step / median_step * FLOPS_PER_TOKEN / PEAK_FLOPS, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "step_intervals_s": [round(t, 3) for t in intervals],  # where the loop's time beyond the steady steps goes
         "accuracy": {k: info["metrics"].get(k, {}).get("accuracy") for k in ("base", "adapter")},
         "events": events,
         "adapter_files": sorted(p.name for p in spec.adapter_dir.iterdir()),
@@ -557,7 +568,27 @@ def main() -> None:
             log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
             results.append({"variant": key, "error": traceback.format_exc()[-3000:]})
         save()
+    report["ratios"] = ratios(results)
+    save()
+    print(json.dumps(report["ratios"], indent=2))
     print_table(results)
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each worker variant against the HF Trainer of the same run: steady against steady, loop against loop."""
+    ok = [r for r in results if "error" not in r]
+    hf = next((r for r in ok if r["variant"].startswith("hf")), None)
+    if hf is None:
+        return {}
+    return {
+        r.get("key", r["variant"]): {
+            "steady_over_hf_steady": round(r["steady_tokens_per_s"] / hf["real_tokens_per_s"], 2),
+            "loop_over_hf_loop": round(r["real_tokens_per_s"] / hf["loop_real_tokens_per_s"], 2),
+            "loop_over_hf_steady": round(r["real_tokens_per_s"] / hf["real_tokens_per_s"], 2),
+        }
+        for r in ok
+        if "steady_tokens_per_s" in r
+    }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
