@@ -392,7 +392,8 @@ def trainer_variant(
 
 # ------------------------------------------------------------------------------------------------------ checks
 def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
-    """The graphed training pass against the eager one: loss and LoRA gradients on real-length rows.
+    """The graphed training pass against the eager one: loss and LoRA gradients on real-length rows; and the
+    forward-only graph of the validation loss against the eager pass.
 
     LoRA dropout is 0 here, so both passes compute the same function; the rows hold 16, 9 and 3 samples (the
     graph pads the boundaries with empty segments). Run it before any other worker variant (Liger's RoPE).
@@ -428,6 +429,17 @@ def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
         (lg, gg), (le, ge) = results
         out["rows"].append({"samples": count, "tokens": batch.num_tokens, "loss_graphed": lg, "loss_eager": le,
                             "grad_rel_diff": float((gg - ge).norm() / ge.norm())})  # fmt: skip
+    # The validation loss: the forward-only graph, captured in eval mode, against the eager pass
+    model.eval()
+    out["forward_only_graph"] = plan.graphed is not None and plan.graphed.forward_only is not None
+    out["eval_rows"] = []
+    with torch.no_grad():
+        for count in (16, 9, 3):
+            [batch] = plan.pack(take(rows, 0, count), 0)
+            graphed_loss = float(plan.loss(model, batch, batch.num_target_tokens))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                eager_loss = float(packed_loss(model, batch, "cuda", batch.num_target_tokens, plan.fused_ce))
+            out["eval_rows"].append({"samples": count, "loss_graphed": graphed_loss, "loss_eager": eager_loss})
     log("GRAPH EXACTNESS", json.dumps(out))
     del model, plan
     cleanup()

@@ -14,9 +14,11 @@ What it takes, checked by :func:`capture` (otherwise the job runs eagerly and it
   no mask to build and nothing that waits on the GPU.
 - No gradient checkpointing.
 
-Only training passes replay the graphs (gradients on, model in train mode); evaluation and generation run the
-same layers eagerly. The embeddings, the final norm and the loss stay eager too (the fused cross-entropy reads a
-count back from the GPU).
+Training passes (gradients on, model in train mode) replay the forward and backward graphs. The validation loss at
+each epoch's end replays a forward-only graph captured in eval mode (no LoRA dropout, no autograd;
+:class:`ForwardOnly`), where its packed row fits the captured shape; otherwise, and for generation, the layers run
+eagerly. The embeddings, the final norm and the loss stay eager too (the fused cross-entropy reads a count back
+from the GPU).
 
 Gradients: the graphed backward hands out the same output buffers on every replay. Autograd would take such a
 buffer as a parameter's ``.grad`` when ``.grad`` is None, and the next micro-batch's replay would overwrite it,
@@ -50,29 +52,62 @@ class DecoderStack(torch.nn.Module):
         return hidden
 
 
+class ForwardOnly:
+    """A decoder stack's forward pass as captured in eval mode, without autograd: one replay per validation row.
+    Its inputs and output live in the graph's own buffers."""
+
+    def __init__(self, stack: DecoderStack, *example: torch.Tensor) -> None:
+        self.inputs = tuple(t.clone() for t in example)
+        with torch.no_grad():
+            side = torch.cuda.Stream()  # warm-up off the capture: lazy initialisation, workspaces
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    stack(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = stack(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output.clone()  # the next replay overwrites the graph's output
+
+
 @dataclass
 class GraphedDecoder:
     lm: Any  # the *ForCausalLM whose layers are graphed
     stack: Any  # the DecoderStack after torch.cuda.make_graphed_callables
     row_tokens: int  # every packed row has exactly this many tokens
     max_segments: int  # samples (and filler) one row may hold
+    forward_only: ForwardOnly | None = None  # the same layers in eval mode, for the validation loss
     device: str = "cuda"
+
+    def fits(self, batch: PackedBatch) -> bool:
+        """Whether a packed row has the captured shape: always for training rows; validation rows are not bounded
+        by the step's sample count, and a sample longer than the row gets a longer row of its own."""
+        return len(batch.segments()) <= self.max_segments and batch.num_tokens == self.row_tokens
 
     def bounds(self, batch: PackedBatch) -> torch.Tensor:
         """The row's segment boundaries, padded with empty segments to the captured count."""
-        segments = len(batch.segments())
-        if segments > self.max_segments or batch.num_tokens != self.row_tokens:
-            raise ValueError(f"a row of {batch.num_tokens} tokens in {segments} segments does not fit the "
-                             f"graph ({self.row_tokens} tokens, {self.max_segments} segments)")  # fmt: skip
+        if not self.fits(batch):
+            raise ValueError(f"a row of {batch.num_tokens} tokens in {len(batch.segments())} segments does not "
+                             f"fit the graph ({self.row_tokens} tokens, {self.max_segments} segments)")  # fmt: skip
         edges = batch.bounds(self.max_segments)
         return torch.tensor(edges, dtype=torch.int32).to(self.device, non_blocking=True)
 
-    def hidden(self, batch: PackedBatch) -> torch.Tensor:
-        """Final hidden states ``[T, H]`` of a packed training row, the layers replayed from the graph."""
+    def hidden(self, batch: PackedBatch, training: bool = True) -> torch.Tensor:
+        """Final hidden states ``[T, H]`` of a packed row, the layers replayed from the training graphs or (not
+        ``training``) from the forward-only one."""
+        layers = self.stack if training else self.forward_only
+        if layers is None:
+            raise ValueError("no forward-only graph was captured")
         inner = self.lm.model
         hidden = inner.embed_tokens(batch.input_ids.to(self.device, non_blocking=True))
         cos, sin = inner.rotary_emb(hidden, batch.position_ids.to(self.device, non_blocking=True))
-        return inner.norm(self.stack(hidden, cos, sin, self.bounds(batch)))[0]
+        return inner.norm(layers(hidden, cos, sin, self.bounds(batch)))[0]
 
 
 def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
@@ -90,4 +125,18 @@ def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
     cos, sin = inner.rotary_emb(hidden, torch.arange(row_tokens, device="cuda").unsqueeze(0))
     bounds = torch.tensor([0] + [row_tokens] * max_segments, dtype=torch.int32, device="cuda")
     graphed = torch.cuda.make_graphed_callables(stack, (hidden, cos, sin, bounds))
-    return GraphedDecoder(lm, graphed, row_tokens, max_segments)
+    return GraphedDecoder(lm, graphed, row_tokens, max_segments, _forward_only(model, row_tokens, hidden, cos, sin,
+                                                                               bounds))  # fmt: skip
+
+
+def _forward_only(model: Any, row_tokens: int, *example: torch.Tensor) -> ForwardOnly | None:
+    """The forward-only graph of the validation loss, or None (the validation loss then runs eagerly; training
+    keeps its graphs). A stack of its own: make_graphed_callables replaced the training stack's forward."""
+    model.eval()
+    try:
+        return ForwardOnly(DecoderStack(model.get_base_model().model.layers, row_tokens), *example)
+    except Exception:  # noqa: BLE001 - an optimisation of the validation loss only
+        torch.cuda.empty_cache()
+        return None
+    finally:
+        model.train()

@@ -23,7 +23,7 @@ job's ``cuda_plan`` event:
   length. flex attention was measured too: ~3% faster per step than sdpa, but ~40 s of compilation per job.
 - **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
   (``workers.cuda_graphs``): the eager loop is bound by kernel launches, not by the GPU. Every row is then padded
-  to the job's one length, as for sdpa.
+  to the job's one length, as for sdpa. The validation loss at each epoch's end replays a forward-only graph.
 - **Each NF4 weight dequantised once per pass** when memory allows: bitsandbytes dequantises a 4-bit weight in
   the forward pass and again in the backward pass (for the input's gradient). Where the bf16 copies of the weights
   (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose anyway, the forward's copy is kept for the
@@ -68,7 +68,7 @@ class CudaPlan:
     fused_ce: Any  # a fused linear cross-entropy module (reduction="sum") or None
     fused_layers: bool  # Liger RMSNorm/RoPE/SwiGLU
     free_gib: float  # memory the plan was sized for (free after loading, or the cap's share)
-    graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training passes only)
+    graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training and validation passes)
     graphs_note: str = ""  # why there are no graphs, when there are none
     kept_dequantized: int = 0  # NF4 layers whose forward keeps the bf16 weight for the backward
 
@@ -79,16 +79,22 @@ class CudaPlan:
             f"{self.attention} attention, "
             f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
             f"{'Liger RMSNorm/RoPE/SwiGLU, ' if self.fused_layers else ''}"
-            f"{'CUDA graphs' if self.graphed is not None else 'eager (' + self.graphs_note + ')'}, "
+            f"{self._graphs_described()}, "
             f"{'NF4 weights dequantised once per pass, ' if self.kept_dequantized else ''}"
             f"bf16 autocast ({self.free_gib:.1f} GiB for activations after loading)"
         )
+
+    def _graphs_described(self) -> str:
+        if self.graphed is None:
+            return f"eager ({self.graphs_note})"
+        return "CUDA graphs" + ("" if self.graphed.forward_only is not None else " (validation loss eager)")
 
     def summary(self) -> dict[str, Any]:
         """The plan's choices as the ``cuda_plan`` event's data."""
         return {"micro_tokens": self.micro_tokens, "row_multiple": self.row_multiple, "attention": self.attention,
                 "gradient_checkpointing": self.gradient_checkpointing, "fused_ce": self.fused_ce is not None,
                 "fused_layers": self.fused_layers, "cuda_graphs": self.graphed is not None,
+                "validation_graph": self.graphed is not None and self.graphed.forward_only is not None,
                 "graphs_note": self.graphs_note, "free_gib": round(self.free_gib, 2),
                 "kept_dequantized": self.kept_dequantized}  # fmt: skip
 
@@ -96,10 +102,15 @@ class CudaPlan:
         return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_multiple, pad_id=pad_id)
 
     def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
+        """A packed row's loss: training rows replay the graphs; validation rows (eval mode, no gradients) replay
+        the forward-only graph where they fit it; anything else runs eagerly."""
         with bf16_autocast():
-            hidden = None
-            if self.graphed is not None and model.training and torch.is_grad_enabled():
-                hidden = self.graphed.hidden(batch)
+            hidden, graphed = None, self.graphed
+            if graphed is not None and model.training and torch.is_grad_enabled():
+                hidden = graphed.hidden(batch)
+            elif graphed is not None and graphed.forward_only is not None and not model.training \
+                    and not torch.is_grad_enabled() and graphed.fits(batch):  # fmt: skip
+                hidden = graphed.hidden(batch, training=False)
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
 
 
