@@ -313,10 +313,9 @@ def dense_nf4_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[s
         result: dict[str, Any] = {}
         samples: dict[str, list[float]] = {name: [] for name in servers}
         for name, server in servers.items():
-            before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            before = gib() or 0.0
             server.run(None, never_stop_early)
-            result[f"{name}_base_gib"] = round(((torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
-                                                - before) / 2**30, 2)  # fmt: skip
+            result[f"{name}_base_gib"] = round((gib() or 0.0) - before, 2)
             server.analyze([texts[0]], adapter, 0)  # warm-up: loads the adapter, captures the graph
         for i in range(sizes["latency_repeats"]):
             for name, server in servers.items():

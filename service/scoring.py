@@ -59,6 +59,27 @@ class Prediction:
         return self.probs[self.label]
 
 
+PEFT_ADAPTER_NAMES_HOOK = "_adapter_names_pre_forward_hook"  # peft.tuners.lora.model
+
+
+@contextmanager
+def mixed_batch(model: Any) -> Iterator[None]:
+    """Around a forward pass or ``generate`` given ``adapter_names``. peft registers the hooks that hand each LoRA
+    layer the names without try/finally (huggingface/peft#3475), so a pass that raises (out of GPU memory on a busy
+    card, say) leaves them on the model, and every later pass fails on the stale names ("Length of
+    `adapter_names` should be the same as the number of inputs"). This removes them when the pass raises."""
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            hooks = module._forward_pre_hooks
+            for key in [k for k, hook in hooks.items() if getattr(hook, "func", None) is not None
+                        and hook.func.__name__ == PEFT_ADAPTER_NAMES_HOOK]:  # fmt: skip
+                del hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        raise
+
+
 def _keeps_logits(model: Any) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (computes the vocabulary logits of the last positions
     only); every transformers causal LM does, a PeftModel passes it on to its base."""
@@ -238,27 +259,6 @@ def classify(
         )
         for star, row, label, reaction in zip(stars, label_scores, labels, reactions, strict=True)
     ]
-
-
-PEFT_ADAPTER_NAMES_HOOK = "_adapter_names_pre_forward_hook"  # peft.tuners.lora.model
-
-
-@contextmanager
-def mixed_batch(model: Any) -> Iterator[None]:
-    """Around a forward pass or ``generate`` given ``adapter_names``. peft registers the hooks that hand each LoRA
-    layer the names without try/finally (huggingface/peft#3475), so a pass that raises (out of GPU memory on a busy
-    card, say) leaves them on the model, and every later pass fails on the stale names ("Length of
-    `adapter_names` should be the same as the number of inputs"). This removes them when the pass raises."""
-    try:
-        yield
-    except BaseException:
-        for module in model.modules():
-            hooks = module._forward_pre_hooks
-            for key in [k for k, hook in hooks.items() if getattr(hook, "func", None) is not None
-                        and hook.func.__name__ == PEFT_ADAPTER_NAMES_HOOK]:  # fmt: skip
-                del hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-        raise
 
 
 def adapter_active(model: Any, name: str) -> AbstractContextManager[Any]:

@@ -90,6 +90,10 @@ class GraphedDecoder:
         by the step's sample count, and a sample longer than the row gets a longer row of its own."""
         return len(batch.segments()) <= self.max_segments and batch.num_tokens == self.row_tokens
 
+    def can_validate(self, batch: PackedBatch) -> bool:
+        """Whether a validation row replays the forward-only graph (captured, and the row fits it)."""
+        return self.forward_only is not None and self.fits(batch)
+
     def bounds(self, batch: PackedBatch) -> torch.Tensor:
         """The row's segment boundaries, padded with empty segments to the captured count."""
         if not self.fits(batch):

@@ -108,8 +108,8 @@ class CudaPlan:
             hidden, graphed = None, self.graphed
             if graphed is not None and model.training and torch.is_grad_enabled():
                 hidden = graphed.hidden(batch)
-            elif graphed is not None and graphed.forward_only is not None and not model.training \
-                    and not torch.is_grad_enabled() and graphed.fits(batch):  # fmt: skip
+            elif graphed is not None and not model.training and not torch.is_grad_enabled() \
+                    and graphed.can_validate(batch):  # fmt: skip
                 hidden = graphed.hidden(batch, training=False)
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
 
