@@ -68,7 +68,7 @@ def build_checkpoint(path: Path) -> None:
 
 def make_rows() -> tuple[list[Row], dict[str, Any]]:
     """Random-token samples with the seed instructions' prompt/full lengths, in the epoch-0 order (seed 42)."""
-    from workers.training import epoch_order
+    from workers.steps import epoch_order
 
     meta = json.loads(LENGTHS_FILE.read_text())
     gen = torch.Generator().manual_seed(0)
@@ -76,7 +76,7 @@ def make_rows() -> tuple[list[Row], dict[str, Any]]:
     for prompt_len, full_len in meta["lengths"]:
         ids = torch.randint(100, 100000, (full_len,), generator=gen).tolist()
         rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))
-    order = epoch_order(len(rows), 42, 0)
+    order = epoch_order([len(ids) for ids, _ in rows], 16, 42, 0)
     return [rows[i] for i in order], meta
 
 
@@ -303,7 +303,7 @@ def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: lis
 
 def trainer_variant(
     checkpoint: str, dataset: str, name: str, memory_cap_gib: float | None = None, before: bool = False,
-    graphs: bool = True, dequantize_twice: bool = False, **overrides: Any,
+    graphs: bool = True, dequantize_twice: bool = False, balanced: bool = True, **overrides: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """The real ``workers.training.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate, publish.
 
@@ -315,11 +315,15 @@ def trainer_variant(
     before any other worker variant, since Liger's RoPE replaces a module-level function for the whole process.
     ``graphs=False``: the eager loop (no CUDA graphs) with everything else as the worker plans it.
     ``dequantize_twice``: bitsandbytes' own 4-bit layers, which dequantise each weight in the backward pass again.
+    ``balanced=False``: the steps as shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the
+    worker before session 9).
     """
     import workers.cuda_path as cuda_path
+    import workers.steps as steps
 
     patched = ("varlen_available", "fuse_layers", "graph_decoder", "keep_dequantized_weights")
     saved = {name: getattr(cuda_path, name) for name in patched}
+    saved_balance, saved_multiple = steps.balance_steps, cuda_path.FIXED_ROW_MULTIPLE
     from service.builtin.model import _corpus, _train_tokenizer
     from service.datasets.store import hold_out
     from service.models import Hyperparameters
@@ -346,6 +350,10 @@ def trainer_variant(
         cuda_path.keep_dequantized_weights = lambda layers: 0  # type: ignore[assignment]
     if not graphs:
         cuda_path.graph_decoder = lambda *args: (None, "off in this variant")  # type: ignore[assignment]
+    if not balanced:
+        steps.balance_steps = lambda order, lengths, size: order  # type: ignore[assignment]
+        cuda_path.FIXED_ROW_MULTIPLE = 256
+    steps._epoch_order.cache_clear()
     progress: list[Any] = []
     events: list[str] = []
     stamps: list[float] = []
@@ -361,6 +369,8 @@ def trainer_variant(
     finally:
         for attribute, value in saved.items():
             setattr(cuda_path, attribute, value)
+        steps.balance_steps, cuda_path.FIXED_ROW_MULTIPLE = saved_balance, saved_multiple
+        steps._epoch_order.cache_clear()
         torch.cuda.set_per_process_memory_fraction(1.0)
     tokens_per_s = progress[-1].tokens_per_second
     # The loop's figure includes the per-epoch eval and checkpoints; the median step shows the steady pace.
@@ -564,7 +574,8 @@ def main() -> None:
     cleanup()
     worker_runs: list[tuple[str, dict[str, Any]]] = [("worker_before", {"before": True}),  # first: see trainer_variant
                    ("graph_exactness", {}), ("worker_eager", {"graphs": False}),
-                   ("worker_dequantize_twice", {"dequantize_twice": True}), ("worker", {}),
+                   ("worker_dequantize_twice", {"dequantize_twice": True}),
+                   ("worker_unbalanced", {"balanced": False}), ("worker", {}),
                    ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
                    ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
                    ("worker_b4", {"batch_size": 4})]  # fmt: skip

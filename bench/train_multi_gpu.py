@@ -75,11 +75,12 @@ def samples(dataset: Path, count: int) -> list[Any]:
 
 
 def tokens_per_step(spec: Any, tokenizer: Any, steps: int) -> list[int]:
-    """Real tokens of each optimizer step's samples (the loop's own order: workers.training.epoch_order)."""
-    from workers.training import epoch_order, tokenize
+    """Real tokens of each optimizer step's samples (the loop's own order: workers.steps.epoch_order)."""
+    from workers.steps import epoch_order
+    from workers.training import tokenize
 
     rows = tokenize(spec.train, tokenizer, spec.hp.max_length)
-    order = epoch_order(len(rows), spec.hp.seed, 0)
+    order = epoch_order([len(ids) for ids, _ in rows], spec.hp.batch_size, spec.hp.seed, 0)
     size = spec.hp.batch_size
     return [sum(len(rows[i][0]) for i in order[s * size : (s + 1) * size]) for s in range(steps)]
 

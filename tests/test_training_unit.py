@@ -121,7 +121,7 @@ def test_evaluation_halves_its_batches_when_memory_runs_out() -> None:
 def test_step_tokens_are_sized_per_rank() -> None:
     """On N GPUs each rank's packed rows are sized to its own share of a step, not to the whole step."""
     from workers.distributed import Distributed
-    from workers.training import max_step_tokens
+    from workers.steps import max_step_tokens
 
     lengths = [100] * 8 + [300] * 8
     whole = max_step_tokens(lengths, 8, 2, seed=0)

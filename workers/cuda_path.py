@@ -18,7 +18,7 @@ job's ``cuda_plan`` event:
 - **Attention confined to each sample.** On GPUs with flash attention (sm80+) torch's varlen kernel takes the
   samples' boundaries (``workers.packing.varlen_attention``): only each sample's own causal triangle is
   computed. Elsewhere sdpa with the block-diagonal mask the packed position ids give (exact,
-  ``tests/test_packing.py``); there every row is padded to one length per job, rounded up to 256 tokens (the filler
+  ``tests/test_packing.py``); there every row is padded to one length per job, rounded up to 64 tokens (the filler
   has its own positions and no loss), so cuDNN plans its attention once, in the warm-up pass, not once per row
   length. flex attention was measured too: ~3% faster per step than sdpa, but ~40 s of compilation per job.
 - **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
@@ -55,7 +55,9 @@ USABLE_FRACTION = 0.85
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
 # = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
 ACTIVATION_MARGIN = 1.25
-FIXED_ROW_MULTIPLE = 256  # sdpa and graphs: every row padded to one length per job, rounded up to this
+# sdpa and graphs: every row padded to one length per job (the longest step), rounded up to this: a multiple of 64
+# keeps the matrix shapes tensor-core friendly; the balanced steps (workers/steps.py) leave little to round.
+FIXED_ROW_MULTIPLE = 64
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
 

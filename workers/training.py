@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import tempfile
 import time
@@ -32,6 +31,7 @@ from workers import artifacts, checkpoints
 from workers.distributed import SINGLE, Distributed
 from workers.evaluation import evaluate
 from workers.packing import PackedBatch
+from workers.steps import epoch_order, max_step_tokens
 from workers.token_cache import tokenize_cached
 
 if TYPE_CHECKING:
@@ -140,13 +140,6 @@ def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
         ) from exc
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of an epoch; derived from (seed, epoch) so a resumed run sees the same order."""
-    order = list(range(num_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
 def step_loss(model: Any, batch: Batch, device: str, denominator: int) -> torch.Tensor:
     """Summed response-token cross-entropy of a micro-batch, divided by the optimizer step's target tokens."""
     logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
@@ -156,19 +149,6 @@ def step_loss(model: Any, batch: Batch, device: str, denominator: int) -> torch.
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return loss / max(denominator, 1)
-
-
-def max_step_tokens(
-    lengths: list[int], batch_size: int, epochs: int, seed: int, shard: Callable[[list[int]], list[int]] = list
-) -> int:
-    """The most tokens any optimizer step of the job will hold on this rank (``shard``: the rank's share of a
-    step's samples); the CUDA path sizes its packed rows to it."""
-    most = 0
-    for epoch in range(epochs):
-        order = epoch_order(len(lengths), seed, epoch)
-        for i in range(0, len(order), batch_size):
-            most = max(most, sum(lengths[j] for j in shard(order[i : i + batch_size])))
-    return most
 
 
 @torch.no_grad()
@@ -237,10 +217,11 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
     cut = truncate(full_rows, hp.max_length)
     train_rows, val_rows = cut[: len(spec.train)], cut[len(spec.train) :]
+    train_lengths = [len(ids) for ids, _ in train_rows]  # steps are balanced by tokens (workers/steps.py)
     pad_id = tokenizer.pad_token_id
     cuda = None
     if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/cuda_path.py)
-        cuda = _plan_cuda(model, [len(ids) for ids, _ in train_rows], hp, pad_id, dist, spec.gpu_memory_gib)
+        cuda = _plan_cuda(model, train_lengths, hp, pad_id, dist, spec.gpu_memory_gib)
         hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
@@ -263,7 +244,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     def micro_batches(step: int) -> list[Batch] | list[PackedBatch]:
         """This rank's share of the step's samples, as packed rows (CUDA) or padded micro-batches."""
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train_rows), hp.seed, epoch)
+        order = epoch_order(train_lengths, hp.batch_size, hp.seed, epoch)
         chosen = [train_rows[i] for i in order[index_in_epoch * hp.batch_size : (index_in_epoch + 1) * hp.batch_size]]
         chosen = dist.shard(chosen)
         if cuda is not None:
