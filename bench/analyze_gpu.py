@@ -17,7 +17,8 @@ FlashTune's own serving code:
                        scored), p50/p95 over repeated calls
   generation           ``service.scoring.generate`` (the analysis text of /analyze) of 64 new tokens at batch 1
                        and 32, tokens/s, against plain ``model.generate`` on the same model, same prompts, same
-                       run (``ratio`` = FlashTune / HF)
+                       run (``ratio`` = FlashTune / HF); the graph decoder's tokens against its eagerly run step,
+                       also across adapters (``attached_adapter_switching``)
   adapters             label-only requests/s through ``ModelServer.submit`` (the micro-batcher) from 64 threads:
                        1 adapter loaded; all ``--adapters`` loaded but one used; all loaded, requests mixing them
   merged               ``FLASHTUNE_SERVE_MERGED``: the adapter merged into a bf16 copy of the base; the same label
@@ -221,6 +222,29 @@ def graph_exactness(server: ModelServer, adapter: AdapterRef, texts: list[str]) 
     return server.run(adapter, compare)  # type: ignore[no-any-return]
 
 
+def adapter_switching(server: ModelServer, adapters: list[AdapterRef], texts: list[str]) -> dict[str, Any]:
+    """The attached base's graph decoder across adapters: for each of adapter 1, adapter 2, the base alone and
+    adapter 1 again, the graph-decoded tokens of a batch of 4 against the same step run eagerly. A graph that
+    replayed another adapter's weights would differ."""
+    rounds: list[dict[str, Any]] = []
+    for adapter in [adapters[0], adapters[1], None, adapters[0]]:
+
+        def compare(model: Any, tokenizer: Any) -> dict[str, Any]:
+            batch = left_padded(tokenizer, build_prompts(model, tokenizer, texts[:4]), "cuda")
+            decoder = decoder_for(model)
+            assert decoder is not None, "the attached model has no graph decoder"
+            with torch.no_grad():
+                graphed = decoder.generate(batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
+                eager = GraphDecoder(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, graphs=False).generate(
+                    batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
+            assert graphed is not None and eager is not None, "graph decoding fell back to generate"
+            return {"graph_equals_eager": bool(torch.equal(graphed, eager)), "first_row": graphed[0, :8].tolist()}
+
+        rounds.append({"adapter": adapter.name if adapter else None, **server.run(adapter, compare)})
+    return {"rounds": rounds, "all_equal": all(r["graph_equals_eager"] for r in rounds),
+            "distinct_outputs": len({str(r["first_row"]) for r in rounds})}  # fmt: skip
+
+
 def compiled_static(server: ModelServer, adapter: AdapterRef, texts: list[str], repeats: int) -> dict[str, Any]:
     """Batch 1: ``generate`` with transformers' compiled static cache (what FlashTune used before graph decoding)."""
 
@@ -361,6 +385,9 @@ def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[
     step("label_latency_adapter", lambda: label_latency(server, first, texts, sizes["latency_repeats"]))
     step("generation_batch_1", lambda: generation(server, first, texts, 1, repeats))
     step("generation_batch_32", lambda: generation(server, first, texts, 32, repeats))
+    step("attached_graph_exactness", lambda: graph_exactness(server, first, texts))
+    if len(adapters) > 1:
+        step("attached_adapter_switching", lambda: adapter_switching(server, adapters, texts))
     step("throughput_1_loaded", lambda: throughput(server, [first], texts, requests, 64))
 
     def load_all() -> dict[str, Any]:

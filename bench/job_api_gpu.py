@@ -10,6 +10,11 @@ built-in tokenizer under ``DATA_DIR/models/``, starts a real API and a real work
 user's seed instructions, posts a job on that checkpoint with the default (user's) recipe, follows it to the end
 and prints the wall time from POST to adapter, the job's events and its durations. ``--tiny`` builds a 2-layer
 model instead, to check the script on a CPU.
+
+``--serve`` then measures the new adapter as a client sees it, over HTTP: label-only ``POST /analyze`` latency,
+and a streamed ``POST /v1/chat/completions`` (Server-Sent Events): time to the first token and tokens/s.
+``FLASHTUNE_SERVE_MERGED`` (``--serve-merged``, default ``all``) decides whether that goes through the merged
+bf16 copy and its graph-captured decoder or through the adapter on the NF4 base with HF ``generate``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -51,6 +57,47 @@ def _seconds_after(start: datetime, stamp: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - start.timestamp()
 
 
+NEWS = "美国11月非农就业人口增加25万人，远超预期的18万人，失业率降至3.9%。"
+
+
+def measure_serving(client: httpx.Client, adapter: str, requests: int = 20, max_tokens: int = 128) -> dict[str, Any]:
+    """The adapter over HTTP: label-only /analyze latency (the first request, which loads the adapter, apart) and
+    three streamed chat completions of ``max_tokens`` (a random model rarely ends early; ``usage`` says)."""
+    def analyze() -> float:
+        started = time.perf_counter()
+        response = client.post("/analyze", json={"text": NEWS, "adapter": adapter, "max_new_tokens": 0})
+        response.raise_for_status()
+        return (time.perf_counter() - started) * 1000
+
+    first = analyze()
+    latencies = sorted(analyze() for _ in range(requests))
+    result: dict[str, Any] = {"analyze_first_ms": round(first, 1),
+                              "analyze_label_only_p50_ms": round(statistics.median(latencies), 1),
+                              "analyze_label_only_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+                              "streams": []}  # fmt: skip
+    body = {"model": adapter, "messages": [{"role": "user", "content": NEWS}], "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    for _ in range(3):  # the first one also merges the adapter (with --serve-merged) and captures the decoder
+        started, first_token, tokens = time.perf_counter(), None, 0
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if first_token is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    first_token = time.perf_counter()
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        done = time.perf_counter()
+        after_first = done - (first_token or done)
+        result["streams"].append({
+            "completion_tokens": tokens, "total_s": round(done - started, 3),
+            "first_token_ms": round(((first_token or done) - started) * 1000, 1),
+            "tokens_per_s_after_first": round((tokens - 1) / after_first, 1) if tokens > 1 and after_first else None,
+        })  # fmt: skip
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="/tmp/ft-gpu-job")
@@ -61,6 +108,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gib", type=float, help="FLASHTUNE_GPU_MEMORY_GIB for the worker")
     parser.add_argument("--job-process-start", choices=["forkserver", "spawn"], default="forkserver",
                         help="FLASHTUNE_JOB_PROCESS_START for the worker")  # fmt: skip
+    parser.add_argument("--serve", action="store_true", help="then measure /analyze and streaming over HTTP")
+    parser.add_argument("--serve-merged", default="all", help="FLASHTUNE_SERVE_MERGED for the API (with --serve)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--name", default="job_api_gpu.json", help="the result file's name under --out")
     args = parser.parse_args()
@@ -79,6 +128,8 @@ def main() -> None:
     env["FLASHTUNE_JOB_PROCESS_START"] = args.job_process_start
     if args.gpu_memory_gib:
         env["FLASHTUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
+    if args.serve:  # the API serves adapters of one base: the job's
+        env["FLASHTUNE_BASE_MODEL"], env["FLASHTUNE_SERVE_MERGED"] = str(model), args.serve_merged
     launched = time.perf_counter()
     api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
     worker = spawn(["worker"], env, data_dir / "worker.log")
@@ -119,6 +170,8 @@ def main() -> None:
                 report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
                 report["evaluation_seconds"] = info["metrics"].get("seconds")  # label scoring, generation
             report["progress"] = job.get("progress")
+            if args.serve and job["status"] == "succeeded":
+                report["serving"] = measure_serving(client, job["adapter"])
     finally:
         for proc in (worker, api):
             proc.terminate()

@@ -68,8 +68,9 @@ class Settings(BaseSettings):
         "bucket and adapter, captured on first use)"
     )  # fmt: skip
     cuda_graph_decoding: bool = Field(
-        default=True, description="on CUDA, merged copies decode greedily with a static KV cache and each step "
-        "replayed from a CUDA graph (one per batch size and cache length, captured on first use in a few eager steps)"
+        default=True, description="on CUDA, generation decodes greedily with a static KV cache and each step "
+        "replayed from a CUDA graph (per batch size and cache length, and per adapter on the attached base; captured "
+        "on first use in a few eager steps); mixed-adapter batches decode with generate()"
     )  # fmt: skip
     fused_kernels: bool = Field(
         default=True, description="on CUDA, served Llama-family models use Liger's fused RMSNorm, RoPE and SwiGLU "

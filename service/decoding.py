@@ -13,13 +13,16 @@ skipped), a row that has ended gets the pad token from then on, and decoding sto
 ``max_new_tokens``. ``tests/test_decoding.py`` checks the tokens against ``generate``'s.
 
 A :class:`GraphDecoder` belongs to one model whose weights do not change while it is used: a merged copy, or a
-PeftModel whose adapter stays as it was when the step was captured (the worker's evaluation of a trained adapter,
-``workers.evaluation``: the graph replays whichever adapter, or none, was active then). It keeps a static cache and a
-graph per batch size and cache length (rounded up to :data:`CACHE_MULTIPLE`), at most ``limit`` of them, the least
-recently used dropped first: a cache of 32 rows x 512 tokens of the 7B shape takes 8 GiB. Capturing costs three eager
-steps. Only caches whose every layer is a plain static layer are graphed (a sliding-window layer keeps Python-side
-state that a graph would freeze); on anything else, or if capturing fails, :meth:`GraphDecoder.generate` returns None
-and the caller decodes with ``generate``.
+PeftModel whose adapters stay loaded (the worker's evaluation of a trained adapter, ``workers.evaluation``; the
+serving base with its adapters attached, ``service.inference``, which drops the decoder whenever an adapter is
+loaded or removed). It keeps a static cache per batch size and cache length (rounded up to
+:data:`CACHE_MULTIPLE`), at most ``limit`` of them, the least recently used dropped first, and only while one takes
+at most :data:`CACHE_FRACTION_OF_FREE` of the free memory: a cache of 32 rows x 512 tokens of the 7B shape takes
+8 GiB. A captured step replays the LoRA weights that were active when it was captured, so each cache has one graph
+per set of active adapters (:func:`active_adapters`: which adapter is selected, or none), all sharing that cache.
+Capturing costs three eager steps. Only caches whose every layer is a plain static layer are graphed (a
+sliding-window layer keeps Python-side state that a graph would freeze); on anything else, or if capturing fails,
+or without room for the cache, :meth:`GraphDecoder.generate` returns None and the caller decodes with ``generate``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import inspect
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 log = logging.getLogger("flashtune.inference")
 CACHE_MULTIPLE = 256
+CACHE_FRACTION_OF_FREE = 0.5  # a static cache is made only while it takes at most this share of the free memory
 _DECODERS: weakref.WeakKeyDictionary[Any, GraphDecoder] = weakref.WeakKeyDictionary()
 
 
@@ -58,6 +62,19 @@ def decoder_for(model: Any) -> GraphDecoder | None:
     return _DECODERS.get(model)
 
 
+def active_adapters(model: Any) -> Hashable:
+    """What a PeftModel's forward pass applies now: ``(True, ())`` with its adapters disabled, else ``(False,
+    active adapter names)`` (the first LoRA layer's view: peft sets every layer at once); None without adapters."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return None
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            return (True, ()) if module.disable_adapters else (False, tuple(module.active_adapters))
+    return None
+
+
 @dataclass
 class _Step:
     """One batch size and cache length: the static cache and the tensors the captured step reads and advances."""
@@ -67,7 +84,7 @@ class _Step:
     positions: torch.Tensor  # (rows, 1): its position
     mask: torch.Tensor  # (rows, cache length): 0 on the prompt's left padding
     finished: torch.Tensor  # (rows,): the row has produced an end-of-sequence token
-    graph: Any = None
+    graphs: dict[Hashable, Any] = field(default_factory=dict)  # by active adapters (:func:`active_adapters`)
 
 
 class GraphDecoder:
@@ -104,7 +121,8 @@ class GraphDecoder:
         rows, prompt = input_ids.shape
         length = -(-(prompt + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
         step = None if self.broken else self._step(rows, length)
-        if step is None:
+        graph = None if step is None else self._graph(step)
+        if step is None or (self.graphs and graph is None):
             return None
         step.cache.reset()
         step.mask.fill_(1)
@@ -120,8 +138,8 @@ class GraphDecoder:
         while on_tokens is None or on_tokens(token.cpu()):
             if len(tokens) == max_new_tokens or bool(step.finished.all()):
                 break
-            if step.graph is not None:
-                step.graph.replay()
+            if graph is not None:
+                graph.replay()
             else:
                 self._advance(step)
             token = step.ids[:, 0].clone()
@@ -152,6 +170,8 @@ class GraphDecoder:
         while len(self._steps) >= self.limit:  # free the least recently used cache before allocating another
             self._steps.popitem(last=False)
         device = self.eos.device
+        if device.type == "cuda" and not self._room_for(rows, length):
+            return None  # generate() decodes this batch; smaller ones still get a cache
         step = _Step(
             cache=StaticCache(config=self.model.config, max_cache_len=length),
             ids=torch.zeros((rows, 1), dtype=torch.long, device=device),
@@ -164,18 +184,45 @@ class GraphDecoder:
             self.broken = True
             return None
         self._forward(step, step.ids, step.positions, step.mask)  # allocates the cache's tensors, before any capture
-        if self.graphs:
+        self._steps[key] = step
+        return step
+
+    def _room_for(self, rows: int, length: int) -> bool:
+        """Whether a static cache of ``rows`` x ``length`` takes at most :data:`CACHE_FRACTION_OF_FREE` of the memory
+        free now (it stays allocated, unlike ``generate``'s, so a smaller GPU keeps room for the passes)."""
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        need = 2 * config.num_hidden_layers * rows * length * heads * head_dim * self.model.dtype.itemsize
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        if need <= CACHE_FRACTION_OF_FREE * free:
+            return True
+        log.info("decoding %d rows x %d tokens with generate(): a static cache would take %.1f of %.1f GiB free",
+                 rows, length, need / 2**30, free / 2**30)  # fmt: skip
+        return False
+
+    def _graph(self, step: _Step) -> Any:
+        """The step's graph for the adapters active now, captured on first use; None without graphs, or if
+        capturing failed (decoding is then left to ``generate`` for good)."""
+        if not self.graphs:
+            return None
+        variant = active_adapters(self.model)
+        if variant not in step.graphs:
             try:
-                step.graph = self._capture(step)
+                step.graphs[variant] = self._capture(step)
             except Exception as exc:  # noqa: BLE001 - any failure to capture leaves decoding to generate()
                 log.warning("graph decoding is off for this model: capturing the step failed (%s)", exc)
                 self.broken = True
                 return None
-        self._steps[key] = step
-        return step
+        return step.graphs[variant]
 
     def _capture(self, step: _Step) -> Any:
-        """Warm up on a side stream (as torch asks), then record one step. The cache is reset before each use."""
+        """Warm up on a side stream (as torch asks), then record one step. The cache is reset before each use; here
+        too, since a graph captured for other adapters may have left it full."""
+        step.cache.reset()
+        step.positions.zero_()
+        step.finished.zero_()
+        step.mask.fill_(1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

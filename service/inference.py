@@ -38,7 +38,7 @@ import torch
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.datasets.store import dataset_input_fields
-from service.decoding import GraphDecoder, attach, eos_ids
+from service.decoding import GraphDecoder, attach, decoder_for, eos_ids
 from service.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.nf4 import keep_dense_copies, nf4_layers
 from service.prompts import INPUT_FIELDS, LABEL_IDS
@@ -199,9 +199,18 @@ class ModelServer:
         return self._graphs.setdefault((model, adapter), ScoringGraphs())
 
     def _drop_graphs(self, model: str, adapter: str | None = None) -> None:
-        """Forget graphs whose weights change or go (they replay the memory they were captured with)."""
+        """Forget graphs whose weights change or go (they replay the memory they were captured with): the scoring
+        graphs, and for the attached model its graph decoder too."""
         for key in [k for k in self._graphs if k[0] == model and adapter in (None, k[1])]:
             del self._graphs[key]
+        if model == "attached" and self._model is not None:
+            attach(self._model, None)
+
+    def _decode_with_graphs(self) -> None:
+        """On CUDA, let the attached model decode with a graph decoder (service.decoding), which captures a step
+        per set of active adapters; made again after an adapter is loaded or removed (:meth:`_drop_graphs`)."""
+        if self.settings.cuda_graph_decoding and self._model.device.type == "cuda" and decoder_for(self._model) is None:
+            attach(self._model, GraphDecoder(self._model, eos_ids(self._tokenizer), self._tokenizer.pad_token_id))
 
     def _merged_model(self, adapter: AdapterRef) -> Any:
         """The base with ``adapter`` merged in, unquantised (bf16 on CUDA, float32 on the CPU); loaded on first use."""
@@ -326,6 +335,7 @@ class ModelServer:
                 return fn(self._merged_model(adapter), self._tokenizer)
             self._ensure_base()
             self._select(adapter)
+            self._decode_with_graphs()
             context = self._model.disable_adapter() if adapter is None and self._loaded else nullcontext()
             with context:
                 return fn(self._model, self._tokenizer)
@@ -381,6 +391,7 @@ class ModelServer:
                 self._ensure_base()
                 needed = {a.name: a for a in (adapters[i] for i in chunk) if a is not None}
                 self._load(list(needed.values()))
+                self._decode_with_graphs()  # for a chunk of one adapter; mixed chunks decode with generate()
                 names = [BASE if a is None else a.name for a in (adapters[i] for i in chunk)]
                 distinct = list(dict.fromkeys(names))
                 if len(distinct) > 1 and all(self._mixable.get(n, False) for n in needed):

@@ -81,3 +81,48 @@ def test_an_attached_decoder_does_not_keep_its_model_alive(builtin_model_cache: 
     del model
     gc.collect()
     assert gone() is None
+
+
+def test_a_peft_model_gets_a_graph_per_set_of_active_adapters(builtin_model_cache: Path) -> None:
+    """A captured step replays the LoRA weights active when it was captured: switching adapters must capture (and
+    later replay) another graph, never the first one. Here a stand-in "graph" checks that, and runs the step."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.decoding import active_adapters
+    from service.scoring import BASE, adapter_active
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_cache)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(builtin_model_cache), lora, adapter_name="a")
+    model.add_adapter("b", lora)
+    model.eval()
+    decoder = GraphDecoder(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    captured: list[Any] = []
+
+    def capture(step: Any) -> Any:
+        variant = active_adapters(model)
+        captured.append(variant)
+
+        def replay() -> None:
+            assert active_adapters(model) == variant, "a graph replayed with other adapters active"
+            decoder._advance(step)
+
+        return SimpleNamespace(replay=replay)
+
+    decoder._capture = capture  # type: ignore[method-assign]
+    batch = left_padded(tokenizer, build_prompts(model, tokenizer, TEXTS[:2]), "cpu")
+    outputs = {}
+    with torch.no_grad():
+        for name in ["a", "b", BASE, "a"]:
+            with adapter_active(model, name):
+                plain = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1] :]
+                tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], 8)
+                assert tokens is not None and tokens.tolist() == plain.tolist()
+                outputs[name] = tokens.tolist()
+    assert captured == [(False, ("a",)), (False, ("b",)), (True, ())]  # "a" again replays its own graph
+    assert len({str(v) for v in outputs.values()}) == 3  # the adapters do change the tokens
