@@ -2,8 +2,8 @@
 
 Why even them out: on CUDA every packed row of a job is padded to one length, the job's longest step (a CUDA
 graph has one shape, ``workers.cuda_path``), so a step with fewer tokens spends compute on filler. With 16 random
-~150-token samples per step, the longest of a job's ~57 steps holds ~10% more tokens than the mean step (the
-user's seed instructions: 2,672 against ~2,430), and every other step pads up to it.
+~150-token samples per step, the longest of the user's 33 steps holds ~10% more tokens than the mean step (2,672
+against ~2,430 with the seed instructions), and every other step pads up to it.
 
 :func:`balance_steps` swaps samples between the fullest and the emptiest steps until no swap lowers the fullest.
 What stays as before: each step has ``batch_size`` samples (the last one of an epoch fewer), every sample is seen
