@@ -43,14 +43,14 @@ class MicroBatcher:
         return item.future.result(timeout)
 
     def _gather(self) -> list[_Item]:
+        """The next item, what arrives within ``max_wait`` after it, and whatever else is already queued, up to
+        ``max_batch``: requests that queued up during the last pass always share the next one, even with no wait."""
         items = [self._queue.get()]
         deadline = time.monotonic() + self.max_wait
         while len(items) < self.max_batch:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                items.append(self._queue.get(timeout=remaining))
+                items.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
         return items
