@@ -1,7 +1,8 @@
 """Micro-batching for /analyze: concurrent requests are gathered for a short wait and run as one forward pass.
 
 Request threads call :meth:`MicroBatcher.submit` and block on a future; one background thread takes what has
-arrived (up to ``max_batch`` items, waiting at most ``max_wait_ms`` after the first), groups it by the key each
+arrived (up to ``max_batch`` items: whatever queued up while the last pass ran, and, with ``max_wait_ms``, what
+arrives that long after the first), groups it by the key each
 request was submitted with (the serving model, :class:`~service.inference.ModelServer`: the attached-adapter model
 or a merged copy, and max_new_tokens; not the adapter, which travels with each request's payload so that
 different adapters share a forward pass) and hands each group to the model in one call. If a group fails, its
@@ -29,7 +30,7 @@ class _Item:
 
 
 class MicroBatcher:
-    def __init__(self, run: RunBatch, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, run: RunBatch, max_batch: int = 32, max_wait_ms: float = 0.0) -> None:
         self._run = run
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait_ms / 1000

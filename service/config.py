@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     # Serving
     max_loaded_adapters: int = Field(default=8, ge=1)
     batch_max_size: int = Field(default=32, ge=1, description="1 turns micro-batching off")
-    batch_wait_ms: float = Field(default=5.0, ge=0)
+    batch_wait_ms: float = Field(
+        default=0.0, ge=0, description="how long a micro-batch waits for company after its first request; requests "
+        "that queue up while a pass runs share the next one anyway (0 measured faster on an H200: docs/benchmarks.md)"
+    )  # fmt: skip
     max_batch_items: int = Field(default=64, ge=1, description="items in one POST /analyze/batch")
     serve_quantization: Literal["auto", "nf4", "none"] = Field(
         default="auto", description="the served base: auto = NF4 on CUDA, float32 on CPU; none = bf16 on CUDA"
