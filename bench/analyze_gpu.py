@@ -432,7 +432,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the script")
     parser.add_argument("--out", default=".")
     parser.add_argument("--only", default="", help="comma-separated measurement keys to run (default: all)")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="the micro-batcher's wait for company")
+    parser.add_argument("--batch-wait-ms", type=float, help="the micro-batcher's wait (default: the service's, 0)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     tiny = args.tiny or not torch.cuda.is_available()
@@ -477,8 +477,10 @@ def main() -> None:
     log("checkpoint", checkpoint, "and", len(adapters), "adapters ready")
     texts = texts_for(64)
     settings = dict(data_dir=data_dir, base_model=str(checkpoint), device=device, batch_max_size=64,
-                    batch_wait_ms=args.batch_wait_ms, max_loaded_adapters=len(adapters) + 1)  # fmt: skip
-    report["batch_wait_ms"] = args.batch_wait_ms
+                    max_loaded_adapters=len(adapters) + 1)  # fmt: skip
+    if args.batch_wait_ms is not None:
+        settings["batch_wait_ms"] = args.batch_wait_ms
+    report["batch_wait_ms"] = Settings(**settings).batch_wait_ms
 
     if only == {"merged_batch_1_compiled_static"}:
         compiled_phase(settings, adapters[0], texts, step, sizes)
