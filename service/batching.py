@@ -1,4 +1,4 @@
-"""Micro-batching for /analyze: concurrent requests are gathered for a short wait and run as one forward pass.
+"""Micro-batching for /analyze: requests that arrive while a forward pass runs share the next one.
 
 Request threads call :meth:`MicroBatcher.submit` and block on a future; one background thread takes what has
 arrived (up to ``max_batch`` items: whatever queued up while the last pass ran, and, with ``max_wait_ms``, what
