@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from service.graph_capture import record
+
 log = logging.getLogger("flashtune.inference")
 CACHE_MULTIPLE = 256
 CACHE_FRACTION_OF_FREE = 0.5  # a static cache is made only while it takes at most this share of the free memory
@@ -217,19 +219,11 @@ class GraphDecoder:
         return step.graphs[variant]
 
     def _capture(self, step: _Step) -> Any:
-        """Warm up on a side stream (as torch asks), then record one step. The cache is reset before each use; here
-        too, since a graph captured for other adapters may have left it full."""
+        """Record one step (``service.graph_capture``). The cache is reset before each use; here too, since a graph
+        captured for other adapters may have left it full."""
         step.cache.reset()
         step.positions.zero_()
         step.finished.zero_()
         step.mask.fill_(1)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._advance(step)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._advance(step)
+        graph, _ = record(lambda: self._advance(step))
         return graph

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from service.graph_capture import record
+
 log = logging.getLogger("flashtune.inference")
 WIDTH_MULTIPLE = 64
 MAX_ROWS = 4
@@ -81,16 +83,7 @@ class ScoringGraphs:
         return logits.clone()  # the graph's output buffer is overwritten by its next replay
 
     def _capture(self, run: Callable[[], torch.Tensor]) -> tuple[Replayable, torch.Tensor]:
-        """Warm up on a side stream (as torch asks), then record ``run`` into a graph sharing this object's pool."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
+        """Record ``run`` into a graph sharing this object's pool."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = run()
-        return graph, logits
+        return record(run, self._pool)

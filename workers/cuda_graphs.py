@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from service.graph_capture import record
 from workers.packing import PackedBatch
 
 
@@ -59,15 +60,7 @@ class ForwardOnly:
     def __init__(self, stack: DecoderStack, *example: torch.Tensor) -> None:
         self.inputs = tuple(t.clone() for t in example)
         with torch.no_grad():
-            side = torch.cuda.Stream()  # warm-up off the capture: lazy initialisation, workspaces
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    stack(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = stack(*self.inputs)
+            self.graph, self.output = record(lambda: stack(*self.inputs))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for static, value in zip(self.inputs, inputs, strict=True):
