@@ -82,7 +82,7 @@ def ensure_adapter(client: httpx.Client, env: dict[str, str], data_dir: Path) ->
 
 
 def texts(count: int) -> list[str]:
-    from service.builtin.data import generate
+    from service.llm.builtin.data import generate
 
     return [e.input for e in generate(count, seed=7, labels="rule")]
 

@@ -1,4 +1,4 @@
-"""GPU benchmark of FlashTune's serving path (``service.inference.ModelServer`` and ``service.scoring``).
+"""GPU benchmark of FlashTune's serving path (``service.serving.engine.ModelServer`` and ``service.llm.scoring``).
 
 On the H200 (no internet needed; about 4-6 minutes):
 
@@ -15,7 +15,7 @@ FlashTune's own serving code:
 
   label-only latency   ``ModelServer.analyze`` of one text with ``max_new_tokens`` 0 (star, label, reaction
                        scored), p50/p95 over repeated calls
-  generation           ``service.scoring.generate`` (the analysis text of /analyze) of 64 new tokens at batch 1
+  generation           ``service.llm.scoring.generate`` (the analysis text of /analyze) of 64 new tokens at batch 1
                        and 32, tokens/s, against plain ``model.generate`` on the same model, same prompts, same
                        run (``ratio`` = FlashTune / HF); the graph decoder's tokens against its eagerly run step,
                        also across adapters (``attached_adapter_switching``)
@@ -50,10 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 
-from service.config import Settings  # noqa: E402
-from service.decoding import GraphDecoder, decoder_for  # noqa: E402
-from service.inference import AdapterRef, ModelServer  # noqa: E402
-from service.scoring import build_prompts, generate, left_padded  # noqa: E402
+from service.core.config import Settings  # noqa: E402
+from service.llm.decoding import GraphDecoder, decoder_for  # noqa: E402
+from service.llm.scoring import build_prompts, generate, left_padded  # noqa: E402
+from service.serving.engine import AdapterRef, ModelServer  # noqa: E402
 
 NEW_TOKENS = 64
 LORA_TARGETS = ["q_proj", "v_proj"]
@@ -118,7 +118,7 @@ def never_stop_early(model: Any, tokenizer: Any) -> bool:
 
 
 def texts_for(count: int) -> list[str]:
-    from service.builtin.data import builtin_dataset
+    from service.llm.builtin.data import builtin_dataset
 
     pool = [e.input for e in builtin_dataset()[1]]
     return [pool[i % len(pool)] for i in range(count)]
@@ -284,7 +284,7 @@ def before_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str]
     """The baseline of ``label_latency_adapter`` in this run: the NF4 base with the adapter attached as served before
     Liger's kernels, bf16 adapters and dense NF4 copies. First: once any model is fused, Liger has patched
     transformers' Llama module for the whole process."""
-    import service.inference as inference
+    import service.serving.engine as inference
 
     cast, inference._adapter_in_base_dtype = inference._adapter_in_base_dtype, lambda model, name: None
     server = ModelServer(Settings(**settings, fused_kernels=False, serve_dense_nf4=False))

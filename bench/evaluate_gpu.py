@@ -1,6 +1,6 @@
 """The worker's format check after training, on the GPU machine: 96 tokens for 16 held-out prompts with the base and
 16 with the adapter, written as before (one ``generate`` over the mixed batch, each row naming its adapter) and as
-now (``workers.evaluation.write_each``: one adapter at a time, each step a CUDA graph), in the same process.
+now (``workers.training.evaluation.write_each``: one adapter at a time, each step a CUDA graph), in the same process.
 
     export PYTHONPATH=$PWD/.devsite:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     python3 bench/evaluate_gpu.py --checkpoint /tmp/ck/deepseek-7b-shaped --out $OUT
@@ -12,7 +12,7 @@ many rows' token ids equal those of a third way, the reference for exactness: ``
 the same batches as ``write_each`` (a different batch, as in the mixed way, may flip a near tie in bf16). Token ids,
 not text: the random model mostly writes ids the built-in tokenizer decodes to nothing. Last, an experiment the
 worker does not adopt (docs/benchmarks.md, session 8): the graph-decoded way again with the NF4 weights kept
-dequantised (``service.nf4.keep_dense_copies``, as serving keeps them), and how many rows' ids it shares with the
+dequantised (``service.llm.nf4.keep_dense_copies``, as serving keeps them), and how many rows' ids it shares with the
 graph-decoded way on the packed weights (for a few rows per step bitsandbytes multiplies with a fused 4-bit
 kernel, which rounds differently).
 """
@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 
 from service.datasets.formats import parse  # noqa: E402
-from service.modeling import load_model, load_tokenizer, plan_load  # noqa: E402
-from service.models import Hyperparameters  # noqa: E402
-from service.nf4 import keep_dense_copies, nf4_layers  # noqa: E402
-from service.recipes import resolve  # noqa: E402
-from service.scoring import BASE, adapter_active, build_prompts, generate  # noqa: E402
-from workers.evaluation import GENERATED_SAMPLES, write_each  # noqa: E402
-from workers.training import attach_lora  # noqa: E402
+from service.jobs.hyperparameters import resolve  # noqa: E402
+from service.jobs.models import Hyperparameters  # noqa: E402
+from service.llm.modeling import load_model, load_tokenizer, plan_load  # noqa: E402
+from service.llm.nf4 import keep_dense_copies, nf4_layers  # noqa: E402
+from service.llm.scoring import BASE, adapter_active, build_prompts, generate  # noqa: E402
+from workers.training.evaluation import GENERATED_SAMPLES, write_each  # noqa: E402
+from workers.training.recipe import attach_lora  # noqa: E402
 
 NEW_TOKENS = 96
 
@@ -114,7 +114,7 @@ def main() -> None:
             report[way] = {"first_s": round(first, 2), "second_s": round(second, 2)}
             report[f"{way}_answers"] = answers
             print(way, report[way], flush=True)
-        # What-if: the NF4 weights kept dequantised, as serving keeps them (service/nf4.py); not what the job does.
+        # What-if: the NF4 weights kept dequantised, as serving keeps them (service/llm/nf4.py); not what the job does.
         report["dense_copies_kept"] = keep_dense_copies(nf4_layers(model), torch.cuda.mem_get_info()[0])
         for attempt in ("first_s", "second_s"):
             seconds, dense_answers = timed(lambda: write_each(model, ids, prompts, names, NEW_TOKENS))

@@ -36,7 +36,7 @@ from analyze import free_port, spawn, wait_healthy  # noqa: E402  (bench/ is not
 
 
 def build(path: Path, tiny: bool) -> None:
-    from service.builtin.model import _corpus, _train_tokenizer
+    from service.llm.builtin.model import _corpus, _train_tokenizer
 
     if not (path / "config.json").exists():
         if tiny:

@@ -1,5 +1,5 @@
 """Where a job's base-model load goes, on the GPU machine: the 7B shape quantised to NF4 on load (the worker's path,
-``service.modeling.load_model``) against reading the same files alone, loading them in bf16, and loading a copy that
+``service.llm.modeling.load_model``) against reading the same files alone, loading them in bf16, and loading a copy that
 was saved already quantised. Each load runs in a fresh process, so nothing is cached in the process between them.
 
     export PYTHONPATH=$PWD/.devsite:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -27,7 +27,7 @@ VARIANTS = ["imports", "read", "bf16", "nf4", "nf4_profile", "save_nf4", "prequa
 
 
 def _nf4(source: str) -> Any:
-    from service.modeling import load_model, plan_load
+    from service.llm.modeling import load_model, plan_load
 
     return load_model(source, plan_load("cuda", "auto"))
 

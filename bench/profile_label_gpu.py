@@ -5,7 +5,7 @@
 
 For the NF4 base with an adapter attached and for the merged bf16 copy it prints the median of:
 ``ModelServer.analyze`` (what the latency figure of analyze_gpu.py measures); ``scoring.classify`` alone (one
-pass over every stage's candidates), eager and replaying CUDA graphs (``service.scoring_graphs``); the same
+pass over every stage's candidates), eager and replaying CUDA graphs (``service.llm.scoring_graphs``); the same
 scoring in two graphed passes (stars and labels, then reactions), as classify does for larger batches; the
 tokenisation into token trees (``token_tree.encode_items``); and plain forward passes of the same number of tokens:
 causal without a mask, and with a custom 4D mask (the tree's), so the cost of the mask shows. It writes a
@@ -29,12 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analyze_gpu import build, make_adapters, sync, texts_for  # noqa: E402
 
-from service.config import Settings  # noqa: E402
-from service.inference import AdapterRef, ModelServer  # noqa: E402
-from service.prompts import LABELS, STARS  # noqa: E402
-from service.scoring import _label_groups, _reaction_group, build_prompts, classify, group_logprobs  # noqa: E402
-from service.scoring_graphs import ScoringGraphs  # noqa: E402
-from service.token_tree import encode_items  # noqa: E402
+from service.core.config import Settings  # noqa: E402
+from service.llm.prompts import LABELS, STARS  # noqa: E402
+from service.llm.scoring import _label_groups, _reaction_group, build_prompts, classify, group_logprobs  # noqa: E402
+from service.llm.scoring_graphs import ScoringGraphs  # noqa: E402
+from service.llm.token_tree import encode_items  # noqa: E402
+from service.serving.engine import AdapterRef, ModelServer  # noqa: E402
 
 
 def median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:

@@ -1,7 +1,7 @@
 """Token lengths of the user's seed instructions, for the GPU benchmark (which cannot read ``../shared``).
 
 Writes ``bench/seed_lengths.json``: for each of the 300 seed instructions, the prompt length and the full length
-(prompt + response + EOS) in tokens of the built-in byte-level BPE tokenizer (``service.builtin.model``), which
+(prompt + response + EOS) in tokens of the built-in byte-level BPE tokenizer (``service.llm.builtin.model``), which
 splits every CJK character into its own token, as the DeepSeek tokenizer mostly does for this text. Run it on
 the CPU machine: ``python bench/seed_lengths.py``.
 """
@@ -12,8 +12,8 @@ import json
 import statistics
 from pathlib import Path
 
-from service.builtin.model import _corpus, _train_tokenizer
-from service.prompts import render_prompt
+from service.llm.builtin.model import _corpus, _train_tokenizer
+from service.llm.prompts import render_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT.parent / "shared" / "data" / "seed" / "instructions.jsonl"
@@ -32,7 +32,7 @@ def main() -> None:
     full = [f for _, f in lengths]
     summary = {
         "source": "../shared/data/seed/instructions.jsonl",
-        "tokenizer": "built-in byte-level BPE (service.builtin.model._train_tokenizer, vocab 2048)",
+        "tokenizer": "built-in byte-level BPE (service.llm.builtin.model._train_tokenizer, vocab 2048)",
         "count": len(lengths),
         "mean_tokens": round(statistics.mean(full), 1),
         "median_tokens": statistics.median(full),

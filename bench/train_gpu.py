@@ -6,13 +6,13 @@ Run on the H200 (see docs/benchmarks.md for the exact command):
     python bench/train_gpu.py --out $OUT
 
 It builds a randomly initialised DeepSeek-LLM-7B-shaped LlamaForCausalLM on the GPU, saves it, and loads it
-through FlashTune's own ``service.modeling.load_model(plan_load("cuda", "auto"))`` (NF4, double quantisation, bf16
+through FlashTune's own ``service.llm.modeling.load_model(plan_load("cuda", "auto"))`` (NF4, double quantisation, bf16
 compute). The samples are random token ids with the lengths of the user's 300 seed instructions
 (``bench/seed_lengths.json``: prompt and full length per sample, built-in tokenizer); prompt tokens carry no loss.
 
 Variants, all on the same base and the same samples in the same (seed 42, epoch 0) order:
-  packed*   FlashTune's CUDA path pieces: ``workers.packing`` rows, no padding, bf16 autocast, fused AdamW
-  current   FlashTune's loop as ``workers.training`` runs it today (attach_lora, collate, step_loss)
+  packed*   FlashTune's CUDA path pieces: ``workers.training.packing`` rows, no padding, bf16 autocast, fused AdamW
+  current   FlashTune's loop as ``workers.training.recipe`` runs it today (attach_lora, collate, step_loss)
   hf        the user's recipe through transformers Trainer (padded to 512, 4 x 4, grad checkpointing, paged 8-bit)
 MFU counts 4 x 6.9e9 FLOPs per real token (forward 2N, backward to activations 2N; the frozen base gets no weight
 gradients) against the 790 TFLOP/s bf16 matrix rate measured on this machine kind; attention is not counted.
@@ -68,7 +68,7 @@ def build_checkpoint(path: Path) -> None:
 
 def make_rows() -> tuple[list[Row], dict[str, Any]]:
     """Random-token samples with the seed instructions' prompt/full lengths, in the epoch-0 order (seed 42)."""
-    from workers.steps import epoch_order
+    from workers.training.steps import epoch_order
 
     meta = json.loads(LENGTHS_FILE.read_text())
     gen = torch.Generator().manual_seed(0)
@@ -145,7 +145,7 @@ def packed_variant(base: Any, rows: list[Row], name: str, *, per_step: int = 16,
     """FlashTune's CUDA path: packed rows, bf16 autocast, fused AdamW, optional fused linear CE."""
     from peft import LoraConfig, get_peft_model
 
-    from workers.packing import pack, packed_loss
+    from workers.training.packing import pack, packed_loss
 
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets or ["q_proj", "v_proj"],
                         task_type="CAUSAL_LM")  # fmt: skip
@@ -190,11 +190,11 @@ def packed_variant(base: Any, rows: list[Row], name: str, *, per_step: int = 16,
 
 
 def current_variant(base: Any, rows: list[Row], warm: int = 2, timed: int = 12) -> tuple[dict[str, Any], Any]:
-    """FlashTune's loop as workers.training runs it today on CUDA (before this benchmark's changes)."""
-    from service.modeling import plan_load
-    from service.models import Hyperparameters
-    from service.recipes import resolve
-    from workers.training import attach_lora, collate, step_loss
+    """FlashTune's loop as workers.training.recipe runs it today on CUDA (before this benchmark's changes)."""
+    from service.jobs.hyperparameters import resolve
+    from service.jobs.models import Hyperparameters
+    from service.llm.modeling import plan_load
+    from workers.training.recipe import attach_lora, collate, step_loss
 
     hp = resolve(Hyperparameters(), "deepseek-7b-shaped")
     model = attach_lora(base, hp, plan_load("cuda", "auto"))
@@ -217,7 +217,7 @@ def current_variant(base: Any, rows: list[Row], warm: int = 2, timed: int = 12) 
         return sum(b.num_tokens for b in micro), sum(b.input_ids.numel() for b in micro), hp.batch_size
 
     try:
-        result = measure(f"current: workers.training loop (micro {hp.micro_batch_size}, dynamic padding, "
+        result = measure(f"current: workers.training.recipe loop (micro {hp.micro_batch_size}, dynamic padding, "
                          "grad ckpt, fp32 norms/head)", step, warm, timed)  # fmt: skip
     finally:
         optimizer.state.clear()
@@ -286,7 +286,7 @@ def hf_variant(base: Any, rows: list[Row], fp16: bool, warm: int = 2, timed: int
 
 def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: list[dict[str, Any]]) -> None:
     """The same packed loop on an unquantised bf16 base (``quantization: "none"``): what NF4 dequantising costs."""
-    from service.modeling import load_model, plan_load
+    from service.llm.modeling import load_model, plan_load
 
     try:
         base = load_model(checkpoint, plan_load("cuda", "none"))
@@ -305,7 +305,8 @@ def trainer_variant(
     checkpoint: str, dataset: str, name: str, memory_cap_gib: float | None = None, before: bool = False,
     graphs: bool = True, dequantize_twice: bool = False, balanced: bool = True, **overrides: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """The real ``workers.training.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate, publish.
+    """The real ``workers.training.recipe.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate,
+    publish.
 
     The user's seed instructions (real text through the built-in tokenizer saved beside the checkpoint), the
     user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v) unless ``overrides`` say otherwise, 10% held
@@ -318,18 +319,18 @@ def trainer_variant(
     ``balanced=False``: the steps as shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the
     worker before session 9).
     """
-    import workers.cuda_path as cuda_path
-    import workers.steps as steps
+    import workers.training.cuda.plan as cuda_path
+    import workers.training.steps as steps
 
     patched = ("varlen_available", "fuse_layers", "graph_decoder", "keep_dequantized_weights")
     saved = {name: getattr(cuda_path, name) for name in patched}
     saved_balance, saved_multiple = steps.balance_steps, cuda_path.FIXED_ROW_MULTIPLE
-    from service.builtin.model import _corpus, _train_tokenizer
     from service.datasets.store import hold_out
-    from service.models import Hyperparameters
-    from service.prompts import Example
-    from service.recipes import resolve
-    from workers.training import Hooks, TrainingSpec, train
+    from service.jobs.hyperparameters import resolve
+    from service.jobs.models import Hyperparameters
+    from service.llm.builtin.model import _corpus, _train_tokenizer
+    from service.llm.prompts import Example
+    from workers.training.recipe import Hooks, TrainingSpec, train
 
     _train_tokenizer(_corpus()).save_pretrained(checkpoint)
     rows = [json.loads(line) for line in Path(dataset).read_text().splitlines() if line.strip()]
@@ -379,7 +380,7 @@ def trainer_variant(
     median_step = statistics.median(intervals)
     result = {
         "key": name,
-        "variant": f"workers.training.train ({name}): {len(train_set)} seed samples x {hp.epochs} epochs",
+        "variant": f"workers.training.recipe.train ({name}): {len(train_set)} seed samples x {hp.epochs} epochs",
         "hyperparameters": hp.model_dump(),
         "durations": info["durations"],
         "total_steps": info["total_steps"],
@@ -408,12 +409,12 @@ def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
     LoRA dropout is 0 here, so both passes compute the same function; the rows hold 16, 9 and 3 samples (the
     graph pads the boundaries with empty segments). Run it before any other worker variant (Liger's RoPE).
     """
-    from service.modeling import load_model, plan_load
-    from service.models import Hyperparameters
-    from service.recipes import resolve
-    from workers.cuda_path import plan_cuda
-    from workers.packing import packed_loss
-    from workers.training import attach_lora
+    from service.jobs.hyperparameters import resolve
+    from service.jobs.models import Hyperparameters
+    from service.llm.modeling import load_model, plan_load
+    from workers.training.cuda.plan import plan_cuda
+    from workers.training.packing import packed_loss
+    from workers.training.recipe import attach_lora
 
     hp = resolve(Hyperparameters(lora_dropout=0.0), "deepseek-7b-shaped")
     plan_ = plan_load("cuda", "auto")
@@ -459,7 +460,7 @@ def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
 @torch.no_grad()
 def exactness_on_gpu(model: Any, rows: list[Row], attention: str = "sdpa") -> dict[str, Any]:
     """Per-sample loss of a packed row vs each sample alone (sdpa, unpacked), on the NF4 7B model in bf16."""
-    from workers.packing import pack, per_sample_losses, register_varlen_attention
+    from workers.training.packing import pack, per_sample_losses, register_varlen_attention
 
     register_varlen_attention()
     samples = rows[:4]
@@ -514,7 +515,7 @@ def main() -> None:
     report["build_save_s"] = round(time.perf_counter() - started, 1)
     log("checkpoint ready", report["build_save_s"], "s")
 
-    from service.modeling import load_model, plan_load
+    from service.llm.modeling import load_model, plan_load
 
     started = time.perf_counter()
     base = load_model(args.checkpoint, plan_load("cuda", "auto"))
@@ -523,7 +524,7 @@ def main() -> None:
     log("loaded NF4 in", report["load_nf4_s"], "s;", report["weights_gib"], "GiB allocated")
     rows, meta = make_rows()
     report["mean_real_tokens"] = meta["mean_tokens"]
-    from workers.packing import VARLEN
+    from workers.training.packing import VARLEN
 
     report["exactness"] = exactness_on_gpu(base, rows)
     report["exactness_varlen"] = exactness_on_gpu(base, rows, VARLEN)

@@ -6,8 +6,10 @@ Run on the 2-GPU H200 kind of the device machine (docs/benchmarks.md). On a host
     python bench/train_multi_gpu.py --out $OUT                      # 1, 2 and N GPUs, the user's recipe
     python bench/train_multi_gpu.py --gpus 1,2,4,8 --batch-size 64  # more samples per step: each GPU gets more
 
-For each GPU count it starts the ranks exactly as ``flashtune worker --gpus N`` does (``workers.distributed.launch``:
-torchrun's launcher, NCCL, NVLink multicast off) and each rank runs the real ``workers.training.train``: NF4 base,
+For each GPU count it starts the ranks exactly as ``flashtune worker --gpus N`` does
+(``workers.training.distributed.launch``:
+torchrun's launcher, NCCL, NVLink multicast off) and each rank runs the real ``workers.training.recipe.train``: NF4
+base,
 the CUDA path, its share of every optimizer step's samples, gradients all-reduced. The model is
 ``bench/train_gpu.py``'s random DeepSeek-LLM-7B-shaped Llama (built once, saved to ``--checkpoint``); the samples
 are the user's seed instructions (real text, built-in tokenizer saved beside the checkpoint), repeated to fill
@@ -44,10 +46,10 @@ from bench.train_gpu import build_checkpoint, log  # noqa: E402
 
 
 def _rank(spec: Any, run_dir: str, launcher_pid: int) -> None:
-    """One rank (started by workers.distributed.launch): train; rank 0 writes the time of every step."""
-    from workers import distributed
+    """One rank (started by workers.training.distributed.launch): train; rank 0 writes the time of every step."""
     from workers.retry import Outcome
-    from workers.training import Hooks, train
+    from workers.training import distributed
+    from workers.training.recipe import Hooks, train
 
     dist = distributed.init_rank(spec.device, launcher_pid)
     stamps: list[tuple[int, float, float | None]] = []
@@ -67,7 +69,7 @@ def _rank(spec: Any, run_dir: str, launcher_pid: int) -> None:
 
 def samples(dataset: Path, count: int) -> list[Any]:
     """The seed instructions (duplicates dropped, as POST /datasets does), repeated to ``count`` samples."""
-    from service.prompts import Example
+    from service.llm.prompts import Example
 
     rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
     unique = list(dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output")))
@@ -75,9 +77,9 @@ def samples(dataset: Path, count: int) -> list[Any]:
 
 
 def tokens_per_step(spec: Any, tokenizer: Any, steps: int) -> list[int]:
-    """Real tokens of each optimizer step's samples (the loop's own order: workers.steps.epoch_order)."""
-    from workers.steps import epoch_order
-    from workers.training import tokenize
+    """Real tokens of each optimizer step's samples (the loop's own order: workers.training.steps.epoch_order)."""
+    from workers.training.recipe import tokenize
+    from workers.training.steps import epoch_order
 
     rows = tokenize(spec.train, tokenizer, spec.hp.max_length)
     order = epoch_order([len(ids) for ids, _ in rows], spec.hp.batch_size, spec.hp.seed, 0)
@@ -86,7 +88,7 @@ def tokens_per_step(spec: Any, tokenizer: Any, steps: int) -> list[int]:
 
 
 def run_one(spec: Any, gpus: int, per_step: list[int], warm: int) -> dict[str, Any]:
-    from workers import distributed
+    from workers.training import distributed
 
     with tempfile.TemporaryDirectory(prefix=f"bench-{gpus}gpu-") as tmp:
         run_dir = Path(tmp)
@@ -116,11 +118,11 @@ def run_one(spec: Any, gpus: int, per_step: list[int], warm: int) -> dict[str, A
 
 
 def smoke_cpu(args: argparse.Namespace) -> None:
-    from service.builtin.model import ensure_builtin_model
-    from service.modeling import load_tokenizer
-    from service.models import Hyperparameters
-    from service.recipes import resolve
-    from workers.training import TrainingSpec
+    from service.jobs.hyperparameters import resolve
+    from service.jobs.models import Hyperparameters
+    from service.llm.builtin.model import ensure_builtin_model
+    from service.llm.modeling import load_tokenizer
+    from workers.training.recipe import TrainingSpec
 
     model = ensure_builtin_model(Path(tempfile.gettempdir()) / "bench-multi-smoke")
     hp = resolve(Hyperparameters(epochs=1, validation_fraction=0.0, batch_size=4), "builtin")
@@ -151,10 +153,10 @@ def main() -> None:
         smoke_cpu(args)
         return
 
-    from service.builtin.model import _corpus, _train_tokenizer
-    from service.models import Hyperparameters
-    from service.recipes import resolve
-    from workers.training import TrainingSpec
+    from service.jobs.hyperparameters import resolve
+    from service.jobs.models import Hyperparameters
+    from service.llm.builtin.model import _corpus, _train_tokenizer
+    from workers.training.recipe import TrainingSpec
 
     visible = torch.cuda.device_count()
     counts = [int(c) for c in args.gpus.split(",") if c] or sorted({1, min(2, visible), visible})

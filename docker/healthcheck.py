@@ -38,8 +38,8 @@ def worker() -> str | None:
         return "no live 'flashtune worker' process"
     from sqlalchemy import text
 
-    from service.config import Settings
-    from service.db import make_engine
+    from service.core.config import Settings
+    from service.jobs.db import make_engine
 
     engine = make_engine(Settings().resolved_database_url)
     try:

@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from service import logs
 from service.cli_client import add_commands
-from service.config import Settings
+from service.core import logs
+from service.core.config import Settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -35,7 +35,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def builtin_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.builtin.model import ensure_builtin_model
+    from service.llm.builtin.model import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.serving.batching import MicroBatcher
 
 
 def _blocking_batcher(max_wait_ms: float) -> tuple[MicroBatcher, list[list[int]], threading.Event]:

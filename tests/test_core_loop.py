@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.builtin.data import builtin_dataset
+from service.llm.builtin.data import builtin_dataset
 from tests.conftest import Service, make_service
 
 pytestmark = pytest.mark.slow

@@ -16,14 +16,14 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlmodel import select
 
-from service.config import Settings
+from service.core.config import Settings
 from service.datasets.base import DatasetError
 from service.datasets.formats import parse
 from service.datasets.sqlite_import import open_readonly, quantile
 from service.datasets.store import save_upload
-from service.db import init_db, make_engine, session_scope
-from service.models import Dataset
-from service.prompts import parse_label
+from service.jobs.db import init_db, make_engine, session_scope
+from service.jobs.models import Dataset
+from service.llm.prompts import parse_label
 from tests.conftest import SHARED_DATA, Service, wait_for
 from tests.pgdb import postgres_database
 
@@ -95,7 +95,7 @@ def test_shared_files_import_and_a_job_trains_on_the_database(service: Service, 
     assert (small.json()["num_examples"], small.json()["num_validation"]) == (60, 12)
     job = service.post_job(dataset=small.json()["id"], hyperparameters={"epochs": 1, "max_length": 128})
     done = service.wait(job["id"], timeout=900)
-    assert done["status"] == "succeeded", service.logs()
+    assert done["status"] == "succeeded", service.core.logs()
     events = service.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     stats = next(e for e in events if e["type"] == "dataset")["data"]["token_stats"]
     assert stats["examples"] == 60 and 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]

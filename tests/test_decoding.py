@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from service.decoding import GraphDecoder, attach, decoder_for
-from service.scoring import build_prompts, generate, generate_stream, left_padded
+from service.llm.decoding import GraphDecoder, attach, decoder_for
+from service.llm.scoring import build_prompts, generate, generate_stream, left_padded
 from tests.test_scoring import TEXTS
 
 
@@ -91,8 +91,8 @@ def test_a_peft_model_gets_a_graph_per_set_of_active_adapters(builtin_model_cach
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.decoding import active_adapters
-    from service.scoring import BASE, adapter_active
+    from service.llm.decoding import active_adapters
+    from service.llm.scoring import BASE, adapter_active
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_cache)
     lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random

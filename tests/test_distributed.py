@@ -22,14 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.builtin.data import builtin_dataset, generate
-from service.models import Hyperparameters
-from service.recipes import resolve
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Hyperparameters
+from service.llm.builtin.data import builtin_dataset, generate
 from tests.conftest import Service, make_service
-from workers import checkpoints, distributed
-from workers.distributed import Distributed
 from workers.retry import Outcome
-from workers.training import Hooks, Interrupted, TrainingSpec, train
+from workers.training import checkpoints, distributed
+from workers.training.distributed import Distributed
+from workers.training.recipe import Hooks, Interrupted, TrainingSpec, train
 
 WEIGHT_TOLERANCE = 2e-5  # max |difference| of any LoRA weight, 2 ranks vs 1 process (float summation order)
 ENV = {"FLASHTUNE_CHECKPOINT_EVERY_STEPS": "2"}
@@ -70,7 +70,7 @@ def test_combine_names_the_rank_that_failed_first() -> None:
 def test_gpus_setting_and_world_size() -> None:
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from service.core.config import Settings
 
     assert Settings(gpus="all").gpus == "all" and Settings(gpus="2").gpus == "2"
     with pytest.raises(ValidationError):

@@ -13,7 +13,7 @@ import pytest
 
 from service.datasets.base import DatasetError
 from service.datasets.formats import parse
-from service.prompts import INPUT_FIELDS, NewsItem, input_fields_used, normalise_field, render_input
+from service.llm.prompts import INPUT_FIELDS, NewsItem, input_fields_used, normalise_field, render_input
 from tests.conftest import SHARED_DATA
 
 DB = SHARED_DATA / "finance_analysis_sample.db"

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
-from service import jobstore
-from service.db import DatabaseError, init_db, make_engine, session_scope
-from service.models import Job, JobEvent, JobStatus, utcnow
+from service.jobs import jobstore
+from service.jobs.db import DatabaseError, init_db, make_engine, session_scope
+from service.jobs.models import Job, JobEvent, JobStatus, utcnow
 from tests.pgdb import postgres_database
 
 HP = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1}

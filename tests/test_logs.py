@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service import logs
+from service.core import logs
 from tests.conftest import Service, seed_builtin, wait_for
 
 KEYS = ("timestamp", "level", "logger", "message")

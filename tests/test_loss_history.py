@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.loss_history import STEPS_FILE, StepLog, read_steps, thin
+from service.jobs.loss_history import STEPS_FILE, StepLog, read_steps, thin
 
 
 def test_step_log_keeps_the_last_attempt_of_each_step(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_missing_file_and_thinning(tmp_path: Path) -> None:
 def test_a_damaged_training_record_reads_as_empty(tmp_path: Path) -> None:
     """One reader for training_info.json (adapters route, loss history, model server): missing, unparseable or not
     an object all read as {}, so an adapter with a damaged record still lists and serves."""
-    from service.training_info import FILENAME, read_training_info
+    from service.core.training_info import FILENAME, read_training_info
 
     assert read_training_info(tmp_path) == {}
     for damaged in ("{not json", "[1, 2]", "\udcff"):

@@ -1,4 +1,4 @@
-"""service/nf4.py: bf16 copies of NF4 weights give bitsandbytes' own outputs where it dequantises and multiplies
+"""service/llm/nf4.py: bf16 copies of NF4 weights give bitsandbytes' own outputs where it dequantises and multiplies
 (bitsandbytes quantises on the CPU too, and there it always does)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from bitsandbytes.nn import Linear4bit, Params4bit
 
-from service.nf4 import dequantized_bytes, keep_dense_copies, nf4_layers
+from service.llm.nf4 import dequantized_bytes, keep_dense_copies, nf4_layers
 
 
 def _nf4_model(seed: int = 0) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.packing import (
+from workers.training.packing import (
     IGNORE,
     VARLEN,
     pack,
@@ -119,7 +119,7 @@ def test_micro_batch_sized_to_free_memory() -> None:
     """The CUDA plan fits the 7B shape's whole optimizer step in one pass on an H200, not on a small card."""
     from types import SimpleNamespace
 
-    from workers.cuda_path import bytes_per_token, size_micro_batch
+    from workers.training.cuda.plan import bytes_per_token, size_micro_batch
 
     shape = SimpleNamespace(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, vocab_size=102400)
     gib = 2**30
@@ -131,9 +131,9 @@ def test_micro_batch_sized_to_free_memory() -> None:
 
 
 def test_token_cache_hits_and_misses(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from service.builtin.model import _corpus, _train_tokenizer
-    from service.prompts import Example
-    from workers.token_cache import tokenize_cached, tokenize_one
+    from service.llm.builtin.model import _corpus, _train_tokenizer
+    from service.llm.prompts import Example
+    from workers.training.token_cache import tokenize_cached, tokenize_one
 
     tokenizer = _train_tokenizer(_corpus()[:200])
     examples = [Example("分析", f"美国CPI 前值:{i}", f"这是一条{i}星级的财经快讯") for i in range(5)]
@@ -146,10 +146,10 @@ def test_token_cache_hits_and_misses(tmp_path) -> None:  # type: ignore[no-untyp
 
 @torch.no_grad()
 def test_graphed_decoder_computes_what_the_packed_forward_does() -> None:
-    """What the CUDA graph records (workers.cuda_graphs), run eagerly on CPU: boundaries padded with empty
+    """What the CUDA graph records (workers.training.cuda.graphs), run eagerly on CPU: boundaries padded with empty
     segments and a fixed longest-segment bound give the packed forward's hidden states."""
-    from workers.cuda_graphs import DecoderStack, GraphedDecoder
-    from workers.packing import packed_forward_hidden
+    from workers.training.cuda.graphs import DecoderStack, GraphedDecoder
+    from workers.training.packing import packed_forward_hidden
 
     model = tiny_llama(VARLEN)
     batch = pack(rows(), pad_to_multiple=48)  # 31 tokens of samples, 17 of filler

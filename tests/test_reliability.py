@@ -24,13 +24,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.builtin.data import builtin_dataset, generate
-from service.models import Hyperparameters
-from service.recipes import resolve
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Hyperparameters
+from service.llm.builtin.data import builtin_dataset, generate
 from tests.conftest import Service, make_service, wait_for
 from tests.pgdb import postgres_database
-from workers import checkpoints
-from workers.training import Hooks, Interrupted, TrainingSpec, train
+from workers.training import checkpoints
+from workers.training.recipe import Hooks, Interrupted, TrainingSpec, train
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def pause_outside_a_write(svc: Service, worker: subprocess.Popen[bytes]) -> list
     """SIGSTOP a worker and its training child at a moment when neither holds SQLite's write lock. Stopped inside
     a write (a heartbeat or a progress update lasts milliseconds), a process stalls every writer, the other worker
     included, until it resumes: the lock belongs to the database file. (Workers that share a queue across hosts,
-    where a paused VM is a real event, use PostgreSQL, whose server ends such a transaction: service/db.py.)"""
+    where a paused VM is a real event, use PostgreSQL, whose server ends such a transaction: service/jobs/db.py.)"""
     for _ in range(50):
         paused = signal_tree(worker, signal.SIGSTOP)
         with contextlib.closing(sqlite3.connect(svc.data_dir / "flashtune.db", timeout=1, isolation_level=None)) as db:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from service.prompts import LABEL_PREFIX_TEMPLATE, LABEL_WORDS, LABELS, REACTION_PREFIX_TEMPLATE, REACTION_WORDS
-from service.scoring import (
+from service.llm.prompts import LABEL_PREFIX_TEMPLATE, LABEL_WORDS, LABELS, REACTION_PREFIX_TEMPLATE, REACTION_WORDS
+from service.llm.scoring import (
     ONE_PASS_MAX_TEXTS,
     STAR_PREFIX,
     STARS,
@@ -20,7 +20,7 @@ from service.scoring import (
     continuation_logprobs,
     group_logprobs,
 )
-from service.scoring_graphs import ScoringGraphs
+from service.llm.scoring_graphs import ScoringGraphs
 
 TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady 🛢️"]
 
@@ -148,7 +148,7 @@ def test_a_failed_mixed_batch_leaves_the_model_usable(builtin_model_cache: Path)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.scoring import BASE, adapter_active
+    from service.llm.scoring import BASE, adapter_active
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_cache)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

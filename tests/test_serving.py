@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from service.builtin.data import builtin_dataset
-from service.prompts import render_input, render_response
+from service.llm.builtin.data import builtin_dataset
+from service.llm.prompts import render_input, render_response
 from tests.conftest import Service, make_service
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from workers.steps import balance_steps, epoch_order, max_step_tokens
+from workers.training.steps import balance_steps, epoch_order, max_step_tokens
 
 
 def _lengths(count: int = 281, seed: int = 0) -> list[int]:

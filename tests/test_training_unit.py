@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from service.builtin.data import builtin_dataset
-from service.models import Hyperparameters
-from service.prompts import render_prompt
-from service.recipes import resolve
-from workers import checkpoints
-from workers.training import Hooks, TrainingSpec, tokenize, train
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Hyperparameters
+from service.llm.builtin.data import builtin_dataset
+from service.llm.prompts import render_prompt
+from workers.training import checkpoints
+from workers.training.recipe import Hooks, TrainingSpec, tokenize, train
 
 
 def _spec(tmp_path: Path, model: Path, steps_examples: int = 16, **hp: object) -> TrainingSpec:
@@ -48,7 +48,7 @@ def test_loss_masks_the_prompt(builtin_model_cache: Path) -> None:
 
 
 def test_interrupt_checkpoints_and_resume_continues(tmp_path: Path, builtin_model_cache: Path) -> None:
-    from workers.training import Interrupted
+    from workers.training.recipe import Interrupted
 
     stop = {"now": False}
 
@@ -73,9 +73,9 @@ def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.decoding import decoder_for
-    from service.scoring import BASE, build_prompts, classify, generate
-    from workers.evaluation import label_metrics, write_each
+    from service.llm.decoding import decoder_for
+    from service.llm.scoring import BASE, build_prompts, classify, generate
+    from workers.training.evaluation import label_metrics, write_each
 
     spec = _spec(tmp_path, builtin_model_cache)
     info = train(spec, Hooks())
@@ -104,7 +104,7 @@ def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path
 
 
 def test_evaluation_halves_its_batches_when_memory_runs_out() -> None:
-    from workers.evaluation import in_chunks
+    from workers.training.evaluation import in_chunks
 
     sizes: list[int] = []
 
@@ -120,8 +120,8 @@ def test_evaluation_halves_its_batches_when_memory_runs_out() -> None:
 
 def test_step_tokens_are_sized_per_rank() -> None:
     """On N GPUs each rank's packed rows are sized to its own share of a step, not to the whole step."""
-    from workers.distributed import Distributed
-    from workers.steps import max_step_tokens
+    from workers.training.distributed import Distributed
+    from workers.training.steps import max_step_tokens
 
     lengths = [100] * 8 + [300] * 8
     whole = max_step_tokens(lengths, 8, 2, seed=0)

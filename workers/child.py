@@ -6,7 +6,8 @@ over) the child stops at once, without writing a checkpoint or an adapter: a sta
 SIGTERM from the parent means "checkpoint and stop"; an orphan (its worker died) does the same.
 
 Multi-GPU (``FLASHTUNE_GPUS`` > 1): the child loads the job, then becomes torchrun's launcher for N ranks
-(``workers.distributed.launch``), each running ``rank_main``, i.e. ``run_attempt`` for its rank; rank 0 reports.
+(``workers.training.distributed.launch``), each running ``rank_main``, i.e. ``run_attempt`` for its rank; rank 0
+reports.
 
 Fault injection for tests: ``FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=N`` makes the first optimizer step raise
 ``torch.OutOfMemoryError`` while the job's micro-batch is ``>= N``, so the memory fallback can be tested on CPU.
@@ -32,18 +33,19 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-from service import jobstore, logs
-from service.config import Settings
+from service.core import logs
+from service.core.config import Settings
 from service.datasets.store import DatasetNotFound, load_examples
-from service.db import make_engine, session_scope
-from service.loss_history import StepLog
-from service.modeling import ModelLoadError, pick_device, resolve_base_model
-from service.models import Progress, ResolvedHyperparameters
-from service.prompts import input_fields_used
-from workers import distributed
-from workers.distributed import SINGLE, Distributed
+from service.jobs import jobstore
+from service.jobs.db import make_engine, session_scope
+from service.jobs.loss_history import StepLog
+from service.jobs.models import Progress, ResolvedHyperparameters
+from service.llm.modeling import ModelLoadError, pick_device, resolve_base_model
+from service.llm.prompts import input_fields_used
 from workers.retry import Outcome
-from workers.training import Hooks, Interrupted, TrainingError, TrainingSpec, train
+from workers.training import distributed
+from workers.training.distributed import SINGLE, Distributed
+from workers.training.recipe import Hooks, Interrupted, TrainingError, TrainingSpec, train
 
 log = logging.getLogger("flashtune.child")
 OOM_HOOK_ENV = "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH"
@@ -238,7 +240,8 @@ class RankStopped(Exception):
 
 def rank_main(settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, run_dir: str,
               launcher_pid: int) -> None:  # fmt: skip
-    """One rank of a multi-GPU attempt (started by ``workers.distributed.launch``): train, then report to a file."""
+    """One rank of a multi-GPU attempt (started by ``workers.training.distributed.launch``): train, then report to a
+    file."""
     logs.configure(json_lines=settings.log_json)  # like the child: a spawned rank starts without logging set up
     dist = distributed.init_rank(pick_device(settings.device), launcher_pid)
     with logs.bind_job(job_id):

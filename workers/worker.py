@@ -26,14 +26,15 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from service import jobstore, logs
-from service.config import Settings
-from service.db import init_db, make_engine, session_scope
-from service.modeling import ModelLoadError, pick_device
-from service.models import Job, ResolvedHyperparameters
+from service.core import logs
+from service.core.config import Settings
+from service.jobs import jobstore
+from service.jobs.db import init_db, make_engine, session_scope
+from service.jobs.models import Job, ResolvedHyperparameters
+from service.llm.modeling import ModelLoadError, pick_device
 from workers.child import child_main
-from workers.distributed import resolve_world_size
 from workers.retry import Decision, Outcome, decide
+from workers.training.distributed import resolve_world_size
 
 log = logging.getLogger("flashtune.worker")
 CHILD_STOP_GRACE_SECONDS = 60.0
@@ -212,7 +213,7 @@ def _cuda_works_in_a_fork() -> None:
 
 def _kill(child: Any) -> None:
     """SIGKILL the child and, when it leads a process group (a multi-GPU attempt: torchrun's launcher and its
-    ranks, workers/distributed.py), that whole group, so that no rank outlives it."""
+    ranks, workers/training/distributed.py), that whole group, so that no rank outlives it."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if child.pid is not None and os.getpgid(child.pid) == child.pid:
             os.killpg(child.pid, signal.SIGKILL)

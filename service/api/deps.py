@@ -11,9 +11,9 @@ from sqlmodel import Session
 
 from service.api.errors import ApiError
 from service.api.security import ApiKeyConfigError, bearer_ok
-from service.config import Settings
-from service.db import session_scope
-from service.inference import ModelServer
+from service.core.config import Settings
+from service.jobs.db import session_scope
+from service.serving.engine import ModelServer
 
 
 def get_settings(request: Request) -> Settings:
@@ -42,7 +42,7 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 
 async def get_read_session(request: Request) -> AsyncIterator[Session]:
-    """For handlers that only read: never waits for SQLite's write lock (service/db.py)."""
+    """For handlers that only read: never waits for SQLite's write lock (service/jobs/db.py)."""
     _ensure_session_threads()
     with session_scope(request.app.state.engine, read_only=True) as session:
         yield session

@@ -21,9 +21,9 @@ from service.api.routes import (
     openai_finetune,
     ui,
 )
-from service.config import Settings, get_settings
-from service.db import init_db, make_engine
-from service.inference import ModelServer
+from service.core.config import Settings, get_settings
+from service.jobs.db import init_db, make_engine
+from service.serving.engine import ModelServer
 
 log = logging.getLogger("flashtune.api")
 

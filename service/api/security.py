@@ -34,8 +34,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.config import Settings
-from service.logs import request_id_var
+from service.core.config import Settings
+from service.core.logs import request_id_var
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 RATE_LIMITED_PATHS = ("/analyze", "/analyze/batch")
@@ -202,7 +202,7 @@ class SecurityMiddleware:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and REQUEST_ID.match(incoming) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
-        # Every log record of this request carries the id (service/logs.py). The server runs each request in a task
+        # Every log record of this request carries the id (service/core/logs.py). The server runs each request in a task
         # of its own, whose context dies with it, so the id is not reset: the 500 handler, which runs outside this
         # middleware, and the server's access line still see it.
         request_id_var.set(request_id)
@@ -258,7 +258,7 @@ class SecurityMiddleware:
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Add the middleware and the handlers for the errors it and the model loader raise."""
-    from service.inference import UnsafeAdapterError
+    from service.serving.engine import UnsafeAdapterError
 
     app.add_middleware(SecurityMiddleware, settings=settings)
 

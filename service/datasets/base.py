@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from service.prompts import Example
+from service.llm.prompts import Example
 
 MAX_REJECTED_LISTED = 100
 _T = TypeVar("_T")

@@ -2,7 +2,7 @@
 
 Formats are detected from the content unless the caller names one. A parser never executes anything it reads.
 One function per format; the JSON Lines formats share the line reader, the label-carrying formats
-(CSV, the SQLite database) write their outputs with :func:`service.prompts.render_response`.
+(CSV, the SQLite database) write their outputs with :func:`service.llm.prompts.render_response`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from service.datasets.base import MAX_REJECTED_LISTED, DatasetError, Options, Parsed
-from service.prompts import DEFAULT_INSTRUCTION, INPUT_FIELDS, Example, normalise_label, render_input, render_response
+from service.llm.prompts import (
+    DEFAULT_INSTRUCTION,
+    INPUT_FIELDS,
+    Example,
+    normalise_label,
+    render_input,
+    render_response,
+)
 
 __all__ = ["MAX_REJECTED_LISTED", "DatasetError", "Parsed", "detect_format", "parse"]
 
@@ -209,7 +216,7 @@ def parse_csv(data: bytes, options: Options) -> Parsed:
 
 def _input_columns(header: list[str], options: Options) -> dict[str, int]:
     """The option ``input_fields``: optional fields (``pre_ret``, or ``volatility=range_ratio`` to read a column
-    of another name) put into each example's input by :func:`service.prompts.render_input`; name -> column."""
+    of another name) put into each example's input by :func:`service.llm.prompts.render_input`; name -> column."""
     found: dict[str, int] = {}
     for entry in options.items("input_fields", []):
         name, _, column = str(entry).partition("=")

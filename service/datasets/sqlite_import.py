@@ -9,7 +9,7 @@ Labelling follows the user's own pipeline: the return over ``window_min`` minute
 bearish / neutral / bullish at two thresholds, either fixed or quantiles of the *training* period's returns
 (so the validation period never informs its own labels). Validation is the latest share of events by ts_utc.
 
-The input of each example is rendered by :func:`service.prompts.render_input`, the function /analyze uses too:
+The input of each example is rendered by :func:`service.llm.prompts.render_input`, the function /analyze uses too:
 the text (flash ``content`` or calendar ``name``) and the fields the option ``input_fields`` names (by default the
 calendar figures ``previous``/``consensus``/``actual``, as the user's own data reads).
 """
@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from service.datasets.base import DatasetError, Options, Parsed
 from service.datasets.formats import DEFAULT_STAR, star_of
-from service.prompts import DEFAULT_INSTRUCTION, METADATA_FIELDS, Example, Label, render_input, render_response
+from service.llm.prompts import DEFAULT_INSTRUCTION, METADATA_FIELDS, Example, Label, render_input, render_response
 
 SOURCES = ("flash", "calendar")
 # The allow-list: the only identifiers that ever appear in SQL here.

@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from service.builtin.data import builtin_dataset
-from service.config import Settings
+from service.core.config import Settings
 from service.datasets.formats import MAX_REJECTED_LISTED, Parsed, parse
-from service.models import Dataset, DatasetPublic
-from service.prompts import LABELS, Example, input_fields_used
+from service.jobs.models import Dataset, DatasetPublic
+from service.llm.builtin.data import builtin_dataset
+from service.llm.prompts import LABELS, Example, input_fields_used
 
 BUILTIN = "builtin"
 
@@ -148,7 +148,7 @@ def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[
 
 
 def dataset_input_fields(settings: Settings, ds_id: str) -> list[str]:
-    """The optional input fields (``service.prompts.INPUT_FIELDS``) the examples of a dataset carry, read from its
+    """The optional input fields (``service.llm.prompts.INPUT_FIELDS``) the examples of a dataset carry, read from its
     stored examples: what an adapter trained on it has seen (for adapters whose training_info predates the record).
     """
     if ds_id == BUILTIN:

@@ -12,12 +12,12 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session
 
-from service import jobstore
 from service.api.deps import ModelServerDep, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
-from service.config import Settings
-from service.models import AdapterPublic, Job, JobStatus
-from service.training_info import read_training_info
+from service.core.config import Settings
+from service.core.training_info import read_training_info
+from service.jobs import jobstore
+from service.jobs.models import AdapterPublic, Job, JobStatus
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 ADAPTER_NAME = re.compile(r"^job-(\d{1,18})$")

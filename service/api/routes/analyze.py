@@ -1,7 +1,7 @@
 """/analyze: sentiment, probabilities, importance, market reaction and analysis text for a news item.
 
 A news item may carry ``metadata`` (star, country, calendar figures) and ``market_context`` (pre_ret, volatility,
-trend). They go into the model input through :func:`service.prompts.render_input`, the function the dataset
+trend). They go into the model input through :func:`service.llm.prompts.render_input`, the function the dataset
 importers build training inputs with, but only the fields the adapter's training inputs carried: a field it never
 saw would only be noise to it. The response lists what was used (``context_used``) and what was left out
 (``context_ignored``). The base alone (``adapter: "none"``) takes every field.
@@ -15,14 +15,15 @@ from typing import Any
 from fastapi import APIRouter
 from sqlmodel import Session
 
-from service import jobstore, metrics
+from service.api import prometheus
 from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.adapters import adapter_job, adapter_path
-from service.config import Settings
-from service.inference import AdapterRef
-from service.models import AnalyzeBatchRequest, AnalyzeBatchResponse, AnalyzeItem, AnalyzeRequest, AnalyzeResponse
-from service.prompts import INPUT_FIELDS, NewsItem
+from service.core.config import Settings
+from service.jobs import jobstore
+from service.jobs.models import AnalyzeBatchRequest, AnalyzeBatchResponse, AnalyzeItem, AnalyzeRequest, AnalyzeResponse
+from service.llm.prompts import INPUT_FIELDS, NewsItem
+from service.serving.engine import AdapterRef
 
 router = APIRouter(tags=["analyze"])
 
@@ -94,7 +95,7 @@ def analyze(
     item, context = news_item(body, settings, "", server.input_fields(adapter))
     started = time.perf_counter()
     result = server.submit(item, adapter, body.max_new_tokens)
-    metrics.observe_analyze(started, [result])
+    prometheus.observe_analyze(started, [result])
     return AnalyzeResponse.model_validate({**result, **context})
 
 
@@ -114,7 +115,7 @@ def analyze_batch(
     prepared = [news_item(item, settings, f"items.{i}", known) for i, item in enumerate(body.items)]
     started = time.perf_counter()
     results = server.analyze([item for item, _ in prepared], adapter, body.max_new_tokens)
-    metrics.observe_analyze(started, results)
+    prometheus.observe_analyze(started, results)
     return AnalyzeBatchResponse(
         data=[AnalyzeResponse.model_validate({**r, **c}) for r, (_, c) in zip(results, prepared, strict=True)]
     )

@@ -13,7 +13,7 @@ from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.datasets.formats import DatasetError
 from service.datasets.store import save_upload, to_public
-from service.models import Dataset, DatasetPublic
+from service.jobs.models import Dataset, DatasetPublic
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 CHUNK = 1024 * 1024

@@ -25,10 +25,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from service import jobstore
 from service.api.errors import ApiError
-from service.db import session_scope
-from service.models import Job, JobEventPublic, JobStatus
+from service.jobs import jobstore
+from service.jobs.db import session_scope
+from service.jobs.models import Job, JobEventPublic, JobStatus
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0

@@ -12,15 +12,15 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from service import jobstore
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.events_stream import event_stream
-from service.config import Settings
+from service.core.config import Settings
 from service.datasets.store import BUILTIN
-from service.loss_history import job_metrics
-from service.modeling import BaseModelRejected, validate_base_model
-from service.models import (
+from service.jobs import jobstore
+from service.jobs.hyperparameters import resolve
+from service.jobs.loss_history import job_metrics
+from service.jobs.models import (
     Dataset,
     EventsPage,
     Job,
@@ -31,7 +31,7 @@ from service.models import (
     JobsPage,
     JobStatus,
 )
-from service.recipes import resolve
+from service.llm.modeling import BaseModelRejected, validate_base_model
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_ID = 2**63 - 1  # SQL BIGINT: a larger id cannot exist, and binding one would overflow the driver
@@ -75,7 +75,7 @@ def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency
     if body.dataset != BUILTIN and session.get(Dataset, body.dataset) is None:
         raise ApiError(422, "invalid_request", f"dataset {body.dataset!r} does not exist",
                        [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}])  # fmt: skip
-    try:  # a local path must stay under an allowed root (service/modeling.py)
+    try:  # a local path must stay under an allowed root (service/llm/modeling.py)
         base_model = validate_base_model(body.base_model or settings.base_model, settings)
     except BaseModelRejected as exc:
         details = [{"field": "base_model", "message": str(exc)}]

@@ -33,13 +33,13 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import jobstore
 from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.routes.analyze import resolve_adapter
-from service.inference import AdapterRef, ModelServer
-from service.prompts import DEFAULT_INSTRUCTION, render_prompt
-from service.scoring import build_prompts, continuation_logprobs, generate_stream
+from service.jobs import jobstore
+from service.llm.prompts import DEFAULT_INSTRUCTION, render_prompt
+from service.llm.scoring import build_prompts, continuation_logprobs, generate_stream
+from service.serving.engine import AdapterRef, ModelServer
 
 log = logging.getLogger("flashtune.api")
 router = APIRouter(prefix="/v1", tags=["openai"])

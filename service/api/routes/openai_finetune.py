@@ -16,15 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import jobstore
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.jobs import queue_job
 from service.datasets.formats import DatasetError
 from service.datasets.store import BUILTIN, save_upload
-from service.models import Dataset, Hyperparameters, Job, JobCreate, JobStatus
-from service.recipes import resolve
-from workers import checkpoints
+from service.jobs import jobstore
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Dataset, Hyperparameters, Job, JobCreate, JobStatus
+from workers.training import checkpoints
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 JOB_PREFIX = "ftjob-"

@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from service.api.deps import SettingsDep, require_api_key
 from service.api.errors import not_found
-from service.models import Hyperparameters
-from service.recipes import resolve
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Hyperparameters
 
 STATIC = Path(__file__).resolve().parents[2] / "static"
 MEDIA_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
@@ -68,7 +68,7 @@ def static_file(name: str) -> FileResponse:
 def defaults(
     settings: SettingsDep, base_model: Annotated[str | None, Query(min_length=1, max_length=512)] = None
 ) -> dict[str, Any]:
-    """The hyperparameters a job gets when it sets none, for the new-job form (service/recipes.py)."""
+    """The hyperparameters a job gets when it sets none, for the new-job form (service/jobs/hyperparameters.py)."""
     model = base_model or settings.base_model
     resolved = resolve(Hyperparameters(), model).model_dump()
     settable = {name: value for name, value in resolved.items() if name in Hyperparameters.model_fields}

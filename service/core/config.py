@@ -1,0 +1,130 @@
+"""All settings, read once from the environment (prefix ``FLASHTUNE_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLASHTUNE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("flashtune-data"), description="Everything the service writes.")
+    database_url: str = Field(default="", description="Default: SQLite file in DATA_DIR.")
+    base_model: str = Field(default="builtin", description="'builtin', a hub id or a local path.")
+    api_key: str | None = None
+    api_key_file: Path | None = Field(default=None, description="More keys: one per line, '#' comments.")
+    allowed_model_roots: list[Path] = Field(
+        default_factory=list, description="Where local base models may live (JSON list); default DATA_DIR/models."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_json: bool = Field(default=False, description="one JSON object per log line (service/core/logs.py)")
+    dashboard: bool = Field(default=True, description="the web dashboard at /ui (service/static)")
+
+    # Queue and worker
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 2.0
+    poll_seconds: float = 1.0
+    max_attempts: int = 3
+    gpus: str = Field(default="1", pattern=r"^(all|[1-9][0-9]*)$", description="GPUs one job trains on: a number "
+                      "or 'all'; more than 1 runs the job through torchrun (NCCL on CUDA; gloo processes on CPU)")
+    gpu: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. '0' or "
+                            "'0,1': one worker per GPU is the other way to use several GPUs")  # fmt: skip
+    gpu_memory_gib: float | None = Field(default=None, gt=0, description="GPU memory one training job may use "
+                                         "(e.g. 7 to share a card or to fit a 16 GB one); default: all that is free")
+    job_process_start: Literal["forkserver", "spawn"] = Field(
+        default="forkserver", description="how each job's training process starts: forked from a server that has "
+        "imported torch and transformers once (workers/preload.py), or as a fresh interpreter ('spawn')"
+    )  # fmt: skip
+    progress_interval_seconds: float = 1.0
+    checkpoint_every_steps: int = 50
+
+    # Serving
+    max_loaded_adapters: int = Field(default=8, ge=1)
+    batch_max_size: int = Field(default=32, ge=1, description="1 turns micro-batching off")
+    batch_wait_ms: float = Field(
+        default=0.0, ge=0, description="how long a micro-batch waits for company after its first request; requests "
+        "that queue up while a pass runs share the next one anyway (0 measured faster on an H200: docs/benchmarks.md)"
+    )  # fmt: skip
+    max_batch_items: int = Field(default=64, ge=1, description="items in one POST /analyze/batch")
+    serve_quantization: Literal["auto", "nf4", "none"] = Field(
+        default="auto", description="the served base: auto = NF4 on CUDA, float32 on CPU; none = bf16 on CUDA"
+    )
+    serve_dense_nf4: bool = Field(
+        default=True, description="on CUDA, an NF4 base keeps each weight's bf16 copy, dequantised once, when the "
+        "copies take at most half the free GPU memory: no dequantising per pass, ~4x the NF4 weights' memory"
+    )  # fmt: skip
+    serve_merged: str = Field(
+        default="", description="adapters served merged into an unquantised copy of the base: names, comma-separated, "
+        "or 'all'; empty: none (every adapter attached to the one base)"
+    )  # fmt: skip
+    max_merged_models: int = Field(default=1, ge=1, description="merged copies kept in memory (each a whole model)")
+    cuda_graph_scoring: bool = Field(
+        default=True, description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
+        "bucket and adapter, captured on first use)"
+    )  # fmt: skip
+    cuda_graph_decoding: bool = Field(
+        default=True, description="on CUDA, generation decodes greedily with a static KV cache and each step "
+        "replayed from a CUDA graph (per batch size and cache length, and per adapter on the attached base; captured "
+        "on first use in a few eager steps); mixed-adapter batches decode with generate()"
+    )  # fmt: skip
+    fused_kernels: bool = Field(
+        default=True, description="on CUDA, served Llama-family models use Liger's fused RMSNorm, RoPE and SwiGLU "
+        "kernels (where liger-kernel is installed)"
+    )  # fmt: skip
+
+    # Limits
+    max_upload_bytes: int = 200 * 1024 * 1024
+    max_text_chars: int = 4000
+    max_new_tokens_limit: int = 256
+    max_epochs: int = 100
+    max_length_limit: int = 8192
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, description="JSON bodies of every other route")
+    max_analyze_body_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /analyze bodies")
+    analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")
+    analyze_rate_limit_burst: int = Field(default=10, ge=1)
+    max_queued_jobs: int = Field(default=1000, ge=1, description="queued jobs at once; more is 429 queue_full")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'flashtune.db').resolve()}"
+
+    def ensure_dirs(self) -> None:
+        for sub in ("datasets", "jobs", "adapters", "models"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def serves_merged(self, adapter: str) -> bool:
+        names = {n.strip() for n in self.serve_merged.split(",") if n.strip()}
+        return "all" in names or adapter in names
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key) or self.api_key_file is not None
+
+    @property
+    def model_roots(self) -> list[Path]:
+        return self.allowed_model_roots or [self.data_dir / "models"]
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

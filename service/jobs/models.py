@@ -1,0 +1,326 @@
+"""Tables and API shapes: ``JobCreate`` (request) / ``Job`` (table) / ``JobPublic`` (response), and friends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import Strict as StrictMode
+from sqlalchemy import JSON, Column, Index
+from sqlmodel import Field as SQLField
+from sqlmodel import SQLModel
+
+from service.llm.prompts import MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- hyperparameters
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Hyperparameters(Strict):
+    """What a user may set; anything left out is resolved per base model (see ``service.jobs.hyperparameters``)."""
+
+    epochs: int | None = Field(default=None, ge=1, le=100)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    max_length: int | None = Field(default=None, ge=16, le=8192)
+    lora_r: int | None = Field(default=None, ge=1, le=512)
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    quantization: Literal["auto", "nf4", "none"] | None = None
+    validation_fraction: float | None = Field(default=None, ge=0, lt=1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"invalid module name {name!r}")
+        return value
+
+
+class ResolvedHyperparameters(Strict):
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    quantization: Literal["auto", "nf4", "none"]
+    validation_fraction: float
+    seed: int
+    # Not user-settable: the memory fallback halves the micro-batch and doubles accumulation.
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float = 0.05
+
+
+# --------------------------------------------------------------------------------------------------------- jobs
+class JobCreate(Strict):
+    dataset: str = Field(min_length=1, max_length=128, description='"builtin" or a dataset id')
+    base_model: str | None = Field(default=None, min_length=1, max_length=512)
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    total_epochs: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    fraction: float = 0.0
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    hint: str | None = None
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "run_after", "id"),)
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    name: str | None = None
+    status: str = SQLField(default=JobStatus.queued, index=True)
+    base_model: str
+    dataset: str
+    hyperparameters: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
+    progress: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    max_attempts: int = 3
+    error: dict[str, Any] | None = SQLField(default=None, sa_column=Column(JSON, nullable=True))
+    adapter: str | None = None
+    worker_id: str | None = None
+    heartbeat_at: datetime | None = None
+    run_after: datetime = SQLField(default_factory=utcnow)
+    idempotency_key: str | None = SQLField(default=None, unique=True)
+    request_hash: str | None = None
+    created_at: datetime = SQLField(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str | None
+    status: JobStatus
+    base_model: str
+    dataset: str
+    hyperparameters: ResolvedHyperparameters
+    progress: Progress
+    attempts: int
+    max_attempts: int
+    error: JobError | None
+    adapter: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobsPage(BaseModel):
+    data: list[JobPublic]
+    has_more: bool
+    next_after: int | None
+
+
+class JobMetrics(BaseModel):
+    """The loss history of a job so far (service/jobs/loss_history.py); points are ``[step, loss]``."""
+
+    job_id: int
+    status: JobStatus
+    step: int = Field(description="the job's progress step")
+    total_steps: int
+    num_train_points: int = Field(description="training-loss points recorded; train_loss may be thinned")
+    train_loss: list[tuple[int, float]] = Field(description="training loss of each optimizer step, step order")
+    eval_loss: list[tuple[int, float | None]] = Field(description="held-out loss at each epoch end")
+    epoch_loss: list[tuple[int, float]] = Field(description="[epoch, mean training loss]; once the job succeeded")
+    source: Literal["adapter", "live", "none"] = Field(
+        description="adapter: the published training_info.json; live: the running job's step log and events"
+    )
+
+
+class JobEvent(SQLModel, table=True):
+    __tablename__ = "job_events"
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    job_id: int = SQLField(foreign_key="jobs.id", index=True)
+    created_at: datetime = SQLField(default_factory=utcnow)
+    level: str = "info"
+    type: str
+    message: str
+    data: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class JobEventPublic(BaseModel):
+    id: int
+    created_at: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any]
+
+
+class EventsPage(BaseModel):
+    data: list[JobEventPublic]
+    has_more: bool
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+class Dataset(SQLModel, table=True):
+    __tablename__ = "datasets"
+
+    id: str = SQLField(primary_key=True)  # "ds-" + first 16 hex digits of the sha256 of the upload
+    sha256: str = SQLField(index=True)
+    format: str
+    filename: str | None = None
+    num_examples: int
+    stats: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = SQLField(default_factory=utcnow)
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    format: str
+    filename: str | None
+    num_examples: int
+    num_validation: int
+    label_distribution: dict[str, int]
+    unlabelled: int
+    duplicates_removed: int
+    rejected: list[dict[str, Any]]
+    rejected_count: int
+    options: dict[str, Any] = Field(default_factory=dict, description="the options the upload was parsed with")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="what the format reports: CSV columns used; database thresholds and split"
+    )
+    input_fields: list[str] = Field(
+        default_factory=list, description="optional fields (metadata, market context) the example inputs carry"
+    )
+    sha256: str
+    created_at: datetime
+
+
+# ------------------------------------------------------------------------------------------------------ analyze
+StrictFloat = Annotated[float, StrictMode(), AllowInfNan(False)]  # JSON numbers only (ints too), no bools
+Figure = StrictStr | StrictInt | StrictFloat
+
+
+def _one_line(value: object) -> object:
+    """A metadata string: stripped, one line, at most MAX_FIELD_CHARS; empty means not given."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("must be one line of text without control characters")
+    if len(value) > MAX_FIELD_CHARS:
+        raise ValueError(f"must be at most {MAX_FIELD_CHARS} characters")
+    return value or None
+
+
+class MarketContext(Strict):
+    """The market around the event; fractions, not percent (0.004 is 0.4%)."""
+
+    pre_ret: StrictFloat | None = Field(default=None, ge=PRE_RET_RANGE[0], le=PRE_RET_RANGE[1],
+                                        description="return of the traded instrument before the event")  # fmt: skip
+    volatility: StrictFloat | None = Field(default=None, ge=VOLATILITY_RANGE[0], le=VOLATILITY_RANGE[1],
+                                           description="recent volatility (e.g. high-low range / price)")  # fmt: skip
+    trend: Literal["up", "down", "flat"] | None = None
+
+
+class NewsMetadata(Strict):
+    """What a news feed tells about the item: importance, country, and a calendar release's figures."""
+
+    star: StrictInt | None = Field(default=None, ge=1, le=5, description="importance, 1-5 stars")
+    country: StrictStr | None = None
+    previous: Figure | None = None
+    consensus: Figure | None = None
+    actual: Figure | None = None
+
+    _lines = field_validator("country", "previous", "consensus", "actual", mode="after")(_one_line)
+
+
+class AnalyzeItem(Strict):
+    text: str = Field(min_length=1)
+    market_context: MarketContext | None = None
+    metadata: NewsMetadata | None = None
+
+
+class AnalyzeRequest(AnalyzeItem):
+    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=0)
+
+
+class LabelProbs(BaseModel):
+    bearish: float
+    neutral: float
+    bullish: float
+
+
+class AnalyzeResponse(BaseModel):
+    label: Label
+    label_id: int
+    score: float
+    probs: LabelProbs
+    importance: int | None
+    market_reaction: str | None
+    analysis: str
+    adapter: str | None
+    base_model: str
+    latency_ms: float
+    batch_size: int = Field(description="requests that shared this forward pass (micro-batching)")
+    merged: bool = Field(default=False, description="served by a copy of the base with the adapter merged in")
+    context_used: list[str] = Field(default_factory=list, description="given fields put into the model input")
+    context_ignored: list[str] = Field(
+        default_factory=list, description="given fields left out: the adapter's training inputs never had them"
+    )
+
+
+class AnalyzeBatchRequest(Strict):
+    items: list[str | AnalyzeItem] = Field(min_length=1, description="texts, or {text, market_context?, metadata?}")
+    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=0)
+
+
+class AnalyzeBatchResponse(BaseModel):
+    data: list[AnalyzeResponse]
+
+
+class AdapterPublic(BaseModel):
+    name: str
+    job_id: int
+    base_model: str
+    dataset: str
+    created_at: datetime | None
+    files: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    input_fields: list[str] | None = Field(
+        default=None, description="optional input fields its training inputs carried (/analyze passes only these)"
+    )

@@ -1,0 +1,140 @@
+"""A training job's decoder layers captured as CUDA graphs: one replay per forward and one per backward pass.
+
+Why: a packed optimizer step of the user's recipe on the 7B shape is ~2,700 tokens. The GPU needs ~0.2 s for it,
+and the host needs about as long to launch its ~4,000 kernels one by one (30 layers of NF4 dequantisation, LoRA,
+dropout, casts, norms, rotary embeddings, attention), so the eager loop is bound by kernel launches: fused kernels,
+which cut GPU time but launch through Python, made the eager step slower (docs/benchmarks.md). A CUDA graph
+launches all of a pass's kernels at once.
+
+What it takes, checked by :func:`capture` (otherwise the job runs eagerly and its ``cuda_plan`` event says why):
+
+- A Llama-family layout (``model.embed_tokens``, ``rotary_emb``, ``layers``, ``norm``) and varlen attention
+  (``workers.training.packing.varlen_attention``): the layers then take only tensors of fixed shapes. Every row of the
+  job
+  is padded to one length, and the sample boundaries to a fixed count with empty segments at the end; there is
+  no mask to build and nothing that waits on the GPU.
+- No gradient checkpointing.
+
+Training passes (gradients on, model in train mode) replay the forward and backward graphs. The validation loss at
+each epoch's end replays a forward-only graph captured in eval mode (no LoRA dropout, no autograd;
+:class:`ForwardOnly`), where its packed row fits the captured shape; otherwise, and for generation, the layers run
+eagerly. The embeddings, the final norm and the loss stay eager too (the fused cross-entropy reads a count back
+from the GPU).
+
+Gradients: the graphed backward hands out the same output buffers on every replay. Autograd would take such a
+buffer as a parameter's ``.grad`` when ``.grad`` is None, and the next micro-batch's replay would overwrite it,
+so the loop keeps zero-filled gradients (``zero_grad(set_to_none=False)``) that autograd adds into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.llm.graph_capture import record
+from workers.training.packing import PackedBatch
+
+
+class DecoderStack(torch.nn.Module):
+    """The decoder layers as one module of tensor arguments (the model's own layers, not copies)."""
+
+    def __init__(self, layers: torch.nn.ModuleList, row_tokens: int) -> None:
+        super().__init__()
+        self.layers = layers
+        self.row_tokens = row_tokens  # varlen's longest-segment bound: fixed, so it can be baked into the graph
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        longest = self.row_tokens
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), cu_seq_lens_q=bounds,
+                        cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)  # fmt: skip
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+class ForwardOnly:
+    """A decoder stack's forward pass as captured in eval mode, without autograd: one replay per validation row.
+    Its inputs and output live in the graph's own buffers."""
+
+    def __init__(self, stack: DecoderStack, *example: torch.Tensor) -> None:
+        self.inputs = tuple(t.clone() for t in example)
+        with torch.no_grad():
+            self.graph, self.output = record(lambda: stack(*self.inputs))
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output.clone()  # the next replay overwrites the graph's output
+
+
+@dataclass
+class GraphedDecoder:
+    lm: Any  # the *ForCausalLM whose layers are graphed
+    stack: Any  # the DecoderStack after torch.cuda.make_graphed_callables
+    row_tokens: int  # every packed row has exactly this many tokens
+    max_segments: int  # samples (and filler) one row may hold
+    forward_only: ForwardOnly | None = None  # the same layers in eval mode, for the validation loss
+    device: str = "cuda"
+
+    def fits(self, batch: PackedBatch) -> bool:
+        """Whether a packed row has the captured shape: always for training rows; validation rows are not bounded
+        by the step's sample count, and a sample longer than the row gets a longer row of its own."""
+        return len(batch.segments()) <= self.max_segments and batch.num_tokens == self.row_tokens
+
+    def can_validate(self, batch: PackedBatch) -> bool:
+        """Whether a validation row replays the forward-only graph (captured, and the row fits it)."""
+        return self.forward_only is not None and self.fits(batch)
+
+    def bounds(self, batch: PackedBatch) -> torch.Tensor:
+        """The row's segment boundaries, padded with empty segments to the captured count."""
+        if not self.fits(batch):
+            raise ValueError(f"a row of {batch.num_tokens} tokens in {len(batch.segments())} segments does not "
+                             f"fit the graph ({self.row_tokens} tokens, {self.max_segments} segments)")  # fmt: skip
+        edges = batch.bounds(self.max_segments)
+        return torch.tensor(edges, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def hidden(self, batch: PackedBatch, training: bool = True) -> torch.Tensor:
+        """Final hidden states ``[T, H]`` of a packed row, the layers replayed from the training graphs or (not
+        ``training``) from the forward-only one."""
+        layers = self.stack if training else self.forward_only
+        if layers is None:
+            raise ValueError("no forward-only graph was captured")
+        inner = self.lm.model
+        hidden = inner.embed_tokens(batch.input_ids.to(self.device, non_blocking=True))
+        cos, sin = inner.rotary_emb(hidden, batch.position_ids.to(self.device, non_blocking=True))
+        return inner.norm(layers(hidden, cos, sin, self.bounds(batch)))[0]
+
+
+def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
+    """Graph the decoder layers of ``model`` (a PeftModel) for rows of ``row_tokens`` tokens; raises if it cannot.
+
+    Call under the autocast the loop uses, with its cache off (a cached cast would outlive the graph's inputs).
+    """
+    lm = model.get_base_model()
+    inner: Any = getattr(lm, "model", None)
+    model.train()  # LoRA dropout is recorded into the graph only if it is active while capturing
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        raise ValueError(f"{type(lm).__name__} has no Llama-style decoder to graph")
+    stack = DecoderStack(inner.layers, row_tokens)
+    hidden = torch.zeros(1, row_tokens, lm.config.hidden_size, device="cuda", dtype=inner.embed_tokens.weight.dtype)
+    cos, sin = inner.rotary_emb(hidden, torch.arange(row_tokens, device="cuda").unsqueeze(0))
+    bounds = torch.tensor([0] + [row_tokens] * max_segments, dtype=torch.int32, device="cuda")
+    graphed = torch.cuda.make_graphed_callables(stack, (hidden, cos, sin, bounds))
+    return GraphedDecoder(lm, graphed, row_tokens, max_segments, _forward_only(model, row_tokens, hidden, cos, sin,
+                                                                               bounds))  # fmt: skip
+
+
+def _forward_only(model: Any, row_tokens: int, *example: torch.Tensor) -> ForwardOnly | None:
+    """The forward-only graph of the validation loss, or None (the validation loss then runs eagerly; training
+    keeps its graphs). A stack of its own: make_graphed_callables replaced the training stack's forward."""
+    model.eval()
+    try:
+        return ForwardOnly(DecoderStack(model.get_base_model().model.layers, row_tokens), *example)
+    except Exception:  # noqa: BLE001 - an optimisation of the validation loss only
+        torch.cuda.empty_cache()
+        return None
+    finally:
+        model.train()

@@ -1,0 +1,266 @@
+"""The CUDA training path's choices, made once per job after the model is loaded.
+
+On a GPU the worker trains padding-free packed rows (``workers.training.packing``) in bf16 autocast. What else pays off
+depends on the model and the memory left after loading it, so it is decided here, up front, and reported in the
+job's ``cuda_plan`` event:
+
+- **Micro-batch size in tokens.** As many packed tokens per forward pass as the free memory holds, up to the
+  optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
+  four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The estimate of
+  activation memory per token is measured on the 7B shape (~5.2 MB per token without checkpointing).
+- **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
+  forward costs ~1/3 more compute.
+- **Fused linear cross-entropy** (Liger) when importable: the ``T x vocab`` logits are never materialised
+  (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
+- **Liger's RMSNorm, RoPE and SwiGLU kernels** when importable (Llama-family models): one fused kernel where
+  transformers launches five to ten. They cut GPU work; their Triton launches cost more host time than
+  transformers' kernels, which only CUDA graphs (below) take off the step (docs/benchmarks.md).
+- **Attention confined to each sample.** On GPUs with flash attention (sm80+) torch's varlen kernel takes the
+  samples' boundaries (``workers.training.packing.varlen_attention``): only each sample's own causal triangle is
+  computed. Elsewhere sdpa with the block-diagonal mask the packed position ids give (exact,
+  ``tests/test_packing.py``); there every row is padded to one length per job, rounded up to 64 tokens (the filler
+  has its own positions and no loss), so cuDNN plans its attention once, in the warm-up pass, not once per row
+  length. flex attention was measured too: ~3% faster per step than sdpa, but ~40 s of compilation per job.
+- **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
+  (``workers.training.cuda.graphs``): the eager loop is bound by kernel launches, not by the GPU. Every row is then
+  padded
+  to the job's one length, as for sdpa. The validation loss at each epoch's end replays a forward-only graph.
+- **Each NF4 weight dequantised once per pass** when memory allows: bitsandbytes dequantises a 4-bit weight in
+  the forward pass and again in the backward pass (for the input's gradient). Where the bf16 copies of the weights
+  (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose anyway, the forward's copy is kept for the
+  backward (``keep_dequantized_weights``): one of the two ~7 ms dequantisations per step is saved, measured
+  +6% steady tokens/s on the 7B shape.
+- **A memory cap** (``FLASHTUNE_GPU_MEMORY_GIB``): the plan sizes itself to the cap instead of the free memory and
+  the process is held to it, so a job fits a smaller card or shares one.
+
+Nothing here is imported on the CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.llm.modeling import fuse_layers
+from service.llm.nf4 import dequantize, dequantized_bytes, nf4_layers
+from workers.training.cuda.graphs import GraphedDecoder, capture
+from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
+
+GIB = 2**30
+# Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces.
+RESERVE_BYTES = 2 * GIB
+USABLE_FRACTION = 0.85
+# Saved activations per token and layer, in bf16 values: ~10 per hidden unit (norms, q/k/v, attention output,
+# residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
+# = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
+ACTIVATION_MARGIN = 1.25
+# sdpa and graphs: every row padded to one length per job (the longest step), rounded up to this: a multiple of 64
+# keeps the matrix shapes tensor-core friendly; the balanced steps (workers/training/steps.py) leave little to round.
+FIXED_ROW_MULTIPLE = 64
+VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    micro_tokens: int  # token budget of one packed micro-batch
+    row_multiple: int  # packed rows are padded to a multiple of this
+    attention: str  # "varlen" or "sdpa"
+    gradient_checkpointing: bool
+    fused_ce: Any  # a fused linear cross-entropy module (reduction="sum") or None
+    fused_layers: bool  # Liger RMSNorm/RoPE/SwiGLU
+    free_gib: float  # memory the plan was sized for (free after loading, or the cap's share)
+    graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training and validation passes)
+    graphs_note: str = ""  # why there are no graphs, when there are none
+    kept_dequantized: int = 0  # NF4 layers whose forward keeps the bf16 weight for the backward
+
+    def describe(self) -> str:
+        return (
+            f"packed micro-batches of up to {self.micro_tokens} tokens, "
+            f"{'with' if self.gradient_checkpointing else 'no'} gradient checkpointing, "
+            f"{self.attention} attention, "
+            f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
+            f"{'Liger RMSNorm/RoPE/SwiGLU, ' if self.fused_layers else ''}"
+            f"{self._graphs_described()}, "
+            f"{'NF4 weights dequantised once per pass, ' if self.kept_dequantized else ''}"
+            f"bf16 autocast ({self.free_gib:.1f} GiB for activations after loading)"
+        )
+
+    def _graphs_described(self) -> str:
+        if self.graphed is None:
+            return f"eager ({self.graphs_note})"
+        return "CUDA graphs" + ("" if self.graphed.forward_only is not None else " (validation loss eager)")
+
+    def summary(self) -> dict[str, Any]:
+        """The plan's choices as the ``cuda_plan`` event's data."""
+        return {"micro_tokens": self.micro_tokens, "row_multiple": self.row_multiple, "attention": self.attention,
+                "gradient_checkpointing": self.gradient_checkpointing, "fused_ce": self.fused_ce is not None,
+                "fused_layers": self.fused_layers, "cuda_graphs": self.graphed is not None,
+                "validation_graph": self.graphed is not None and self.graphed.forward_only is not None,
+                "graphs_note": self.graphs_note, "free_gib": round(self.free_gib, 2),
+                "kept_dequantized": self.kept_dequantized}  # fmt: skip
+
+    def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
+        return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_multiple, pad_id=pad_id)
+
+    def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
+        """A packed row's loss: training rows replay the graphs; validation rows (eval mode, no gradients) replay
+        the forward-only graph where they fit it; anything else runs eagerly."""
+        with bf16_autocast():
+            hidden, graphed = None, self.graphed
+            if graphed is not None and model.training and torch.is_grad_enabled():
+                hidden = graphed.hidden(batch)
+            elif graphed is not None and not model.training and not torch.is_grad_enabled() \
+                    and graphed.can_validate(batch):  # fmt: skip
+                hidden = graphed.hidden(batch, training=False)
+            return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
+
+
+def bf16_autocast() -> torch.autocast:
+    """The autocast of every CUDA training pass and of graph capture. No cast cache: a graph is captured under it,
+    and a cached cast would outlive its input."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+
+def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
+    """Activation memory of one packed token during forward+backward, estimated from the model's shape."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    per_layer = 2 * (10 * hidden + 4 * intermediate)
+    # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
+    activations = (2 * hidden * layers + per_layer) if checkpointing else per_layer * layers
+    logits = 0 if fused_ce else 10 * config.vocab_size  # fp32 logits, their bf16 copy and the gradient
+    return ACTIVATION_MARGIN * (activations + logits)
+
+
+def size_micro_batch(
+    config: Any, free_bytes: int, step_tokens: int, max_length: int, fused_ce: bool
+) -> tuple[int, bool]:
+    """(tokens per micro-batch, gradient checkpointing?) for the memory that is free."""
+    usable = max(free_bytes * USABLE_FRACTION - RESERVE_BYTES, 0)
+    fits = int(usable // bytes_per_token(config, False, fused_ce))
+    if fits >= max_length:
+        return min(step_tokens, fits), False
+    fits = int(usable // bytes_per_token(config, True, fused_ce))
+    return max(min(step_tokens, fits), max_length), True  # the OOM fallback (workers.retry) takes it from here
+
+
+def liger_fused_ce() -> Any:
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
+def varlen_available() -> bool:
+    """torch's flash-attention varlen kernel (torch >= 2.10, sm80+), probed with a tiny forward and backward."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        return False
+    try:
+        from workers.training.packing import _causal_varlen_attn
+
+        q = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        bounds = torch.tensor([0, 8, 16], device="cuda", dtype=torch.int32)
+        _causal_varlen_attn()(q, q, q, bounds, bounds, 8, 8).sum().backward()
+    except Exception:  # noqa: BLE001 - missing, or no backward in this torch: sdpa it is
+        return False
+    return True
+
+
+def free_memory(cap_gib: float | None) -> int:
+    """Bytes free for this job's activations; with a cap, the process is held to it (beyond it: OOM and retry)."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    if cap_gib is None:
+        return free
+    torch.cuda.set_per_process_memory_fraction(min(cap_gib * GIB / total, 1.0))
+    return max(min(free, int(cap_gib * GIB) - torch.cuda.memory_reserved()), 0)
+
+
+class _DequantizeOnce(torch.autograd.Function):
+    """``x @ W.T + b`` for a 4-bit weight, dequantised in the forward pass and kept for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        dense = dequantize(weight, x.dtype)
+        ctx.save_for_backward(dense)
+        return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (dense,) = ctx.saved_tensors
+        return grad @ dense, None, None  # the base is frozen: no gradient for the weight or the bias
+
+
+def keep_dequantized_weights(layers: list[Any]) -> int:
+    """Make each 4-bit layer's training passes dequantise its weight once (see the module docstring); passes
+    without a gradient for the input (evaluation, the first layer's projections) run bitsandbytes' own path."""
+    for layer in layers:
+        plain = layer.forward
+
+        def forward(x: torch.Tensor, layer: Any = layer, plain: Any = plain) -> torch.Tensor:
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return plain(x)  # type: ignore[no-any-return]
+            return _DequantizeOnce.apply(x, layer.weight, layer.bias)  # type: ignore[no-any-return]
+
+        layer.forward = forward
+    return len(layers)
+
+
+def graph_decoder(model: Any, row_tokens: int, max_samples: int) -> tuple[GraphedDecoder | None, str]:
+    """Capture the decoder layers as CUDA graphs, or say why not (the job then runs eagerly)."""
+    try:
+        with bf16_autocast():
+            return capture(model, row_tokens, max_samples + 1), ""  # + 1: the row's filler segment
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: report and train eagerly
+        return None, f"no CUDA graphs: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def plan_cuda(
+    model: Any, step_tokens: int, max_length: int, pad_id: int, max_samples: int,
+    memory_cap_gib: float | None = None,
+) -> CudaPlan:  # fmt: skip
+    """Decide the CUDA path for this model and job (see the module docstring).
+
+    ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
+    base = model.get_base_model()
+    fused_ce = liger_fused_ce()
+    fused_layers = fuse_layers(base)
+    if varlen_available():
+        register_varlen_attention()
+        attention = "varlen"
+        base.set_attn_implementation(VARLEN)
+    else:
+        attention = "sdpa"
+        base.set_attn_implementation("sdpa")
+    free = free_memory(memory_cap_gib)
+    micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
+    kept = 0
+    layers = nf4_layers(base)
+    if layers and not checkpointing:  # keep the bf16 weights only where the micro-batch stays as large
+        spare = free - dequantized_bytes(layers)
+        if size_micro_batch(base.config, spare, step_tokens, max_length, fused_ce is not None) == (micro_tokens, False):
+            kept = keep_dequantized_weights(layers)
+    if checkpointing:
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    row_tokens = -(-micro_tokens // FIXED_ROW_MULTIPLE) * FIXED_ROW_MULTIPLE  # one row length for sdpa and graphs
+    graphed, note = None, "needs varlen attention" if attention != "varlen" else "needs no checkpointing"
+    if attention == "varlen" and not checkpointing:
+        graphed, note = graph_decoder(model, row_tokens, max_samples)
+    # sdpa and graphs: every row padded to the one length; eager varlen: only to a multiple of 8
+    row_multiple = row_tokens if attention == "sdpa" or graphed is not None else VARLEN_ROW_MULTIPLE
+    plan = CudaPlan(micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB,
+                    graphed, note, kept)  # fmt: skip
+    # One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled
+    # (Liger's Triton kernels) and planned (cuDNN) here, and a row that does not fit fails now rather than mid-job.
+    [batch] = plan.pack([([pad_id] * micro_tokens, [pad_id] * micro_tokens)], pad_id)
+    plan.loss(model, batch, 1).backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        plan.loss(model, batch, 1)
+    return plan
