@@ -87,8 +87,9 @@ def texts(count: int) -> list[str]:
     return [e.input for e in generate(count, seed=7, labels="rule")]
 
 
-def run_level(client: httpx.Client, items: list[str], adapter: str, new_tokens: int, concurrency: int,
-              requests: int) -> dict[str, Any]:  # fmt: skip
+def run_level(
+    client: httpx.Client, items: list[str], adapter: str, new_tokens: int, concurrency: int, requests: int
+) -> dict[str, Any]:
     def one(i: int) -> float:
         body = {"text": items[i % len(items)], "adapter": adapter, "max_new_tokens": new_tokens}
         started = time.perf_counter()
@@ -121,8 +122,9 @@ def measure(
     results: list[dict[str, Any]] = []
     label = "on" if batching else "off"
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                          limits=httpx.Limits(max_connections=64)) as client:  # fmt: skip
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=600, limits=httpx.Limits(max_connections=64)
+        ) as client:
             wait_healthy(client, api)
             adapter = ensure_adapter(client, env, data_dir)
             items = texts(64)
@@ -133,11 +135,17 @@ def measure(
             for mode, new_tokens in MODES:
                 for concurrency in CONCURRENCY:
                     requests = requests_per_level or max(16, 2 * concurrency)
-                    row = {"mode": mode, "batching": batching,
-                           **run_level(client, items, adapter, new_tokens, concurrency, requests)}  # fmt: skip
+                    row = {
+                        "mode": mode,
+                        "batching": batching,
+                        **run_level(client, items, adapter, new_tokens, concurrency, requests),
+                    }
                     results.append(row)
-                    print(f"{mode:<12} {concurrency:>4} {requests:>5} {row['p50_ms']:>8} {row['p95_ms']:>8} "
-                          f"{row['requests_per_s']:>7}", flush=True)  # fmt: skip
+                    print(
+                        f"{mode:<12} {concurrency:>4} {requests:>5} {row['p50_ms']:>8} {row['p95_ms']:>8} "
+                        f"{row['requests_per_s']:>7}",
+                        flush=True,
+                    )
     finally:
         api.terminate()
         api.wait(60)
@@ -152,8 +160,13 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="flashtune-bench-"))
     port = free_port()
-    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "FLASHTUNE_DATA_DIR": str(data_dir),
+        "FLASHTUNE_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     try:
         on = measure(env, data_dir, port, args.requests, batching=True)
         off = measure(env, data_dir, port, args.requests, batching=False)

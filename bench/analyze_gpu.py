@@ -149,13 +149,19 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int,
     it compiles); returns the tokens generated."""
     batch = left_padded(tokenizer, prompts, next(model.parameters()).device)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             **({"cache_implementation": "static"} if static else {}))  # fmt: skip
+        out = model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **({"cache_implementation": "static"} if static else {}),
+        )
     return int((out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0])
 
 
-def timed(server: ModelServer, adapter: AdapterRef | None, variants: list[tuple[str, Callable[[Any, Any], int]]],
-          repeats: int) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:  # fmt: skip
+def timed(
+    server: ModelServer, adapter: AdapterRef | None, variants: list[tuple[str, Callable[[Any, Any], int]]], repeats: int
+) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
     """tokens/s of each variant (median of ``repeats`` rounds, alternating), tokens counted, first-round seconds."""
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     counts: dict[str, int] = {}
@@ -174,8 +180,9 @@ def timed(server: ModelServer, adapter: AdapterRef | None, variants: list[tuple[
     return {name: counts[name] / statistics.median(times[name]) for name in times}, counts, warm_up
 
 
-def generation(server: ModelServer, adapter: AdapterRef | None, texts: list[str], batch: int,
-               repeats: int) -> dict[str, Any]:  # fmt: skip
+def generation(
+    server: ModelServer, adapter: AdapterRef | None, texts: list[str], batch: int, repeats: int
+) -> dict[str, Any]:
     """tokens/s of FlashTune's ``scoring.generate`` and of plain ``model.generate``, alternating, same prompts."""
     chosen = texts[:batch]
     decoders: list[str] = []
@@ -212,12 +219,16 @@ def graph_exactness(server: ModelServer, adapter: AdapterRef, texts: list[str]) 
         with torch.no_grad():
             graphed = GraphDecoder(model, eos, pad).generate(batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
             eager = GraphDecoder(model, eos, pad, graphs=False).generate(
-                batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
+                batch["input_ids"], batch["attention_mask"], NEW_TOKENS
+            )
             plain = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
-        plain = plain[:, batch["input_ids"].shape[1]:]
+        plain = plain[:, batch["input_ids"].shape[1] :]
         assert graphed is not None and eager is not None, "graph decoding fell back to generate"
-        return {"graph_equals_eager": bool(torch.equal(graphed, eager)),
-                "rows_equal_to_generate": int((graphed == plain).all(dim=1).sum()), "rows": 4}  # fmt: skip
+        return {
+            "graph_equals_eager": bool(torch.equal(graphed, eager)),
+            "rows_equal_to_generate": int((graphed == plain).all(dim=1).sum()),
+            "rows": 4,
+        }
 
     return server.run(adapter, compare)  # type: ignore[no-any-return]
 
@@ -236,13 +247,17 @@ def adapter_switching(server: ModelServer, adapters: list[AdapterRef], texts: li
             with torch.no_grad():
                 graphed = decoder.generate(batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
                 eager = GraphDecoder(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, graphs=False).generate(
-                    batch["input_ids"], batch["attention_mask"], NEW_TOKENS)
+                    batch["input_ids"], batch["attention_mask"], NEW_TOKENS
+                )
             assert graphed is not None and eager is not None, "graph decoding fell back to generate"
             return {"graph_equals_eager": bool(torch.equal(graphed, eager)), "first_row": graphed[0, :8].tolist()}
 
         rounds.append({"adapter": adapter.name if adapter else None, **server.run(adapter, compare)})
-    return {"rounds": rounds, "all_equal": all(r["graph_equals_eager"] for r in rounds),
-            "distinct_outputs": len({str(r["first_row"]) for r in rounds})}  # fmt: skip
+    return {
+        "rounds": rounds,
+        "all_equal": all(r["graph_equals_eager"] for r in rounds),
+        "distinct_outputs": len({str(r["first_row"]) for r in rounds}),
+    }
 
 
 def compiled_static(server: ModelServer, adapter: AdapterRef, texts: list[str], repeats: int) -> dict[str, Any]:
@@ -255,8 +270,9 @@ def compiled_static(server: ModelServer, adapter: AdapterRef, texts: list[str], 
     return {"hf_compiled_static_tokens_per_s": round(rates["hf_compiled_static"], 1), "warm_up_s": warm_up}
 
 
-def throughput(server: ModelServer, adapters: list[AdapterRef], texts: list[str], requests: int,
-               threads: int) -> dict[str, Any]:  # fmt: skip
+def throughput(
+    server: ModelServer, adapters: list[AdapterRef], texts: list[str], requests: int, threads: int
+) -> dict[str, Any]:
     """Label-only requests/s through the micro-batcher, requests cycling over ``adapters``."""
     jobs = [(texts[i % len(texts)], adapters[i % len(adapters)]) for i in range(requests)]
     with ThreadPoolExecutor(threads) as pool:
@@ -279,8 +295,9 @@ def throughput(server: ModelServer, adapters: list[AdapterRef], texts: list[str]
 Step = Callable[[str, Callable[[], Any]], Any]
 
 
-def before_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
-                 sizes: dict[str, int]) -> None:  # fmt: skip
+def before_phase(
+    settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]
+) -> None:
     """The baseline of ``label_latency_adapter`` in this run: the NF4 base with the adapter attached as served before
     Liger's kernels, bf16 adapters and dense NF4 copies. First: once any model is fused, Liger has patched
     transformers' Llama module for the whole process."""
@@ -296,13 +313,15 @@ def before_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str]
         server.release()
 
 
-def compiled_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
-                   sizes: dict[str, int]) -> None:  # fmt: skip
+def compiled_phase(
+    settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]
+) -> None:
     """The baseline of ``merged_generation_batch_1``: the merged copy decoding with transformers' compiled static
     cache, without graph decoding or Liger. Alone in its process (``--only merged_batch_1_compiled_static``): in a
     process that has captured decoding graphs, the compiled run ended in an illegal memory access on the H200."""
-    server = ModelServer(Settings(**settings, fused_kernels=False, cuda_graph_decoding=False,
-                                  serve_merged=adapter.name))  # fmt: skip
+    server = ModelServer(
+        Settings(**settings, fused_kernels=False, cuda_graph_decoding=False, serve_merged=adapter.name)
+    )
     try:
         server.run(adapter, never_stop_early)
         step("merged_batch_1_compiled_static", lambda: compiled_static(server, adapter, texts, sizes["repeats"]))
@@ -310,8 +329,9 @@ def compiled_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[st
         server.release()
 
 
-def bf16_base_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
-                    sizes: dict[str, int]) -> None:  # fmt: skip
+def bf16_base_phase(
+    settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]
+) -> None:
     """``FLASHTUNE_SERVE_QUANTIZATION=none``: adapters attached to an unquantised bf16 base, the middle way between
     the NF4 base (least memory) and a merged copy per adapter (fastest)."""
     server = ModelServer(Settings(**settings, serve_quantization="none"))
@@ -322,8 +342,9 @@ def bf16_base_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[s
         server.release()
 
 
-def dense_nf4_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step,
-                    sizes: dict[str, int]) -> None:  # fmt: skip
+def dense_nf4_phase(
+    settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]
+) -> None:
     """Label-only latency of the adapter attached to the NF4 base with ``FLASHTUNE_SERVE_DENSE_NF4`` on (the
     default) and off, and to a bf16 base (``SERVE_QUANTIZATION=none``): all three servers loaded, requests
     alternating between them so that all see the same machine."""
@@ -352,15 +373,19 @@ def dense_nf4_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[s
             result[name] = percentiles(samples[name])
         result["p50_ratio_per_pass_over_dense"] = round(result["per_pass"]["p50_ms"] / result["dense"]["p50_ms"], 3)
         # Same numbers? Scoring passes are long enough that bitsandbytes dequantises and multiplies, as the copies do.
-        answers = {name: [server.analyze([text], adapter, 0)[0] for text in texts[:8]]
-                   for name, server in servers.items() if name != "bf16_base"}  # fmt: skip
+        answers = {
+            name: [server.analyze([text], adapter, 0)[0] for text in texts[:8]]
+            for name, server in servers.items()
+            if name != "bf16_base"
+        }
         result["texts_compared"] = len(answers["dense"])
         result["dense_predictions_equal_per_pass"] = sum(
             all(a[k] == b[k] for k in ("label", "probs", "importance", "market_reaction"))
             for a, b in zip(answers["dense"], answers["per_pass"], strict=True)
         )
         result["max_prob_difference"] = max(
-            abs(a["probs"][k] - b["probs"][k]) for a, b in zip(answers["dense"], answers["per_pass"], strict=True)
+            abs(a["probs"][k] - b["probs"][k])
+            for a, b in zip(answers["dense"], answers["per_pass"], strict=True)
             for k in a["probs"]
         )
         return result
@@ -372,14 +397,23 @@ def dense_nf4_phase(settings: dict[str, Any], adapter: AdapterRef, texts: list[s
             server.release()
 
 
-def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[str], step: Step,
-                   report: dict[str, Any], sizes: dict[str, int]) -> None:  # fmt: skip
+def attached_phase(
+    server: ModelServer,
+    adapters: list[AdapterRef],
+    texts: list[str],
+    step: Step,
+    report: dict[str, Any],
+    sizes: dict[str, int],
+) -> None:
     """The NF4 (CPU: float32) base with adapters attached, as the API serves by default."""
     started = time.perf_counter()
     zeroed = server.run(None, never_stop_early)
-    report["load_base"] = {"seconds": round(time.perf_counter() - started, 1), "allocated_gib": gib(),
-                           "quantization": "nf4" if torch.cuda.is_available() else "none (float32, CPU)",
-                           "special_tokens_zeroed": zeroed}  # fmt: skip
+    report["load_base"] = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "allocated_gib": gib(),
+        "quantization": "nf4" if torch.cuda.is_available() else "none (float32, CPU)",
+        "special_tokens_zeroed": zeroed,
+    }
     first, repeats, requests = adapters[0], sizes["repeats"], sizes["requests"]
     step("label_latency_base_alone", lambda: label_latency(server, None, texts, sizes["latency_repeats"]))
     step("label_latency_adapter", lambda: label_latency(server, first, texts, sizes["latency_repeats"]))
@@ -395,8 +429,11 @@ def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[
         for ref in adapters:
             server.analyze([texts[0]], ref, 0)
         per_adapter = (time.perf_counter() - began) / len(adapters)
-        return {"adapters": len(adapters), "seconds_per_adapter_first_request": round(per_adapter, 3),
-                "allocated_gib": gib()}  # fmt: skip
+        return {
+            "adapters": len(adapters),
+            "seconds_per_adapter_first_request": round(per_adapter, 3),
+            "allocated_gib": gib(),
+        }
 
     step("load_all_adapters", load_all)
     step("throughput_all_loaded_one_used", lambda: throughput(server, [first], texts, requests, 64))
@@ -404,16 +441,18 @@ def attached_phase(server: ModelServer, adapters: list[AdapterRef], texts: list[
     server.release()  # its micro-batcher thread keeps the server alive: drop the models explicitly
 
 
-def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], step: Step,
-                 sizes: dict[str, int]) -> None:  # fmt: skip
+def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]) -> None:
     """The same adapter merged into an unquantised (bf16; CPU: float32) copy of the base."""
 
     def load_merged() -> dict[str, Any]:
         began = time.perf_counter()
         zeroed = server.run(adapter, never_stop_early)
-        return {"seconds": round(time.perf_counter() - began, 1), "allocated_gib": gib(),
-                "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
-                "special_tokens_zeroed": zeroed}  # fmt: skip
+        return {
+            "seconds": round(time.perf_counter() - began, 1),
+            "allocated_gib": gib(),
+            "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
+            "special_tokens_zeroed": zeroed,
+        }
 
     step("load_merged", load_merged)
     step("merged_label_latency", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
@@ -441,8 +480,11 @@ def main() -> None:
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="flashtune-analyze-gpu-"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {"repeats": 1, "latency_repeats": 5, "requests": 48} if tiny else \
-        {"repeats": 3, "latency_repeats": 30, "requests": 256}  # fmt: skip
+    sizes = (
+        {"repeats": 1, "latency_repeats": 5, "requests": 48}
+        if tiny
+        else {"repeats": 3, "latency_repeats": 30, "requests": 256}
+    )
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -476,8 +518,13 @@ def main() -> None:
     report["make_adapters_s"] = round(time.perf_counter() - started, 1)
     log("checkpoint", checkpoint, "and", len(adapters), "adapters ready")
     texts = texts_for(64)
-    settings = dict(data_dir=data_dir, base_model=str(checkpoint), device=device, batch_max_size=64,
-                    max_loaded_adapters=len(adapters) + 1)  # fmt: skip
+    settings = dict(
+        data_dir=data_dir,
+        base_model=str(checkpoint),
+        device=device,
+        batch_max_size=64,
+        max_loaded_adapters=len(adapters) + 1,
+    )
     if args.batch_wait_ms is not None:
         settings["batch_wait_ms"] = args.batch_wait_ms
     report["batch_wait_ms"] = Settings(**settings).batch_wait_ms

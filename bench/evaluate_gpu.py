@@ -106,9 +106,11 @@ def main() -> None:
     report: dict[str, object] = {"rows": len(prompts), "new_tokens": NEW_TOKENS}
     ids = _Ids(tokenizer)
     with torch.no_grad():
-        for way, fn in (("mixed_generate", lambda: generate(model, ids, prompts, NEW_TOKENS, names)),
-                        ("each_generate", lambda: _each_generate(model, ids, prompts, names)),
-                        ("write_each_graphs", lambda: write_each(model, ids, prompts, names, NEW_TOKENS))):
+        for way, fn in (
+            ("mixed_generate", lambda: generate(model, ids, prompts, NEW_TOKENS, names)),
+            ("each_generate", lambda: _each_generate(model, ids, prompts, names)),
+            ("write_each_graphs", lambda: write_each(model, ids, prompts, names, NEW_TOKENS)),
+        ):
             first, _ = timed(fn)
             second, answers = timed(fn)
             report[way] = {"first_s": round(first, 2), "second_s": round(second, 2)}
@@ -121,13 +123,15 @@ def main() -> None:
             report.setdefault("write_each_graphs_dense", {})[attempt] = round(seconds, 2)  # type: ignore[index]
         print("write_each_graphs_dense", report["write_each_graphs_dense"], flush=True)
         report["rows_dense_equal_to_write_each"] = sum(
-            a == b for a, b in zip(dense_answers, report["write_each_graphs_answers"], strict=True)  # type: ignore[call-overload]
+            a == b
+            for a, b in zip(dense_answers, report["write_each_graphs_answers"], strict=True)  # type: ignore[call-overload]
         )
     now = report["write_each_graphs_answers"]
     for way in ("mixed_generate", "each_generate"):
         report[f"rows_equal_to_{way}"] = sum(a == b for a, b in zip(report[f"{way}_answers"], now, strict=True))  # type: ignore[call-overload]
     report["speedup_second_call"] = round(
-        report["mixed_generate"]["second_s"] / report["write_each_graphs"]["second_s"], 2  # type: ignore[index]
+        report["mixed_generate"]["second_s"] / report["write_each_graphs"]["second_s"],
+        2,  # type: ignore[index]
     )
     print(json.dumps({k: v for k, v in report.items() if not k.endswith("_answers")}), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,15 @@ def build(path: Path, tiny: bool) -> None:
         if tiny:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+            config = LlamaConfig(
+                vocab_size=8192,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                tie_word_embeddings=False,
+            )
             LlamaForCausalLM(config).save_pretrained(path)
         else:
             from train_gpu import build_checkpoint
@@ -63,6 +70,7 @@ NEWS = "美国11月非农就业人口增加25万人，远超预期的18万人，
 def measure_serving(client: httpx.Client, adapter: str, requests: int = 20, max_tokens: int = 128) -> dict[str, Any]:
     """The adapter over HTTP: label-only /analyze latency (the first request, which loads the adapter, apart) and
     three streamed chat completions of ``max_tokens`` (a random model rarely ends early; ``usage`` says)."""
+
     def analyze() -> float:
         started = time.perf_counter()
         response = client.post("/analyze", json={"text": NEWS, "adapter": adapter, "max_new_tokens": 0})
@@ -71,12 +79,19 @@ def measure_serving(client: httpx.Client, adapter: str, requests: int = 20, max_
 
     first = analyze()
     latencies = sorted(analyze() for _ in range(requests))
-    result: dict[str, Any] = {"analyze_first_ms": round(first, 1),
-                              "analyze_label_only_p50_ms": round(statistics.median(latencies), 1),
-                              "analyze_label_only_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-                              "streams": []}  # fmt: skip
-    body = {"model": adapter, "messages": [{"role": "user", "content": NEWS}], "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    result: dict[str, Any] = {
+        "analyze_first_ms": round(first, 1),
+        "analyze_label_only_p50_ms": round(statistics.median(latencies), 1),
+        "analyze_label_only_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+        "streams": [],
+    }
+    body = {
+        "model": adapter,
+        "messages": [{"role": "user", "content": NEWS}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     for _ in range(3):  # the first one also merges the adapter (with --serve-merged) and captures the decoder
         started, first_token, tokens = time.perf_counter(), None, 0
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -84,17 +99,22 @@ def measure_serving(client: httpx.Client, adapter: str, requests: int = 20, max_
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if first_token is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                     first_token = time.perf_counter()
                 tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
         done = time.perf_counter()
         after_first = done - (first_token or done)
-        result["streams"].append({
-            "completion_tokens": tokens, "total_s": round(done - started, 3),
-            "first_token_ms": round(((first_token or done) - started) * 1000, 1),
-            "tokens_per_s_after_first": round((tokens - 1) / after_first, 1) if tokens > 1 and after_first else None,
-        })  # fmt: skip
+        result["streams"].append(
+            {
+                "completion_tokens": tokens,
+                "total_s": round(done - started, 3),
+                "first_token_ms": round(((first_token or done) - started) * 1000, 1),
+                "tokens_per_s_after_first": round((tokens - 1) / after_first, 1)
+                if tokens > 1 and after_first
+                else None,
+            }
+        )
     return result
 
 
@@ -106,8 +126,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="an already saved checkpoint to use (default: build one in DATA_DIR)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--gpu-memory-gib", type=float, help="FLASHTUNE_GPU_MEMORY_GIB for the worker")
-    parser.add_argument("--job-process-start", choices=["forkserver", "spawn"], default="forkserver",
-                        help="FLASHTUNE_JOB_PROCESS_START for the worker")  # fmt: skip
+    parser.add_argument(
+        "--job-process-start",
+        choices=["forkserver", "spawn"],
+        default="forkserver",
+        help="FLASHTUNE_JOB_PROCESS_START for the worker",
+    )
     parser.add_argument("--serve", action="store_true", help="then measure /analyze and streaming over HTTP")
     parser.add_argument("--serve-merged", default="all", help="FLASHTUNE_SERVE_MERGED for the API (with --serve)")
     parser.add_argument("--out", default=".")
@@ -115,16 +139,25 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    model = Path(args.checkpoint) if args.checkpoint else data_dir / "models" / ("tiny-llama" if args.tiny else
-                                                                               "deepseek-7b-shaped")  # fmt: skip
+    model = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else data_dir / "models" / ("tiny-llama" if args.tiny else "deepseek-7b-shaped")
+    )
     started = time.perf_counter()
     build(model, args.tiny)
     build_s = time.perf_counter() - started
 
     port = free_port()
-    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "FLASHTUNE_POLL_SECONDS": "0.2", "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1",
-           "FLASHTUNE_ALLOWED_MODEL_ROOTS": json.dumps([str(model.parent)])}  # fmt: skip
+    env = {
+        **os.environ,
+        "FLASHTUNE_DATA_DIR": str(data_dir),
+        "FLASHTUNE_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "FLASHTUNE_POLL_SECONDS": "0.2",
+        "FLASHTUNE_PROGRESS_INTERVAL_SECONDS": "1",
+        "FLASHTUNE_ALLOWED_MODEL_ROOTS": json.dumps([str(model.parent)]),
+    }
     env["FLASHTUNE_JOB_PROCESS_START"] = args.job_process_start
     if args.gpu_memory_gib:
         env["FLASHTUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
@@ -147,8 +180,11 @@ def main() -> None:
             with open(args.dataset, "rb") as handle:
                 dataset = client.post("/datasets", files={"file": handle}).json()
             report["dataset"] = {k: dataset.get(k) for k in ("id", "num_examples", "duplicates_removed")}
-            body = {"dataset": dataset["id"], "base_model": str(model),
-                    "hyperparameters": json.loads(args.hyperparameters)}  # fmt: skip
+            body = {
+                "dataset": dataset["id"],
+                "base_model": str(model),
+                "hyperparameters": json.loads(args.hyperparameters),
+            }
             posted, posted_at = time.perf_counter(), datetime.now(UTC)
             job = client.post("/jobs", json=body).json()
             report["hyperparameters"] = job.get("hyperparameters")
@@ -159,8 +195,10 @@ def main() -> None:
             report["status"], report["error"] = job["status"], job.get("error")
             events = client.get(f"/jobs/{job['id']}/events").json()
             # each event with its time after the POST (seconds), to see where the job's wall time goes
-            report["events"] = [(round(_seconds_after(posted_at, e["created_at"]), 1), e["type"], e["message"])
-                                for e in events.get("data", events)]  # fmt: skip
+            report["events"] = [
+                (round(_seconds_after(posted_at, e["created_at"]), 1), e["type"], e["message"])
+                for e in events.get("data", events)
+            ]
             info_path = data_dir / "adapters" / f"job-{job['id']}" / "training_info.json"
             if info_path.exists():
                 info = json.loads(info_path.read_text())

@@ -113,8 +113,11 @@ def main() -> None:
         build(checkpoint, tiny=False)
     report: dict[str, Any] = {}
     for name in args.only.split(","):
-        done = subprocess.run([sys.executable, __file__, "--checkpoint", str(checkpoint), "--variant", name],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, __file__, "--checkpoint", str(checkpoint), "--variant", name],
+            capture_output=True,
+            text=True,
+        )
         last = done.stdout.strip().splitlines()[-1:] or [""]
         try:
             report[name] = json.loads(last[0])

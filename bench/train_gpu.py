@@ -53,10 +53,19 @@ def build_checkpoint(path: Path) -> None:
     if (path / "config.json").exists():
         return
     config = LlamaConfig(
-        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=100000,
-        eos_token_id=100001, pad_token_id=100001, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=102400,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=30,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        pad_token_id=100001,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
@@ -138,17 +147,31 @@ def cleanup() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the variants
-def packed_variant(base: Any, rows: list[Row], name: str, *, per_step: int = 16, per_micro: int = 16,
-                   targets: list[str] | None = None, r: int = 8, fused_ce: Any = None, grad_ckpt: bool = False,
-                   warm: int = 6, timed: int = 10, profile_to: Path | None = None,
-                   attn: str | None = None, bucket: int = 256) -> tuple[dict[str, Any], Any]:  # fmt: skip
+def packed_variant(
+    base: Any,
+    rows: list[Row],
+    name: str,
+    *,
+    per_step: int = 16,
+    per_micro: int = 16,
+    targets: list[str] | None = None,
+    r: int = 8,
+    fused_ce: Any = None,
+    grad_ckpt: bool = False,
+    warm: int = 6,
+    timed: int = 10,
+    profile_to: Path | None = None,
+    attn: str | None = None,
+    bucket: int = 256,
+) -> tuple[dict[str, Any], Any]:
     """FlashTune's CUDA path: packed rows, bf16 autocast, fused AdamW, optional fused linear CE."""
     from peft import LoraConfig, get_peft_model
 
     from workers.training.packing import pack, packed_loss
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets or ["q_proj", "v_proj"],
-                        task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets or ["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, config)
     previous_attn = base.config._attn_implementation
     if attn:
@@ -206,8 +229,9 @@ def current_variant(base: Any, rows: list[Row], warm: int = 2, timed: int = 12) 
     def step() -> tuple[int, int, int]:
         chosen = take(rows, cursor[0], hp.batch_size)
         cursor[0] += hp.batch_size
-        micro = [collate(chosen[i : i + hp.micro_batch_size], 100001) for i in range(0, hp.batch_size,
-                 hp.micro_batch_size)]  # fmt: skip
+        micro = [
+            collate(chosen[i : i + hp.micro_batch_size], 100001) for i in range(0, hp.batch_size, hp.micro_batch_size)
+        ]
         denominator = sum(b.num_target_tokens for b in micro)
         for batch in micro:
             step_loss(model, batch, "cuda", denominator).backward()
@@ -217,8 +241,13 @@ def current_variant(base: Any, rows: list[Row], warm: int = 2, timed: int = 12) 
         return sum(b.num_tokens for b in micro), sum(b.input_ids.numel() for b in micro), hp.batch_size
 
     try:
-        result = measure(f"current: workers.training.recipe loop (micro {hp.micro_batch_size}, dynamic padding, "
-                         "grad ckpt, fp32 norms/head)", step, warm, timed)  # fmt: skip
+        result = measure(
+            f"current: workers.training.recipe loop (micro {hp.micro_batch_size}, dynamic padding, "
+            "grad ckpt, fp32 norms/head)",
+            step,
+            warm,
+            timed,
+        )
     finally:
         optimizer.state.clear()
         base = model.unload()
@@ -260,15 +289,28 @@ def hf_variant(base: Any, rows: list[Row], fp16: bool, warm: int = 2, timed: int
             self.times.append(time.perf_counter())
 
     model = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj",
-                           "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     timer = Timer()
     args = TrainingArguments(
-        output_dir="/tmp/hf-out", per_device_train_batch_size=4, gradient_accumulation_steps=4, max_steps=steps,
-        learning_rate=2e-4, fp16=fp16, bf16=not fp16, gradient_checkpointing=True, optim="paged_adamw_8bit",
-        logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
-        dataloader_num_workers=0, seed=42,
-    )  # fmt: skip
+        output_dir="/tmp/hf-out",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        max_steps=steps,
+        learning_rate=2e-4,
+        fp16=fp16,
+        bf16=not fp16,
+        gradient_checkpointing=True,
+        optim="paged_adamw_8bit",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=42,
+    )
     torch.cuda.reset_peak_memory_stats()
     try:
         Trainer(model=model, args=args, train_dataset=Padded(), callbacks=[timer]).train()
@@ -290,8 +332,9 @@ def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: lis
 
     try:
         base = load_model(checkpoint, plan_load("cuda", "none"))
-        result, base = packed_variant(base, rows, "bf16 base (quantization none): packed 16/row, liger, no ckpt",
-                                      fused_ce=fused, timed=20)  # fmt: skip
+        result, base = packed_variant(
+            base, rows, "bf16 base (quantization none): packed 16/row, liger, no ckpt", fused_ce=fused, timed=20
+        )
         results.append(result)
     except Exception:  # noqa: BLE001 - reported, the run goes on
         log(f"VARIANT bf16base FAILED\n{traceback.format_exc()}")
@@ -302,9 +345,16 @@ def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: lis
 
 
 def trainer_variant(
-    checkpoint: str, dataset: str, name: str, memory_cap_gib: float | None = None, before: bool = False,
-    graphs: bool = True, dequantize_twice: bool = False, balanced: bool = True, **overrides: Any,
-) -> dict[str, Any]:  # fmt: skip
+    checkpoint: str,
+    dataset: str,
+    name: str,
+    memory_cap_gib: float | None = None,
+    before: bool = False,
+    graphs: bool = True,
+    dequantize_twice: bool = False,
+    balanced: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
     """The real ``workers.training.recipe.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate,
     publish.
 
@@ -339,11 +389,20 @@ def trainer_variant(
     hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
     train_set, validation = hold_out(examples, hp.validation_fraction, hp.seed)  # as the worker's job loads it
     spec = TrainingSpec(
-        job_id=1, base_model="deepseek-7b-shaped", base_source=checkpoint, dataset=Path(dataset).name,
-        dataset_sha256=None, train=train_set, validation=validation, hp=hp, job_dir=Path(f"/tmp/bench-job-{name}"),
-        adapter_dir=Path(f"/tmp/bench-adapters/{name}"), device="cuda", checkpoint_every=10_000,
+        job_id=1,
+        base_model="deepseek-7b-shaped",
+        base_source=checkpoint,
+        dataset=Path(dataset).name,
+        dataset_sha256=None,
+        train=train_set,
+        validation=validation,
+        hp=hp,
+        job_dir=Path(f"/tmp/bench-job-{name}"),
+        adapter_dir=Path(f"/tmp/bench-adapters/{name}"),
+        device="cuda",
+        checkpoint_every=10_000,
         gpu_memory_gib=memory_cap_gib,
-    )  # fmt: skip
+    )
     if before:
         cuda_path.varlen_available = lambda: False  # type: ignore[assignment]
         cuda_path.fuse_layers = lambda base: False  # type: ignore[assignment]
@@ -438,8 +497,15 @@ def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
             loss.backward()
             results.append((float(loss), torch.cat([p.grad.flatten() for p in trainable])))
         (lg, gg), (le, ge) = results
-        out["rows"].append({"samples": count, "tokens": batch.num_tokens, "loss_graphed": lg, "loss_eager": le,
-                            "grad_rel_diff": float((gg - ge).norm() / ge.norm())})  # fmt: skip
+        out["rows"].append(
+            {
+                "samples": count,
+                "tokens": batch.num_tokens,
+                "loss_graphed": lg,
+                "loss_eager": le,
+                "grad_rel_diff": float((gg - ge).norm() / ge.norm()),
+            }
+        )
     # The validation loss: the forward-only graph, captured in eval mode, against the eager pass
     model.eval()
     out["forward_only_graph"] = plan.graphed is not None and plan.graphed.forward_only is not None
@@ -471,8 +537,12 @@ def exactness_on_gpu(model: Any, rows: list[Row], attention: str = "sdpa") -> di
         packed = per_sample_losses(model, pack(samples, pad_to_multiple=64), "cuda")
         model.set_attn_implementation("sdpa")
     rel = max(abs(a - b) / abs(b) for a, b in zip(packed, alone, strict=True))
-    result = {"attention": attention, "packed": [round(x, 3) for x in packed], "alone": [round(x, 3) for x in alone],
-              "max_rel_diff": rel}  # fmt: skip
+    result = {
+        "attention": attention,
+        "packed": [round(x, 3) for x in packed],
+        "alone": [round(x, 3) for x in alone],
+        "max_rel_diff": rel,
+    }
     log("EXACTNESS", json.dumps(result))
     return result
 
@@ -533,19 +603,65 @@ def main() -> None:
     prof = out / "profile_packed_flex.txt"
     flex = "flex_attention"
     plans: list[tuple[str, Callable[[Any], tuple[dict[str, Any], Any]]]] = [
-        ("flex", lambda b: packed_variant(b, rows, "packed 16/row + liger FLCE + flex attention, no ckpt",
-                                          fused_ce=fused, attn=flex, timed=20, profile_to=prof)),
-        ("sdpa", lambda b: packed_variant(b, rows, "packed 16/row + liger FLCE + sdpa (cuDNN, dense mask), no ckpt",
-                                          fused_ce=fused, timed=20)),
+        (
+            "flex",
+            lambda b: packed_variant(
+                b,
+                rows,
+                "packed 16/row + liger FLCE + flex attention, no ckpt",
+                fused_ce=fused,
+                attn=flex,
+                timed=20,
+                profile_to=prof,
+            ),
+        ),
+        (
+            "sdpa",
+            lambda b: packed_variant(
+                b, rows, "packed 16/row + liger FLCE + sdpa (cuDNN, dense mask), no ckpt", fused_ce=fused, timed=20
+            ),
+        ),
         ("torchce", lambda b: packed_variant(b, rows, "packed 16/row + torch CE + sdpa, no ckpt")),
-        ("r16", lambda b: packed_variant(b, rows, "all-linear r16: packed 16/row + liger + flex, no ckpt",
-                                         targets=ALL, r=16, fused_ce=fused, attn=flex, timed=10)),
-        ("mem", lambda b: packed_variant(b, rows, "user config memory: packed 4 samples x accum 4, ckpt, liger, flex",
-                                         per_micro=4, grad_ckpt=True, fused_ce=fused, attn=flex, timed=6)),
-        ("mem_nockpt", lambda b: packed_variant(b, rows, "packed 4 samples x accum 4, no ckpt, liger, flex",
-                                                per_micro=4, fused_ce=fused, attn=flex, timed=6)),
+        (
+            "r16",
+            lambda b: packed_variant(
+                b,
+                rows,
+                "all-linear r16: packed 16/row + liger + flex, no ckpt",
+                targets=ALL,
+                r=16,
+                fused_ce=fused,
+                attn=flex,
+                timed=10,
+            ),
+        ),
+        (
+            "mem",
+            lambda b: packed_variant(
+                b,
+                rows,
+                "user config memory: packed 4 samples x accum 4, ckpt, liger, flex",
+                per_micro=4,
+                grad_ckpt=True,
+                fused_ce=fused,
+                attn=flex,
+                timed=6,
+            ),
+        ),
+        (
+            "mem_nockpt",
+            lambda b: packed_variant(
+                b,
+                rows,
+                "packed 4 samples x accum 4, no ckpt, liger, flex",
+                per_micro=4,
+                fused_ce=fused,
+                attn=flex,
+                timed=6,
+            ),
+        ),
         ("current", lambda b: current_variant(b, rows)),
-    ]  # fmt: skip
+    ]
     only = set(filter(None, args.only.split(",")))
     for key, fn in plans:
         if only and key not in only:
@@ -573,13 +689,17 @@ def main() -> None:
             save()
     del base
     cleanup()
-    worker_runs: list[tuple[str, dict[str, Any]]] = [("worker_before", {"before": True}),  # first: see trainer_variant
-                   ("graph_exactness", {}), ("worker_eager", {"graphs": False}),
-                   ("worker_dequantize_twice", {"dequantize_twice": True}),
-                   ("worker_unbalanced", {"balanced": False}), ("worker", {}),
-                   ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
-                   ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
-                   ("worker_b4", {"batch_size": 4})]  # fmt: skip
+    worker_runs: list[tuple[str, dict[str, Any]]] = [
+        ("worker_before", {"before": True}),  # first: see trainer_variant
+        ("graph_exactness", {}),
+        ("worker_eager", {"graphs": False}),
+        ("worker_dequantize_twice", {"dequantize_twice": True}),
+        ("worker_unbalanced", {"balanced": False}),
+        ("worker", {}),
+        ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
+        ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
+        ("worker_b4", {"batch_size": 4}),
+    ]
     for key, overrides in worker_runs:
         if only and key not in only:
             continue
@@ -622,8 +742,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in ok:
         ratio = r["real_tokens_per_s"] / hf["real_tokens_per_s"] if hf else math.nan
         job_s = r.get("projected_user_job_s") or r.get("durations", {}).get("train_seconds", math.nan)
-        print(f"{r['variant'][:88]:<88} {r['real_tokens_per_s']:>10} {ratio:>6.2f} {r['mfu'] or 0:>6.3f} "
-              f"{r['peak_gib']:>8.2f} {job_s:>7.1f}")  # fmt: skip
+        print(
+            f"{r['variant'][:88]:<88} {r['real_tokens_per_s']:>10} {ratio:>6.2f} {r['mfu'] or 0:>6.3f} "
+            f"{r['peak_gib']:>8.2f} {job_s:>7.1f}"
+        )
     for r in results:
         if "error" in r:
             print(f"FAILED {r['variant']}: {r['error'].strip().splitlines()[-1]}")

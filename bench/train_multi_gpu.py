@@ -59,10 +59,14 @@ def _rank(spec: Any, run_dir: str, launcher_pid: int) -> None:
     info = train(spec, distributed.rank_hooks(hooks, dist), dist)
     if dist.is_main:
         peak = torch.cuda.max_memory_allocated() / 2**30 if spec.device == "cuda" else 0.0
-        evaluation = {"eval_loss": info["losses"]["eval_loss"], "metrics": info["metrics"],
-                      "cuda_plan": info.get("cuda_plan")}  # fmt: skip
-        (Path(run_dir) / "timing.json").write_text(json.dumps({"stamps": stamps, "peak_gib": round(peak, 2),
-                                                               **evaluation}))  # fmt: skip
+        evaluation = {
+            "eval_loss": info["losses"]["eval_loss"],
+            "metrics": info["metrics"],
+            "cuda_plan": info.get("cuda_plan"),
+        }
+        (Path(run_dir) / "timing.json").write_text(
+            json.dumps({"stamps": stamps, "peak_gib": round(peak, 2), **evaluation})
+        )
     distributed.write_outcome(Path(run_dir), dist.rank, Outcome("succeeded"))
     distributed.close_rank()
 
@@ -127,11 +131,19 @@ def smoke_cpu(args: argparse.Namespace) -> None:
     model = ensure_builtin_model(Path(tempfile.gettempdir()) / "bench-multi-smoke")
     hp = resolve(Hyperparameters(epochs=1, validation_fraction=0.0, batch_size=4), "builtin")
     spec = TrainingSpec(
-        job_id=1, base_model="builtin", base_source=str(model), dataset="seed", dataset_sha256=None,
-        train=samples(Path(args.dataset), 6 * 4), validation=[], hp=hp,
-        job_dir=Path(tempfile.mkdtemp(prefix="bench-multi-job-")), adapter_dir=Path("/tmp/bench-multi-smoke-adapter"),
-        device="cpu", checkpoint_every=10**9,
-    )  # fmt: skip
+        job_id=1,
+        base_model="builtin",
+        base_source=str(model),
+        dataset="seed",
+        dataset_sha256=None,
+        train=samples(Path(args.dataset), 6 * 4),
+        validation=[],
+        hp=hp,
+        job_dir=Path(tempfile.mkdtemp(prefix="bench-multi-job-")),
+        adapter_dir=Path("/tmp/bench-multi-smoke-adapter"),
+        device="cpu",
+        checkpoint_every=10**9,
+    )
     per_step = tokens_per_step(spec, load_tokenizer(str(model)), 6)
     for gpus in (1, 2):
         log("SMOKE", json.dumps(run_one(spec, gpus, per_step, 2)))
@@ -146,8 +158,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
     parser.add_argument("--warm", type=int, default=4, help="steps not timed (CUDA plan, kernel set-up)")
     parser.add_argument("--out", default=".")
-    parser.add_argument("--smoke-cpu", action="store_true", help="check this script on CPU: built-in model, gloo, "
-                        "1 and 2 processes, 6 steps of 4 samples (its figures mean nothing)")  # fmt: skip
+    parser.add_argument(
+        "--smoke-cpu",
+        action="store_true",
+        help="check this script on CPU: built-in model, gloo, "
+        "1 and 2 processes, 6 steps of 4 samples (its figures mean nothing)",
+    )
     args = parser.parse_args()
     if args.smoke_cpu:
         smoke_cpu(args)
@@ -172,18 +188,30 @@ def main() -> None:
         overrides["batch_size"] = args.batch_size
     hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
     spec = TrainingSpec(
-        job_id=1, base_model="deepseek-7b-shaped", base_source=args.checkpoint, dataset=Path(args.dataset).name,
-        dataset_sha256=None, train=samples(Path(args.dataset), args.steps * hp.batch_size),
-        validation=samples(Path(args.dataset), 16), hp=hp,
-        job_dir=Path(tempfile.mkdtemp(prefix="bench-multi-job-")), adapter_dir=Path("/tmp/bench-multi-adapter"),
-        device="cuda", checkpoint_every=10**9,
-    )  # fmt: skip
+        job_id=1,
+        base_model="deepseek-7b-shaped",
+        base_source=args.checkpoint,
+        dataset=Path(args.dataset).name,
+        dataset_sha256=None,
+        train=samples(Path(args.dataset), args.steps * hp.batch_size),
+        validation=samples(Path(args.dataset), 16),
+        hp=hp,
+        job_dir=Path(tempfile.mkdtemp(prefix="bench-multi-job-")),
+        adapter_dir=Path("/tmp/bench-multi-adapter"),
+        device="cuda",
+        checkpoint_every=10**9,
+    )
     per_step = tokens_per_step(spec, tokenizer, args.steps)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(), "visible_gpus": visible, "torch": torch.__version__,
-        "nccl": str(torch.cuda.nccl.version()), "hyperparameters": hp.model_dump(),
-        "steps": args.steps, "warm": args.warm, "results": [],
-    }  # fmt: skip
+        "device": torch.cuda.get_device_name(),
+        "visible_gpus": visible,
+        "torch": torch.__version__,
+        "nccl": str(torch.cuda.nccl.version()),
+        "hyperparameters": hp.model_dump(),
+        "steps": args.steps,
+        "warm": args.warm,
+        "results": [],
+    }
     out = Path(args.out) / "train_multi_gpu.json"
     for gpus in counts:
         log(f"{gpus} GPU(s): launching")
@@ -196,19 +224,25 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=2))
     ok = [r for r in report["results"] if "error" not in r]
     one = next((r for r in ok if r["gpus"] == 1), None)
-    print(f"\n{'GPUs':>4} {'samples/step':>12} {'step s':>8} {'real tok/s':>11} {'speed-up':>8} {'efficiency':>10} "
-          f"{'peak GiB':>8}")  # fmt: skip
+    print(
+        f"\n{'GPUs':>4} {'samples/step':>12} {'step s':>8} {'real tok/s':>11} {'speed-up':>8} {'efficiency':>10} "
+        f"{'peak GiB':>8}"
+    )
     for r in ok:
         speedup = r["real_tokens_per_s"] / one["real_tokens_per_s"] if one else float("nan")
         r["speedup"], r["efficiency"] = round(speedup, 3), round(speedup / r["gpus"], 3)
-        print(f"{r['gpus']:>4} {r['samples_per_step']:>12} {r['median_step_s']:>8.3f} {r['real_tokens_per_s']:>11.0f} "
-              f"{speedup:>8.2f} {speedup / r['gpus']:>10.2f} {r['peak_gib_rank0']:>8.2f}")  # fmt: skip
+        print(
+            f"{r['gpus']:>4} {r['samples_per_step']:>12} {r['median_step_s']:>8.3f} {r['real_tokens_per_s']:>11.0f} "
+            f"{speedup:>8.2f} {speedup / r['gpus']:>10.2f} {r['peak_gib_rank0']:>8.2f}"
+        )
     for r in ok:  # same samples, same schedule: losses agree up to bf16 and reduction-order noise
         if one and r is not one:
             pairs = zip(r["step_losses"], one["step_losses"], strict=True)
             r["max_step_loss_diff_vs_1"] = max(abs(a - b) for a, b in pairs)
-            print(f"{r['gpus']} GPUs vs 1: max |step loss difference| {r['max_step_loss_diff_vs_1']:.4f}; eval loss "
-                  f"{r['eval_loss']} vs {one['eval_loss']}; accuracy {r['accuracy']} vs {one['accuracy']}")
+            print(
+                f"{r['gpus']} GPUs vs 1: max |step loss difference| {r['max_step_loss_diff_vs_1']:.4f}; eval loss "
+                f"{r['eval_loss']} vs {one['eval_loss']}; accuracy {r['accuracy']} vs {one['accuracy']}"
+            )
     for r in report["results"]:
         if "error" in r:
             print(f"FAILED on {r['gpus']} GPUs: {r['error']}")

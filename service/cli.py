@@ -55,8 +55,9 @@ def serve(args: argparse.Namespace) -> None:
         logging.getLogger("flashtune").warning("no FLASHTUNE_API_KEY set: the API is open to anyone who can reach it")
     # JSON lines: log_config=None keeps the set-up of logs.configure instead of uvicorn's own formatters
     logging_options: dict[str, Any] = {"log_config": None} if settings.log_json else {}
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                **logging_options)  # fmt: skip
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, **logging_options
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -126,8 +127,10 @@ def demo(args: argparse.Namespace) -> None:
                 print(f"  fine-tuned : {after['label']:<8} p={after['score']:.2f}  {after['analysis']}")
             metrics = client.get(f"/adapters/{job['adapter']}").json()["metrics"]
             if metrics.get("adapter"):
-                print(f"\nheld-out accuracy: base {metrics['base']['accuracy']:.2f} -> adapter "
-                      f"{metrics['adapter']['accuracy']:.2f} ({metrics['num_labelled']} items)")  # fmt: skip
+                print(
+                    f"\nheld-out accuracy: base {metrics['base']['accuracy']:.2f} -> adapter "
+                    f"{metrics['adapter']['accuracy']:.2f} ({metrics['num_labelled']} items)"
+                )
     finally:
         for proc in procs:
             proc.terminate()
@@ -141,8 +144,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", dest="database_url", help="FLASHTUNE_DATABASE_URL")
     parser.add_argument("--base-model", dest="base_model", help="FLASHTUNE_BASE_MODEL")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="FLASHTUNE_DEVICE")
-    parser.add_argument("--log-json", dest="log_json", action="store_true", default=None,
-                        help="FLASHTUNE_LOG_JSON: one JSON object per log line")  # fmt: skip
+    parser.add_argument(
+        "--log-json",
+        dest="log_json",
+        action="store_true",
+        default=None,
+        help="FLASHTUNE_LOG_JSON: one JSON object per log line",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -158,12 +166,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_worker = sub.add_parser("worker", help="start a worker that trains queued jobs")
     _common(p_worker)
     p_worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
-    p_worker.add_argument("--gpus", help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun, "
-                          "data parallel); on CPU, N gloo processes")  # fmt: skip
-    p_worker.add_argument("--gpu", help="FLASHTUNE_GPU: the GPU(s) this worker's jobs may use (CUDA_VISIBLE_DEVICES), "
-                          "e.g. 0; run one worker per GPU with --gpu 0, --gpu 1, ...")  # fmt: skip
-    p_worker.add_argument("--gpu-memory-gib", type=float, help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may "
-                          "use, e.g. 7 on a shared card; the plan sizes micro-batches to it")  # fmt: skip
+    p_worker.add_argument(
+        "--gpus",
+        help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun, "
+        "data parallel); on CPU, N gloo processes",
+    )
+    p_worker.add_argument(
+        "--gpu",
+        help="FLASHTUNE_GPU: the GPU(s) this worker's jobs may use (CUDA_VISIBLE_DEVICES), "
+        "e.g. 0; run one worker per GPU with --gpu 0, --gpu 1, ...",
+    )
+    p_worker.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may "
+        "use, e.g. 7 on a shared card; the plan sizes micro-batches to it",
+    )
     p_worker.set_defaults(func=worker)
     p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
     p_demo.add_argument("--data-dir", dest="data_dir")

@@ -105,8 +105,9 @@ class Service:
         assert response.status_code == 200, f"{response.status_code} {response.text}\n{self.logs()}"
         return dict(response.json())
 
-    def wait(self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-             timeout: float = 900) -> dict[str, Any]:  # fmt: skip
+    def wait(
+        self, job_id: int, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"), timeout: float = 900
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)

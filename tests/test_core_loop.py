@@ -108,10 +108,21 @@ def test_analyze_contract_with_curl(trained: tuple[Service, dict[str, Any], list
     if shutil.which("curl") is None:
         pytest.fail("curl is required for this test")
     out = subprocess.run(
-        ["curl", "-sS", "-X", "POST", f"{svc.url}/analyze", "-H", "content-type: application/json",
-         "-d", json.dumps({"text": "美联储宣布加息25个基点"}, ensure_ascii=False)],
-        capture_output=True, check=True, timeout=60,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "-X",
+            "POST",
+            f"{svc.url}/analyze",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps({"text": "美联储宣布加息25个基点"}, ensure_ascii=False),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
     body = json.loads(out.stdout)
     assert body["label"] == "bearish" and body["label_id"] == -1
     assert set(body["probs"]) == {"bearish", "neutral", "bullish"}

@@ -163,8 +163,11 @@ def test_wheel_ships_the_dashboard(tmp_path: Path) -> None:
     except ImportError:
         recent = False
     flags = ["--no-build-isolation"] if recent else []  # else pip's isolated build fetches setuptools from PyPI
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *flags, "-q", "-w", str(tmp_path / "dist"),
-                    str(source)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *flags, "-q", "-w", str(tmp_path / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("flashtune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for static in sorted((ROOT / "service" / "static").iterdir()):

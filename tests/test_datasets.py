@@ -42,8 +42,11 @@ def chat_copy(source: Path, target: Path) -> Path:
     lines = []
     for line in source.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        messages = [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]},
-                    {"role": "assistant", "content": r["output"]}]  # fmt: skip
+        messages = [
+            {"role": "system", "content": r["instruction"]},
+            {"role": "user", "content": r["input"]},
+            {"role": "assistant", "content": r["output"]},
+        ]
         lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
@@ -143,17 +146,32 @@ def test_broken_files_get_a_4xx_naming_the_problem_and_nothing_is_stored(service
 # ------------------------------------------------------------------------------------------------- parser units
 def test_chat_lines() -> None:
     lines = [
-        {"messages": [{"role": "system", "content": "分析"}, {"role": "user", "content": "金价大涨"},
-                      {"role": "assistant", "content": "属于利好消息"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Is this bullish?"}]},
-                      {"role": "assistant", "content": "bullish"}]},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "neutral"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "分析"},
+                {"role": "user", "content": "金价大涨"},
+                {"role": "assistant", "content": "属于利好消息"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Is this bullish?"}]},
+                {"role": "assistant", "content": "bullish"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "neutral"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "no answer"}]},
         {"messages": [{"role": "robot", "content": "x"}]},
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
         {"prompt": "x"},
-    ]  # fmt: skip
+    ]
     data = "\n".join(json.dumps(x, ensure_ascii=False) for x in lines).encode() + b"\n[1]\n"
     parsed = parse(data)
     assert parsed.format == "chat_jsonl"
@@ -171,8 +189,10 @@ def test_csv_columns_labels_and_stars() -> None:
     parsed = parse(data)
     assert [e.label for e in parsed.examples] == ["bullish", "bearish"]
     assert [e.output[:7] for e in parsed.examples] == ["这是一条5星级", "这是一条3星级"]
-    assert parsed.rejected == [{"line": 5, "reason": "empty text (column 'content')"},
-                               {"line": 6, "reason": "label '2' is not -1/0/1 or bearish/neutral/bullish (column 'label')"}]  # fmt: skip  # noqa: E501
+    assert parsed.rejected == [
+        {"line": 5, "reason": "empty text (column 'content')"},
+        {"line": 6, "reason": "label '2' is not -1/0/1 or bearish/neutral/bullish (column 'label')"},
+    ]  # # noqa: E501
     with pytest.raises(DatasetError) as err:
         parse(data, options={"text_column": "body"})
     assert err.value.details["columns"] == ["id", "content", "label", "star"]
@@ -185,8 +205,9 @@ def test_database_split_thresholds_and_options() -> None:
     parsed = parse(data)
     info = parsed.extra["import"]
     with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
-        rows = conn.execute("SELECT e.ts_utc, i.ret FROM events e JOIN event_impacts i USING (event_id) "
-                            "ORDER BY e.ts_utc, e.event_id").fetchall()  # fmt: skip
+        rows = conn.execute(
+            "SELECT e.ts_utc, i.ret FROM events e JOIN event_impacts i USING (event_id) ORDER BY e.ts_utc, e.event_id"
+        ).fetchall()
     train_returns = sorted(r for ts, r in rows if ts <= info["train"]["until"])
     assert len(train_returns) == info["train"]["events"] == 2154
     assert info["thresholds"] == {"low": quantile(train_returns, 0.3), "high": quantile(train_returns, 0.7)}
@@ -210,8 +231,12 @@ def test_database_split_thresholds_and_options() -> None:
 def test_database_is_opened_read_only_and_nothing_but_reads_run() -> None:
     with open_readonly(DB.read_bytes()) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2692
-        for statement in ("CREATE TABLE x (a)", "DELETE FROM events", "ATTACH DATABASE ':memory:' AS m",
-                          "PRAGMA journal_mode = WAL"):  # fmt: skip
+        for statement in (
+            "CREATE TABLE x (a)",
+            "DELETE FROM events",
+            "ATTACH DATABASE ':memory:' AS m",
+            "PRAGMA journal_mode = WAL",
+        ):
             with pytest.raises(sqlite3.DatabaseError):
                 conn.execute(statement)
 

@@ -29,13 +29,19 @@ def test_tokens_equal_generate(model_and_tokenizer: tuple[Any, Any], eos_at: int
     prompts = build_prompts(model, tokenizer, TEXTS)  # three lengths: the batch is left-padded
     batch = left_padded(tokenizer, prompts, "cpu")
     with torch.no_grad():
-        plain = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)[:, batch["input_ids"].shape[1]:]  # fmt: skip
+        plain = model.generate(
+            **batch,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[:, batch["input_ids"].shape[1] :]
         eos = tokenizer.eos_token_id
         if eos_at is not None:  # a token the first row produces early ends that row, as if it were end-of-sequence
             eos = int(plain[0, eos_at])
-            plain = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=eos)[:, batch["input_ids"].shape[1]:]  # fmt: skip
+            plain = model.generate(
+                **batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos
+            )[:, batch["input_ids"].shape[1] :]
         decoder = GraphDecoder(model, [eos], tokenizer.pad_token_id, graphs=False)
         for _ in range(2):  # the second call reuses the first one's cache: nothing of it may leak
             tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], 12)
@@ -119,8 +125,13 @@ def test_a_peft_model_gets_a_graph_per_set_of_active_adapters(builtin_model_cach
     with torch.no_grad():
         for name in ["a", "b", BASE, "a"]:
             with adapter_active(model, name):
-                plain = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1] :]
+                plain = model.generate(
+                    **batch,
+                    max_new_tokens=8,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )[:, batch["input_ids"].shape[1] :]
                 tokens = decoder.generate(batch["input_ids"], batch["attention_mask"], 8)
                 assert tokens is not None and tokens.tolist() == plain.tolist()
                 outputs[name] = tokens.tolist()

@@ -84,10 +84,18 @@ def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
     train_set, _ = builtin_dataset()
     hp = resolve(Hyperparameters.model_validate({"epochs": 1, "batch_size": 3, "lora_dropout": 0.0}), "builtin")
     return TrainingSpec(
-        job_id=1, base_model="builtin", base_source=str(model), dataset="builtin", dataset_sha256=None,
-        train=train_set[:10], validation=[], hp=hp, job_dir=tmp_path / name,
-        adapter_dir=tmp_path / "adapters" / name, checkpoint_every=100,
-    )  # fmt: skip
+        job_id=1,
+        base_model="builtin",
+        base_source=str(model),
+        dataset="builtin",
+        dataset_sha256=None,
+        train=train_set[:10],
+        validation=[],
+        hp=hp,
+        job_dir=tmp_path / name,
+        adapter_dir=tmp_path / "adapters" / name,
+        checkpoint_every=100,
+    )
 
 
 def _rank_train(spec: TrainingSpec, stop_after: int | None, run_dir: str, launcher_pid: int) -> None:
@@ -136,14 +144,18 @@ def test_two_ranks_train_like_one_process_and_resume(tmp_path: Path, builtin_mod
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)
     assert worst <= WEIGHT_TOLERANCE < moved, (worst, moved)
-    print(f"\n2 ranks (stopped at 2, resumed) vs 1 process: max |weight difference| {worst:.2e} "
-          f"(tolerance {WEIGHT_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}")  # fmt: skip
+    print(
+        f"\n2 ranks (stopped at 2, resumed) vs 1 process: max |weight difference| {worst:.2e} "
+        f"(tolerance {WEIGHT_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}"
+    )
 
 
 # ---------------------------------------------------------------------------- real serve + worker --gpus 2
 def _upload(svc: Service, count: int) -> str:
-    lines = [json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}, ensure_ascii=False)
-             for e in generate(count, 7)]  # fmt: skip
+    lines = [
+        json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}, ensure_ascii=False)
+        for e in generate(count, 7)
+    ]
     response = svc.client.post("/datasets", files={"file": ("small.jsonl", "\n".join(lines).encode(), "text/plain")})
     assert response.status_code in (200, 201), response.text
     return str(response.json()["id"])
@@ -236,8 +248,10 @@ def _wait_running_past(svc: Service, job_id: int, step: int, event: str = "") ->
         job = svc.job(job_id)
         assert job["status"] in ("queued", "running"), (job, svc.logs())
         evs = svc.client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-        if job["status"] == "running" and (job["progress"]["step"] or 0) >= step and (
-            not event or any(e["type"] == event and e["data"]["step"] >= step for e in evs)
+        if (
+            job["status"] == "running"
+            and (job["progress"]["step"] or 0) >= step
+            and (not event or any(e["type"] == event and e["data"]["step"] >= step for e in evs))
         ):
             return
         time.sleep(0.2)

@@ -51,8 +51,9 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 def _new_job(engine: Engine, max_attempts: int = 3) -> int:
     with session_scope(engine) as session:
-        job = jobstore.create(session, Job(base_model="builtin", dataset="builtin", hyperparameters=HP,
-                                           max_attempts=max_attempts))  # fmt: skip
+        job = jobstore.create(
+            session, Job(base_model="builtin", dataset="builtin", hyperparameters=HP, max_attempts=max_attempts)
+        )
         assert job.id is not None
         return job.id
 
@@ -207,11 +208,23 @@ def test_claim_race_each_row_claimed_once(db_url: str) -> None:
     init_db(engine)
     now = utcnow()
     with session_scope(engine) as session:
-        session.execute(insert(Job), [
-            {"base_model": "builtin", "dataset": "builtin", "hyperparameters": HP, "progress": {}, "status": "queued",
-             "attempts": 0, "max_attempts": 3, "run_after": now, "created_at": now}
-            for _ in range(RACE_ROWS)
-        ])  # fmt: skip
+        session.execute(
+            insert(Job),
+            [
+                {
+                    "base_model": "builtin",
+                    "dataset": "builtin",
+                    "hyperparameters": HP,
+                    "progress": {},
+                    "status": "queued",
+                    "attempts": 0,
+                    "max_attempts": 3,
+                    "run_after": now,
+                    "created_at": now,
+                }
+                for _ in range(RACE_ROWS)
+            ],
+        )
     context = multiprocessing.get_context("spawn")
     start_at = time.time() + 8  # after every process has imported SQLAlchemy
     with context.Pool(RACE_PROCESSES) as pool:
@@ -277,11 +290,16 @@ def test_refuses_sqlite_without_wal(tmp_path: Path) -> None:
 
 
 def test_service_refuses_to_start_without_wal(tmp_path: Path) -> None:
-    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(tmp_path / "data"),
-           "FLASHTUNE_DATABASE_URL": _read_only_url(tmp_path), "FLASHTUNE_PORT": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "FLASHTUNE_DATA_DIR": str(tmp_path / "data"),
+        "FLASHTUNE_DATABASE_URL": _read_only_url(tmp_path),
+        "FLASHTUNE_PORT": "1",
+    }
     for command in (["serve"], ["worker", "--max-jobs", "1"]):
-        result = subprocess.run([sys.executable, "-m", "service.cli", *command], env=env, capture_output=True,
-                                text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", *command], env=env, capture_output=True, text=True, timeout=120
+        )
         output = result.stdout + result.stderr
         assert result.returncode != 0, output
         assert "could not switch to WAL mode" in output, output

@@ -17,8 +17,9 @@ def _nf4_model(seed: int = 0) -> torch.nn.Module:
     for n_in, n_out, bias in ((64, 128, True), (128, 64, False)):
         plain = torch.nn.Linear(n_in, n_out, bias=bias)
         layer = Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16, quant_type="nf4")
-        layer.weight = Params4bit(plain.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                  compress_statistics=True)  # fmt: skip
+        layer.weight = Params4bit(
+            plain.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
         if bias:
             layer.bias = torch.nn.Parameter(plain.bias.data.clone(), requires_grad=False)
         layers.append(layer.to("cpu"))  # quantises

@@ -17,8 +17,11 @@ pytestmark = pytest.mark.slow
 def _chat_jsonl(count: int) -> bytes:
     rows = []
     for e in builtin_dataset()[0][:count]:
-        messages = [{"role": "system", "content": e.instruction}, {"role": "user", "content": e.input},
-                    {"role": "assistant", "content": e.output}]  # fmt: skip
+        messages = [
+            {"role": "system", "content": e.instruction},
+            {"role": "user", "content": e.input},
+            {"role": "assistant", "content": e.output},
+        ]
         rows.append(json.dumps({"messages": messages}, ensure_ascii=False))
     return "\n".join(rows).encode()
 

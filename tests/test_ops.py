@@ -114,8 +114,12 @@ def test_event_stream_errors_and_cancel(service: Service) -> None:
 
 
 def run_compose_check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "docker" / "check_compose.py"), str(path)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "check_compose.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_compose_file_matches_the_compose_specification(tmp_path: Path) -> None:

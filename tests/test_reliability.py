@@ -47,8 +47,10 @@ RESUME_TOLERANCE = 1e-5  # max |difference| of any adapter weight between an uni
 # ------------------------------------------------------------------------------------------------- helpers
 def upload_small(svc: Service, count: int, seed: int = 7) -> str:
     """Upload ``count`` template examples (instruction JSONL); returns the dataset id."""
-    lines = [json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}, ensure_ascii=False)
-             for e in generate(count, seed)]  # fmt: skip
+    lines = [
+        json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}, ensure_ascii=False)
+        for e in generate(count, seed)
+    ]
     response = svc.client.post("/datasets", files={"file": ("small.jsonl", "\n".join(lines).encode(), "text/plain")})
     assert response.status_code in (200, 201), response.text
     return str(response.json()["id"])
@@ -160,12 +162,18 @@ def test_kill_9_resumes_from_checkpoint(svc: Service) -> None:
     assert resumed_step > 0 and resumed_step >= last_checkpoint
     assert at_kill["progress"]["step"] - resumed_step <= CHECKPOINT_EVERY  # at most one interval redone
     assert [e["type"] for e in of_type(evs, "started", "requeued", "succeeded")] == [
-        "started", "requeued", "started", "succeeded"]  # fmt: skip
+        "started",
+        "requeued",
+        "started",
+        "succeeded",
+    ]
     info = json.loads((svc.data_dir / "adapters" / done["adapter"] / "training_info.json").read_text())
     assert info["resumed_from_step"] == resumed_step
     assert sorted(p.name for p in (svc.data_dir / "adapters").iterdir()) == [done["adapter"]]  # nothing half-written
-    print(f"\nkill -9 at progress step {at_kill['progress']['step']}/{at_kill['progress']['total_steps']}, "
-          f"last checkpoint {last_checkpoint}, resumed from {resumed_step}, attempts {done['attempts']}")  # fmt: skip
+    print(
+        f"\nkill -9 at progress step {at_kill['progress']['step']}/{at_kill['progress']['total_steps']}, "
+        f"last checkpoint {last_checkpoint}, resumed from {resumed_step}, attempts {done['attempts']}"
+    )
 
 
 def test_sigstop_past_lease_then_sigcont_changes_nothing(svc: Service) -> None:
@@ -190,7 +198,8 @@ def test_sigstop_past_lease_then_sigcont_changes_nothing(svc: Service) -> None:
     time.sleep(2)
     after = svc.job(job["id"])
     assert {k: after[k] for k in ("status", "attempts", "progress", "adapter", "finished_at", "error")} == {
-        k: done[k] for k in ("status", "attempts", "progress", "adapter", "finished_at", "error")}  # fmt: skip
+        k: done[k] for k in ("status", "attempts", "progress", "adapter", "finished_at", "error")
+    }
     assert events(svc, job["id"]) == before_events
     assert adapter_file.read_bytes() == adapter_bytes
     assert checkpoints.complete(svc.data_dir / "jobs" / str(job["id"])) == []  # no stale checkpoint written
@@ -236,8 +245,10 @@ def test_injected_oom_halves_micro_batch(tmp_path: Path, builtin_model_cache: Pa
     try:
         dataset = upload_small(svc, 24)
         job = svc.post_job(dataset=dataset, hyperparameters={**SHORT, "batch_size": 8})
-        assert (job["hyperparameters"]["micro_batch_size"], job["hyperparameters"]["gradient_accumulation_steps"]) \
-            == (8, 1)  # fmt: skip
+        assert (job["hyperparameters"]["micro_batch_size"], job["hyperparameters"]["gradient_accumulation_steps"]) == (
+            8,
+            1,
+        )
         done = svc.wait(job["id"], timeout=WAIT)
         assert done["status"] == "succeeded", (done, svc.logs())
         hp = done["hyperparameters"]
@@ -267,8 +278,9 @@ def check_idempotency(svc: Service) -> None:
     assert len({r["id"] for _, r in results}) == 1
     listed = svc.client.get("/jobs", params={"limit": 200}).json()["data"]
     assert len([j for j in listed if j["id"] == results[0][1]["id"]]) == 1
-    conflict = svc.client.post("/jobs", json={**body, "hyperparameters": {"epochs": 2}},
-                               headers={"Idempotency-Key": "same-key-1"})  # fmt: skip
+    conflict = svc.client.post(
+        "/jobs", json={**body, "hyperparameters": {"epochs": 2}}, headers={"Idempotency-Key": "same-key-1"}
+    )
     assert conflict.status_code == 422 and conflict.json()["error"]["type"] == "idempotency_conflict"
 
 
@@ -351,10 +363,18 @@ def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
     train_set, held_out = builtin_dataset()
     hp = resolve(Hyperparameters.model_validate({"epochs": 2, "lora_dropout": 0.0}), "builtin")
     return TrainingSpec(
-        job_id=1, base_model="builtin", base_source=str(model), dataset="builtin", dataset_sha256=None,
-        train=train_set[:24], validation=held_out[:3], hp=hp,
-        job_dir=tmp_path / name, adapter_dir=tmp_path / "adapters" / name, checkpoint_every=2,
-    )  # fmt: skip
+        job_id=1,
+        base_model="builtin",
+        base_source=str(model),
+        dataset="builtin",
+        dataset_sha256=None,
+        train=train_set[:24],
+        validation=held_out[:3],
+        hp=hp,
+        job_dir=tmp_path / name,
+        adapter_dir=tmp_path / "adapters" / name,
+        checkpoint_every=2,
+    )
 
 
 def test_resume_equivalence(tmp_path: Path, builtin_model_cache: Path) -> None:
@@ -376,5 +396,7 @@ def test_resume_equivalence(tmp_path: Path, builtin_model_cache: Path) -> None:
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= RESUME_TOLERANCE, worst
     assert [s for s, _ in straight["losses"]["step_loss"]] == [s for s, _ in resumed["losses"]["step_loss"]]
-    print(f"\nresume equivalence: max |weight difference| {worst:.2e} over {sum(t.numel() for t in a.values())} "
-          f"weights (tolerance {RESUME_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}")
+    print(
+        f"\nresume equivalence: max |weight difference| {worst:.2e} over {sum(t.numel() for t in a.values())} "
+        f"weights (tolerance {RESUME_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}"
+    )

@@ -94,9 +94,11 @@ def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any],
         labels = alone(model, tokenizer, prompt + LABEL_PREFIX_TEMPLATE.format(star=star), words)
         label = LABELS[max(range(3), key=labels.__getitem__)]
         reactions = alone(
-            model, tokenizer, prompt + REACTION_PREFIX_TEMPLATE.format(star=star, label=LABEL_WORDS[label]),
+            model,
+            tokenizer,
+            prompt + REACTION_PREFIX_TEMPLATE.format(star=star, label=LABEL_WORDS[label]),
             [REACTION_WORDS[r] for r in LABELS],
-        )  # fmt: skip
+        )
         assert (got.importance, got.label) == (star, label)
         assert got.market_reaction == REACTION_WORDS[LABELS[max(range(3), key=reactions.__getitem__)]]
         total = torch.logsumexp(torch.tensor(labels), 0)
@@ -125,7 +127,8 @@ class _CpuGraphs(ScoringGraphs):
 def _assert_same(got: list[Prediction], expected: list[Prediction]) -> None:
     """The same reading; probabilities to 1e-5 (padded rows change the matrix shapes, so the last bits may differ)."""
     assert [(p.label, p.importance, p.market_reaction) for p in got] == [
-        (p.label, p.importance, p.market_reaction) for p in expected]  # fmt: skip
+        (p.label, p.importance, p.market_reaction) for p in expected
+    ]
     for a, b in zip(got, expected, strict=True):
         assert a.probs == pytest.approx(b.probs, abs=1e-5)
 

@@ -80,11 +80,32 @@ def traversal_corpus(data_dir: Path) -> list[str]:
     if not escape.exists():
         escape.symlink_to("/etc", target_is_directory=True)  # a symlink out of the allowed root
     return [
-        "../../etc", "../builtin", "%2e%2e%2f%2e%2e%2fetc", "..%2F..%2Fetc", "%252e%252e%252f", "/etc", "/etc/passwd",
-        "/", str(models), f"{models}/../flashtune.db", f"{models}/../adapters", str(escape), f"{escape}/ssl",
-        "org/../../etc", "org/..", "..\\..\\windows", "~root/.ssh", "bad\x00name", "/etc\x00/models", "org//name",
-        "org/name/extra", "file:///etc/passwd", "http://evil.example/model", " org/name", "org/name\n",
-    ]  # fmt: skip
+        "../../etc",
+        "../builtin",
+        "%2e%2e%2f%2e%2e%2fetc",
+        "..%2F..%2Fetc",
+        "%252e%252e%252f",
+        "/etc",
+        "/etc/passwd",
+        "/",
+        str(models),
+        f"{models}/../flashtune.db",
+        f"{models}/../adapters",
+        str(escape),
+        f"{escape}/ssl",
+        "org/../../etc",
+        "org/..",
+        "..\\..\\windows",
+        "~root/.ssh",
+        "bad\x00name",
+        "/etc\x00/models",
+        "org//name",
+        "org/name/extra",
+        "file:///etc/passwd",
+        "http://evil.example/model",
+        " org/name",
+        "org/name\n",
+    ]
 
 
 def hostile_requests(data_dir: Path) -> list[tuple[str, str, dict[str, Any], int | tuple[int, ...]]]:
@@ -135,8 +156,12 @@ def hostile_requests(data_dir: Path) -> list[tuple[str, str, dict[str, Any], int
         ("GET", "/adapters/job-1/../../flashtune.db", {}, 404),
         ("POST", "/analyze", {"json": {"text": "x", "adapter": "../../etc/passwd"}}, 404),
         ("POST", "/analyze", {"json": {"text": "x", "adapter": "job-99999"}}, 404),
-        ("POST", "/v1/chat/completions", {"json": {"model": "../x", "messages": [{"role": "user", "content": "x"}]}},
-         404),  # fmt: skip
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"json": {"model": "../x", "messages": [{"role": "user", "content": "x"}]}},
+            404,
+        ),
         ("GET", "/no/such/route", {}, 404),
         ("DELETE", "/jobs", {}, 405),
     ]
@@ -189,8 +214,12 @@ def test_allowed_base_models_are_accepted(open_api: Service) -> None:
     inside_link = open_api.data_dir / "models" / "link-to-mine"
     if not inside_link.exists():
         inside_link.symlink_to(local, target_is_directory=True)
-    accepted = {"builtin": "builtin", "Qwen/Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
-                str(local): str(local.resolve()), str(inside_link): str(local.resolve())}  # fmt: skip
+    accepted = {
+        "builtin": "builtin",
+        "Qwen/Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+        str(local): str(local.resolve()),
+        str(inside_link): str(local.resolve()),
+    }
     for name, stored in accepted.items():
         job = open_api.post_job(base_model=name)
         assert job["base_model"] == stored
@@ -211,8 +240,13 @@ def test_request_ids_and_rate_limiter(open_api: Service) -> None:
 
 
 def test_analyze_rate_limit_and_queue_limit_answer_429(tmp_path: Path, builtin_model_cache: Path) -> None:
-    svc = start(tmp_path, builtin_model_cache, FLASHTUNE_ANALYZE_RATE_LIMIT_PER_MINUTE="1",
-                FLASHTUNE_ANALYZE_RATE_LIMIT_BURST="2", FLASHTUNE_MAX_QUEUED_JOBS="2")  # fmt: skip
+    svc = start(
+        tmp_path,
+        builtin_model_cache,
+        FLASHTUNE_ANALYZE_RATE_LIMIT_PER_MINUTE="1",
+        FLASHTUNE_ANALYZE_RATE_LIMIT_BURST="2",
+        FLASHTUNE_MAX_QUEUED_JOBS="2",
+    )
     try:
         statuses = [svc.client.post("/analyze", json={}).status_code for _ in range(2)]
         assert statuses == [422, 422]
@@ -283,8 +317,9 @@ def plant_adapter(svc: Service, files: dict[str, bytes]) -> str:
     job_id = svc.post_job()["id"]
     name = f"job-{job_id}"
     with sqlite3.connect(svc.data_dir / "flashtune.db") as db:
-        db.execute("UPDATE jobs SET status='succeeded', adapter=?, finished_at=CURRENT_TIMESTAMP WHERE id=?",
-                   (name, job_id))  # fmt: skip
+        db.execute(
+            "UPDATE jobs SET status='succeeded', adapter=?, finished_at=CURRENT_TIMESTAMP WHERE id=?", (name, job_id)
+        )
     folder = svc.data_dir / "adapters" / name
     folder.mkdir(parents=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
@@ -298,9 +333,13 @@ def test_a_pickle_posing_as_an_adapter_is_refused_and_never_runs(open_api: Servi
     marker = open_api.data_dir / "PICKLE_RAN"
     payload = pickle.dumps(_Payload(marker))
     fake = b"\x00" * 16
-    plants = [{"adapter_model.bin": payload}, {"adapter_model.safetensors": fake, "adapter_model.bin": payload},
-              {"adapter_model.safetensors": fake, "optimizer.pt": payload}, {"pytorch_model.pkl": payload},
-              {"adapter_model.safetensors": fake}]  # the last one becomes a symlink out of the adapters root
+    plants = [
+        {"adapter_model.bin": payload},
+        {"adapter_model.safetensors": fake, "adapter_model.bin": payload},
+        {"adapter_model.safetensors": fake, "optimizer.pt": payload},
+        {"pytorch_model.pkl": payload},
+        {"adapter_model.safetensors": fake},
+    ]  # the last one becomes a symlink out of the adapters root
     names = [plant_adapter(open_api, files) for files in plants]
     escape = open_api.data_dir / "adapters" / names[-1]
     shutil.rmtree(escape)
@@ -331,9 +370,27 @@ def run_schemathesis(svc: Service, *extra: str) -> subprocess.CompletedProcess[s
     tool, not of the server, which passed on re-run; two threads parsing at once is the likely cause. One worker
     took as long here (110 s for both runs)."""
     checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-    args = [sys.executable, "-m", "schemathesis.cli", "run", f"{svc.url}/openapi.json", "--checks", checks,
-            "--max-examples", "50", "--seed", "7", "--workers", "1",
-            "--suppress-health-check", "all", "--request-timeout", "60", "--no-color", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{svc.url}/openapi.json",
+        "--checks",
+        checks,
+        "--max-examples",
+        "50",
+        "--seed",
+        "7",
+        "--workers",
+        "1",
+        "--suppress-health-check",
+        "all",
+        "--request-timeout",
+        "60",
+        "--no-color",
+        *extra,
+    ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=svc.data_dir)
 
@@ -345,8 +402,11 @@ def test_schemathesis_finds_no_server_errors(auth: bool, request: pytest.Fixture
     svc: Service = request.getfixturevalue("keyed_api" if auth else "open_api")
     # The open run adds the coverage phase (boundary values of every parameter); the keyed run reaches the same
     # code once past the key, so fuzzing alone keeps its runtime down.
-    extra = ["--header", f"Authorization: Bearer {KEY}", "--phases", "examples,fuzzing"] if auth else [
-        "--phases", "examples,coverage,fuzzing"]  # fmt: skip
+    extra = (
+        ["--header", f"Authorization: Bearer {KEY}", "--phases", "examples,fuzzing"]
+        if auth
+        else ["--phases", "examples,coverage,fuzzing"]
+    )
     result = run_schemathesis(svc, *extra)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:] + svc.logs()
     assert svc.client.get("/healthz").status_code == 200

@@ -133,8 +133,10 @@ def test_metadata_and_market_context(served: tuple[Service, str, str]) -> None:
     assert len(_analyze(svc, {**body, "adapter": "none"})["context_used"]) == 8
 
     # batch items: plain strings and objects, mixed
-    batch = svc.client.post("/analyze/batch", json={"items": [text, {"text": text, "metadata": metadata}],
-                                                    "adapter": flipped, "max_new_tokens": 0})  # fmt: skip
+    batch = svc.client.post(
+        "/analyze/batch",
+        json={"items": [text, {"text": text, "metadata": metadata}], "adapter": flipped, "max_new_tokens": 0},
+    )
     assert batch.status_code == 200, batch.text
     first, second = batch.json()["data"]
     assert first["context_used"] == [] and second["context_used"] == seen
@@ -246,9 +248,12 @@ def test_openai_client(served: tuple[Service, str, str]) -> None:
     )
     whole_request = time.perf_counter() - started
     stream = client.chat.completions.create(
-        model=normal, messages=[{"role": "user", "content": "美联储宣布加息25个基点"}], max_tokens=60, stream=True,
+        model=normal,
+        messages=[{"role": "user", "content": "美联储宣布加息25个基点"}],
+        max_tokens=60,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = [(time.perf_counter(), c) for c in stream]
     assert chunks[-1][1].usage == completion.usage and not chunks[-1][1].choices  # the counts come last
     assert chunks[-2][1].choices[0].finish_reason == completion.choices[0].finish_reason

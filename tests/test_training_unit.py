@@ -18,11 +18,18 @@ from workers.training.recipe import Hooks, TrainingSpec, tokenize, train
 def _spec(tmp_path: Path, model: Path, steps_examples: int = 16, **hp: object) -> TrainingSpec:
     train_set, held_out = builtin_dataset()
     return TrainingSpec(
-        job_id=1, base_model="builtin", base_source=str(model), dataset="builtin", dataset_sha256=None,
-        train=train_set[:steps_examples], validation=held_out[:6],
+        job_id=1,
+        base_model="builtin",
+        base_source=str(model),
+        dataset="builtin",
+        dataset_sha256=None,
+        train=train_set[:steps_examples],
+        validation=held_out[:6],
         hp=resolve(Hyperparameters.model_validate({"epochs": 1, **hp}), "builtin"),
-        job_dir=tmp_path / "job", adapter_dir=tmp_path / "adapters" / "job-1", checkpoint_every=2,
-    )  # fmt: skip
+        job_dir=tmp_path / "job",
+        adapter_dir=tmp_path / "adapters" / "job-1",
+        checkpoint_every=2,
+    )
 
 
 def test_lora_moves_and_base_stays(tmp_path: Path, builtin_model_cache: Path) -> None:

@@ -85,8 +85,9 @@ class _Reporter:
         if not force and now - self.last_write < self.interval:
             return
         self.last_write = now
-        self._guarded(lambda session: jobstore.update_progress(session, self.job_id, self.worker_id,
-                                                                self.last_progress))  # fmt: skip
+        self._guarded(
+            lambda session: jobstore.update_progress(session, self.job_id, self.worker_id, self.last_progress)
+        )
 
     def event(self, type: str, message: str, data: dict[str, Any]) -> None:
         def write(session: Session) -> None:
@@ -151,8 +152,9 @@ def _error(type: str, message: str, hint: str | None) -> dict[str, Any]:
     return {"type": type, "message": message, "hint": hint}
 
 
-def run_attempt(settings: Settings, job_id: int, worker_id: str, dist: Distributed = SINGLE,
-                spec: TrainingSpec | None = None) -> Outcome:  # fmt: skip
+def run_attempt(
+    settings: Settings, job_id: int, worker_id: str, dist: Distributed = SINGLE, spec: TrainingSpec | None = None
+) -> Outcome:
     """Train one attempt of a job and classify how it ended.
 
     Multi-GPU: in the child this launches the ranks and returns their combined outcome; in a rank (``dist``,
@@ -184,11 +186,19 @@ def run_attempt(settings: Settings, job_id: int, worker_id: str, dist: Distribut
     except ModelLoadError as exc:
         return Outcome("failed", _error("base_model_error", str(exc), "check base_model and FLASHTUNE_DEVICE"))
     except DBAPIError as exc:  # the database went away while loading the job: retry later
-        return Outcome("failed", _error("database_error", f"{type(exc).__name__}: {exc.orig}",
-                                        "check FLASHTUNE_DATABASE_URL"), retryable=True)  # fmt: skip
+        return Outcome(
+            "failed",
+            _error("database_error", f"{type(exc).__name__}: {exc.orig}", "check FLASHTUNE_DATABASE_URL"),
+            retryable=True,
+        )
     except OSError as exc:  # disk full, unwritable DATA_DIR, network file system hiccups
-        return Outcome("failed", _error("io_error", f"{type(exc).__name__}: {exc}", "check free space and "
-                                        "permissions of FLASHTUNE_DATA_DIR"), retryable=True)  # fmt: skip
+        return Outcome(
+            "failed",
+            _error(
+                "io_error", f"{type(exc).__name__}: {exc}", "check free space and permissions of FLASHTUNE_DATA_DIR"
+            ),
+            retryable=True,
+        )
     except Exception as exc:  # an unexpected fault in training: final, with the reason
         last = traceback.extract_tb(exc.__traceback__)[-1]
         message = f"{type(exc).__name__}: {exc} (in {last.name})"
@@ -214,8 +224,9 @@ def _world_size(settings: Settings) -> int:
     return distributed.resolve_world_size(settings.gpus, pick_device(settings.device))
 
 
-def _launch_ranks(settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, world: int,
-                  reporter: _Reporter) -> Outcome:  # fmt: skip
+def _launch_ranks(
+    settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, world: int, reporter: _Reporter
+) -> Outcome:
     """Train the attempt over ``world`` ranks started by torchrun's launcher; this process is the launcher."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)  # one process group with the ranks: the worker kills it as a whole when it must kill
@@ -238,8 +249,9 @@ class RankStopped(Exception):
     """A rank ended without success: exiting non-zero makes torchrun stop the other ranks at once."""
 
 
-def rank_main(settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, run_dir: str,
-              launcher_pid: int) -> None:  # fmt: skip
+def rank_main(
+    settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, run_dir: str, launcher_pid: int
+) -> None:
     """One rank of a multi-GPU attempt (started by ``workers.training.distributed.launch``): train, then report to a
     file."""
     logs.configure(json_lines=settings.log_json)  # like the child: a spawned rank starts without logging set up

@@ -40,10 +40,14 @@ def decide(outcome: Outcome, attempts: int, max_attempts: int, micro_batch: int)
         return Decision("retry", 0.0, {"type": "interrupted", "message": "worker stopped; job requeued", "hint": None})
     if outcome.status == "oom":
         if micro_batch <= 1:
-            return Decision("fail", error={
-                "type": "out_of_memory", "message": "out of GPU memory at micro-batch 1",
-                "hint": "lower hyperparameters.max_length, use quantization 'nf4', or a GPU with more memory",
-            })  # fmt: skip
+            return Decision(
+                "fail",
+                error={
+                    "type": "out_of_memory",
+                    "message": "out of GPU memory at micro-batch 1",
+                    "hint": "lower hyperparameters.max_length, use quantization 'nf4', or a GPU with more memory",
+                },
+            )
         half = micro_batch // 2
         message = f"out of GPU memory at micro-batch {micro_batch}; retrying with {half} and twice the accumulation"
         return Decision("retry", 0.0, {"type": "out_of_memory", "message": message, "hint": None}, half)

@@ -129,9 +129,14 @@ class Worker:
             log.warning("job %s: lease lost (cancelled or taken over); nothing recorded", job.id)
             return
         if outcome is None:
-            outcome = Outcome("crashed", {"type": "worker_lost", "message": _exit_reason(child.exitcode),
-                                          "hint": "the job is retried; if it keeps crashing, lower batch_size "
-                                          "or max_length"})  # fmt: skip
+            outcome = Outcome(
+                "crashed",
+                {
+                    "type": "worker_lost",
+                    "message": _exit_reason(child.exitcode),
+                    "hint": "the job is retried; if it keeps crashing, lower batch_size or max_length",
+                },
+            )
         self._record(job, outcome)
 
     def _supervise(self, job_id: int, child: Any) -> bool:
@@ -174,10 +179,12 @@ class Worker:
                     jobstore.fail(session, job.id, self.worker_id, decision.error or {})
                 else:
                     if decision.new_micro_batch is not None:
-                        changed = hp.model_copy(update={
-                            "micro_batch_size": decision.new_micro_batch,
-                            "gradient_accumulation_steps": hp.gradient_accumulation_steps * 2,
-                        })  # fmt: skip
+                        changed = hp.model_copy(
+                            update={
+                                "micro_batch_size": decision.new_micro_batch,
+                                "gradient_accumulation_steps": hp.gradient_accumulation_steps * 2,
+                            }
+                        )
                         jobstore.update_hyperparameters(session, job.id, self.worker_id, changed.model_dump())
                     jobstore.retry(session, job.id, self.worker_id, decision.error or {}, decision.delay_seconds)
         except jobstore.LeaseLost:
@@ -198,8 +205,11 @@ def job_process_context(start: str) -> ForkServerContext | SpawnContext:
         probe.join()
         if probe.exitcode == 0:
             return context
-        log.warning("job processes start as fresh interpreters: a process forked from the preloaded fork server "
-                    "could not use CUDA (exit code %s)", probe.exitcode)  # fmt: skip
+        log.warning(
+            "job processes start as fresh interpreters: a process forked from the preloaded fork server "
+            "could not use CUDA (exit code %s)",
+            probe.exitcode,
+        )
     return multiprocessing.get_context("spawn")
 
 

@@ -133,27 +133,61 @@ def collect_jobs(session: Session, now: datetime | None = None) -> JobFigures:
 
 
 def render(jobs: JobFigures, base_model: str, model_loaded: bool, adapters: Sequence[str]) -> str:
-    speeds = [sample("flashtune_training_tokens_per_second", v, {"job_id": str(k)})
-              for k, v in sorted(jobs.tokens_per_second.items())]  # fmt: skip
+    speeds = [
+        sample("flashtune_training_tokens_per_second", v, {"job_id": str(k)})
+        for k, v in sorted(jobs.tokens_per_second.items())
+    ]
     lines = [
-        *family("flashtune_jobs", "gauge", "Jobs by status.",
-                [sample("flashtune_jobs", n, {"status": s}) for s, n in jobs.by_status.items()]),
-        *family("flashtune_queue_depth", "gauge", "Queued jobs, including those waiting out a retry backoff.",
-                [sample("flashtune_queue_depth", jobs.queue_depth)]),
-        *family("flashtune_queue_runnable", "gauge", "Queued jobs that a free worker would claim now.",
-                [sample("flashtune_queue_runnable", jobs.runnable)]),
-        *family("flashtune_queue_wait_seconds", "gauge", "How long the oldest runnable queued job has waited.",
-                [sample("flashtune_queue_wait_seconds", jobs.oldest_wait_seconds)]),
+        *family(
+            "flashtune_jobs",
+            "gauge",
+            "Jobs by status.",
+            [sample("flashtune_jobs", n, {"status": s}) for s, n in jobs.by_status.items()],
+        ),
+        *family(
+            "flashtune_queue_depth",
+            "gauge",
+            "Queued jobs, including those waiting out a retry backoff.",
+            [sample("flashtune_queue_depth", jobs.queue_depth)],
+        ),
+        *family(
+            "flashtune_queue_runnable",
+            "gauge",
+            "Queued jobs that a free worker would claim now.",
+            [sample("flashtune_queue_runnable", jobs.runnable)],
+        ),
+        *family(
+            "flashtune_queue_wait_seconds",
+            "gauge",
+            "How long the oldest runnable queued job has waited.",
+            [sample("flashtune_queue_wait_seconds", jobs.oldest_wait_seconds)],
+        ),
         *family("flashtune_training_tokens_per_second", "gauge", "Training throughput of each running job.", speeds),
-        *family("flashtune_training_tokens_per_second_total", "gauge", "Training throughput of all running jobs.",
-                [sample("flashtune_training_tokens_per_second_total", sum(jobs.tokens_per_second.values()))]),
-        *family("flashtune_model_loaded", "gauge", "1 when the serving base model is in memory.",
-                [sample("flashtune_model_loaded", int(model_loaded), {"base_model": base_model})]),
-        *family("flashtune_loaded_adapters", "gauge", "Adapters attached to the serving model.",
-                [sample("flashtune_loaded_adapters", len(adapters))]),
-        *family("flashtune_adapter_loaded", "gauge", "1 for each adapter attached to the serving model.",
-                [sample("flashtune_adapter_loaded", 1, {"adapter": name}) for name in sorted(adapters)]),
+        *family(
+            "flashtune_training_tokens_per_second_total",
+            "gauge",
+            "Training throughput of all running jobs.",
+            [sample("flashtune_training_tokens_per_second_total", sum(jobs.tokens_per_second.values()))],
+        ),
+        *family(
+            "flashtune_model_loaded",
+            "gauge",
+            "1 when the serving base model is in memory.",
+            [sample("flashtune_model_loaded", int(model_loaded), {"base_model": base_model})],
+        ),
+        *family(
+            "flashtune_loaded_adapters",
+            "gauge",
+            "Adapters attached to the serving model.",
+            [sample("flashtune_loaded_adapters", len(adapters))],
+        ),
+        *family(
+            "flashtune_adapter_loaded",
+            "gauge",
+            "1 for each adapter attached to the serving model.",
+            [sample("flashtune_adapter_loaded", 1, {"adapter": name}) for name in sorted(adapters)],
+        ),
         *ANALYZE_LATENCY.render(),
         *ANALYZE_BATCH_SIZE.render(),
-    ]  # fmt: skip
+    ]
     return "\n".join(lines) + "\n"

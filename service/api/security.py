@@ -269,4 +269,3 @@ def install(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(UnsafeAdapterError)
     async def _unsafe_adapter(_request: Request, exc: UnsafeAdapterError) -> JSONResponse:
         return _error(409, "unsafe_adapter", str(exc))
-

@@ -33,16 +33,28 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 2.0
     poll_seconds: float = 1.0
     max_attempts: int = 3
-    gpus: str = Field(default="1", pattern=r"^(all|[1-9][0-9]*)$", description="GPUs one job trains on: a number "
-                      "or 'all'; more than 1 runs the job through torchrun (NCCL on CUDA; gloo processes on CPU)")
-    gpu: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. '0' or "
-                            "'0,1': one worker per GPU is the other way to use several GPUs")  # fmt: skip
-    gpu_memory_gib: float | None = Field(default=None, gt=0, description="GPU memory one training job may use "
-                                         "(e.g. 7 to share a card or to fit a 16 GB one); default: all that is free")
+    gpus: str = Field(
+        default="1",
+        pattern=r"^(all|[1-9][0-9]*)$",
+        description="GPUs one job trains on: a number "
+        "or 'all'; more than 1 runs the job through torchrun (NCCL on CUDA; gloo processes on CPU)",
+    )
+    gpu: str | None = Field(
+        default=None,
+        description="CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. '0' or "
+        "'0,1': one worker per GPU is the other way to use several GPUs",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="GPU memory one training job may use "
+        "(e.g. 7 to share a card or to fit a 16 GB one); default: all that is free",
+    )
     job_process_start: Literal["forkserver", "spawn"] = Field(
-        default="forkserver", description="how each job's training process starts: forked from a server that has "
-        "imported torch and transformers once (workers/preload.py), or as a fresh interpreter ('spawn')"
-    )  # fmt: skip
+        default="forkserver",
+        description="how each job's training process starts: forked from a server that has "
+        "imported torch and transformers once (workers/preload.py), or as a fresh interpreter ('spawn')",
+    )
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
 
@@ -50,35 +62,42 @@ class Settings(BaseSettings):
     max_loaded_adapters: int = Field(default=8, ge=1)
     batch_max_size: int = Field(default=32, ge=1, description="1 turns micro-batching off")
     batch_wait_ms: float = Field(
-        default=0.0, ge=0, description="how long a micro-batch waits for company after its first request; requests "
-        "that queue up while a pass runs share the next one anyway (0 measured faster on an H200: docs/benchmarks.md)"
-    )  # fmt: skip
+        default=0.0,
+        ge=0,
+        description="how long a micro-batch waits for company after its first request; requests "
+        "that queue up while a pass runs share the next one anyway (0 measured faster on an H200: docs/benchmarks.md)",
+    )
     max_batch_items: int = Field(default=64, ge=1, description="items in one POST /analyze/batch")
     serve_quantization: Literal["auto", "nf4", "none"] = Field(
         default="auto", description="the served base: auto = NF4 on CUDA, float32 on CPU; none = bf16 on CUDA"
     )
     serve_dense_nf4: bool = Field(
-        default=True, description="on CUDA, an NF4 base keeps each weight's bf16 copy, dequantised once, when the "
-        "copies take at most half the free GPU memory: no dequantising per pass, ~4x the NF4 weights' memory"
-    )  # fmt: skip
+        default=True,
+        description="on CUDA, an NF4 base keeps each weight's bf16 copy, dequantised once, when the "
+        "copies take at most half the free GPU memory: no dequantising per pass, ~4x the NF4 weights' memory",
+    )
     serve_merged: str = Field(
-        default="", description="adapters served merged into an unquantised copy of the base: names, comma-separated, "
-        "or 'all'; empty: none (every adapter attached to the one base)"
-    )  # fmt: skip
+        default="",
+        description="adapters served merged into an unquantised copy of the base: names, comma-separated, "
+        "or 'all'; empty: none (every adapter attached to the one base)",
+    )
     max_merged_models: int = Field(default=1, ge=1, description="merged copies kept in memory (each a whole model)")
     cuda_graph_scoring: bool = Field(
-        default=True, description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
-        "bucket and adapter, captured on first use)"
-    )  # fmt: skip
+        default=True,
+        description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
+        "bucket and adapter, captured on first use)",
+    )
     cuda_graph_decoding: bool = Field(
-        default=True, description="on CUDA, generation decodes greedily with a static KV cache and each step "
+        default=True,
+        description="on CUDA, generation decodes greedily with a static KV cache and each step "
         "replayed from a CUDA graph (per batch size and cache length, and per adapter on the attached base; captured "
-        "on first use in a few eager steps); mixed-adapter batches decode with generate()"
-    )  # fmt: skip
+        "on first use in a few eager steps); mixed-adapter batches decode with generate()",
+    )
     fused_kernels: bool = Field(
-        default=True, description="on CUDA, served Llama-family models use Liger's fused RMSNorm, RoPE and SwiGLU "
-        "kernels (where liger-kernel is installed)"
-    )  # fmt: skip
+        default=True,
+        description="on CUDA, served Llama-family models use Liger's fused RMSNorm, RoPE and SwiGLU "
+        "kernels (where liger-kernel is installed)",
+    )
 
     # Limits
     max_upload_bytes: int = 200 * 1024 * 1024

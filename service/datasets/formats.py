@@ -208,9 +208,12 @@ def parse_csv(data: bytes, options: Options) -> Parsed:
                 parsed.rejected.append({"line": start, "reason": str(exc)})
                 continue
             parsed.examples.append(Example(instruction, model_input, render_response(label, star)))
-    parsed.extra["columns"] = {"text": header[text_at], "label": header[label_at],
-                               "star": header[star_at] if star_at is not None else None,
-                               "input_fields": {name: header[at] for name, at in field_at.items()}}  # fmt: skip
+    parsed.extra["columns"] = {
+        "text": header[text_at],
+        "label": header[label_at],
+        "star": header[star_at] if star_at is not None else None,
+        "input_fields": {name: header[at] for name, at in field_at.items()},
+    }
     return parsed
 
 
@@ -222,8 +225,10 @@ def _input_columns(header: list[str], options: Options) -> dict[str, int]:
         name, _, column = str(entry).partition("=")
         name, column = name.strip(), column.strip() or name.strip()
         if name not in INPUT_FIELDS:
-            raise DatasetError(f"option 'input_fields': unknown field {name!r} (known: {', '.join(INPUT_FIELDS)})",
-                               {"option": "input_fields", "allowed": list(INPUT_FIELDS)})  # fmt: skip
+            raise DatasetError(
+                f"option 'input_fields': unknown field {name!r} (known: {', '.join(INPUT_FIELDS)})",
+                {"option": "input_fields", "allowed": list(INPUT_FIELDS)},
+            )
         found[name] = _column(header, column, (), "input_fields")
     return found
 

@@ -70,21 +70,27 @@ def read_options(options: Options) -> ImportOptions:
     sources = tuple(str(s).strip() for s in options.items("sources", list(SOURCES)))
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
-        raise DatasetError(f"option 'sources' must list some of {', '.join(SOURCES)}, got {list(sources)}",
-                           {"option": "sources", "allowed": list(SOURCES)})  # fmt: skip
+        raise DatasetError(
+            f"option 'sources' must list some of {', '.join(SOURCES)}, got {list(sources)}",
+            {"option": "sources", "allowed": list(SOURCES)},
+        )
     input_fields = tuple(str(f).strip() for f in options.items("input_fields", list(DEFAULT_INPUT_FIELDS)))
     bad = [f for f in input_fields if f not in METADATA_FIELDS]
     if bad:
-        raise DatasetError(f"option 'input_fields' may list {', '.join(METADATA_FIELDS)} (the database has no "
-                           f"{bad[0]!r})", {"option": "input_fields", "allowed": list(METADATA_FIELDS)})  # fmt: skip
+        raise DatasetError(
+            f"option 'input_fields' may list {', '.join(METADATA_FIELDS)} (the database has no {bad[0]!r})",
+            {"option": "input_fields", "allowed": list(METADATA_FIELDS)},
+        )
     thresholds = _pair(options, "thresholds", None, low=None, high=None)
     rule = options.text("label_rule", "fixed" if thresholds else "quantile")
     if rule not in ("quantile", "fixed"):
         raise DatasetError("option 'label_rule' must be 'quantile' or 'fixed'", {"option": "label_rule"})
     quantiles = _pair(options, "quantiles", (0.3, 0.7), low=0.0, high=1.0)
     if rule == "fixed" and thresholds is None:
-        raise DatasetError("label_rule 'fixed' needs the option 'thresholds' [low, high] (returns, e.g. "
-                           "[-0.0004, 0.0004])", {"option": "thresholds"})  # fmt: skip
+        raise DatasetError(
+            "label_rule 'fixed' needs the option 'thresholds' [low, high] (returns, e.g. [-0.0004, 0.0004])",
+            {"option": "thresholds"},
+        )
     if rule == "quantile" and thresholds is not None:
         raise DatasetError("option 'thresholds' applies only with label_rule 'fixed'", {"option": "thresholds"})
     return ImportOptions(
@@ -102,8 +108,9 @@ def read_options(options: Options) -> ImportOptions:
     )
 
 
-def _pair(options: Options, name: str, default: tuple[float, float] | None, low: float | None,
-          high: float | None) -> tuple[float, float] | None:  # fmt: skip
+def _pair(
+    options: Options, name: str, default: tuple[float, float] | None, low: float | None, high: float | None
+) -> tuple[float, float] | None:
     """Two ascending numbers, from a JSON list or a form field "a,b"."""
     values = options.items(name, list(default) if default else [])
     if not values:
@@ -112,10 +119,16 @@ def _pair(options: Options, name: str, default: tuple[float, float] | None, low:
         pair = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         pair = ()
-    if (len(pair) != 2 or not pair[0] < pair[1] or (low is not None and pair[0] < low)
-            or (high is not None and pair[1] > high)):  # fmt: skip
-        raise DatasetError(f"option {name!r} must be two ascending numbers [low, high], got {values!r}",
-                           {"option": name, "value": values})  # fmt: skip
+    if (
+        len(pair) != 2
+        or not pair[0] < pair[1]
+        or (low is not None and pair[0] < low)
+        or (high is not None and pair[1] > high)
+    ):
+        raise DatasetError(
+            f"option {name!r} must be two ascending numbers [low, high], got {values!r}",
+            {"option": name, "value": values},
+        )
     return pair[0], pair[1]
 
 
@@ -133,13 +146,20 @@ def parse_sqlite(data: bytes, options: Options) -> Parsed:
     parsed.examples = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in train]
     parsed.validation = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in validation]
     parsed.extra["import"] = {
-        "ticker": opts.ticker, "window_min": opts.window_min, "sources": list(opts.sources),
-        "min_star": opts.min_star, "label_rule": opts.label_rule, "input_fields": list(opts.input_fields),
+        "ticker": opts.ticker,
+        "window_min": opts.window_min,
+        "sources": list(opts.sources),
+        "min_star": opts.min_star,
+        "label_rule": opts.label_rule,
+        "input_fields": list(opts.input_fields),
         "quantiles": list(opts.cut) if opts.label_rule == "quantile" else None,
         "thresholds": {"low": low, "high": high},
-        "events_matched": len(events), "limit": opts.limit, "seed": opts.seed,
-        "train": _period(train), "validation": _period(validation),
-    }  # fmt: skip
+        "events_matched": len(events),
+        "limit": opts.limit,
+        "seed": opts.seed,
+        "train": _period(train),
+        "validation": _period(validation),
+    }
     return parsed
 
 
@@ -176,8 +196,11 @@ def _authorize(action: int, arg1: str | None, _arg2: str | None, _db: str | None
 
 
 def _event_columns(sources: tuple[str, ...], input_fields: tuple[str, ...]) -> tuple[str, ...]:
-    return (EVENT_COLUMNS + (CALENDAR_COLUMNS if "calendar" in sources else ())
-            + tuple(c for c in INPUT_COLUMNS if c in input_fields))  # fmt: skip
+    return (
+        EVENT_COLUMNS
+        + (CALENDAR_COLUMNS if "calendar" in sources else ())
+        + tuple(c for c in INPUT_COLUMNS if c in input_fields)
+    )
 
 
 def check_schema(
@@ -188,8 +211,10 @@ def check_schema(
     event_columns = _event_columns(sources, input_fields)
     for table, needed in (("events", event_columns), ("event_impacts", IMPACT_COLUMNS)):
         if table not in tables:
-            raise DatasetError(f"the database has no table '{table}' (tables: {', '.join(tables) or 'none'})",
-                               {"table": table, "tables": tables})  # fmt: skip
+            raise DatasetError(
+                f"the database has no table '{table}' (tables: {', '.join(tables) or 'none'})",
+                {"table": table, "tables": tables},
+            )
         # PRAGMA takes no bound parameters; ``table`` is one of the two allow-listed names above, not user input.
         columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
         missing = [c for c in needed if c not in columns]
@@ -219,8 +244,15 @@ def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> li
         except ValueError as exc:  # a field value render_input refuses (too long, a line break)
             parsed.rejected.append({"event_id": row["event_id"], "reason": str(exc)})
             continue
-        problem = ("no ts_utc" if not row["ts_utc"] else "no return (ret is NULL)" if row["ret"] is None
-                   else "empty text" if not text else None)  # fmt: skip
+        problem = (
+            "no ts_utc"
+            if not row["ts_utc"]
+            else "no return (ret is NULL)"
+            if row["ret"] is None
+            else "empty text"
+            if not text
+            else None
+        )
         if problem:
             parsed.rejected.append({"event_id": row["event_id"], "reason": problem})
             continue
@@ -285,8 +317,9 @@ def label_of(ret: float, low: float, high: float) -> Label:
     return "bearish" if ret < low else "bullish" if ret > high else "neutral"
 
 
-def sample(train: list[Event], validation: list[Event], limit: int | None,
-           seed: int) -> tuple[list[Event], list[Event]]:  # fmt: skip
+def sample(
+    train: list[Event], validation: list[Event], limit: int | None, seed: int
+) -> tuple[list[Event], list[Event]]:
     """At most ``limit`` events, drawn with ``seed`` from each side in proportion; time order kept."""
     total = len(train) + len(validation)
     if limit is None or limit >= total:
@@ -306,5 +339,8 @@ def _example(event: Event, label: Label, instruction: str) -> Example:
 
 
 def _period(events: list[Event]) -> dict[str, Any]:
-    return {"events": len(events), "from": events[0].ts_utc if events else None,
-            "until": events[-1].ts_utc if events else None}  # fmt: skip
+    return {
+        "events": len(events),
+        "from": events[0].ts_utc if events else None,
+        "until": events[-1].ts_utc if events else None,
+    }

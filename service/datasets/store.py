@@ -44,9 +44,13 @@ def label_stats(examples: list[Example]) -> tuple[dict[str, int], int]:
 
 
 def save_upload(
-    settings: Settings, session: Session, data: bytes, filename: str | None,
-    format: str | None = None, options: dict[str, Any] | None = None,
-) -> Dataset:  # fmt: skip
+    settings: Settings,
+    session: Session,
+    data: bytes,
+    filename: str | None,
+    format: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Dataset:
     """Parse, store and register an upload; the same content and options give the same dataset."""
     sha256 = hashlib.sha256(data).hexdigest()
     parsed = parse(data, format, options)
@@ -68,9 +72,13 @@ def save_upload(
         "input_fields": input_fields_used(e.input for e in parsed.examples + parsed.validation),
     }
     dataset = Dataset(
-        id=ds_id, sha256=sha256, format=parsed.format, filename=filename,
-        num_examples=len(parsed.examples) + len(parsed.validation), stats=stats,
-    )  # fmt: skip
+        id=ds_id,
+        sha256=sha256,
+        format=parsed.format,
+        filename=filename,
+        num_examples=len(parsed.examples) + len(parsed.validation),
+        stats=stats,
+    )
     try:
         with session.begin_nested():  # the row is inserted here, so a concurrent twin is found now, not at commit
             session.add(dataset)
@@ -107,13 +115,22 @@ def _write_atomically(folder: Path, data: bytes, parsed: Parsed) -> None:
 def to_public(dataset: Dataset) -> DatasetPublic:
     s = dataset.stats
     return DatasetPublic(
-        id=dataset.id, format=dataset.format, filename=dataset.filename, num_examples=dataset.num_examples,
-        num_validation=s.get("num_validation", 0), label_distribution=s.get("label_distribution", {}),
-        unlabelled=s.get("unlabelled", 0), duplicates_removed=s.get("duplicates_removed", 0),
-        rejected=s.get("rejected", []), rejected_count=s.get("rejected_count", 0), options=s.get("options", {}),
-        details=s.get("details", {}), input_fields=s.get("input_fields", []), sha256=dataset.sha256,
+        id=dataset.id,
+        format=dataset.format,
+        filename=dataset.filename,
+        num_examples=dataset.num_examples,
+        num_validation=s.get("num_validation", 0),
+        label_distribution=s.get("label_distribution", {}),
+        unlabelled=s.get("unlabelled", 0),
+        duplicates_removed=s.get("duplicates_removed", 0),
+        rejected=s.get("rejected", []),
+        rejected_count=s.get("rejected_count", 0),
+        options=s.get("options", {}),
+        details=s.get("details", {}),
+        input_fields=s.get("input_fields", []),
+        sha256=dataset.sha256,
         created_at=dataset.created_at,
-    )  # fmt: skip
+    )
 
 
 def load_examples(

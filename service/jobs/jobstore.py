@@ -84,8 +84,13 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
         return None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    add_event(session, job_id, "started", f"attempt {job.attempts} started on worker {worker_id}",
-              {"worker_id": worker_id, "attempt": job.attempts})  # fmt: skip
+    add_event(
+        session,
+        job_id,
+        "started",
+        f"attempt {job.attempts} started on worker {worker_id}",
+        {"worker_id": worker_id, "attempt": job.attempts},
+    )
     return job
 
 
@@ -110,10 +115,16 @@ def succeed(session: Session, job_id: int, worker_id: str, adapter: str, progres
     _guarded(
         session,
         _held_by(job_id, worker_id),
-        {"status": JobStatus.succeeded, "adapter": adapter, "finished_at": utcnow(), "error": None,
-         "progress": progress, "worker_id": None},
+        {
+            "status": JobStatus.succeeded,
+            "adapter": adapter,
+            "finished_at": utcnow(),
+            "error": None,
+            "progress": progress,
+            "worker_id": None,
+        },
         LeaseLost(f"job {job_id}"),
-    )  # fmt: skip
+    )
     add_event(session, job_id, "succeeded", f"job succeeded; adapter {adapter} is being served", {"adapter": adapter})
 
 
@@ -131,10 +142,15 @@ def retry(session: Session, job_id: int, worker_id: str, error: dict[str, Any], 
     _guarded(
         session,
         _held_by(job_id, worker_id),
-        {"status": JobStatus.queued, "error": error, "worker_id": None, "heartbeat_at": None,
-         "run_after": utcnow() + timedelta(seconds=delay_seconds)},
+        {
+            "status": JobStatus.queued,
+            "error": error,
+            "worker_id": None,
+            "heartbeat_at": None,
+            "run_after": utcnow() + timedelta(seconds=delay_seconds),
+        },
         LeaseLost(f"job {job_id}"),
-    )  # fmt: skip
+    )
     add_event(session, job_id, "retrying", f"will retry in {delay_seconds:.0f} s: {error['message']}", error, "warning")
 
 
@@ -166,15 +182,22 @@ def requeue_stale(session: Session, lease_seconds: float, now: datetime | None =
     moved = []
     for job in stale:
         assert job.id is not None
-        lost = {"type": "worker_lost", "message": f"worker {job.worker_id} stopped heartbeating",
-                "hint": "the job is retried automatically"}  # fmt: skip
+        lost = {
+            "type": "worker_lost",
+            "message": f"worker {job.worker_id} stopped heartbeating",
+            "hint": "the job is retried automatically",
+        }
         exhausted = job.attempts >= job.max_attempts
         values: dict[str, Any] = (
-            {"status": JobStatus.failed, "finished_at": now, "worker_id": None,
-             "error": {**lost, "hint": f"gave up after {job.attempts} attempts; check the worker's logs"}}
+            {
+                "status": JobStatus.failed,
+                "finished_at": now,
+                "worker_id": None,
+                "error": {**lost, "hint": f"gave up after {job.attempts} attempts; check the worker's logs"},
+            }
             if exhausted
             else {"status": JobStatus.queued, "worker_id": None, "heartbeat_at": None, "run_after": now, "error": lost}
-        )  # fmt: skip
+        )
         where = and_(col(Job.id) == job.id, col(Job.status) == JobStatus.running, col(Job.heartbeat_at) < cutoff)
         if session.execute(update(Job).where(where).values(**values)).rowcount == 1:  # type: ignore[attr-defined]
             add_event(session, job.id, "failed" if exhausted else "requeued", lost["message"], lost, "warning")

@@ -248,10 +248,18 @@ def _one_line(value: object) -> object:
 class MarketContext(Strict):
     """The market around the event; fractions, not percent (0.004 is 0.4%)."""
 
-    pre_ret: StrictFloat | None = Field(default=None, ge=PRE_RET_RANGE[0], le=PRE_RET_RANGE[1],
-                                        description="return of the traded instrument before the event")  # fmt: skip
-    volatility: StrictFloat | None = Field(default=None, ge=VOLATILITY_RANGE[0], le=VOLATILITY_RANGE[1],
-                                           description="recent volatility (e.g. high-low range / price)")  # fmt: skip
+    pre_ret: StrictFloat | None = Field(
+        default=None,
+        ge=PRE_RET_RANGE[0],
+        le=PRE_RET_RANGE[1],
+        description="return of the traded instrument before the event",
+    )
+    volatility: StrictFloat | None = Field(
+        default=None,
+        ge=VOLATILITY_RANGE[0],
+        le=VOLATILITY_RANGE[1],
+        description="recent volatility (e.g. high-low range / price)",
+    )
     trend: Literal["up", "down", "flat"] | None = None
 
 

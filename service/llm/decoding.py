@@ -92,8 +92,9 @@ class _Step:
 class GraphDecoder:
     """Greedy decoding of one model, the step replayed from a CUDA graph (``graphs=False``: run eagerly, for tests)."""
 
-    def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int | None, limit: int = 2,
-                 graphs: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, model: Any, eos_ids: Sequence[int], pad_id: int | None, limit: int = 2, graphs: bool = True
+    ) -> None:
         device = next(model.parameters()).device
         # weakly: the registry maps the model to its decoder, and a strong reference back would keep a dropped
         # merged copy (a whole model) alive
@@ -115,9 +116,12 @@ class GraphDecoder:
         return model
 
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
         on_tokens: Callable[[torch.Tensor], bool] | None = None,
-    ) -> torch.Tensor | None:  # fmt: skip
+    ) -> torch.Tensor | None:
         """The new tokens (rows x at most ``max_new_tokens``) for a left-padded batch; ``on_tokens`` gets each step's
         tokens (on the CPU) and stops decoding by returning False. None where this model cannot be decoded here."""
         rows, prompt = input_ids.shape
@@ -149,8 +153,14 @@ class GraphDecoder:
         return torch.stack(tokens, dim=1)
 
     def _forward(self, step: _Step, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_arg: step.cache})  # fmt: skip
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: step.cache},
+        )
         return out.logits  # type: ignore[no-any-return]
 
     def _advance(self, step: _Step) -> None:
@@ -199,8 +209,13 @@ class GraphDecoder:
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
         if need <= CACHE_FRACTION_OF_FREE * free:
             return True
-        log.info("decoding %d rows x %d tokens with generate(): a static cache would take %.1f of %.1f GiB free",
-                 rows, length, need / 2**30, free / 2**30)  # fmt: skip
+        log.info(
+            "decoding %d rows x %d tokens with generate(): a static cache would take %.1f of %.1f GiB free",
+            rows,
+            length,
+            need / 2**30,
+            free / 2**30,
+        )
         return False
 
     def _graph(self, step: _Step) -> Any:

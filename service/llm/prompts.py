@@ -209,8 +209,19 @@ def normalise_label(value: object) -> Label | None:
     """A label from a CSV/database cell: -1/0/1 or bearish/neutral/bullish (any case), else None."""
     text = str(value).strip().lower()
     table: dict[str, Label] = {
-        "-1": "bearish", "-1.0": "bearish", "bearish": "bearish", "利空": "bearish", "看跌": "bearish",
-        "0": "neutral", "0.0": "neutral", "neutral": "neutral", "中性": "neutral",
-        "1": "bullish", "1.0": "bullish", "bullish": "bullish", "利好": "bullish", "看涨": "bullish",
-    }  # fmt: skip
+        "-1": "bearish",
+        "-1.0": "bearish",
+        "bearish": "bearish",
+        "利空": "bearish",
+        "看跌": "bearish",
+        "0": "neutral",
+        "0.0": "neutral",
+        "neutral": "neutral",
+        "中性": "neutral",
+        "1": "bullish",
+        "1.0": "bullish",
+        "bullish": "bullish",
+        "利好": "bullish",
+        "看涨": "bullish",
+    }
     return table.get(text)

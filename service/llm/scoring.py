@@ -73,8 +73,11 @@ def mixed_batch(model: Any) -> Iterator[None]:
     except BaseException:
         for module in model.modules():
             hooks = module._forward_pre_hooks
-            for key in [k for k, hook in hooks.items() if getattr(hook, "func", None) is not None
-                        and hook.func.__name__ == PEFT_ADAPTER_NAMES_HOOK]:  # fmt: skip
+            for key in [
+                k
+                for k, hook in hooks.items()
+                if getattr(hook, "func", None) is not None and hook.func.__name__ == PEFT_ADAPTER_NAMES_HOOK
+            ]:
                 del hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
         raise
@@ -98,9 +101,12 @@ def _attention_mask(allowed: torch.Tensor, model: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def group_logprobs(
-    model: Any, tokenizer: Any, items: Sequence[Sequence[Group]], adapter_names: Sequence[str] | None = None,
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Sequence[Group]],
+    adapter_names: Sequence[str] | None = None,
     graphs: ScoringGraphs | None = None,
-) -> list[list[list[float]]]:  # fmt: skip
+) -> list[list[list[float]]]:
     """log P(candidate | context) for every candidate of every group of every item, in one forward pass.
 
     Each item is one row: its prompt once, then its candidates' token tree (``service.llm.token_tree``), each token
@@ -156,9 +162,12 @@ def group_logprobs(
 
 
 def continuation_logprobs(
-    model: Any, tokenizer: Any, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
+    model: Any,
+    tokenizer: Any,
+    contexts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
     adapter_names: Sequence[str] | None = None,
-) -> list[list[float]]:  # fmt: skip
+) -> list[list[float]]:
     """log P(candidate | context) for every candidate of every context, in one batched forward pass."""
     items = [[(context, options)] for context, options in zip(contexts, candidates, strict=True)]
     return [groups[0] for groups in group_logprobs(model, tokenizer, items, adapter_names)]
@@ -217,9 +226,13 @@ def _best(row: Sequence[float]) -> int:
 
 
 def classify(
-    model: Any, tokenizer: Any, texts: Sequence[Text], instructions: Sequence[str] | None = None,
-    adapter_names: Sequence[str] | None = None, graphs: ScoringGraphs | None = None,
-) -> list[Prediction]:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[Text],
+    instructions: Sequence[str] | None = None,
+    adapter_names: Sequence[str] | None = None,
+    graphs: ScoringGraphs | None = None,
+) -> list[Prediction]:
     """Importance, label probabilities and market reaction for each text, by scoring the standard response
     (``adapter_names``: each text's adapter, for a mixed batch; ``graphs``: the model's CUDA graphs, see
     :func:`group_logprobs`).
@@ -357,9 +370,13 @@ class _StopWhenSet:
 
 @torch.no_grad()
 def generate_stream(
-    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, on_text: Callable[[str], None],
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    on_text: Callable[[str], None],
     stop: threading.Event | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Greedy generation of one prompt, calling ``on_text`` with each new piece of text as its token is generated;
     stops early when ``stop`` is set. Returns the number of tokens generated. Same decoding as :func:`generate`."""
     from transformers import StoppingCriteriaList

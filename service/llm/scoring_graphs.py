@@ -61,8 +61,9 @@ class ScoringGraphs:
 
             def run() -> torch.Tensor:
                 ids, mask, positions = static
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
-                            use_cache=False)  # fmt: skip
+                out = model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
+                )
                 return out.logits  # type: ignore[no-any-return]
 
             try:

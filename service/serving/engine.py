@@ -83,8 +83,10 @@ def check_adapter_files(path: Path, root: Path) -> None:
         raise UnsafeAdapterError(f"adapter {path.name} has no {ADAPTER_WEIGHTS}; only safetensors adapters load")
     unsafe = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
     if unsafe:
-        raise UnsafeAdapterError(f"adapter {path.name} holds pickle-capable files ({', '.join(unsafe)}); "
-                                 "it is refused, only safetensors adapters load")  # fmt: skip
+        raise UnsafeAdapterError(
+            f"adapter {path.name} holds pickle-capable files ({', '.join(unsafe)}); "
+            "it is refused, only safetensors adapters load"
+        )
 
 
 @dataclass(frozen=True)

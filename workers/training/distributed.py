@@ -156,9 +156,7 @@ def init_rank(device: str, launcher_pid: int) -> Distributed:
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local)
-        torch.distributed.init_process_group(
-            "nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", local)
-        )  # fmt: skip
+        torch.distributed.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", local))
         return Distributed(rank, world, f"cuda:{local}")
     if "OMP_NUM_THREADS" not in os.environ:  # N CPU processes share the cores instead of each taking all of them
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
@@ -199,8 +197,10 @@ def resolve_world_size(gpus: str, device: str) -> int:
     if gpus == "all":
         return max(visible, 1)
     if int(gpus) > visible:
-        raise ValueError(f"FLASHTUNE_GPUS={gpus} but only {visible} CUDA device(s) are visible "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")  # fmt: skip
+        raise ValueError(
+            f"FLASHTUNE_GPUS={gpus} but only {visible} CUDA device(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
     return int(gpus)
 
 
@@ -226,12 +226,18 @@ def launch(entry: Callable[..., Any], args: tuple[Any, ...], world: int, run_dir
     # many seconds are killed (torchrun's default, 30 s, is short for a large model's step and checkpoint).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "50")
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=run_id,
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",  # torchrun --standalone
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world,
+        run_id=run_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        local_addr="127.0.0.1",  # torchrun --standalone
         max_restarts=0,  # a failed attempt goes back to the worker's retry policy (workers/retry.py)
-        monitor_interval=0.5, start_method="spawn",
+        monitor_interval=0.5,
+        start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "torchelastic")),
-    )  # fmt: skip
+    )
     failures: dict[int, Any] = {}
     signalled, error = False, None
     handled = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]  # the launcher replaces these
@@ -259,8 +265,9 @@ def read_outcomes(run_dir: Path) -> dict[int, tuple[float, Outcome]]:
     return found
 
 
-def combine(world: int, outcomes: dict[int, tuple[float, Outcome]], failures: dict[int, Any], signalled: bool,
-            error: str | None) -> Outcome:  # fmt: skip
+def combine(
+    world: int, outcomes: dict[int, tuple[float, Outcome]], failures: dict[int, Any], signalled: bool, error: str | None
+) -> Outcome:
     """The attempt's outcome from each rank's own outcome and the launcher's failures (ranks that died silently).
 
     Rank 0 decides success, an interrupt and a lost lease. Otherwise the cause is a rank killed by a signal if
@@ -282,11 +289,13 @@ def combine(world: int, outcomes: dict[int, tuple[float, Outcome]], failures: di
         _, rank, outcome = min(failed, key=lambda item: (item[0], item[1]))
         if outcome is None:  # it died before it could write its outcome (e.g. joining the process group)
             failure = silent[rank]
-            return _crashed(f"rank {rank} of {world} (pid {failure.pid}) exited with code {failure.exitcode}: "
-                            f"{failure.message}")  # fmt: skip
+            return _crashed(
+                f"rank {rank} of {world} (pid {failure.pid}) exited with code {failure.exitcode}: {failure.message}"
+            )
         base = outcome.error or {"type": outcome.status, "message": outcome.status, "hint": None}
-        return dataclasses.replace(outcome, error={**base, "message": f"rank {rank} of {world} failed: "
-                                                   f"{base.get('message')}"})  # fmt: skip
+        return dataclasses.replace(
+            outcome, error={**base, "message": f"rank {rank} of {world} failed: {base.get('message')}"}
+        )
     if signalled:
         return Outcome("interrupted")
     reason = error or "the training processes ended without a result"

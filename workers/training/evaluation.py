@@ -57,8 +57,9 @@ def in_chunks(run: Callable[[list[T]], list[R]], items: list[T], size: int) -> l
     return out
 
 
-def write_each(model: Any, tokenizer: Any, prompts: list[str], names: list[str], max_new_tokens: int,
-               graphs: bool = True) -> list[str]:  # fmt: skip
+def write_each(
+    model: Any, tokenizer: Any, prompts: list[str], names: list[str], max_new_tokens: int, graphs: bool = True
+) -> list[str]:
     """The greedy answers to ``prompts``, each with its adapter (``BASE``: none), one adapter at a time, each decoded
     by a :class:`~service.llm.decoding.GraphDecoder` captured with that adapter active and dropped afterwards
     (``graphs=False``: the same step run eagerly, for tests). ``generate`` decodes where capturing fails."""

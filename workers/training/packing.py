@@ -169,8 +169,9 @@ def varlen_attention(
 
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, H, T, D] -> [T, H, D]
@@ -179,12 +180,19 @@ def varlen_attention(
         out = _causal_varlen_attn()(q, k, v, bounds, bounds, longest, longest, scale=scaling)
     else:
         edges = bounds.tolist()
-        out = torch.cat([
-            torch.nn.functional.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
-            ).transpose(0, 1)
-            for a, b in itertools.pairwise(edges) if b > a  # empty segments pad a graphed row's boundaries
-        ])  # fmt: skip
+        out = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1),
+                    k[a:b].transpose(0, 1),
+                    v[a:b].transpose(0, 1),
+                    is_causal=True,
+                    scale=scaling,
+                ).transpose(0, 1)
+                for a, b in itertools.pairwise(edges)
+                if b > a  # empty segments pad a graphed row's boundaries
+            ]
+        )
     return out.unsqueeze(0), None
 
 
@@ -194,8 +202,9 @@ def _causal_varlen_attn() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.varlen import varlen_attn
 
     # torch 2.10 takes is_causal; later versions express causality as a window of (all before, none after)
-    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
-        "window_size": (-1, 0)}  # fmt: skip
+    causal = (
+        {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+    )
     return functools.partial(varlen_attn, **causal)  # type: ignore[arg-type,return-value]
 
 
@@ -209,9 +218,13 @@ def register_varlen_attention() -> None:
 
 
 def packed_loss(
-    model: Any, batch: PackedBatch, device: str | torch.device, denominator: int, fused_ce: Any = None,
+    model: Any,
+    batch: PackedBatch,
+    device: str | torch.device,
+    denominator: int,
+    fused_ce: Any = None,
     hidden: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Summed response-token cross-entropy of a packed row, divided by the optimizer step's target tokens.
 
     ``fused_ce`` is an optional fused linear cross-entropy (e.g. Liger's, ``reduction="sum"``) called as
@@ -243,4 +256,3 @@ def per_sample_losses(model: Any, batch: PackedBatch, device: str | torch.device
         losses.append(float(token_loss[start : start + length - 1].sum()))
         start += length
     return losses
-

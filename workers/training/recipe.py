@@ -160,8 +160,11 @@ def eval_loss(
         return None
     model.eval()
     total, tokens = 0.0, 0
-    batches = cuda.pack(rows, pad_id) if cuda is not None else [collate(rows[i : i + size], pad_id)
-                                                                 for i in range(0, len(rows), size)]  # fmt: skip
+    batches = (
+        cuda.pack(rows, pad_id)
+        if cuda is not None
+        else [collate(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
+    )
     for batch in batches:
         loss = cuda.loss(model, batch, 1) if cuda is not None else step_loss(model, batch, device, 1)
         total += float(loss)
@@ -171,9 +174,13 @@ def eval_loss(
 
 
 def _plan_cuda(
-    model: Any, row_lengths: list[int], hp: ResolvedHyperparameters, pad_id: int, dist: Distributed,
+    model: Any,
+    row_lengths: list[int],
+    hp: ResolvedHyperparameters,
+    pad_id: int,
+    dist: Distributed,
     gpu_memory_gib: float | None,
-) -> CudaPlan:  # fmt: skip
+) -> CudaPlan:
     """The CUDA plan for this rank's packed micro-batches: at most one step's share of tokens, or the recipe's
     micro-batch of full-length rows, whichever is less."""
     from workers.training.cuda.plan import plan_cuda
@@ -304,9 +311,10 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
             val = eval_loss(model, val_rows, pad_id, device, hp.micro_batch_size, cuda)
             history["eval_loss"].append([done, None if val is None else round(val, 5)])
             hooks.on_event(
-                "epoch", f"epoch {epoch + 1}/{hp.epochs} done: loss {mean:.4f}, eval loss {val}",
+                "epoch",
+                f"epoch {epoch + 1}/{hp.epochs} done: loss {mean:.4f}, eval loss {val}",
                 {"epoch": epoch + 1, "loss": mean, "eval_loss": val, "step": done},
-            )  # fmt: skip
+            )
             epoch_losses = []
         hooks.on_progress(progress, epoch_end)
         stop = hooks.should_stop()
@@ -326,21 +334,43 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     evaluation_start = time.monotonic()
     metrics = evaluate(model, tokenizer, spec.validation)
     hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
-    durations = {"load_seconds": load_seconds, "setup_seconds": setup_seconds, "train_seconds": train_seconds,
-                 "evaluate_seconds": time.monotonic() - evaluation_start,
-                 "total_seconds": time.monotonic() - started}  # fmt: skip
-    info = _training_info(spec, plan, cuda, history, metrics, durations, num_train=len(train_rows),
-                          num_validation=len(val_rows), total_steps=total_steps, start_step=start_step)  # fmt: skip
+    durations = {
+        "load_seconds": load_seconds,
+        "setup_seconds": setup_seconds,
+        "train_seconds": train_seconds,
+        "evaluate_seconds": time.monotonic() - evaluation_start,
+        "total_seconds": time.monotonic() - started,
+    }
+    info = _training_info(
+        spec,
+        plan,
+        cuda,
+        history,
+        metrics,
+        durations,
+        num_train=len(train_rows),
+        num_validation=len(val_rows),
+        total_steps=total_steps,
+        start_step=start_step,
+    )
     publish_adapter(model, tokenizer, info, spec.adapter_dir)
     checkpoints.prune(spec.job_dir, keep=0)
     return info
 
 
 def _training_info(
-    spec: TrainingSpec, plan: LoadPlan, cuda: CudaPlan | None, history: dict[str, list[Any]],
-    metrics: dict[str, Any], durations: dict[str, float], *, num_train: int, num_validation: int, total_steps: int,
+    spec: TrainingSpec,
+    plan: LoadPlan,
+    cuda: CudaPlan | None,
+    history: dict[str, list[Any]],
+    metrics: dict[str, Any],
+    durations: dict[str, float],
+    *,
+    num_train: int,
+    num_validation: int,
+    total_steps: int,
     start_step: int,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The record published beside the adapter (training_info.json): where it came from, how it trained, how well."""
     info = {
         "job_id": spec.job_id,

@@ -45,9 +45,15 @@ def _public(settings: Settings, job: Job) -> AdapterPublic:
     info = read_training_info(folder)
     metrics = {**info.get("metrics", {}), "losses": info.get("losses", {}), "durations": info.get("durations", {})}
     return AdapterPublic(
-        name=job.adapter, job_id=job.id, base_model=job.base_model, dataset=job.dataset,
-        created_at=job.finished_at, files=files, metrics=metrics, input_fields=info.get("input_fields"),
-    )  # fmt: skip
+        name=job.adapter,
+        job_id=job.id,
+        base_model=job.base_model,
+        dataset=job.dataset,
+        created_at=job.finished_at,
+        files=files,
+        metrics=metrics,
+        input_fields=info.get("input_fields"),
+    )
 
 
 @router.get("", response_model=list[AdapterPublic])

@@ -35,13 +35,20 @@ def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterR
     if name == "latest":
         job = jobstore.latest_adapter(session, settings.base_model)
         if job is None or job.adapter is None:
-            raise ApiError(404, "no_adapter", "no job has succeeded on this base model yet; use adapter 'none' "
-                           "for the base model, or queue a job with POST /jobs")  # fmt: skip
+            raise ApiError(
+                404,
+                "no_adapter",
+                "no job has succeeded on this base model yet; use adapter 'none' "
+                "for the base model, or queue a job with POST /jobs",
+            )
         return AdapterRef(job.adapter, adapter_path(settings, job.adapter))
     job = adapter_job(session, name)
     if job.base_model != settings.base_model:
-        raise ApiError(409, "base_model_mismatch", f"adapter {name} was trained on {job.base_model!r}; this server "
-                       f"serves {settings.base_model!r}")  # fmt: skip
+        raise ApiError(
+            409,
+            "base_model_mismatch",
+            f"adapter {name} was trained on {job.base_model!r}; this server serves {settings.base_model!r}",
+        )
     return AdapterRef(name, adapter_path(settings, name))
 
 
@@ -50,15 +57,20 @@ def _check_text(text: str, settings: Settings, field: str) -> str:
     if not text:
         raise ApiError(422, "invalid_request", f"{field} is empty", [{"field": field}])
     if len(text) > settings.max_text_chars:
-        raise ApiError(422, "invalid_request", f"{field} is longer than {settings.max_text_chars} characters",
-                       [{"field": field}])  # fmt: skip
+        raise ApiError(
+            422, "invalid_request", f"{field} is longer than {settings.max_text_chars} characters", [{"field": field}]
+        )
     return text
 
 
 def _check_tokens(max_new_tokens: int | None, settings: Settings) -> None:
     if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
-        raise ApiError(422, "invalid_request", f"max_new_tokens is over {settings.max_new_tokens_limit}",
-                       [{"field": "max_new_tokens"}])  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"max_new_tokens is over {settings.max_new_tokens_limit}",
+            [{"field": "max_new_tokens"}],
+        )
 
 
 def _item_text(item: str | AnalyzeItem, settings: Settings, where: str) -> str:
@@ -68,8 +80,9 @@ def _item_text(item: str | AnalyzeItem, settings: Settings, where: str) -> str:
     return _check_text(item.text, settings, f"{where}.text" if where else "text")
 
 
-def news_item(item: str | AnalyzeItem, settings: Settings, where: str,
-              known: list[str] | None) -> tuple[NewsItem, dict[str, list[str]]]:  # fmt: skip
+def news_item(
+    item: str | AnalyzeItem, settings: Settings, where: str, known: list[str] | None
+) -> tuple[NewsItem, dict[str, list[str]]]:
     """The checked item with the given fields the adapter knows (``known``; None: all), and which were left out."""
     text = _item_text(item, settings, where)
     if isinstance(item, str):
@@ -104,8 +117,12 @@ def analyze_batch(
     body: AnalyzeBatchRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeBatchResponse:
     if len(body.items) > settings.max_batch_items:
-        raise ApiError(422, "invalid_request", f"items holds {len(body.items)} texts; the limit is "
-                       f"{settings.max_batch_items}", [{"field": "items"}])  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"items holds {len(body.items)} texts; the limit is {settings.max_batch_items}",
+            [{"field": "items"}],
+        )
     for i, item in enumerate(body.items):  # every text checked before the adapter is looked up
         _item_text(item, settings, f"items.{i}")
     _check_tokens(body.max_new_tokens, settings)

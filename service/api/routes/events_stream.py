@@ -44,8 +44,12 @@ def parse_last_event_id(value: str | None) -> int | None:
     except ValueError:
         parsed = -1
     if not 0 <= parsed <= 2**63 - 1:  # a larger id cannot exist, and binding one would overflow the driver
-        raise ApiError(422, "invalid_request", "Last-Event-ID must be an event id (a whole number >= 0)",
-                       [{"field": "Last-Event-ID", "message": f"got {value!r}"}])  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_request",
+            "Last-Event-ID must be an event id (a whole number >= 0)",
+            [{"field": "Last-Event-ID", "message": f"got {value!r}"}],
+        )
     return parsed
 
 
@@ -92,5 +96,6 @@ def event_stream(request: Request, job_id: int, after: int | None, last_event_id
     resume = parse_last_event_id(last_event_id)
     start = resume if resume is not None else after
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no buffering in nginx and friends
-    return StreamingResponse(_stream(request, request.app.state.engine, job_id, start),
-                             media_type="text/event-stream", headers=headers)  # fmt: skip
+    return StreamingResponse(
+        _stream(request, request.app.state.engine, job_id, start), media_type="text/event-stream", headers=headers
+    )

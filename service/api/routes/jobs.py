@@ -70,11 +70,19 @@ def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency
             return _replay(existing, request_hash), True
     queued = session.exec(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)).one()
     if queued >= settings.max_queued_jobs:  # a bound on what one caller can pile up ahead of everyone else
-        raise ApiError(429, "queue_full", f"{queued} jobs are already queued (the limit is "
-                       f"{settings.max_queued_jobs}); wait for some to finish or cancel some")  # fmt: skip
+        raise ApiError(
+            429,
+            "queue_full",
+            f"{queued} jobs are already queued (the limit is "
+            f"{settings.max_queued_jobs}); wait for some to finish or cancel some",
+        )
     if body.dataset != BUILTIN and session.get(Dataset, body.dataset) is None:
-        raise ApiError(422, "invalid_request", f"dataset {body.dataset!r} does not exist",
-                       [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}])  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"dataset {body.dataset!r} does not exist",
+            [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}],
+        )
     try:  # a local path must stay under an allowed root (service/llm/modeling.py)
         base_model = validate_base_model(body.base_model or settings.base_model, settings)
     except BaseModelRejected as exc:
@@ -103,8 +111,12 @@ def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency
 
 def _replay(job: Job, request_hash: str) -> Job:
     if job.request_hash != request_hash:
-        raise ApiError(422, "idempotency_conflict", "this Idempotency-Key was used with a different request body",
-                       [{"field": "Idempotency-Key", "message": f"already used for job {job.id}"}])  # fmt: skip
+        raise ApiError(
+            422,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different request body",
+            [{"field": "Idempotency-Key", "message": f"already used for job {job.id}"}],
+        )
     return job
 
 
@@ -116,8 +128,9 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> JobsPage:
     jobs, has_more = jobstore.list_jobs(session, status, after, limit)
-    return JobsPage(data=[to_public(j) for j in jobs], has_more=has_more,
-                    next_after=jobs[-1].id if has_more and jobs else None)  # fmt: skip
+    return JobsPage(
+        data=[to_public(j) for j in jobs], has_more=has_more, next_after=jobs[-1].id if has_more and jobs else None
+    )
 
 
 def _job(session: Session, job_id: int) -> Job:

@@ -91,8 +91,9 @@ def _prompt(body: ChatRequest, max_chars: int) -> tuple[str, str]:
     if not users or not users[-1].strip():
         raise ApiError(422, "invalid_request", "messages needs a non-empty user message", [{"field": "messages"}])
     if len(users[-1]) > max_chars:
-        raise ApiError(422, "invalid_request", f"the user message is over {max_chars} characters",
-                       [{"field": "messages"}])  # fmt: skip
+        raise ApiError(
+            422, "invalid_request", f"the user message is over {max_chars} characters", [{"field": "messages"}]
+        )
     return users[-1], system or DEFAULT_INSTRUCTION
 
 
@@ -109,8 +110,12 @@ def chat_completions(
 
     max_tokens = min(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
     prompt_tokens = server.count_tokens(render_prompt(user_text, instruction))
-    reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model, prompt_tokens,
-                  bool((body.stream_options or {}).get("include_usage")))  # fmt: skip
+    reply = Reply(
+        f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        body.model,
+        prompt_tokens,
+        bool((body.stream_options or {}).get("include_usage")),
+    )
     format_type = (body.response_format or {}).get("type", "text")
     finish = "stop"
     if body.guided_choice:
@@ -124,12 +129,18 @@ def chat_completions(
         completion_tokens = server.count_tokens(content)
     elif format_type in ("json_object", "json_schema"):
         result = server.submit(user_text.strip(), adapter, max_tokens)
-        content = json.dumps({k: result[k] for k in ("label", "label_id", "score", "probs", "importance",
-                                                     "market_reaction", "analysis")}, ensure_ascii=False)  # fmt: skip
+        content = json.dumps(
+            {
+                k: result[k]
+                for k in ("label", "label_id", "score", "probs", "importance", "market_reaction", "analysis")
+            },
+            ensure_ascii=False,
+        )
         completion_tokens = server.count_tokens(content)
     elif format_type == "text" and body.stream:
-        return StreamingResponse(_token_stream(server, adapter, prompt_for, max_tokens, reply),
-                                 media_type="text/event-stream")  # fmt: skip
+        return StreamingResponse(
+            _token_stream(server, adapter, prompt_for, max_tokens, reply), media_type="text/event-stream"
+        )
     elif format_type == "text":
 
         def complete(model: Any, tokenizer: Any) -> tuple[str, int]:
@@ -140,8 +151,12 @@ def chat_completions(
         content, completion_tokens = server.run(adapter, complete)
         finish = _finish_reason(completion_tokens, max_tokens)
     else:
-        raise ApiError(422, "invalid_request", f"response_format type {format_type!r} is not supported",
-                       [{"field": "response_format.type"}])  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"response_format type {format_type!r} is not supported",
+            [{"field": "response_format.type"}],
+        )
     if body.stream:
         return StreamingResponse(_stream(reply, content, completion_tokens), media_type="text/event-stream")
     return {
@@ -168,8 +183,11 @@ class Reply:
     include_usage: bool
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
         return self._event([{"index": 0, "delta": delta, "finish_reason": finish}])
@@ -182,8 +200,14 @@ class Reply:
         yield "data: [DONE]\n\n"
 
     def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,
-                "choices": choices, **({"usage": usage} if usage is not None else {})}  # fmt: skip
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            **({"usage": usage} if usage is not None else {}),
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -191,9 +215,12 @@ _END = object()
 
 
 async def _token_stream(
-    server: ModelServer, adapter: AdapterRef | None, prompt_for: Callable[[Any, Any], str], max_tokens: int,
+    server: ModelServer,
+    adapter: AdapterRef | None,
+    prompt_for: Callable[[Any, Any], str],
+    max_tokens: int,
     reply: Reply,
-) -> AsyncIterator[str]:  # fmt: skip
+) -> AsyncIterator[str]:
     """Server-sent chunks, one per piece of text as the generating thread produces it."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()

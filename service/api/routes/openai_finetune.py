@@ -35,9 +35,15 @@ def _ts(value: datetime | None) -> int | None:
 
 
 def _file(dataset: Dataset) -> dict[str, Any]:
-    return {"id": dataset.id, "object": "file", "bytes": dataset.stats.get("bytes", 0),
-            "created_at": _ts(dataset.created_at), "filename": dataset.filename or dataset.id,
-            "purpose": "fine-tune", "status": "processed"}  # fmt: skip
+    return {
+        "id": dataset.id,
+        "object": "file",
+        "bytes": dataset.stats.get("bytes", 0),
+        "created_at": _ts(dataset.created_at),
+        "filename": dataset.filename or dataset.id,
+        "purpose": "fine-tune",
+        "status": "processed",
+    }
 
 
 @router.post("/files")
@@ -96,16 +102,29 @@ def _to_openai(job: Job) -> dict[str, Any]:
     error = job.error if job.status == JobStatus.failed else None
     eta = job.progress.get("eta_seconds") if job.status == JobStatus.running else None
     return {
-        "id": f"{JOB_PREFIX}{job.id}", "object": "fine_tuning.job", "created_at": _ts(job.created_at),
-        "finished_at": _ts(job.finished_at), "model": job.base_model, "fine_tuned_model": job.adapter,
-        "organization_id": "flashtune", "status": job.status, "training_file": job.dataset, "validation_file": None,
-        "hyperparameters": {"n_epochs": hp["epochs"], "batch_size": hp["batch_size"],
-                            "learning_rate_multiplier": round(hp["learning_rate"] / base_lr, 6)},
-        "result_files": [], "trained_tokens": None, "seed": hp["seed"], "integrations": [],
+        "id": f"{JOB_PREFIX}{job.id}",
+        "object": "fine_tuning.job",
+        "created_at": _ts(job.created_at),
+        "finished_at": _ts(job.finished_at),
+        "model": job.base_model,
+        "fine_tuned_model": job.adapter,
+        "organization_id": "flashtune",
+        "status": job.status,
+        "training_file": job.dataset,
+        "validation_file": None,
+        "hyperparameters": {
+            "n_epochs": hp["epochs"],
+            "batch_size": hp["batch_size"],
+            "learning_rate_multiplier": round(hp["learning_rate"] / base_lr, 6),
+        },
+        "result_files": [],
+        "trained_tokens": None,
+        "seed": hp["seed"],
+        "integrations": [],
         "estimated_finish": int(datetime.now().timestamp() + eta) if eta else None,
         "error": {"code": error["type"], "message": error["message"], "param": None} if error else None,
         "user_provided_suffix": job.name,
-    }  # fmt: skip
+    }
 
 
 def _job(session: Session, job_id: str) -> Job:
@@ -122,8 +141,9 @@ def create_fine_tune(body: FineTuneCreate, session: SessionDep, settings: Settin
         message = "validation_file is not supported: FlashTune holds out validation_fraction of the training file"
         raise ApiError(422, "invalid_request", message, [{"field": "validation_file"}])
     if body.training_file != BUILTIN and session.get(Dataset, body.training_file) is None:
-        raise ApiError(422, "invalid_request", f"training_file {body.training_file!r} does not exist",
-                       [{"field": "training_file"}])  # fmt: skip
+        raise ApiError(
+            422, "invalid_request", f"training_file {body.training_file!r} does not exist", [{"field": "training_file"}]
+        )
     hp = body.hyperparameters
     multiplier = _number(hp.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")
     base_lr = resolve(Hyperparameters(), body.model).learning_rate
@@ -173,9 +193,18 @@ def fine_tune_events(
     assert job.id is not None
     events, _ = jobstore.list_events(session, job.id, None, 10_000)
     newest_first = list(reversed(events))
-    data = [{"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event", "created_at": _ts(e.created_at),
-             "level": e.level, "message": e.message, "type": "message", "data": e.data}
-            for e in newest_first[:limit]]  # fmt: skip
+    data = [
+        {
+            "id": f"ftevent-{e.id}",
+            "object": "fine_tuning.job.event",
+            "created_at": _ts(e.created_at),
+            "level": e.level,
+            "message": e.message,
+            "type": "message",
+            "data": e.data,
+        }
+        for e in newest_first[:limit]
+    ]
     return {"object": "list", "data": data, "has_more": len(newest_first) > limit}
 
 
@@ -185,13 +214,28 @@ def fine_tune_checkpoints(job_id: str, session: ReadSessionDep, settings: Settin
     job = _job(session, job_id)
     data = []
     if job.adapter:
-        data.append({"id": f"ftckpt-{job.id}-final", "object": "fine_tuning.job.checkpoint",
-                     "created_at": _ts(job.finished_at), "fine_tuned_model_checkpoint": job.adapter,
-                     "fine_tuning_job_id": f"{JOB_PREFIX}{job.id}", "step_number": job.progress.get("step", 0),
-                     "metrics": {"train_loss": job.progress.get("loss")}})  # fmt: skip
+        data.append(
+            {
+                "id": f"ftckpt-{job.id}-final",
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": _ts(job.finished_at),
+                "fine_tuned_model_checkpoint": job.adapter,
+                "fine_tuning_job_id": f"{JOB_PREFIX}{job.id}",
+                "step_number": job.progress.get("step", 0),
+                "metrics": {"train_loss": job.progress.get("loss")},
+            }
+        )
     for path in reversed(checkpoints.complete(settings.jobs_dir / str(job.id))):
         step = int(path.name.removeprefix("step-"))
-        data.append({"id": f"ftckpt-{job.id}-{step}", "object": "fine_tuning.job.checkpoint",
-                     "created_at": int(path.stat().st_mtime), "fine_tuned_model_checkpoint": None,
-                     "fine_tuning_job_id": f"{JOB_PREFIX}{job.id}", "step_number": step, "metrics": {}})  # fmt: skip
+        data.append(
+            {
+                "id": f"ftckpt-{job.id}-{step}",
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": int(path.stat().st_mtime),
+                "fine_tuned_model_checkpoint": None,
+                "fine_tuning_job_id": f"{JOB_PREFIX}{job.id}",
+                "step_number": step,
+                "metrics": {},
+            }
+        )
     return {"object": "list", "data": data, "has_more": False, "first_id": None, "last_id": None}

@@ -48,8 +48,15 @@ class DecoderStack(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         longest = self.row_tokens
         for layer in self.layers:
-            out = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), cu_seq_lens_q=bounds,
-                        cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)  # fmt: skip
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_embeddings=(cos, sin),
+                cu_seq_lens_q=bounds,
+                cu_seq_lens_k=bounds,
+                max_length_q=longest,
+                max_length_k=longest,
+            )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
@@ -91,8 +98,10 @@ class GraphedDecoder:
     def bounds(self, batch: PackedBatch) -> torch.Tensor:
         """The row's segment boundaries, padded with empty segments to the captured count."""
         if not self.fits(batch):
-            raise ValueError(f"a row of {batch.num_tokens} tokens in {len(batch.segments())} segments does not "
-                             f"fit the graph ({self.row_tokens} tokens, {self.max_segments} segments)")  # fmt: skip
+            raise ValueError(
+                f"a row of {batch.num_tokens} tokens in {len(batch.segments())} segments does not "
+                f"fit the graph ({self.row_tokens} tokens, {self.max_segments} segments)"
+            )
         edges = batch.bounds(self.max_segments)
         return torch.tensor(edges, dtype=torch.int32).to(self.device, non_blocking=True)
 
@@ -123,8 +132,9 @@ def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
     cos, sin = inner.rotary_emb(hidden, torch.arange(row_tokens, device="cuda").unsqueeze(0))
     bounds = torch.tensor([0] + [row_tokens] * max_segments, dtype=torch.int32, device="cuda")
     graphed = torch.cuda.make_graphed_callables(stack, (hidden, cos, sin, bounds))
-    return GraphedDecoder(lm, graphed, row_tokens, max_segments, _forward_only(model, row_tokens, hidden, cos, sin,
-                                                                               bounds))  # fmt: skip
+    return GraphedDecoder(
+        lm, graphed, row_tokens, max_segments, _forward_only(model, row_tokens, hidden, cos, sin, bounds)
+    )
 
 
 def _forward_only(model: Any, row_tokens: int, *example: torch.Tensor) -> ForwardOnly | None:

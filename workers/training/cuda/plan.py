@@ -94,12 +94,19 @@ class CudaPlan:
 
     def summary(self) -> dict[str, Any]:
         """The plan's choices as the ``cuda_plan`` event's data."""
-        return {"micro_tokens": self.micro_tokens, "row_multiple": self.row_multiple, "attention": self.attention,
-                "gradient_checkpointing": self.gradient_checkpointing, "fused_ce": self.fused_ce is not None,
-                "fused_layers": self.fused_layers, "cuda_graphs": self.graphed is not None,
-                "validation_graph": self.graphed is not None and self.graphed.forward_only is not None,
-                "graphs_note": self.graphs_note, "free_gib": round(self.free_gib, 2),
-                "kept_dequantized": self.kept_dequantized}  # fmt: skip
+        return {
+            "micro_tokens": self.micro_tokens,
+            "row_multiple": self.row_multiple,
+            "attention": self.attention,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "fused_ce": self.fused_ce is not None,
+            "fused_layers": self.fused_layers,
+            "cuda_graphs": self.graphed is not None,
+            "validation_graph": self.graphed is not None and self.graphed.forward_only is not None,
+            "graphs_note": self.graphs_note,
+            "free_gib": round(self.free_gib, 2),
+            "kept_dequantized": self.kept_dequantized,
+        }
 
     def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
         return pack_by_tokens(rows, self.micro_tokens, pad_to_multiple=self.row_multiple, pad_id=pad_id)
@@ -111,8 +118,12 @@ class CudaPlan:
             hidden, graphed = None, self.graphed
             if graphed is not None and model.training and torch.is_grad_enabled():
                 hidden = graphed.hidden(batch)
-            elif graphed is not None and not model.training and not torch.is_grad_enabled() \
-                    and graphed.can_validate(batch):  # fmt: skip
+            elif (
+                graphed is not None
+                and not model.training
+                and not torch.is_grad_enabled()
+                and graphed.can_validate(batch)
+            ):
                 hidden = graphed.hidden(batch, training=False)
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
 
@@ -221,9 +232,13 @@ def graph_decoder(model: Any, row_tokens: int, max_samples: int) -> tuple[Graphe
 
 
 def plan_cuda(
-    model: Any, step_tokens: int, max_length: int, pad_id: int, max_samples: int,
+    model: Any,
+    step_tokens: int,
+    max_length: int,
+    pad_id: int,
+    max_samples: int,
     memory_cap_gib: float | None = None,
-) -> CudaPlan:  # fmt: skip
+) -> CudaPlan:
     """Decide the CUDA path for this model and job (see the module docstring).
 
     ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
@@ -254,8 +269,9 @@ def plan_cuda(
         graphed, note = graph_decoder(model, row_tokens, max_samples)
     # sdpa and graphs: every row padded to the one length; eager varlen: only to a multiple of 8
     row_multiple = row_tokens if attention == "sdpa" or graphed is not None else VARLEN_ROW_MULTIPLE
-    plan = CudaPlan(micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB,
-                    graphed, note, kept)  # fmt: skip
+    plan = CudaPlan(
+        micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB, graphed, note, kept
+    )
     # One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled
     # (Liger's Triton kernels) and planned (cuDNN) here, and a row that does not fit fails now rather than mid-job.
     [batch] = plan.pack([([pad_id] * micro_tokens, [pad_id] * micro_tokens)], pad_id)
