@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 
 from service.core.config import Settings  # noqa: E402
+from service.core.layout import adapter_name  # noqa: E402
 from service.llm.decoding import GraphDecoder, decoder_for  # noqa: E402
 from service.llm.scoring import build_prompts, generate, left_padded  # noqa: E402
 from service.serving.engine import AdapterRef, ModelServer  # noqa: E402
@@ -92,7 +93,7 @@ def make_adapters(checkpoint: Path, adapters_dir: Path, count: int, r: int = 8) 
     del skeleton
     refs = []
     for i in range(count):
-        folder = adapters_dir / f"job-{i + 1}"
+        folder = adapters_dir / adapter_name(i + 1)
         folder.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(i)
         tensors = {

@@ -269,7 +269,7 @@ def test_twin_uploads_at_the_same_instant_register_one_dataset(backend: str, tmp
         assert twin.result(timeout=60) == first_id
         with session_scope(engine, read_only=True) as session:
             assert [d.id for d in session.exec(select(Dataset)).all()] == [first_id]
-    assert [p.name for p in settings.datasets_dir.iterdir()] == [first_id]  # no temporary folder left
+    assert [p.name for p in settings.layout.datasets.iterdir()] == [first_id]  # no temporary folder left
 
 
 def _waiting_on_a_lock(engine: Engine) -> bool:

@@ -35,6 +35,7 @@ from sqlmodel import Session
 
 from service.core import logs
 from service.core.config import Settings
+from service.core.layout import adapter_name
 from service.datasets.store import DatasetNotFound, load_examples
 from service.jobs import jobstore
 from service.jobs.db import make_engine, session_scope
@@ -49,10 +50,6 @@ from workers.training.recipe import Hooks, Interrupted, TrainingError, TrainingS
 
 log = logging.getLogger("flashtune.child")
 OOM_HOOK_ENV = "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH"
-
-
-def adapter_name(job_id: int) -> str:
-    return f"job-{job_id}"
 
 
 class LeaseGone(Exception):
@@ -72,7 +69,7 @@ class _Reporter:
         self.last_progress: dict[str, Any] = {}
         self.parent_pid = os.getppid()
         self.micro_batch = 0  # set once the job's hyperparameters are known (fault-injection hook)
-        self.steps = StepLog(settings.jobs_dir / str(job_id))  # every step's loss, for GET /jobs/{id}/metrics
+        self.steps = StepLog(settings.layout.job_dir(job_id))  # every step's loss, for GET /jobs/{id}/metrics
 
     def progress(self, progress: Progress, force: bool) -> None:
         self.last_progress = progress.model_dump()
@@ -137,13 +134,13 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         train=train_set,
         validation=validation,
         hp=hp,
-        job_dir=settings.jobs_dir / str(job.id),
-        adapter_dir=settings.adapters_dir / adapter_name(job.id),
+        job_dir=settings.layout.job_dir(job.id),
+        adapter_dir=settings.layout.adapter_dir(adapter_name(job.id)),
         device=settings.device,
         checkpoint_every=settings.checkpoint_every_steps,
         # which optional fields (metadata, market context) the inputs carry: /analyze passes the adapter only these
         extra_info={"input_fields": input_fields_used(e.input for e in train_set + validation)},
-        token_cache_dir=settings.data_dir / "cache" / "tokens",
+        token_cache_dir=settings.layout.token_cache,
         gpu_memory_gib=settings.gpu_memory_gib,
     )
 

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.layout import Layout
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLASHTUNE_", extra="ignore")
@@ -112,12 +114,16 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(default=1000, ge=1, description="queued jobs at once; more is 429 queue_full")
 
     @property
+    def layout(self) -> Layout:
+        """Where everything under DATA_DIR lives (service/core/layout.py)."""
+        return Layout(self.data_dir)
+
+    @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'flashtune.db').resolve()}"
+        return self.database_url or f"sqlite:///{self.layout.database_file.resolve()}"
 
     def ensure_dirs(self) -> None:
-        for sub in ("datasets", "jobs", "adapters", "models"):
-            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.layout.ensure()
 
     def serves_merged(self, adapter: str) -> bool:
         names = {n.strip() for n in self.serve_merged.split(",") if n.strip()}
@@ -129,19 +135,7 @@ class Settings(BaseSettings):
 
     @property
     def model_roots(self) -> list[Path]:
-        return self.allowed_model_roots or [self.data_dir / "models"]
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
+        return self.allowed_model_roots or [self.layout.models]
 
 
 @lru_cache

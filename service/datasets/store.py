@@ -55,7 +55,7 @@ def save_upload(
     sha256 = hashlib.sha256(data).hexdigest()
     parsed = parse(data, format, options)
     ds_id = dataset_id(sha256, parsed.format, options)
-    _write_atomically(settings.datasets_dir / ds_id, data, parsed)  # before the database: no lock held meanwhile
+    _write_atomically(settings.layout.datasets / ds_id, data, parsed)  # before the database: no lock held meanwhile
     existing = session.get(Dataset, ds_id)
     if existing is not None:
         return existing
@@ -144,7 +144,7 @@ def load_examples(
         raise DatasetNotFound(ds_id)
     train: list[Example] = []
     validation: list[Example] = []
-    with (settings.datasets_dir / ds_id / "examples.jsonl").open(encoding="utf-8") as rows:
+    with (settings.layout.datasets / ds_id / "examples.jsonl").open(encoding="utf-8") as rows:
         for line in rows:
             row = json.loads(line)
             example = Example(row["instruction"], row["input"], row["output"])
@@ -171,7 +171,7 @@ def dataset_input_fields(settings: Settings, ds_id: str) -> list[str]:
     if ds_id == BUILTIN:
         train, validation = builtin_dataset()
         return input_fields_used(e.input for e in train + validation)
-    path = settings.datasets_dir / ds_id / "examples.jsonl"
+    path = settings.layout.datasets / ds_id / "examples.jsonl"
     if not path.is_file():
         return []
     with path.open(encoding="utf-8") as rows:

@@ -18,10 +18,9 @@ from typing import Any, Literal
 from sqlmodel import Session, col, select
 
 from service.core.config import Settings
+from service.core.layout import STEPS_FILE
 from service.core.training_info import read_training_info
 from service.jobs.models import Job, JobEvent, JobMetrics, JobStatus
-
-STEPS_FILE = "steps.jsonl"
 
 
 class StepLog:
@@ -79,7 +78,7 @@ def _eval_from_events(session: Session, job_id: int) -> list[tuple[int, float | 
 def _training_info(settings: Settings, job: Job) -> dict[str, Any] | None:
     if not job.adapter:
         return None
-    return read_training_info(settings.adapters_dir / job.adapter) or None
+    return read_training_info(settings.layout.adapter_dir(job.adapter)) or None
 
 
 def thin(points: list[Any], max_points: int) -> list[Any]:
@@ -101,7 +100,7 @@ def job_metrics(settings: Settings, session: Session, job: Job, max_points: int)
         epochs = [(int(e), float(v)) for e, v in losses.get("epoch_loss", [])]
         source = "adapter"
     else:
-        train = read_steps(settings.jobs_dir / str(job.id) / STEPS_FILE)
+        train = read_steps(settings.layout.steps_file(job.id))
         evals = _eval_from_events(session, job.id)
         epochs = []
         source = "live" if train or evals else "none"

@@ -221,7 +221,7 @@ class ModelServer:
         if adapter.name in self._merged:
             self._merged.move_to_end(adapter.name)
             return self._merged[adapter.name]
-        check_adapter_files(adapter.path, self.settings.adapters_dir)
+        check_adapter_files(adapter.path, self.settings.layout.adapters)
         while len(self._merged) >= self.settings.max_merged_models:  # make room first: a copy is a whole model
             self._drop_merged(next(iter(self._merged)))
         base = self._prepared(load_model(self._source(), plan_load(pick_device(self.settings.device), "none")))
@@ -268,7 +268,7 @@ class ModelServer:
         for adapter in adapters:
             if adapter.name in self._loaded:
                 continue
-            check_adapter_files(adapter.path, self.settings.adapters_dir)
+            check_adapter_files(adapter.path, self.settings.layout.adapters)
             self._drop_graphs("attached")  # the model gains LoRA layers (and may lose an adapter below)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(adapter.path), adapter_name=adapter.name)
@@ -319,7 +319,7 @@ class ModelServer:
         """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time (whichever
         attached adapter they use)."""
         if adapter is not None and adapter.name not in self._loaded:  # fail this request alone, before batching
-            check_adapter_files(adapter.path, self.settings.adapters_dir)
+            check_adapter_files(adapter.path, self.settings.layout.adapters)
         merged = adapter is not None and self.is_merged(adapter)
         model_key = adapter.name if adapter is not None and merged else None  # None: the PeftModel, adapters attached
         result: dict[str, Any] = self._batcher.submit((text, adapter), (model_key, max_new_tokens))

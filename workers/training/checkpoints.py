@@ -15,25 +15,19 @@ from typing import Any
 
 import torch
 
+from service.core.layout import CHECKPOINT_STATE, checkpoint_name, checkpoints_dir, complete_checkpoints
+
 KEEP = 2
 
 
-def _root(job_dir: Path) -> Path:
-    return job_dir / "checkpoints"
-
-
-def complete(job_dir: Path) -> list[Path]:
-    root = _root(job_dir)
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.pt").exists())
+complete = complete_checkpoints  # the contract lives in service/core/layout.py
 
 
 def save(job_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> Path:
-    root = _root(job_dir)
+    root = checkpoints_dir(job_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     state = {
@@ -43,7 +37,7 @@ def save(job_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, h
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    torch.save(state, tmp / "trainer_state.pt")
+    torch.save(state, tmp / CHECKPOINT_STATE)
     (tmp / "history.json").write_text(json.dumps(history))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -63,7 +57,7 @@ def restore(job_dir: Path, model: Any, optimizer: Any, scheduler: Any, history: 
     device = next(model.parameters()).device
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors"), device=str(device)))
     # Our own file, but still no arbitrary unpickling: tensors and plain containers only.
-    state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=True)
+    state = torch.load(path / CHECKPOINT_STATE, map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"].cpu())
@@ -75,7 +69,7 @@ def restore(job_dir: Path, model: Any, optimizer: Any, scheduler: Any, history: 
 
 def prune(job_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints; remove older ones and leftovers of interrupted writes."""
-    root = _root(job_dir)
+    root = checkpoints_dir(job_dir)
     if not root.exists():
         return
     for stale in root.glob(".tmp-*"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,18 +14,18 @@ from sqlmodel import Session
 from service.api.deps import ModelServerDep, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.core.config import Settings
+from service.core.layout import adapter_job_id
 from service.core.training_info import read_training_info
 from service.jobs import jobstore
 from service.jobs.models import AdapterPublic, Job, JobStatus
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
-ADAPTER_NAME = re.compile(r"^job-(\d{1,18})$")
 
 
 def adapter_job(session: Session, name: str) -> Job:
     """The succeeded job that produced adapter ``name``; 404/409 otherwise."""
-    match = ADAPTER_NAME.match(name)
-    job = jobstore.get(session, int(match.group(1))) if match else None
+    job_id = adapter_job_id(name)
+    job = jobstore.get(session, job_id) if job_id is not None else None
     if job is None or (job.status == JobStatus.succeeded and job.adapter is None):  # never made, or deleted
         raise not_found("adapter", name)
     if job.status != JobStatus.succeeded or job.adapter != name:
@@ -35,7 +34,7 @@ def adapter_job(session: Session, name: str) -> Job:
 
 
 def adapter_path(settings: Settings, name: str) -> Path:
-    return settings.adapters_dir / name
+    return settings.layout.adapter_dir(name)
 
 
 def _public(settings: Settings, job: Job) -> AdapterPublic:

@@ -19,12 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import ApiError, not_found
 from service.api.routes.jobs import queue_job
+from service.core.layout import checkpoint_step, complete_checkpoints
 from service.datasets.formats import DatasetError
 from service.datasets.store import BUILTIN, save_upload
 from service.jobs import jobstore
 from service.jobs.hyperparameters import resolve
 from service.jobs.models import Dataset, Hyperparameters, Job, JobCreate, JobStatus
-from workers.training import checkpoints
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 JOB_PREFIX = "ftjob-"
@@ -225,8 +225,9 @@ def fine_tune_checkpoints(job_id: str, session: ReadSessionDep, settings: Settin
                 "metrics": {"train_loss": job.progress.get("loss")},
             }
         )
-    for path in reversed(checkpoints.complete(settings.jobs_dir / str(job.id))):
-        step = int(path.name.removeprefix("step-"))
+    assert job.id is not None
+    for path in reversed(complete_checkpoints(settings.layout.job_dir(job.id))):
+        step = checkpoint_step(path)
         data.append(
             {
                 "id": f"ftckpt-{job.id}-{step}",
