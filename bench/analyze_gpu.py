@@ -51,10 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
 
 from service.core.config import Settings  # noqa: E402
-from service.core.layout import adapter_name  # noqa: E402
+from service.core.layout import (
+    AdapterRef,
+    adapter_name,  # noqa: E402
+)
 from service.llm.decoding import GraphDecoder, decoder_for  # noqa: E402
 from service.llm.scoring import build_prompts, generate, left_padded  # noqa: E402
-from service.serving.engine import AdapterRef, ModelServer  # noqa: E402
+from service.serving.engine import ModelServer  # noqa: E402
 
 NEW_TOKENS = 64
 LORA_TARGETS = ["q_proj", "v_proj"]

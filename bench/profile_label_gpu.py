@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analyze_gpu import build, make_adapters, sync, texts_for  # noqa: E402
 
 from service.core.config import Settings  # noqa: E402
+from service.core.layout import AdapterRef
 from service.llm.prompts import LABELS, STARS  # noqa: E402
 from service.llm.scoring import _label_groups, _reaction_group, build_prompts, classify, group_logprobs  # noqa: E402
 from service.llm.scoring_graphs import ScoringGraphs  # noqa: E402
 from service.llm.token_tree import encode_items  # noqa: E402
-from service.serving.engine import AdapterRef, ModelServer  # noqa: E402
+from service.serving.engine import ModelServer  # noqa: E402
 
 
 def median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:

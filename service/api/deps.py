@@ -9,9 +9,9 @@ import anyio.to_thread
 from fastapi import Depends, Request
 from sqlmodel import Session
 
-from service.api.errors import ApiError
 from service.api.security import ApiKeyConfigError, bearer_ok
 from service.core.config import Settings
+from service.core.errors import RequestError
 from service.jobs.db import session_scope
 from service.serving.engine import ModelServer
 
@@ -66,6 +66,6 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
     try:
         allowed = bearer_ok(settings, request.headers.get("authorization", ""))
     except ApiKeyConfigError as exc:  # fail closed: a broken key file locks the API, it never opens it
-        raise ApiError(503, "auth_unavailable", str(exc)) from exc
+        raise RequestError(503, "auth_unavailable", str(exc)) from exc
     if not allowed:
-        raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        raise RequestError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")

@@ -11,17 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.core.errors import RequestError
+
 log = logging.getLogger("flashtune.api")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, type: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.type, self.message, self.details = status, type, message, details
-
-
-def not_found(what: str, ident: object) -> ApiError:
-    return ApiError(404, "not_found", f"{what} {ident!s} does not exist")
 
 
 def _body(type: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -32,8 +24,8 @@ def _body(type: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    @app.exception_handler(RequestError)
+    async def _api_error(_request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(_body(exc.type, exc.message, exc.details), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)

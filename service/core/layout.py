@@ -63,6 +63,14 @@ def complete_checkpoints(job_dir: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A published adapter: its name and its folder."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class Layout:
     """The folders under one DATA_DIR."""
 
@@ -100,6 +108,9 @@ class Layout:
 
     def adapter_dir(self, name: str) -> Path:
         return self.adapters / name
+
+    def adapter(self, name: str) -> AdapterRef:
+        return AdapterRef(name, self.adapter_dir(name))
 
     def ensure(self) -> None:
         for folder in (self.datasets, self.jobs, self.adapters, self.models):

@@ -29,13 +29,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from service.core.config import Settings
+from service.core.layout import AdapterRef
 from service.core.training_info import FILENAME as TRAINING_INFO
 from service.core.training_info import read_training_info
 from service.datasets.store import dataset_input_fields
@@ -87,12 +87,6 @@ def check_adapter_files(path: Path, root: Path) -> None:
             f"adapter {path.name} holds pickle-capable files ({', '.join(unsafe)}); "
             "it is refused, only safetensors adapters load"
         )
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    name: str
-    path: Path
 
 
 def mixes_in_batch(model: Any, name: str) -> bool:

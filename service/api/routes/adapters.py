@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from sqlmodel import Session
 
 from service.api.deps import ModelServerDep, ReadSessionDep, SessionDep, SettingsDep
-from service.api.errors import ApiError, not_found
 from service.core.config import Settings
+from service.core.errors import RequestError, not_found
 from service.core.layout import adapter_job_id
 from service.core.training_info import read_training_info
 from service.jobs import jobstore
@@ -29,7 +29,7 @@ def adapter_job(session: Session, name: str) -> Job:
     if job is None or (job.status == JobStatus.succeeded and job.adapter is None):  # never made, or deleted
         raise not_found("adapter", name)
     if job.status != JobStatus.succeeded or job.adapter != name:
-        raise ApiError(409, "adapter_unavailable", f"adapter {name} has no model: its job is {job.status}")
+        raise RequestError(409, "adapter_unavailable", f"adapter {name} has no model: its job is {job.status}")
     return job
 
 

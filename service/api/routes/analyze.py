@@ -17,13 +17,13 @@ from sqlmodel import Session
 
 from service.api import prometheus
 from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
-from service.api.errors import ApiError
 from service.api.routes.adapters import adapter_job, adapter_path
 from service.core.config import Settings
+from service.core.errors import RequestError
+from service.core.layout import AdapterRef
 from service.jobs import jobstore
 from service.jobs.models import AnalyzeBatchRequest, AnalyzeBatchResponse, AnalyzeItem, AnalyzeRequest, AnalyzeResponse
 from service.llm.prompts import INPUT_FIELDS, NewsItem
-from service.serving.engine import AdapterRef
 
 router = APIRouter(tags=["analyze"])
 
@@ -35,7 +35,7 @@ def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterR
     if name == "latest":
         job = jobstore.latest_adapter(session, settings.base_model)
         if job is None or job.adapter is None:
-            raise ApiError(
+            raise RequestError(
                 404,
                 "no_adapter",
                 "no job has succeeded on this base model yet; use adapter 'none' "
@@ -44,7 +44,7 @@ def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterR
         return AdapterRef(job.adapter, adapter_path(settings, job.adapter))
     job = adapter_job(session, name)
     if job.base_model != settings.base_model:
-        raise ApiError(
+        raise RequestError(
             409,
             "base_model_mismatch",
             f"adapter {name} was trained on {job.base_model!r}; this server serves {settings.base_model!r}",
@@ -55,9 +55,9 @@ def resolve_adapter(session: Session, settings: Settings, name: str) -> AdapterR
 def _check_text(text: str, settings: Settings, field: str) -> str:
     text = text.strip()
     if not text:
-        raise ApiError(422, "invalid_request", f"{field} is empty", [{"field": field}])
+        raise RequestError(422, "invalid_request", f"{field} is empty", [{"field": field}])
     if len(text) > settings.max_text_chars:
-        raise ApiError(
+        raise RequestError(
             422, "invalid_request", f"{field} is longer than {settings.max_text_chars} characters", [{"field": field}]
         )
     return text
@@ -65,7 +65,7 @@ def _check_text(text: str, settings: Settings, field: str) -> str:
 
 def _check_tokens(max_new_tokens: int | None, settings: Settings) -> None:
     if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
-        raise ApiError(
+        raise RequestError(
             422,
             "invalid_request",
             f"max_new_tokens is over {settings.max_new_tokens_limit}",
@@ -117,7 +117,7 @@ def analyze_batch(
     body: AnalyzeBatchRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeBatchResponse:
     if len(body.items) > settings.max_batch_items:
-        raise ApiError(
+        raise RequestError(
             422,
             "invalid_request",
             f"items holds {len(body.items)} texts; the limit is {settings.max_batch_items}",

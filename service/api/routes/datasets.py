@@ -10,7 +10,7 @@ from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
-from service.api.errors import ApiError, not_found
+from service.core.errors import RequestError, not_found
 from service.datasets.formats import DatasetError
 from service.datasets.store import save_upload, to_public
 from service.jobs.models import Dataset, DatasetPublic
@@ -35,14 +35,16 @@ async def upload_dataset(
     while chunk := await file.read(CHUNK):
         data += chunk
         if len(data) > settings.max_upload_bytes:
-            raise ApiError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
+            raise RequestError(
+                413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes"
+            )
     parsed_options = _options(options, await request.form())
     try:
         dataset = await run_in_threadpool(
             save_upload, settings, session, bytes(data), file.filename, format, parsed_options
         )
     except DatasetError as exc:
-        raise ApiError(422, "invalid_dataset", str(exc), exc.details) from exc
+        raise RequestError(422, "invalid_dataset", str(exc), exc.details) from exc
     session.commit()
     return to_public(dataset)
 
@@ -54,15 +56,17 @@ def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
         try:
             value = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_request", f"options is not JSON: {exc.msg}", [{"field": "options"}]) from exc
+            raise RequestError(
+                422, "invalid_request", f"options is not JSON: {exc.msg}", [{"field": "options"}]
+            ) from exc
         if not isinstance(value, dict):
-            raise ApiError(422, "invalid_request", "options must be a JSON object", [{"field": "options"}])
+            raise RequestError(422, "invalid_request", "options must be a JSON object", [{"field": "options"}])
     for name, field_value in form.multi_items():
         if name in RESERVED_FIELDS:
             continue
         if name in value or not isinstance(field_value, str):
             problem = "is given twice" if name in value else "must be a plain form field, not a file"
-            raise ApiError(422, "invalid_request", f"option {name!r} {problem}", [{"field": name}])
+            raise RequestError(422, "invalid_request", f"option {name!r} {problem}", [{"field": name}])
         value[name] = field_value
     return value or None
 

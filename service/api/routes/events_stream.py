@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from service.api.errors import ApiError
+from service.core.errors import RequestError
 from service.jobs import jobstore
 from service.jobs.db import session_scope
 from service.jobs.models import Job, JobEventPublic, JobStatus
@@ -44,7 +44,7 @@ def parse_last_event_id(value: str | None) -> int | None:
     except ValueError:
         parsed = -1
     if not 0 <= parsed <= 2**63 - 1:  # a larger id cannot exist, and binding one would overflow the driver
-        raise ApiError(
+        raise RequestError(
             422,
             "invalid_request",
             "Last-Event-ID must be an event id (a whole number >= 0)",

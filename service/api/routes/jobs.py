@@ -13,9 +13,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
-from service.api.errors import ApiError, not_found
 from service.api.routes.events_stream import event_stream
 from service.core.config import Settings
+from service.core.errors import RequestError, not_found
 from service.datasets.store import BUILTIN
 from service.jobs import jobstore
 from service.jobs.hyperparameters import resolve
@@ -70,14 +70,14 @@ def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency
             return _replay(existing, request_hash), True
     queued = session.exec(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)).one()
     if queued >= settings.max_queued_jobs:  # a bound on what one caller can pile up ahead of everyone else
-        raise ApiError(
+        raise RequestError(
             429,
             "queue_full",
             f"{queued} jobs are already queued (the limit is "
             f"{settings.max_queued_jobs}); wait for some to finish or cancel some",
         )
     if body.dataset != BUILTIN and session.get(Dataset, body.dataset) is None:
-        raise ApiError(
+        raise RequestError(
             422,
             "invalid_request",
             f"dataset {body.dataset!r} does not exist",
@@ -87,7 +87,7 @@ def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency
         base_model = validate_base_model(body.base_model or settings.base_model, settings)
     except BaseModelRejected as exc:
         details = [{"field": "base_model", "message": str(exc)}]
-        raise ApiError(422, "invalid_request", f"base_model: {exc}", details) from exc
+        raise RequestError(422, "invalid_request", f"base_model: {exc}", details) from exc
     job = Job(
         name=body.name,
         base_model=base_model,
@@ -111,7 +111,7 @@ def queue_job(body: JobCreate, session: Session, settings: Settings, idempotency
 
 def _replay(job: Job, request_hash: str) -> Job:
     if job.request_hash != request_hash:
-        raise ApiError(
+        raise RequestError(
             422,
             "idempotency_conflict",
             "this Idempotency-Key was used with a different request body",
@@ -184,6 +184,6 @@ def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
         session.commit()
         return to_public(cancelled)
     except jobstore.TransitionError as exc:
-        raise ApiError(
+        raise RequestError(
             409, "conflict", f"job {job_id} is {job.status}; only queued or running jobs can be cancelled"
         ) from exc

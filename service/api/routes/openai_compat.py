@@ -34,12 +34,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
-from service.api.errors import ApiError
 from service.api.routes.analyze import resolve_adapter
+from service.core.errors import RequestError
+from service.core.layout import AdapterRef
 from service.jobs import jobstore
 from service.llm.prompts import DEFAULT_INSTRUCTION, render_prompt
 from service.llm.scoring import build_prompts, continuation_logprobs, generate_stream
-from service.serving.engine import AdapterRef, ModelServer
+from service.serving.engine import ModelServer
 
 log = logging.getLogger("flashtune.api")
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -89,9 +90,9 @@ def _prompt(body: ChatRequest, max_chars: int) -> tuple[str, str]:
     system = "\n".join(m.text for m in body.messages if m.role in ("system", "developer")).strip()
     users = [m.text for m in body.messages if m.role == "user"]
     if not users or not users[-1].strip():
-        raise ApiError(422, "invalid_request", "messages needs a non-empty user message", [{"field": "messages"}])
+        raise RequestError(422, "invalid_request", "messages needs a non-empty user message", [{"field": "messages"}])
     if len(users[-1]) > max_chars:
-        raise ApiError(
+        raise RequestError(
             422, "invalid_request", f"the user message is over {max_chars} characters", [{"field": "messages"}]
         )
     return users[-1], system or DEFAULT_INSTRUCTION
@@ -151,7 +152,7 @@ def chat_completions(
         content, completion_tokens = server.run(adapter, complete)
         finish = _finish_reason(completion_tokens, max_tokens)
     else:
-        raise ApiError(
+        raise RequestError(
             422,
             "invalid_request",
             f"response_format type {format_type!r} is not supported",

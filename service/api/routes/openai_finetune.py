@@ -17,8 +17,8 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
-from service.api.errors import ApiError, not_found
 from service.api.routes.jobs import queue_job
+from service.core.errors import RequestError, not_found
 from service.core.layout import checkpoint_step, complete_checkpoints
 from service.datasets.formats import DatasetError
 from service.datasets.store import BUILTIN, save_upload
@@ -51,14 +51,14 @@ async def upload_file(
     file: UploadFile, session: SessionDep, settings: SettingsDep, purpose: Annotated[str, Form()] = "fine-tune"
 ) -> dict[str, Any]:
     if purpose != "fine-tune":
-        raise ApiError(422, "invalid_request", "only purpose 'fine-tune' is supported", [{"field": "purpose"}])
+        raise RequestError(422, "invalid_request", "only purpose 'fine-tune' is supported", [{"field": "purpose"}])
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
-        raise ApiError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
+        raise RequestError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
     try:
         dataset = await run_in_threadpool(save_upload, settings, session, data, file.filename, None, None)
     except DatasetError as exc:
-        raise ApiError(422, "invalid_dataset", str(exc), exc.details) from exc
+        raise RequestError(422, "invalid_dataset", str(exc), exc.details) from exc
     session.commit()
     return {**_file(dataset), "bytes": len(data)}
 
@@ -92,7 +92,7 @@ def _number(value: Any, field: str) -> Any:
     if value is None or value == "auto":
         return None
     if isinstance(value, str):
-        raise ApiError(422, "invalid_request", f"{field} must be a number or 'auto'", [{"field": field}])
+        raise RequestError(422, "invalid_request", f"{field} must be a number or 'auto'", [{"field": field}])
     return value
 
 
@@ -139,9 +139,9 @@ def _job(session: Session, job_id: str) -> Job:
 def create_fine_tune(body: FineTuneCreate, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     if body.validation_file is not None:
         message = "validation_file is not supported: FlashTune holds out validation_fraction of the training file"
-        raise ApiError(422, "invalid_request", message, [{"field": "validation_file"}])
+        raise RequestError(422, "invalid_request", message, [{"field": "validation_file"}])
     if body.training_file != BUILTIN and session.get(Dataset, body.training_file) is None:
-        raise ApiError(
+        raise RequestError(
             422, "invalid_request", f"training_file {body.training_file!r} does not exist", [{"field": "training_file"}]
         )
     hp = body.hyperparameters
@@ -180,7 +180,7 @@ def cancel_fine_tune(job_id: str, session: SessionDep) -> dict[str, Any]:
     try:
         cancelled = jobstore.cancel(session, job.id)
     except jobstore.TransitionError as exc:
-        raise ApiError(409, "conflict", f"job {job_id} is {job.status}; it cannot be cancelled") from exc
+        raise RequestError(409, "conflict", f"job {job_id} is {job.status}; it cannot be cancelled") from exc
     session.commit()
     return _to_openai(cancelled)
 
