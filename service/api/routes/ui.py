@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, RedirectResponse
 
 from service.api.deps import SettingsDep, require_api_key
-from service.api.errors import not_found
+from service.core.errors import not_found
 from service.jobs.hyperparameters import resolve
 from service.jobs.models import Hyperparameters
 
