@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sqlite3
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -24,126 +22,15 @@ from service.datasets.store import save_upload
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.models import Dataset
 from service.llm.prompts import parse_label
-from tests.conftest import SHARED_DATA, Service, wait_for
+from tests.conftest import SHARED_DATA, wait_for
 from tests.pgdb import postgres_database
 
 DB = SHARED_DATA / "finance_analysis_sample.db"
+
+
 SEED = SHARED_DATA / "seed"
 
 
-def upload(svc: Service, path: Path, **fields: Any) -> Any:
-    data = {k: (json.dumps(v) if isinstance(v, dict) else str(v)) for k, v in fields.items()}
-    with path.open("rb") as f:
-        return svc.client.post("/datasets", files={"file": (path.name, f)}, data=data)
-
-
-def chat_copy(source: Path, target: Path) -> Path:
-    """The user's smoke-test file rewritten in the OpenAI chat shape."""
-    lines = []
-    for line in source.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        messages = [
-            {"role": "system", "content": r["instruction"]},
-            {"role": "user", "content": r["input"]},
-            {"role": "assistant", "content": r["output"]},
-        ]
-        lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
-
-
-def renamed_ret_copy(tmp: Path) -> Path:
-    copy = tmp / "renamed.db"
-    shutil.copy(DB, copy)
-    copy.chmod(0o644)
-    with sqlite3.connect(copy) as conn:
-        conn.execute("ALTER TABLE event_impacts RENAME COLUMN ret TO ret_x")
-    return copy
-
-
-# ---------------------------------------------------------------------------------------------- through the API
-def test_shared_files_import_and_a_job_trains_on_the_database(service: Service, tmp_path: Path) -> None:
-    expected = {  # file: (format, examples, duplicates removed)
-        SEED / "instructions.jsonl": ("instruction_jsonl", 188, 112),
-        SEED / "instructions_v2.jsonl": ("instruction_jsonl", 500, 0),
-        SEED / "instructions_test.jsonl": ("instruction_jsonl", 10, 0),
-        SEED / "val_3cls.csv": ("csv", 2690, 2),
-        DB: ("sqlite", 2686, 6),
-        chat_copy(SEED / "instructions_test.jsonl", tmp_path / "chat.jsonl"): ("chat_jsonl", 10, 0),
-    }
-    for path, (fmt, count, dupes) in expected.items():
-        response = upload(service, path)
-        assert response.status_code == 201, response.text
-        body = response.json()
-        assert (body["format"], body["num_examples"], body["duplicates_removed"]) == (fmt, count, dupes), path
-        assert body["rejected_count"] == 0
-        assert sum(body["label_distribution"].values()) + body["unlabelled"] == count
-    listed = {d["format"] for d in service.client.get("/datasets").json()}
-    assert listed == {"instruction_jsonl", "chat_jsonl", "csv", "sqlite"}
-
-    csv_body = upload(service, SEED / "val_3cls.csv").json()  # same content again: same dataset
-    assert csv_body["label_distribution"] == {"bearish": 715, "neutral": 1168, "bullish": 807}
-    assert csv_body["details"]["columns"] == {"text": "text", "label": "label", "star": "star", "input_fields": {}}
-
-    db_body = upload(service, DB).json()
-    assert all(n > 0 for n in db_body["label_distribution"].values())
-    assert db_body["num_validation"] == 538
-    info = db_body["details"]["import"]
-    assert info["train"]["until"] < info["validation"]["from"]
-    assert info["thresholds"]["low"] < 0 < info["thresholds"]["high"]
-
-    # Calendar events are short, which keeps the job (training and base-vs-adapter evaluation) small.
-    small = upload(service, DB, options={"limit": 60, "seed": 3, "sources": ["calendar"]}, ticker="XAUUSD")
-    assert small.status_code == 201, small.text
-    assert (small.json()["num_examples"], small.json()["num_validation"]) == (60, 12)
-    job = service.post_job(dataset=small.json()["id"], hyperparameters={"epochs": 1, "max_length": 128})
-    done = service.wait(job["id"], timeout=900)
-    assert done["status"] == "succeeded", service.core.logs()
-    events = service.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-    stats = next(e for e in events if e["type"] == "dataset")["data"]["token_stats"]
-    assert stats["examples"] == 60 and 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
-
-
-def test_broken_files_get_a_4xx_naming_the_problem_and_nothing_is_stored(service: Service, tmp_path: Path) -> None:
-    renamed = upload(service, renamed_ret_copy(tmp_path))
-    assert renamed.status_code == 422, renamed.text
-    error = renamed.json()["error"]
-    assert "event_impacts" in error["message"] and "'ret'" in error["message"]
-    assert error["details"]["table"] == "event_impacts" and error["details"]["column"] == "ret"
-    assert "ret_x" in error["details"]["columns"]
-
-    broken = {
-        "bad.jsonl": (b'{"instruction": "x", "output": ""}\n{not json\n', "no usable examples"),
-        "chat.jsonl": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "no usable examples"),
-        "cols.csv": ("headline,sentiment\n美联储加息,1\n".encode(), "no column 'text' or 'content'"),
-        "latin1.csv": ("text,label\nok,1\ncaf\xe9,0\n".encode("latin-1"), "not UTF-8 (line 3"),
-        "labels.csv": (b"text,label\nfoo,up\n", "no usable examples"),
-        "broken.db": (DB.read_bytes()[:4096], "database"),
-        "nolabel.jsonl": (b'{"instruction": "q", "output": "free text answer"}\n', "sentiment label"),
-        "empty.jsonl": (b"\n\n", "empty"),
-    }
-    for name, (content, words) in broken.items():
-        (tmp_path / name).write_bytes(content)
-        response = upload(service, tmp_path / name)
-        assert 400 <= response.status_code < 500, (name, response.text)
-        assert words in response.json()["error"]["message"], (name, response.text)
-    details = upload(service, tmp_path / "bad.jsonl").json()["error"]["details"]
-    assert [r["line"] for r in details["rejected"]] == [1, 2]
-    unknown = upload(service, tmp_path / "cols.csv", text_column="headline", label_column="nope").json()["error"]
-    assert unknown["details"] == {"column": "nope", "option": "label_column", "columns": ["headline", "sentiment"]}
-    bad_option = upload(service, DB, window_min="soon").json()["error"]
-    assert bad_option["details"]["option"] == "window_min"
-    no_rows = upload(service, DB, ticker="EURUSD").json()["error"]
-    assert "XAUUSD/15" in no_rows["message"]
-
-    assert service.client.get("/datasets").json() == []
-    stored = service.data_dir / "datasets"
-    assert not stored.exists() or list(stored.iterdir()) == []
-    fine = upload(service, tmp_path / "cols.csv", text_column="headline", label_column="sentiment")
-    assert fine.status_code == 201 and fine.json()["label_distribution"]["bullish"] == 1
-
-
-# ------------------------------------------------------------------------------------------------- parser units
 def test_chat_lines() -> None:
     lines = [
         {

@@ -21,30 +21,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import resolve
-from service.jobs.models import Hyperparameters
-from service.llm.builtin.data import builtin_dataset, generate
+from service.llm.builtin.data import generate
 from tests.conftest import Service, make_service, wait_for
 from tests.pgdb import postgres_database
 from workers.training import checkpoints
-from workers.training.recipe import Hooks, Interrupted, TrainingSpec, train
 
 pytestmark = pytest.mark.slow
 
+
 CHECKPOINT_EVERY = 2
+
+
 LEASE_SECONDS = 8
+
+
 ENV = {"FLASHTUNE_LEASE_SECONDS": str(LEASE_SECONDS), "FLASHTUNE_CHECKPOINT_EVERY_STEPS": str(CHECKPOINT_EVERY)}
-# No held-out split: evaluation is skipped, so a job is mostly training (what these tests are about).
+
+
 SHORT = {"epochs": 1, "validation_fraction": 0.0}  # 24 examples, batch 4: 6 steps
+
+
 LONGER = {"epochs": 3, "validation_fraction": 0.0}  # 18 steps, a checkpoint every 2 and at each epoch
+
+
 WAIT = 900  # seconds; generous because CI machines may be shared (no timing is asserted)
-RESUME_TOLERANCE = 1e-5  # max |difference| of any adapter weight between an uninterrupted and a resumed run
 
 
-# ------------------------------------------------------------------------------------------------- helpers
 def upload_small(svc: Service, count: int, seed: int = 7) -> str:
     """Upload ``count`` template examples (instruction JSONL); returns the dataset id."""
     lines = [
@@ -143,7 +146,6 @@ def svc(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
     service.stop()
 
 
-# -------------------------------------------------------------------------------------------- crash and stall
 def test_kill_9_resumes_from_checkpoint(svc: Service) -> None:
     dataset = upload_small(svc, 24)
     job = svc.post_job(dataset=dataset, hyperparameters=LONGER)
@@ -226,16 +228,6 @@ def test_sigterm_requeues_with_checkpoint(svc: Service) -> None:
     print(f"\nSIGTERM: checkpoint at step {stop_checkpoint}, resumed there on another worker")
 
 
-def test_job_processes_are_forked_from_the_preloaded_server_where_a_fork_can_use_the_device() -> None:
-    """Otherwise every job would fall back to a spawned process silently (slower, the same results)."""
-    from multiprocessing.context import ForkServerContext, SpawnContext
-
-    from workers.worker import job_process_context
-
-    assert isinstance(job_process_context("forkserver"), ForkServerContext)
-    assert isinstance(job_process_context("spawn"), SpawnContext)
-
-
 def test_injected_oom_halves_micro_batch(tmp_path: Path, builtin_model_cache: Path) -> None:
     """Fault injection (FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=8): the first step at micro-batch 8 raises
     torch.OutOfMemoryError; the job is retried at 4 with twice the accumulation. Here each attempt's process is
@@ -260,7 +252,6 @@ def test_injected_oom_halves_micro_batch(tmp_path: Path, builtin_model_cache: Pa
         svc.stop()
 
 
-# ------------------------------------------------------------------------------------------------ idempotency
 def _post_concurrently(svc: Service, key: str, bodies: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
     def post(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         response = svc.client.post("/jobs", json=body, headers={"Idempotency-Key": key})
@@ -292,7 +283,6 @@ def test_idempotency_key_gives_one_job(tmp_path: Path, builtin_model_cache: Path
         svc.stop()
 
 
-# ------------------------------------------------------------------------------------------------- PostgreSQL
 def test_postgresql_end_to_end(tmp_path: Path, builtin_model_cache: Path) -> None:
     with postgres_database() as url:
         svc = make_service(tmp_path, builtin_model_cache, env={**ENV, "FLASHTUNE_DATABASE_URL": url})
@@ -307,7 +297,6 @@ def test_postgresql_end_to_end(tmp_path: Path, builtin_model_cache: Path) -> Non
             svc.stop()
 
 
-# --------------------------------------------------------------------------------------------- many workers
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_workers_killed_at_random_every_job_succeeds_once(
     database: str, tmp_path: Path, builtin_model_cache: Path
@@ -356,47 +345,3 @@ def _assert_each_succeeded_once(svc: Service, finished: list[dict[str, Any]]) ->
         for before, after in zip(lifecycle, lifecycle[1:], strict=False):
             assert (before == "started") != (after == "started"), lifecycle
         assert (svc.data_dir / "adapters" / job["adapter"] / "adapter_model.safetensors").exists()
-
-
-# -------------------------------------------------------------------------------------------- resume equivalence
-def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
-    train_set, held_out = builtin_dataset()
-    hp = resolve(Hyperparameters.model_validate({"epochs": 2, "lora_dropout": 0.0}), "builtin")
-    return TrainingSpec(
-        job_id=1,
-        base_model="builtin",
-        base_source=str(model),
-        dataset="builtin",
-        dataset_sha256=None,
-        train=train_set[:24],
-        validation=held_out[:3],
-        hp=hp,
-        job_dir=tmp_path / name,
-        adapter_dir=tmp_path / "adapters" / name,
-        checkpoint_every=2,
-    )
-
-
-def test_resume_equivalence(tmp_path: Path, builtin_model_cache: Path) -> None:
-    """Uninterrupted vs stopped at step 5 (mid-epoch, after a checkpoint at 4) and resumed: same end, same weights."""
-    straight = train(_spec(tmp_path, builtin_model_cache, "straight"), Hooks())
-    spec = _spec(tmp_path, builtin_model_cache, "resumed")
-    stop = {"now": False}
-
-    def on_progress(progress: Any, force: bool) -> None:
-        stop["now"] = progress.step >= 5
-
-    with pytest.raises(Interrupted):
-        train(spec, Hooks(on_progress=on_progress, should_stop=lambda: stop["now"]))
-    resumed = train(spec, Hooks())
-    assert resumed["resumed_from_step"] == 5 and resumed["total_steps"] == straight["total_steps"] == 12
-    a = load_file(str(tmp_path / "adapters" / "straight" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "adapters" / "resumed" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= RESUME_TOLERANCE, worst
-    assert [s for s, _ in straight["losses"]["step_loss"]] == [s for s, _ in resumed["losses"]["step_loss"]]
-    print(
-        f"\nresume equivalence: max |weight difference| {worst:.2e} over {sum(t.numel() for t in a.values())} "
-        f"weights (tolerance {RESUME_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}"
-    )

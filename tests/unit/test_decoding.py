@@ -12,7 +12,7 @@ import torch
 
 from service.llm.decoding import GraphDecoder, attach, decoder_for
 from service.llm.scoring import build_prompts, generate, generate_stream, left_padded
-from tests.test_scoring import TEXTS
+from tests.unit.test_scoring import TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""Crashes, stalls, restarts and many workers, with real processes and real signals.
+
+Every test reads a number off the job: its attempts, the step it resumed from, the micro-batch it finished at.
+Leases are short here (FLASHTUNE_LEASE_SECONDS=8, heartbeat 0.5 s) so a takeover happens within seconds.
+Jobs train on a small uploaded dataset (tens of examples) so each takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Hyperparameters
+from service.llm.builtin.data import builtin_dataset
+from workers.training.recipe import Hooks, Interrupted, TrainingSpec, train
+
+pytestmark = pytest.mark.slow
+
+
+RESUME_TOLERANCE = 1e-5  # max |difference| of any adapter weight between an uninterrupted and a resumed run
+
+
+def test_job_processes_are_forked_from_the_preloaded_server_where_a_fork_can_use_the_device() -> None:
+    """Otherwise every job would fall back to a spawned process silently (slower, the same results)."""
+    from multiprocessing.context import ForkServerContext, SpawnContext
+
+    from workers.worker import job_process_context
+
+    assert isinstance(job_process_context("forkserver"), ForkServerContext)
+    assert isinstance(job_process_context("spawn"), SpawnContext)
+
+
+def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
+    train_set, held_out = builtin_dataset()
+    hp = resolve(Hyperparameters.model_validate({"epochs": 2, "lora_dropout": 0.0}), "builtin")
+    return TrainingSpec(
+        job_id=1,
+        base_model="builtin",
+        base_source=str(model),
+        dataset="builtin",
+        dataset_sha256=None,
+        train=train_set[:24],
+        validation=held_out[:3],
+        hp=hp,
+        job_dir=tmp_path / name,
+        adapter_dir=tmp_path / "adapters" / name,
+        checkpoint_every=2,
+    )
+
+
+def test_resume_equivalence(tmp_path: Path, builtin_model_cache: Path) -> None:
+    """Uninterrupted vs stopped at step 5 (mid-epoch, after a checkpoint at 4) and resumed: same end, same weights."""
+    straight = train(_spec(tmp_path, builtin_model_cache, "straight"), Hooks())
+    spec = _spec(tmp_path, builtin_model_cache, "resumed")
+    stop = {"now": False}
+
+    def on_progress(progress: Any, force: bool) -> None:
+        stop["now"] = progress.step >= 5
+
+    with pytest.raises(Interrupted):
+        train(spec, Hooks(on_progress=on_progress, should_stop=lambda: stop["now"]))
+    resumed = train(spec, Hooks())
+    assert resumed["resumed_from_step"] == 5 and resumed["total_steps"] == straight["total_steps"] == 12
+    a = load_file(str(tmp_path / "adapters" / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapters" / "resumed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= RESUME_TOLERANCE, worst
+    assert [s for s, _ in straight["losses"]["step_loss"]] == [s for s, _ in resumed["losses"]["step_loss"]]
+    print(
+        f"\nresume equivalence: max |weight difference| {worst:.2e} over {sum(t.numel() for t in a.values())} "
+        f"weights (tolerance {RESUME_TOLERANCE}); bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)}"
+    )
