@@ -10,7 +10,7 @@ compilation.
 
 The decoding is ``model.generate(do_sample=False)``'s: the prompt's positions count its tokens only (left padding
 skipped), a row that has ended gets the pad token from then on, and decoding stops when every row has ended or after
-``max_new_tokens``. ``tests/test_decoding.py`` checks the tokens against ``generate``'s.
+``max_new_tokens``. ``tests/unit/test_decoding.py`` checks the tokens against ``generate``'s.
 
 A :class:`GraphDecoder` belongs to one model whose weights do not change while it is used: a merged copy, or a
 PeftModel whose adapters stay loaded (the worker's evaluation of a trained adapter, ``workers.training.evaluation``; the
