@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     )
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
+    faults: str = Field(
+        default="",
+        pattern=r"^([\w.]+:\w+)?$",
+        description="tests only: a fault plugin 'module:attribute' (workers/testing.py) that each job process "
+        "wraps its training hooks with, e.g. to raise out-of-memory or fail a rank at a chosen step; empty: none",
+    )
 
     # Serving
     max_loaded_adapters: int = Field(default=8, ge=1)
