@@ -56,7 +56,6 @@ _LABEL_PATTERNS: list[tuple[re.Pattern[str], dict[str, Label]]] = [
         {"bullish": "bullish", "bearish": "bearish", "neutral": "neutral"},
     ),
 ]
-_STAR_PATTERN = re.compile(r"这是一条(\d)(?:\.\d)?星级")
 
 
 # ------------------------------------------------------------------------------------------ news item inputs
@@ -193,11 +192,6 @@ def parse_label(response: str) -> Label | None:
         if match:
             return mapping[match.group(1).lower() if match.group(1).isascii() else match.group(1)]
     return None
-
-
-def parse_star(response: str) -> int | None:
-    match = _STAR_PATTERN.search(response)
-    return int(match.group(1)) if match else None
 
 
 def is_valid_response(response: str) -> bool:
