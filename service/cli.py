@@ -15,7 +15,7 @@ from typing import Any
 
 from service.cli_client import add_commands
 from service.core import logs
-from service.core.config import Settings
+from service.core.config import Settings, warn_unknown_env
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -31,6 +31,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings(**overrides)
     if settings.log_json:
         logs.configure(json_lines=True)
+    warn_unknown_env(os.environ)  # a mistyped FLASHTUNE_* name would be ignored without a word
     return settings
 
 

@@ -1,7 +1,15 @@
-"""All settings, read once from the environment (prefix ``FLASHTUNE_``)."""
+"""All settings, read once from the environment (prefix ``FLASHTUNE_``).
+
+A ``FLASHTUNE_*`` variable that names no setting would be ignored without a word (a typo such as
+``FLASHTUNE_GPU_MEMORY_GB`` trains with the default): ``warn_unknown_env`` reports each one when ``flashtune serve`` or
+``flashtune worker`` starts, with the closest known name.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -11,9 +19,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.layout import Layout
 
+ENV_PREFIX = "FLASHTUNE_"
+# FLASHTUNE_* variables that are not settings of this class but are read elsewhere: the one allow-list of
+# ``unknown_env_names``.
+OTHER_ENV_NAMES = frozenset(
+    {
+        "FLASHTUNE_URL",  # the server of the client commands (service/cli_client.py)
+        "FLASHTUNE_TORCH_VERSION",  # the torch that scripts/install.sh installs
+        "FLASHTUNE_PUBLISH",  # compose.yaml: where the API port is published
+        "FLASHTUNE_WORKER_GPU",  # compose.yaml: the GPU of each worker container
+        "FLASHTUNE_WORKER_2_GPU",
+        "FLASHTUNE_TEST_POSTGRES",  # the test harness: the PostgreSQL server of the tests (tests/conftest.py)
+    }
+)
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLASHTUNE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     data_dir: Path = Field(default=Path("flashtune-data"), description="Everything the service writes.")
     database_url: str = Field(default="", description="Default: SQLite file in DATA_DIR.")
@@ -111,8 +133,6 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 200 * 1024 * 1024
     max_text_chars: int = 4000
     max_new_tokens_limit: int = 256
-    max_epochs: int = 100
-    max_length_limit: int = 8192
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, description="JSON bodies of every other route")
     max_analyze_body_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /analyze bodies")
     analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")
@@ -147,3 +167,27 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def known_env_names() -> frozenset[str]:
+    """Every ``FLASHTUNE_*`` name something reads: one per setting, and the allow-list ``OTHER_ENV_NAMES``."""
+    return frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields) | OTHER_ENV_NAMES
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
+    """The ``FLASHTUNE_*`` names in ``environ`` that nothing reads, sorted (the prefix and the names match in any
+    case, as pydantic-settings matches them)."""
+    known = known_env_names()
+    return sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+
+
+def warn_unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """Log a warning for each unknown ``FLASHTUNE_*`` variable, naming the closest known one; returns the lines."""
+    known = sorted(name.removeprefix(ENV_PREFIX) for name in known_env_names())  # the prefix would match them all
+    lines = []
+    for name in unknown_env_names(environ):
+        closest = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), known, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{closest[0]}?)" if closest else ""
+        lines.append(f"unknown environment variable {name} is ignored{hint}")
+        logging.getLogger("flashtune.config").warning(lines[-1])
+    return lines
