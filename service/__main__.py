@@ -1,3 +1,7 @@
+"""``python -m service``: ``flashtune serve`` (the composition root is ``service.cli``)."""
+
+import sys
+
 from service.cli import main
 
-main(["serve", *__import__("sys").argv[1:]])
+main(["serve", *sys.argv[1:]])

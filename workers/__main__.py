@@ -1,3 +1,8 @@
+"""``python -m workers``: ``flashtune worker``. The entry point belongs to the composition root (``service.cli``);
+the rest of ``workers`` never imports ``service.cli`` (pyproject.toml, [tool.importlinter])."""
+
+import sys
+
 from service.cli import main
 
-main(["worker", *__import__("sys").argv[1:]])
+main(["worker", *sys.argv[1:]])
