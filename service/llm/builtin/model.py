@@ -73,6 +73,12 @@ def _train_tokenizer(corpus: list[str]):  # type: ignore[no-untyped-def]
     )
 
 
+def builtin_tokenizer():  # type: ignore[no-untyped-def]
+    """The built-in model's tokenizer, trained afresh (deterministic): the GPU benchmarks tokenise real text with it
+    without building the model."""
+    return _train_tokenizer(_corpus())
+
+
 def build(path: Path, max_steps: int = 150) -> None:
     """Build tokenizer and model, pretrain briefly, and save atomically to ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
