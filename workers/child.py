@@ -9,14 +9,15 @@ Multi-GPU (``FLASHTUNE_GPUS`` > 1): the child loads the job, then becomes torchr
 (``workers.training.distributed.launch``), each running ``rank_main``, i.e. ``run_attempt`` for its rank; rank 0
 reports.
 
-Fault injection for tests: ``FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=N`` makes the first optimizer step raise
-``torch.OutOfMemoryError`` while the job's micro-batch is ``>= N``, so the memory fallback can be tested on CPU.
-It is read only here and has no effect when unset.
+Fault injection for tests: ``FLASHTUNE_FAULTS=module:attribute`` names a fault plugin (``workers/testing.py``) that
+each training process loads once and wraps its hooks with. Unset, nothing is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
 import os
 import shutil
@@ -39,21 +40,18 @@ from service.core.layout import adapter_name
 from service.datasets.store import DatasetNotFound, load_examples
 from service.jobs import jobstore
 from service.jobs.db import make_engine, session_scope
+from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.loss_history import StepLog
-from service.jobs.models import Progress, ResolvedHyperparameters
+from service.jobs.models import Progress
 from service.llm.modeling import ModelLoadError, pick_device, resolve_base_model
 from service.llm.prompts import input_fields_used
 from workers.retry import Outcome
 from workers.training import distributed
 from workers.training.distributed import SINGLE, Distributed
-from workers.training.recipe import Hooks, Interrupted, TrainingError, TrainingSpec, train
+from workers.training.recipe import train
+from workers.training.spec import FaultPlugin, Hooks, Interrupted, TrainingError, TrainingSpec
 
 log = logging.getLogger("flashtune.child")
-OOM_HOOK_ENV = "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH"
-
-
-class LeaseGone(Exception):
-    """This attempt no longer owns the job (cancelled, or taken over after its lease expired): stop, write nothing."""
 
 
 class _Reporter:
@@ -68,12 +66,10 @@ class _Reporter:
         self.lease_lost = False
         self.last_progress: dict[str, Any] = {}
         self.parent_pid = os.getppid()
-        self.micro_batch = 0  # set once the job's hyperparameters are known (fault-injection hook)
         self.steps = StepLog(settings.layout.job_dir(job_id))  # every step's loss, for GET /jobs/{id}/metrics
 
     def progress(self, progress: Progress, force: bool) -> None:
         self.last_progress = progress.model_dump()
-        self._inject_oom()
         try:
             self.steps.append(self.last_progress)
         except OSError as exc:  # the loss chart misses a point; training goes on
@@ -94,23 +90,16 @@ class _Reporter:
         self._guarded(write)
 
     def _guarded(self, write: Callable[[Session], None]) -> None:
-        """Run one lease-guarded write. Lease gone: raise LeaseGone (training stops before its next checkpoint or
-        publish). Database unreachable for a moment: skip this write; the worker's heartbeat keeps the lease."""
+        """Run one lease-guarded write. Lease gone: raise ``LeaseLost`` (training stops before its next checkpoint
+        or publish). Database unreachable for a moment: skip this write; the worker's heartbeat keeps the lease."""
         try:
             with session_scope(self.engine) as session:
                 write(session)
         except jobstore.LeaseLost as exc:
             self.lease_lost = True
-            raise LeaseGone(f"job {self.job_id}: lease lost; stopping without writing anything") from exc
+            raise jobstore.LeaseLost(f"job {self.job_id}: lease lost; stopping without writing anything") from exc
         except DBAPIError as exc:
             log.warning("job %s: progress/event write skipped: %s", self.job_id, exc)
-
-    def _inject_oom(self) -> None:
-        limit = os.environ.get(OOM_HOOK_ENV)
-        if limit and self.micro_batch >= int(limit):
-            import torch
-
-            raise torch.OutOfMemoryError(f"injected by {OOM_HOOK_ENV}={limit} at micro-batch {self.micro_batch}")
 
     def should_stop(self) -> bool:
         # An orphan (its worker was killed) stops too: the job will be taken over after the lease expires.
@@ -157,8 +146,6 @@ def run_attempt(
     Multi-GPU: in the child this launches the ranks and returns their combined outcome; in a rank (``dist``,
     ``spec`` loaded by the child) it trains that rank's part, and only rank 0's hooks reach the database.
     """
-    import torch
-
     reporter = _Reporter(settings, job_id, worker_id)
     signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_requested", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides for us
@@ -166,40 +153,51 @@ def run_attempt(
         spec = spec or _spec(settings, job_id)
         if dist.world == 1 and (world := _world_size(settings)) > 1:
             return _launch_ranks(settings, job_id, worker_id, spec, world, reporter)
-        reporter.micro_batch = spec.hp.micro_batch_size
         hooks = distributed.rank_hooks(Hooks(reporter.progress, reporter.event, reporter.should_stop), dist)
-        train(spec, hooks, dist)
+        train(spec, fault_plugin(settings.faults)(hooks, spec, dist.rank), dist)
         return Outcome("succeeded", adapter=adapter_name(job_id), progress=reporter.last_progress)
     except Interrupted:
         return Outcome("interrupted", progress=reporter.last_progress)
-    except LeaseGone as exc:
+    except Exception as exc:
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> Outcome:
+    """How an attempt that raised ``exc`` ended: the lease lost, out of memory (retried smaller), or a failure, final
+    unless the database or the disk was the cause."""
+    import torch
+
+    if isinstance(exc, jobstore.LeaseLost):
         return Outcome("lease_lost", _error("lease_lost", str(exc), None))
-    except torch.OutOfMemoryError:
+    if isinstance(exc, torch.OutOfMemoryError):
         return Outcome("oom")
-    except TrainingError as exc:
+    if isinstance(exc, TrainingError):
         return Outcome("failed", _error(exc.type, str(exc), exc.hint))
-    except DatasetNotFound as exc:
+    if isinstance(exc, DatasetNotFound):
         return Outcome("failed", _error("dataset_not_found", f"dataset {exc} does not exist", "upload it again"))
-    except ModelLoadError as exc:
+    if isinstance(exc, ModelLoadError):
         return Outcome("failed", _error("base_model_error", str(exc), "check base_model and FLASHTUNE_DEVICE"))
-    except DBAPIError as exc:  # the database went away while loading the job: retry later
-        return Outcome(
-            "failed",
-            _error("database_error", f"{type(exc).__name__}: {exc.orig}", "check FLASHTUNE_DATABASE_URL"),
-            retryable=True,
-        )
-    except OSError as exc:  # disk full, unwritable DATA_DIR, network file system hiccups
-        return Outcome(
-            "failed",
-            _error(
-                "io_error", f"{type(exc).__name__}: {exc}", "check free space and permissions of FLASHTUNE_DATA_DIR"
-            ),
-            retryable=True,
-        )
-    except Exception as exc:  # an unexpected fault in training: final, with the reason
-        last = traceback.extract_tb(exc.__traceback__)[-1]
-        message = f"{type(exc).__name__}: {exc} (in {last.name})"
-        return Outcome("failed", _error("training_error", message, "check the dataset and hyperparameters"))
+    if isinstance(exc, DBAPIError):  # the database went away while loading the job: retry later
+        message = f"{type(exc).__name__}: {exc.orig}"
+        return Outcome("failed", _error("database_error", message, "check FLASHTUNE_DATABASE_URL"), retryable=True)
+    if isinstance(exc, OSError):  # disk full, unwritable DATA_DIR, network file system hiccups
+        hint = "check free space and permissions of FLASHTUNE_DATA_DIR"
+        return Outcome("failed", _error("io_error", f"{type(exc).__name__}: {exc}", hint), retryable=True)
+    last = traceback.extract_tb(exc.__traceback__)[-1]  # an unexpected fault in training: final, with the reason
+    message = f"{type(exc).__name__}: {exc} (in {last.name})"
+    return Outcome("failed", _error("training_error", message, "check the dataset and hyperparameters"))
+
+
+@functools.cache  # once per process: the child, or a rank
+def fault_plugin(name: str) -> FaultPlugin:
+    """The fault plugin ``FLASHTUNE_FAULTS`` names (``module:attribute``, tests only: workers/testing.py); without
+    one, the hooks as they are."""
+    if not name:
+        return lambda hooks, spec, rank: hooks
+    module, _, attribute = name.partition(":")
+    plugin: FaultPlugin = getattr(importlib.import_module(module), attribute)
+    log.warning("fault plugin %s installed (FLASHTUNE_FAULTS): for tests only", name)
+    return plugin
 
 
 def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection) -> None:

@@ -22,13 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import resolve
-from service.jobs.models import Hyperparameters
+from service.jobs.hyperparameters import Hyperparameters, resolve
 from service.llm.builtin.data import builtin_dataset, generate
 from tests.conftest import Service, make_service
 from workers.retry import Outcome
 from workers.training import checkpoints, distributed
-from workers.training.recipe import Hooks, Interrupted, TrainingSpec, train
+from workers.training.recipe import train
+from workers.training.spec import Hooks, Interrupted, TrainingSpec
 
 WEIGHT_TOLERANCE = 2e-5  # max |difference| of any LoRA weight, 2 ranks vs 1 process (float summation order)
 
@@ -187,7 +187,7 @@ def test_worker_gpus_2_trains_one_job(svc: Service) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("svc", [{distributed.FAIL_RANK_HOOK_ENV: "1:2"}], indirect=True)
+@pytest.mark.parametrize("svc", [{"FLASHTUNE_FAULTS": "workers.testing:RANK_1_FAILS_AFTER_STEP_2"}], indirect=True)
 def test_rank_failure_fails_the_job_and_leaves_no_process(svc: Service) -> None:
     job = svc.post_job(dataset=_upload(svc, 20), hyperparameters={"epochs": 1, "validation_fraction": 0.0})
     job = svc.wait(job["id"], timeout=WAIT)

@@ -229,10 +229,11 @@ def test_sigterm_requeues_with_checkpoint(svc: Service) -> None:
 
 
 def test_injected_oom_halves_micro_batch(tmp_path: Path, builtin_model_cache: Path) -> None:
-    """Fault injection (FLASHTUNE_TEST_OOM_AT_MICRO_BATCH=8): the first step at micro-batch 8 raises
-    torch.OutOfMemoryError; the job is retried at 4 with twice the accumulation. Here each attempt's process is
-    spawned, as where the fork server cannot be used (workers.worker.job_process_context); elsewhere it is forked."""
-    env = {**ENV, "FLASHTUNE_TEST_OOM_AT_MICRO_BATCH": "8", "FLASHTUNE_JOB_PROCESS_START": "spawn"}
+    """Fault injection (FLASHTUNE_FAULTS=workers.testing:OOM_FROM_MICRO_BATCH_8): the first step at micro-batch 8
+    raises torch.OutOfMemoryError; the job is retried at 4 with twice the accumulation. Here each attempt's process
+    is spawned, as where the fork server cannot be used (workers.worker.job_process_context); elsewhere it is
+    forked."""
+    env = {**ENV, "FLASHTUNE_FAULTS": "workers.testing:OOM_FROM_MICRO_BATCH_8", "FLASHTUNE_JOB_PROCESS_START": "spawn"}
     svc = make_service(tmp_path, builtin_model_cache, env=env)
     try:
         dataset = upload_small(svc, 24)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import resolve
-from service.jobs.models import Hyperparameters
+from service.jobs.hyperparameters import Hyperparameters, resolve
 from service.llm.builtin.data import builtin_dataset
-from workers.training.recipe import Hooks, Interrupted, TrainingSpec, train
+from workers.training.recipe import train
+from workers.training.spec import Hooks, Interrupted, TrainingSpec
 
 pytestmark = pytest.mark.slow
 

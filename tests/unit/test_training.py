@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import resolve
-from service.jobs.models import Hyperparameters
+from service.jobs.hyperparameters import Hyperparameters, resolve
 from service.llm.builtin.data import builtin_dataset
 from service.llm.prompts import render_prompt
 from workers.training import checkpoints
-from workers.training.recipe import Hooks, TrainingSpec, tokenize, train
+from workers.training.batches import tokenize
+from workers.training.recipe import train
+from workers.training.spec import Hooks, TrainingSpec
 
 
 def _spec(tmp_path: Path, model: Path, steps_examples: int = 16, **hp: object) -> TrainingSpec:
@@ -55,7 +56,7 @@ def test_loss_masks_the_prompt(builtin_model_cache: Path) -> None:
 
 
 def test_interrupt_checkpoints_and_resume_continues(tmp_path: Path, builtin_model_cache: Path) -> None:
-    from workers.training.recipe import Interrupted
+    from workers.training.spec import Interrupted
 
     stop = {"now": False}
 

@@ -24,8 +24,8 @@ SIGTERM it passes SIGTERM on and kills ranks not gone after ``TORCH_ELASTIC_SHUT
 die with the launcher (``PR_SET_PDEATHSIG``); the child leads its own process group, which the worker kills as a
 whole when it must kill (lease lost, cancel, grace over).
 
-Fault injection for tests: ``FLASHTUNE_TEST_FAIL_RANK_AT_STEP=R:S`` makes rank R raise after optimizer step S.
-It is read only here and has no effect when unset.
+Tests make a rank fail with a fault plugin (``workers.testing``), installed by ``workers.child`` around the rank's
+hooks; nothing here knows about it.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from service.jobs.models import Progress
 from workers.retry import Outcome
+from workers.training.spec import Hooks
 
-FAIL_RANK_HOOK_ENV = "FLASHTUNE_TEST_FAIL_RANK_AT_STEP"
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # rank 0 alone checkpoints and evaluates while the others wait
 T = TypeVar("T")
 
@@ -121,16 +122,12 @@ class Distributed:
 SINGLE = Distributed()
 
 
-def rank_hooks(hooks: Any, dist: Distributed) -> Any:
-    """``workers.training.recipe.Hooks`` for one rank: rank 0's progress and events only; rank 0's stop decision for
-    all."""
-    from workers.training.recipe import Hooks
-
+def rank_hooks(hooks: Hooks, dist: Distributed) -> Hooks:
+    """The hooks of one rank: rank 0's progress and events only; rank 0's stop decision for all."""
     if dist.world == 1:
         return hooks
 
-    def on_progress(progress: Any, force: bool) -> None:
-        _inject_rank_failure(dist.rank, progress.step)
+    def on_progress(progress: Progress, force: bool) -> None:
         if dist.is_main:
             hooks.on_progress(progress, force)
 
@@ -142,12 +139,6 @@ def rank_hooks(hooks: Any, dist: Distributed) -> Any:
         return dist.decide_stop(bool(hooks.should_stop()) if dist.is_main else False)
 
     return Hooks(on_progress, on_event, should_stop)
-
-
-def _inject_rank_failure(rank: int, step: int) -> None:
-    hook = os.environ.get(FAIL_RANK_HOOK_ENV)
-    if hook and tuple(int(x) for x in hook.split(":")) == (rank, step):
-        raise RuntimeError(f"injected by {FAIL_RANK_HOOK_ENV}={hook}: rank {rank} fails after step {step}")
 
 
 def init_rank(device: str, launcher_pid: int) -> Distributed:

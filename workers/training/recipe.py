@@ -1,8 +1,13 @@
-"""One LoRA/QLoRA training run, top to bottom: setup -> train -> evaluate -> save.
+"""One LoRA/QLoRA training run, read top to bottom: ``train() = setup() -> fit() -> finish()``.
+
+- ``setup`` loads the base and attaches LoRA, tokenises the examples, plans the CUDA path, builds the optimizer and
+  resumes from the newest complete checkpoint in the job's folder (a requeued job continues where it stopped);
+- ``fit`` runs the optimizer steps, one ``optimizer_step`` each, reporting after every step and checkpointing;
+- ``finish`` evaluates base against adapter on the held-out split and publishes the adapter with its
+  ``training_info.json``.
 
 This module knows nothing about the job queue: the worker's child process (``workers.child``) gives it a
-``TrainingSpec`` and ``Hooks`` that report progress and say when to stop. It resumes from the newest complete
-checkpoint in the job's folder, so a requeued job continues where it was interrupted.
+``TrainingSpec`` and ``Hooks`` (``workers.training.spec``) that report progress and say when to stop.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,97 +28,141 @@ import torch
 from service.core.training_info import FILENAME as TRAINING_INFO
 from service.datasets.tokens import describe as describe_token_stats
 from service.datasets.tokens import token_stats
-from service.jobs.models import Progress, ResolvedHyperparameters
+from service.jobs.hyperparameters import ResolvedHyperparameters
+from service.jobs.models import Progress
 from service.llm.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
-from service.llm.prompts import Example
 from workers.training import artifacts, checkpoints
+from workers.training.batches import Batch, StepBatches, collate_all, truncate
 from workers.training.distributed import SINGLE, Distributed
 from workers.training.evaluation import evaluate
 from workers.training.packing import PackedBatch
-from workers.training.steps import epoch_order, max_step_tokens
-from workers.training.token_cache import tokenize_cached
+from workers.training.spec import Hooks, Interrupted, TrainingError, TrainingSpec
+from workers.training.token_cache import Row, tokenize_cached
 
 if TYPE_CHECKING:
     from workers.training.cuda.plan import CudaPlan
 
 
-class Interrupted(Exception):
-    """Training stopped on request after saving a checkpoint; the job can resume from it."""
+def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[str, Any]:
+    """Run the job to completion and publish the adapter; returns the training_info written beside it.
 
-
-class TrainingError(Exception):
-    """A final failure caused by the job's input; ``hint`` says what to change."""
-
-    def __init__(self, message: str, hint: str | None = None, type: str = "training_error") -> None:
-        super().__init__(message)
-        self.hint = hint
-        self.type = type
-
-
-@dataclass
-class Hooks:
-    on_progress: Callable[[Progress, bool], None] = lambda progress, force: None
-    on_event: Callable[[str, str, dict[str, Any]], None] = lambda type, message, data: None
-    should_stop: Callable[[], bool] = lambda: False
+    ``dist``: this process's rank in a multi-GPU job (workers/training/distributed.py): each rank trains its share
+    of every step's samples; rank 0 alone checkpoints, evaluates and publishes (the other ranks return ``{}``).
+    """
+    run = setup(spec, hooks, dist)
+    fit(run)
+    return finish(run) if dist.is_main else {}
 
 
 @dataclass
-class TrainingSpec:
-    job_id: int
-    base_model: str  # the name the user gave
-    base_source: str  # what from_pretrained gets
-    dataset: str
-    dataset_sha256: str | None
-    train: list[Example]
-    validation: list[Example]
-    hp: ResolvedHyperparameters
-    job_dir: Path
-    adapter_dir: Path
-    device: str = "auto"
-    checkpoint_every: int = 50
-    token_cache_dir: Path | None = None  # tokenised rows cached per dataset and tokenizer
-    # (workers.training.token_cache)
-    gpu_memory_gib: float | None = None  # CUDA: memory the job may use (FLASHTUNE_GPU_MEMORY_GIB); None: all free
-    extra_info: dict[str, Any] = field(default_factory=dict)
+class Run:
+    """One run's state: what ``setup`` built, ``fit`` advances and ``finish`` publishes."""
 
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    spec: TrainingSpec
+    hooks: Hooks
+    dist: Distributed
+    plan: LoadPlan
+    tokenizer: Any
+    model: Any
+    batches: StepBatches  # the training rows, step by step
+    val_rows: list[Row]
+    cuda: CudaPlan | None  # None off CUDA
+    trainable: list[torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    history: dict[str, list[Any]]  # step, epoch and eval losses (restored with a checkpoint)
+    start_step: int  # 0, or the checkpoint's step when resumed
+    started: float  # time.monotonic() when setup began
+    durations: dict[str, float] = field(default_factory=dict)  # load, setup, train seconds so far
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def device(self) -> str:
+        return self.plan.device
 
     @property
-    def num_target_tokens(self) -> int:
-        return int((self.labels != -100).sum())
+    def total_steps(self) -> int:
+        return self.batches.steps_per_epoch * self.spec.hp.epochs
+
+    @property
+    def keeps_grads(self) -> bool:
+        """CUDA graphs reuse their gradient buffers: autograd must add into gradients it does not own
+        (workers/training/cuda/graphs.py), so they are zeroed, never freed."""
+        return self.cuda is not None and self.cuda.graphed is not None
 
 
 # ------------------------------------------------------------------------------------------------------ setup
-def tokenize(
-    examples: list[Example], tokenizer: Any, max_length: int, cache_dir: Path | None = None
-) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example, cut to ``max_length``; labels are -100 over the prompt."""
-    return truncate(tokenize_cached(examples, tokenizer, cache_dir), max_length)
+def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
+    """Load, tokenise, plan and resume: everything before the first optimizer step."""
+    started = time.monotonic()
+    plan, tokenizer, model = _load(spec, hooks)
+    load_seconds = time.monotonic() - started
+    batches, val_rows = tokenized(spec, tokenizer, hooks, dist)
+    cuda = None
+    if plan.device == "cuda":  # padding-free packed rows, sized to the free memory (workers/training/cuda/plan.py)
+        cuda = _plan_cuda(model, batches, spec)
+        hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
+        batches = batches.packed_by(cuda.pack)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cuda is not None and cuda.graphed is not None:  # see Run.keeps_grads
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+    total_steps = batches.steps_per_epoch * spec.hp.epochs
+    optimizer, scheduler = _optimizer(trainable, spec.hp, total_steps, fused=plan.device == "cuda")
+    history: dict[str, list[Any]] = {"step_loss": [], "epoch_loss": [], "eval_loss": []}
+    start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history)
+    dist.sync_start(trainable, spec.hp.seed, start_step)  # multi-GPU: every rank starts from rank 0's weights
+    if start_step:
+        hooks.on_event("resumed", f"resumed from checkpoint at step {start_step}", {"step": start_step})
+    return Run(
+        spec=spec,
+        hooks=hooks,
+        dist=dist,
+        plan=plan,
+        tokenizer=tokenizer,
+        model=model,
+        batches=batches,
+        val_rows=val_rows,
+        cuda=cuda,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        history=history,
+        start_step=start_step,
+        started=started,
+        durations={"load_seconds": load_seconds, "setup_seconds": time.monotonic() - started},
+    )
 
 
-def truncate(rows: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    return [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
+def _load(spec: TrainingSpec, hooks: Hooks) -> tuple[LoadPlan, Any, Any]:
+    """The load plan, the tokenizer and the base with LoRA attached (seeded: LoRA's initial weights are the seed's)."""
+    plan = plan_load(pick_device(spec.device), spec.hp.quantization)
+    hooks.on_event("setup", f"{plan.reason}", {"device": plan.device, "quantization": plan.quantization})
+    if not spec.train:
+        raise TrainingError("the dataset has no training examples", hint="upload a dataset with examples")
+    torch.manual_seed(spec.hp.seed)
+    tokenizer = load_tokenizer(spec.base_source)
+    return plan, tokenizer, attach_lora(load_model(spec.base_source, plan), spec.hp, plan)
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention[i, : len(ids)] = 1
-    return Batch(input_ids, attention, labels)
+def tokenized(spec: TrainingSpec, tokenizer: Any, hooks: Hooks, dist: Distributed) -> tuple[StepBatches, list[Row]]:
+    """The training rows as steps (this rank's share of each) and the validation rows, cut to ``max_length``;
+    reports the dataset's token lengths before the cut."""
+    hp = spec.hp
+    full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir)
+    lengths = token_stats([len(ids) for ids, _ in full_rows], hp.max_length)
+    hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
+    cut = truncate(full_rows, hp.max_length)
+    train_rows, val_rows = cut[: len(spec.train)], cut[len(spec.train) :]
+    batches = StepBatches(
+        train_rows,
+        batch_size=hp.batch_size,
+        micro_batch_size=hp.micro_batch_size,
+        seed=hp.seed,
+        pad_id=tokenizer.pad_token_id,
+        shard=dist.shard,
+        balanced=spec.balance_steps,  # steps are balanced by tokens (workers/training/steps.py)
+    )
+    return batches, val_rows
 
 
 def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
@@ -141,53 +189,16 @@ def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
         ) from exc
 
 
-def step_loss(model: Any, batch: Batch, device: str, denominator: int) -> torch.Tensor:
-    """Summed response-token cross-entropy of a micro-batch, divided by the optimizer step's target tokens."""
-    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch.labels[:, 1:].to(device)
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss / max(denominator, 1)
-
-
-@torch.no_grad()
-def eval_loss(
-    model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, device: str, size: int, cuda: Any = None
-) -> float | None:
-    if not rows:
-        return None
-    model.eval()
-    total, tokens = 0.0, 0
-    batches = (
-        cuda.pack(rows, pad_id)
-        if cuda is not None
-        else [collate(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
-    )
-    for batch in batches:
-        loss = cuda.loss(model, batch, 1) if cuda is not None else step_loss(model, batch, device, 1)
-        total += float(loss)
-        tokens += batch.num_target_tokens
-    model.train()
-    return total / max(tokens, 1)
-
-
-def _plan_cuda(
-    model: Any,
-    row_lengths: list[int],
-    hp: ResolvedHyperparameters,
-    pad_id: int,
-    dist: Distributed,
-    gpu_memory_gib: float | None,
-) -> CudaPlan:
+def _plan_cuda(model: Any, batches: StepBatches, spec: TrainingSpec) -> CudaPlan:
     """The CUDA plan for this rank's packed micro-batches: at most one step's share of tokens, or the recipe's
     micro-batch of full-length rows, whichever is less."""
     from workers.training.cuda.plan import plan_cuda
 
-    step_tokens = max_step_tokens(row_lengths, hp.batch_size, hp.epochs, hp.seed, dist.shard)
-    micro_tokens = min(step_tokens, hp.micro_batch_size * hp.max_length)
-    return plan_cuda(model, micro_tokens, hp.max_length, pad_id, hp.batch_size, gpu_memory_gib)
+    hp = spec.hp
+    micro_tokens = min(batches.max_step_tokens(hp.epochs), hp.micro_batch_size * hp.max_length)
+    return plan_cuda(
+        model, micro_tokens, hp.max_length, batches.pad_id, hp.batch_size, spec.gpu_memory_gib, options=spec.cuda
+    )
 
 
 def _optimizer(
@@ -201,177 +212,159 @@ def _optimizer(
     return optimizer, get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-# ------------------------------------------------------------------------------------------------------- train
-def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[str, Any]:
-    """Run the job to completion and publish the adapter; returns the training_info written beside it.
+# -------------------------------------------------------------------------------------------------------- fit
+@dataclass
+class Pace:
+    """The loop's own counters: its start, the tokens trained since, this epoch's step losses."""
 
-    ``dist``: this process's rank in a multi-GPU job (workers/training/distributed.py): each rank trains its share of
-    every
-    step's samples; rank 0 alone checkpoints, evaluates and publishes (the other ranks return ``{}``).
-    """
-    hp = spec.hp
-    started = time.monotonic()
-    device = pick_device(spec.device)
-    plan = plan_load(device, hp.quantization)
-    hooks.on_event("setup", f"{plan.reason}", {"device": plan.device, "quantization": plan.quantization})
-    if not spec.train:
-        raise TrainingError("the dataset has no training examples", hint="upload a dataset with examples")
+    started: float = field(default_factory=time.monotonic)
+    tokens_seen: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
 
-    torch.manual_seed(hp.seed)
-    tokenizer = load_tokenizer(spec.base_source)
-    model = attach_lora(load_model(spec.base_source, plan), hp, plan)
-    load_seconds = time.monotonic() - started
-    full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir)
-    lengths = token_stats([len(ids) for ids, _ in full_rows], hp.max_length)
-    hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
-    cut = truncate(full_rows, hp.max_length)
-    train_rows, val_rows = cut[: len(spec.train)], cut[len(spec.train) :]
-    train_lengths = [len(ids) for ids, _ in train_rows]  # steps are balanced by tokens (workers/training/steps.py)
-    pad_id = tokenizer.pad_token_id
-    cuda = None
-    if device == "cuda":  # padding-free packed rows, sized to the free memory (workers/training/cuda/plan.py)
-        cuda = _plan_cuda(model, train_lengths, hp, pad_id, dist, spec.gpu_memory_gib)
-        hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
 
-    steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
-    total_steps = steps_per_epoch * hp.epochs
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # CUDA graphs reuse their gradient buffers: autograd must add into gradients it does not own (cuda_graphs.py)
-    keep_grads = cuda is not None and cuda.graphed is not None
-    if keep_grads:
-        for p in trainable:
-            p.grad = torch.zeros_like(p)
-    optimizer, scheduler = _optimizer(trainable, hp, total_steps, fused=device == "cuda")
-    history: dict[str, list[Any]] = {"step_loss": [], "epoch_loss": [], "eval_loss": []}
-    start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history)
-    dist.sync_start(trainable, hp.seed, start_step)  # multi-GPU: every rank starts from rank 0's weights
-    if start_step:
-        hooks.on_event("resumed", f"resumed from checkpoint at step {start_step}", {"step": start_step})
-    setup_seconds = time.monotonic() - started
+def fit(run: Run) -> None:
+    """The optimizer steps from ``run.start_step`` to the end: each step's micro-batches are prepared while the GPU
+    finishes the step before, and the step's loss is read once all its work is queued (its one wait for the GPU).
+    Adds ``train_seconds`` to ``run.durations``; raises ``Interrupted`` after checkpointing when asked to stop."""
+    run.model.train()
+    pace = Pace()
+    micro = run.batches(run.start_step) if run.start_step < run.total_steps else []
+    for step in range(run.start_step, run.total_steps):
+        loss, tokens = optimizer_step(run, micro)
+        pace.tokens_seen += tokens
+        micro = run.batches(step + 1) if step + 1 < run.total_steps else []  # while the GPU finishes this step
+        after_step(run, pace, step + 1, float(loss))
+    run.durations["train_seconds"] = time.monotonic() - pace.started
 
-    # The loop: one optimizer step per iteration, micro-batches accumulated inside it.
-    def micro_batches(step: int) -> list[Batch] | list[PackedBatch]:
-        """This rank's share of the step's samples, as packed rows (CUDA) or padded micro-batches."""
-        epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(train_lengths, hp.batch_size, hp.seed, epoch)
-        chosen = [train_rows[i] for i in order[index_in_epoch * hp.batch_size : (index_in_epoch + 1) * hp.batch_size]]
-        chosen = dist.shard(chosen)
-        if cuda is not None:
-            return cuda.pack(chosen, pad_id)
-        size = hp.micro_batch_size
-        return [collate(chosen[i : i + size], pad_id) for i in range(0, len(chosen), size)]
 
-    model.train()
-    loop_start, tokens_seen = time.monotonic(), 0
-    epoch_losses: list[float] = []
-    next_micro = micro_batches(start_step) if start_step < total_steps else []
-    for step in range(start_step, total_steps):
-        epoch = step // steps_per_epoch
-        micro = next_micro
-        denominator = dist.sum_int(sum(b.num_target_tokens for b in micro))  # the step's target tokens, all ranks
-        step_loss_sum, step_tokens = torch.zeros((), device=device), 0
-        for batch in micro:
-            if isinstance(batch, PackedBatch):
-                assert cuda is not None
-                loss, tokens = cuda.loss(model, batch, denominator), batch.num_real_tokens
-            else:
-                loss, tokens = step_loss(model, batch, device, denominator), batch.num_tokens
-            loss.backward()
-            step_loss_sum += loss.detach()  # a tensor: reading it per micro-batch would stall the GPU each time
-            step_tokens += tokens
-        step_loss_sum, step_tokens = dist.reduce_step(trainable, step_loss_sum, step_tokens)  # summed over ranks
-        tokens_seen += step_tokens
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=not keep_grads)
-        next_micro = micro_batches(step + 1) if step + 1 < total_steps else []  # while the GPU finishes this step
-        loss_value = float(step_loss_sum)  # the step's one wait for the GPU, once all its work is queued
+def optimizer_step(run: Run, micro: list[Batch] | list[PackedBatch]) -> tuple[torch.Tensor, int]:
+    """One optimizer step over this rank's micro-batches (gradients accumulated, then summed over ranks): the step's
+    loss, a tensor not yet read, and its tokens, all ranks together."""
+    denominator = run.dist.sum_int(sum(b.num_target_tokens for b in micro))  # the step's target tokens, all ranks
+    loss_sum, tokens = torch.zeros((), device=run.device), 0
+    for batch in micro:
+        if isinstance(batch, PackedBatch):
+            assert run.cuda is not None
+            loss, batch_tokens = run.cuda.loss(run.model, batch, denominator), batch.num_real_tokens
+        else:
+            loss, batch_tokens = step_loss(run.model, batch, run.device, denominator), batch.num_tokens
+        loss.backward()
+        loss_sum += loss.detach()  # a tensor: reading it per micro-batch would stall the GPU each time
+        tokens += batch_tokens
+    loss_sum, tokens = run.dist.reduce_step(run.trainable, loss_sum, tokens)  # summed over ranks
+    torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=not run.keeps_grads)
+    return loss_sum, tokens
 
-        done = step + 1
-        history["step_loss"].append([done, round(loss_value, 5)])
-        epoch_losses.append(loss_value)
-        elapsed = time.monotonic() - loop_start
-        rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
-        epoch_end = done % steps_per_epoch == 0
-        progress = Progress(
-            step=done,
-            total_steps=total_steps,
-            epoch=round(done / steps_per_epoch, 4),
-            total_epochs=hp.epochs,
-            loss=round(loss_value, 5),
-            learning_rate=scheduler.get_last_lr()[0],
-            tokens_per_second=round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
-            eta_seconds=round((total_steps - done) / rate, 1) if rate > 0 else None,
-            fraction=round(done / total_steps, 4),
-        )
-        if epoch_end:
-            mean = sum(epoch_losses) / len(epoch_losses)
-            history["epoch_loss"].append([epoch + 1, round(mean, 5)])
-            val = eval_loss(model, val_rows, pad_id, device, hp.micro_batch_size, cuda)
-            history["eval_loss"].append([done, None if val is None else round(val, 5)])
-            hooks.on_event(
-                "epoch",
-                f"epoch {epoch + 1}/{hp.epochs} done: loss {mean:.4f}, eval loss {val}",
-                {"epoch": epoch + 1, "loss": mean, "eval_loss": val, "step": done},
-            )
-            epoch_losses = []
-        hooks.on_progress(progress, epoch_end)
-        stop = hooks.should_stop()
-        if stop and not epoch_end:
-            hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
-        if dist.is_main and done < total_steps and (epoch_end or done % spec.checkpoint_every == 0 or stop):
-            checkpoints.save(spec.job_dir, done, model, optimizer, scheduler, history)
-            hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
-        if stop:
-            raise Interrupted(f"stopped at step {done}")
-    train_seconds = time.monotonic() - loop_start
-    if not dist.is_main:
-        return {}
 
-    # Evaluate base vs adapter on the held-out split, then publish.
-    model.eval()
-    evaluation_start = time.monotonic()
-    metrics = evaluate(model, tokenizer, spec.validation)
-    hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
-    durations = {
-        "load_seconds": load_seconds,
-        "setup_seconds": setup_seconds,
-        "train_seconds": train_seconds,
-        "evaluate_seconds": time.monotonic() - evaluation_start,
-        "total_seconds": time.monotonic() - started,
-    }
-    info = _training_info(
-        spec,
-        plan,
-        cuda,
-        history,
-        metrics,
-        durations,
-        num_train=len(train_rows),
-        num_validation=len(val_rows),
-        total_steps=total_steps,
-        start_step=start_step,
+def after_step(run: Run, pace: Pace, done: int, loss: float) -> None:
+    """Record and report step ``done``; at an epoch's end the validation loss; checkpoint when due or stopping."""
+    run.history["step_loss"].append([done, round(loss, 5)])
+    pace.epoch_losses.append(loss)
+    progress = _progress(run, pace, done, loss)
+    epoch_end = done % run.batches.steps_per_epoch == 0
+    if epoch_end:
+        _end_epoch(run, pace, done)
+    run.hooks.on_progress(progress, epoch_end)
+    stop = run.hooks.should_stop()
+    if stop and not epoch_end:
+        run.hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
+    due = epoch_end or done % run.spec.checkpoint_every == 0 or stop
+    if run.dist.is_main and done < run.total_steps and due:
+        checkpoints.save(run.spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history)
+        run.hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
+    if stop:
+        raise Interrupted(f"stopped at step {done}")
+
+
+def _progress(run: Run, pace: Pace, done: int, loss: float) -> Progress:
+    elapsed = time.monotonic() - pace.started
+    rate = (done - run.start_step) / elapsed if elapsed > 0 else 0.0
+    total = run.total_steps
+    return Progress(
+        step=done,
+        total_steps=total,
+        epoch=round(done / run.batches.steps_per_epoch, 4),
+        total_epochs=run.spec.hp.epochs,
+        loss=round(loss, 5),
+        learning_rate=run.scheduler.get_last_lr()[0],
+        tokens_per_second=round(pace.tokens_seen / elapsed, 1) if elapsed > 0 else None,
+        eta_seconds=round((total - done) / rate, 1) if rate > 0 else None,
+        fraction=round(done / total, 4),
     )
-    publish_adapter(model, tokenizer, info, spec.adapter_dir)
-    checkpoints.prune(spec.job_dir, keep=0)
+
+
+def _end_epoch(run: Run, pace: Pace, done: int) -> None:
+    """The epoch's mean step loss and the validation loss, into the history and the job's events."""
+    epoch, epochs = done // run.batches.steps_per_epoch, run.spec.hp.epochs
+    mean = sum(pace.epoch_losses) / len(pace.epoch_losses)
+    run.history["epoch_loss"].append([epoch, round(mean, 5)])
+    val = eval_loss(run.model, run.val_rows, run.batches.pad_id, run.device, run.spec.hp.micro_batch_size, run.cuda)
+    run.history["eval_loss"].append([done, None if val is None else round(val, 5)])
+    run.hooks.on_event(
+        "epoch",
+        f"epoch {epoch}/{epochs} done: loss {mean:.4f}, eval loss {val}",
+        {"epoch": epoch, "loss": mean, "eval_loss": val, "step": done},
+    )
+    pace.epoch_losses = []
+
+
+def step_loss(model: Any, batch: Batch, device: str, denominator: int) -> torch.Tensor:
+    """Summed response-token cross-entropy of a micro-batch, divided by the optimizer step's target tokens."""
+    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch.labels[:, 1:].to(device)
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss / max(denominator, 1)
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Any, rows: list[Row], pad_id: int, device: str, size: int, cuda: CudaPlan | None = None
+) -> float | None:
+    """Mean response-token loss over ``rows`` (None without rows), in eval mode; the model is left training."""
+    if not rows:
+        return None
+    model.eval()
+    total, tokens = 0.0, 0
+    batches = cuda.pack(rows, pad_id) if cuda is not None else collate_all(rows, pad_id, size)
+    for batch in batches:
+        if isinstance(batch, PackedBatch):
+            assert cuda is not None
+            loss = cuda.loss(model, batch, 1)
+        else:
+            loss = step_loss(model, batch, device, 1)
+        total += float(loss)
+        tokens += batch.num_target_tokens
+    model.train()
+    return total / max(tokens, 1)
+
+
+# ----------------------------------------------------------------------------------------------------- finish
+def finish(run: Run) -> dict[str, Any]:
+    """Evaluate base against adapter on the held-out split, then publish the adapter and its training_info."""
+    run.model.eval()
+    evaluation_start = time.monotonic()
+    metrics = evaluate(run.model, run.tokenizer, run.spec.validation)
+    run.hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
+    durations = {
+        **run.durations,
+        "evaluate_seconds": time.monotonic() - evaluation_start,
+        "total_seconds": time.monotonic() - run.started,
+    }
+    info = _training_info(run, metrics, durations)
+    publish_adapter(run.model, run.tokenizer, info, run.spec.adapter_dir)
+    checkpoints.prune(run.spec.job_dir, keep=0)
     return info
 
 
-def _training_info(
-    spec: TrainingSpec,
-    plan: LoadPlan,
-    cuda: CudaPlan | None,
-    history: dict[str, list[Any]],
-    metrics: dict[str, Any],
-    durations: dict[str, float],
-    *,
-    num_train: int,
-    num_validation: int,
-    total_steps: int,
-    start_step: int,
-) -> dict[str, Any]:
+def _training_info(run: Run, metrics: dict[str, Any], durations: dict[str, float]) -> dict[str, Any]:
     """The record published beside the adapter (training_info.json): where it came from, how it trained, how well."""
+    spec, plan = run.spec, run.plan
     info = {
         "job_id": spec.job_id,
         "base_model": spec.base_model,
@@ -382,18 +375,18 @@ def _training_info(
         "device": plan.device,
         "quantization": plan.quantization,
         "load_reason": plan.reason,
-        "num_train": num_train,
-        "num_validation": num_validation,
-        "total_steps": total_steps,
-        "resumed_from_step": start_step,
-        "losses": history,
+        "num_train": len(run.batches.rows),
+        "num_validation": len(run.val_rows),
+        "total_steps": run.total_steps,
+        "resumed_from_step": run.start_step,
+        "losses": run.history,
         "metrics": metrics,
         "durations": {name: round(seconds, 2) for name, seconds in durations.items()},
         "versions": _versions(),
         **spec.extra_info,
     }
-    if cuda is not None:
-        info["cuda_plan"] = cuda.summary()
+    if run.cuda is not None:
+        info["cuda_plan"] = run.cuda.summary()
         info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return info
 

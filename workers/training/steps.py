@@ -2,8 +2,7 @@
 
 Why even them out: on CUDA every packed row of a job is padded to one length, the job's longest step (a CUDA
 graph has one shape, ``workers.training.cuda.plan``), so a step with fewer tokens spends compute on filler. With 16
-random
-~150-token samples per step, the longest of the user's 33 steps holds ~10% more tokens than the mean step (2,672
+random ~150-token samples per step, the longest of the user's 33 steps holds ~10% more tokens than the mean step (2,672
 against ~2,430 with the seed instructions), and every other step pads up to it.
 
 :func:`balance_steps` swaps samples between the fullest and the emptiest steps until no swap lowers the fullest.
@@ -20,17 +19,18 @@ import random
 from collections.abc import Callable, Sequence
 
 
-def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, balanced: bool = True) -> list[int]:
     """The example order of an epoch (``lengths``: each example's tokens): shuffled from (seed, epoch), then
-    balanced so that each run of ``batch_size`` examples, one optimizer step, holds about as many tokens."""
-    return list(_epoch_order(tuple(lengths), batch_size, seed, epoch))
+    balanced so that each run of ``batch_size`` examples, one optimizer step, holds about as many tokens
+    (``balanced=False``: as shuffled, how the worker ordered them before; the GPU benchmark compares the two)."""
+    return list(_epoch_order(tuple(lengths), batch_size, seed, epoch, balanced))
 
 
 @functools.lru_cache(maxsize=8)  # the loop asks once per step; balancing a large epoch takes a moment
-def _epoch_order(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> tuple[int, ...]:
+def _epoch_order(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int, balanced: bool) -> tuple[int, ...]:
     order = list(range(len(lengths)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return tuple(balance_steps(order, lengths, batch_size))
+    return tuple(balance_steps(order, lengths, batch_size) if balanced else order)
 
 
 def balance_steps(order: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
@@ -68,13 +68,18 @@ def _best_swap(full: list[int], other: list[int], gap: int, lengths: Sequence[in
 
 
 def max_step_tokens(
-    lengths: list[int], batch_size: int, epochs: int, seed: int, shard: Callable[[list[int]], list[int]] = list
+    lengths: list[int],
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    shard: Callable[[list[int]], list[int]] = list,
+    balanced: bool = True,
 ) -> int:
     """The most tokens any optimizer step of the job will hold on this rank (``shard``: the rank's share of a
     step's samples); the CUDA path sizes its packed rows to it."""
     most = 0
     for epoch in range(epochs):
-        order = epoch_order(lengths, batch_size, seed, epoch)
+        order = epoch_order(lengths, batch_size, seed, epoch, balanced)
         for i in range(0, len(order), batch_size):
             most = max(most, sum(lengths[j] for j in shard(order[i : i + batch_size])))
     return most

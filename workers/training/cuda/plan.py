@@ -18,13 +18,12 @@ job's ``cuda_plan`` event:
 - **Attention confined to each sample.** On GPUs with flash attention (sm80+) torch's varlen kernel takes the
   samples' boundaries (``workers.training.packing.varlen_attention``): only each sample's own causal triangle is
   computed. Elsewhere sdpa with the block-diagonal mask the packed position ids give (exact,
-  ``tests/test_packing.py``); there every row is padded to one length per job, rounded up to 64 tokens (the filler
+  ``tests/unit/test_packing.py``); there every row is padded to one length per job, rounded up to 64 tokens (the filler
   has its own positions and no loss), so cuDNN plans its attention once, in the warm-up pass, not once per row
   length. flex attention was measured too: ~3% faster per step than sdpa, but ~40 s of compilation per job.
 - **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
   (``workers.training.cuda.graphs``): the eager loop is bound by kernel launches, not by the GPU. Every row is then
-  padded
-  to the job's one length, as for sdpa. The validation loss at each epoch's end replays a forward-only graph.
+  padded to the job's one length, as for sdpa. The validation loss at each epoch's end replays a forward-only graph.
 - **Each NF4 weight dequantised once per pass** when memory allows: bitsandbytes dequantises a 4-bit weight in
   the forward pass and again in the backward pass (for the input's gradient). Where the bf16 copies of the weights
   (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose anyway, the forward's copy is kept for the
@@ -32,6 +31,10 @@ job's ``cuda_plan`` event:
   +6% steady tokens/s on the 7B shape.
 - **A memory cap** (``FLASHTUNE_GPU_MEMORY_GIB``): the plan sizes itself to the cap instead of the free memory and
   the process is held to it, so a job fits a smaller card or shares one.
+
+``CudaOptions`` (``workers.training.spec``, carried by the ``TrainingSpec``) can turn varlen attention, the Liger
+layer kernels, the kept dequantised weights and the graphs off and set the rows' rounding; the worker uses the
+defaults, the GPU benchmark (``bench/train_gpu.py``) the others, to measure what each piece is worth.
 
 Nothing here is imported on the CPU path.
 """
@@ -47,6 +50,7 @@ from service.llm.modeling import fuse_layers
 from service.llm.nf4 import dequantize, dequantized_bytes, nf4_layers
 from workers.training.cuda.graphs import GraphedDecoder, capture
 from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
+from workers.training.spec import CudaOptions
 
 GIB = 2**30
 # Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces.
@@ -56,9 +60,6 @@ USABLE_FRACTION = 0.85
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
 # = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
 ACTIVATION_MARGIN = 1.25
-# sdpa and graphs: every row padded to one length per job (the longest step), rounded up to this: a multiple of 64
-# keeps the matrix shapes tensor-core friendly; the balanced steps (workers/training/steps.py) leave little to round.
-FIXED_ROW_MULTIPLE = 64
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
 
@@ -238,45 +239,65 @@ def plan_cuda(
     pad_id: int,
     max_samples: int,
     memory_cap_gib: float | None = None,
+    options: CudaOptions = CudaOptions(),
 ) -> CudaPlan:
-    """Decide the CUDA path for this model and job (see the module docstring).
+    """Decide the CUDA path for this model and job (see the module docstring), within what ``options`` allow.
 
     ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
     base = model.get_base_model()
     fused_ce = liger_fused_ce()
-    fused_layers = fuse_layers(base)
-    if varlen_available():
-        register_varlen_attention()
-        attention = "varlen"
-        base.set_attn_implementation(VARLEN)
-    else:
-        attention = "sdpa"
-        base.set_attn_implementation("sdpa")
+    fused_layers = options.fused_layers and fuse_layers(base)
+    attention = set_attention(base, varlen=options.varlen)
     free = free_memory(memory_cap_gib)
     micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
     kept = 0
-    layers = nf4_layers(base)
-    if layers and not checkpointing:  # keep the bf16 weights only where the micro-batch stays as large
-        spare = free - dequantized_bytes(layers)
-        if size_micro_batch(base.config, spare, step_tokens, max_length, fused_ce is not None) == (micro_tokens, False):
-            kept = keep_dequantized_weights(layers)
+    if options.keep_dequantized and not checkpointing:
+        kept = _keep_dequantized_if_spare(base, free, (micro_tokens, False), step_tokens, max_length, fused_ce)
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    row_tokens = -(-micro_tokens // FIXED_ROW_MULTIPLE) * FIXED_ROW_MULTIPLE  # one row length for sdpa and graphs
+    row_tokens = -(-micro_tokens // options.row_multiple) * options.row_multiple  # one row length: sdpa and graphs
     graphed, note = None, "needs varlen attention" if attention != "varlen" else "needs no checkpointing"
     if attention == "varlen" and not checkpointing:
-        graphed, note = graph_decoder(model, row_tokens, max_samples)
+        graphed, note = graph_decoder(model, row_tokens, max_samples) if options.graphs else (None, "turned off")
     # sdpa and graphs: every row padded to the one length; eager varlen: only to a multiple of 8
     row_multiple = row_tokens if attention == "sdpa" or graphed is not None else VARLEN_ROW_MULTIPLE
     plan = CudaPlan(
         micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB, graphed, note, kept
     )
-    # One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled
-    # (Liger's Triton kernels) and planned (cuDNN) here, and a row that does not fit fails now rather than mid-job.
-    [batch] = plan.pack([([pad_id] * micro_tokens, [pad_id] * micro_tokens)], pad_id)
+    warm_up(plan, model, micro_tokens, pad_id)
+    return plan
+
+
+def set_attention(base: Any, varlen: bool) -> str:
+    """Varlen attention where allowed and the GPU has it, else sdpa with the packed mask; returns which."""
+    if varlen and varlen_available():
+        register_varlen_attention()
+        base.set_attn_implementation(VARLEN)
+        return "varlen"
+    base.set_attn_implementation("sdpa")
+    return "sdpa"
+
+
+def _keep_dequantized_if_spare(
+    base: Any, free: int, sized: tuple[int, bool], step_tokens: int, max_length: int, fused_ce: Any
+) -> int:
+    """Keep the NF4 layers' bf16 weights for their backward passes where the micro-batch stays as large (``sized``)
+    beside the dense copies; returns how many layers do."""
+    layers = nf4_layers(base)
+    if not layers:
+        return 0
+    spare = free - dequantized_bytes(layers)
+    if size_micro_batch(base.config, spare, step_tokens, max_length, fused_ce is not None) != sized:
+        return 0
+    return keep_dequantized_weights(layers)
+
+
+def warm_up(plan: CudaPlan, model: Any, tokens: int, pad_id: int) -> None:
+    """One training and one evaluation pass on a full-length row, outside the timed loop: kernels are compiled
+    (Liger's Triton kernels) and planned (cuDNN) here, and a row that does not fit fails now rather than mid-job."""
+    [batch] = plan.pack([([pad_id] * tokens, [pad_id] * tokens)], pad_id)
     plan.loss(model, batch, 1).backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         plan.loss(model, batch, 1)
-    return plan
