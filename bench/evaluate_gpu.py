@@ -23,18 +23,16 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
-
+from bench.job_api_gpu import build  # noqa: E402
 from service.datasets.formats import parse  # noqa: E402
-from service.jobs.hyperparameters import resolve  # noqa: E402
-from service.jobs.models import Hyperparameters  # noqa: E402
+from service.jobs.hyperparameters import Hyperparameters, resolve  # noqa: E402
 from service.llm.modeling import load_model, load_tokenizer, plan_load  # noqa: E402
 from service.llm.nf4 import keep_dense_copies, nf4_layers  # noqa: E402
 from service.llm.scoring import BASE, adapter_active, build_prompts, generate  # noqa: E402
@@ -44,10 +42,10 @@ from workers.training.recipe import attach_lora  # noqa: E402
 NEW_TOKENS = 96
 
 
-def timed(fn: object, *args: object) -> tuple[float, list[str]]:
+def timed(fn: Callable[[], list[str]]) -> tuple[float, list[str]]:
     torch.cuda.synchronize()
     started = time.perf_counter()
-    out = fn(*args)  # type: ignore[operator]
+    out = fn()
     torch.cuda.synchronize()
     return time.perf_counter() - started, out
 
@@ -100,42 +98,43 @@ def main() -> None:
     examples = parse(Path(args.dataset).read_bytes()).examples
     chosen = examples[:GENERATED_SAMPLES]
     prompts = build_prompts(model, tokenizer, [e.input for e in chosen], [e.instruction for e in chosen])
-    adapter = model.active_adapter
-    names = [BASE] * len(prompts) + [adapter] * len(prompts)
-    prompts = prompts * 2
-    report: dict[str, object] = {"rows": len(prompts), "new_tokens": NEW_TOKENS}
-    ids = _Ids(tokenizer)
+    names = [BASE] * len(prompts) + [model.active_adapter] * len(prompts)
     with torch.no_grad():
-        for way, fn in (
-            ("mixed_generate", lambda: generate(model, ids, prompts, NEW_TOKENS, names)),
-            ("each_generate", lambda: _each_generate(model, ids, prompts, names)),
-            ("write_each_graphs", lambda: write_each(model, ids, prompts, names, NEW_TOKENS)),
-        ):
-            first, _ = timed(fn)
-            second, answers = timed(fn)
-            report[way] = {"first_s": round(first, 2), "second_s": round(second, 2)}
-            report[f"{way}_answers"] = answers
-            print(way, report[way], flush=True)
-        # What-if: the NF4 weights kept dequantised, as serving keeps them (service/llm/nf4.py); not what the job does.
-        report["dense_copies_kept"] = keep_dense_copies(nf4_layers(model), torch.cuda.mem_get_info()[0])
-        for attempt in ("first_s", "second_s"):
-            seconds, dense_answers = timed(lambda: write_each(model, ids, prompts, names, NEW_TOKENS))
-            report.setdefault("write_each_graphs_dense", {})[attempt] = round(seconds, 2)  # type: ignore[index]
-        print("write_each_graphs_dense", report["write_each_graphs_dense"], flush=True)
-        report["rows_dense_equal_to_write_each"] = sum(
-            a == b
-            for a, b in zip(dense_answers, report["write_each_graphs_answers"], strict=True)  # type: ignore[call-overload]
-        )
-    now = report["write_each_graphs_answers"]
-    for way in ("mixed_generate", "each_generate"):
-        report[f"rows_equal_to_{way}"] = sum(a == b for a, b in zip(report[f"{way}_answers"], now, strict=True))  # type: ignore[call-overload]
-    report["speedup_second_call"] = round(
-        report["mixed_generate"]["second_s"] / report["write_each_graphs"]["second_s"],
-        2,  # type: ignore[index]
-    )
+        report = compare_ways(model, _Ids(tokenizer), prompts * 2, names)
     print(json.dumps({k: v for k, v in report.items() if not k.endswith("_answers")}), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "evaluate_gpu.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+def compare_ways(model: Any, ids: _Ids, prompts: list[str], names: list[str]) -> dict[str, Any]:
+    """Each way twice (the first call captures the graphs), then the what-if of the dense copies; the report."""
+    report: dict[str, Any] = {"rows": len(prompts), "new_tokens": NEW_TOKENS}
+    ways: list[tuple[str, Callable[[], list[str]]]] = [
+        ("mixed_generate", lambda: generate(model, ids, prompts, NEW_TOKENS, names)),
+        ("each_generate", lambda: _each_generate(model, ids, prompts, names)),
+        ("write_each_graphs", lambda: write_each(model, ids, prompts, names, NEW_TOKENS)),
+    ]
+    for way, fn in ways:
+        first, _ = timed(fn)
+        second, answers = timed(fn)
+        report[way] = {"first_s": round(first, 2), "second_s": round(second, 2)}
+        report[f"{way}_answers"] = answers
+        print(way, report[way], flush=True)
+    # What-if: the NF4 weights kept dequantised, as serving keeps them (service/llm/nf4.py); not what the job does.
+    report["dense_copies_kept"] = keep_dense_copies(nf4_layers(model), torch.cuda.mem_get_info()[0])
+    dense: dict[str, float] = {}
+    for attempt in ("first_s", "second_s"):
+        seconds, dense_answers = timed(ways[2][1])
+        dense[attempt] = round(seconds, 2)
+    report["write_each_graphs_dense"] = dense
+    print("write_each_graphs_dense", dense, flush=True)
+    now = report["write_each_graphs_answers"]
+    report["rows_dense_equal_to_write_each"] = sum(a == b for a, b in zip(dense_answers, now, strict=True))
+    for way in ("mixed_generate", "each_generate"):
+        report[f"rows_equal_to_{way}"] = sum(a == b for a, b in zip(report[f"{way}_answers"], now, strict=True))
+    second_s = report["mixed_generate"]["second_s"] / report["write_each_graphs"]["second_s"]
+    report["speedup_second_call"] = round(second_s, 2)
+    return report
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from service.llm.builtin.model import _corpus, _train_tokenizer
+from service.llm.builtin.model import builtin_tokenizer
 from service.llm.prompts import render_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ OUT = Path(__file__).resolve().parent / "seed_lengths.json"
 
 
 def main() -> None:
-    tokenizer = _train_tokenizer(_corpus())
+    tokenizer = builtin_tokenizer()
     rows = [json.loads(line) for line in SEED.read_text(encoding="utf-8").splitlines() if line.strip()]
     lengths = []
     for row in rows:
@@ -32,7 +32,7 @@ def main() -> None:
     full = [f for _, f in lengths]
     summary = {
         "source": "../shared/data/seed/instructions.jsonl",
-        "tokenizer": "built-in byte-level BPE (service.llm.builtin.model._train_tokenizer, vocab 2048)",
+        "tokenizer": "built-in byte-level BPE (service.llm.builtin.model.builtin_tokenizer, vocab 2048)",
         "count": len(lengths),
         "mean_tokens": round(statistics.mean(full), 1),
         "median_tokens": statistics.median(full),

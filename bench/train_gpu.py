@@ -12,8 +12,9 @@ compute). The samples are random token ids with the lengths of the user's 300 se
 
 Variants, all on the same base and the same samples in the same (seed 42, epoch 0) order:
   packed*   FlashTune's CUDA path pieces: ``workers.training.packing`` rows, no padding, bf16 autocast, fused AdamW
-  current   FlashTune's loop as ``workers.training.recipe`` runs it today (attach_lora, collate, step_loss)
   hf        the user's recipe through transformers Trainer (padded to 512, 4 x 4, grad checkpointing, paged 8-bit)
+  worker*   the real ``workers.training.recipe.train`` on a ``TrainingSpec``, as the worker's child runs it; the
+            variants turn pieces of the CUDA path off through the spec's ``CudaOptions`` (``WORKER_RUNS``)
 MFU counts 4 x 6.9e9 FLOPs per real token (forward 2N, backward to activations 2N; the frozen base gets no weight
 gradients) against the 790 TFLOP/s bf16 matrix rate measured on this machine kind; attention is not counted.
 """
@@ -32,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from service.jobs.models import Progress
+from workers.training.recipe import train
+from workers.training.spec import CudaOptions, Hooks, TrainingSpec
 
 PEAK_FLOPS = 790e12
 PARAMS = 6.9e9
@@ -212,49 +217,6 @@ def packed_variant(
     return result, base
 
 
-def current_variant(base: Any, rows: list[Row], warm: int = 2, timed: int = 12) -> tuple[dict[str, Any], Any]:
-    """FlashTune's loop as workers.training.recipe runs it today on CUDA (before this benchmark's changes)."""
-    from service.jobs.hyperparameters import resolve
-    from service.jobs.models import Hyperparameters
-    from service.llm.modeling import plan_load
-    from workers.training.recipe import attach_lora, collate, step_loss
-
-    hp = resolve(Hyperparameters(), "deepseek-7b-shaped")
-    model = attach_lora(base, hp, plan_load("cuda", "auto"))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=True)
-    cursor = [0]
-
-    def step() -> tuple[int, int, int]:
-        chosen = take(rows, cursor[0], hp.batch_size)
-        cursor[0] += hp.batch_size
-        micro = [
-            collate(chosen[i : i + hp.micro_batch_size], 100001) for i in range(0, hp.batch_size, hp.micro_batch_size)
-        ]
-        denominator = sum(b.num_target_tokens for b in micro)
-        for batch in micro:
-            step_loss(model, batch, "cuda", denominator).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return sum(b.num_tokens for b in micro), sum(b.input_ids.numel() for b in micro), hp.batch_size
-
-    try:
-        result = measure(
-            f"current: workers.training.recipe loop (micro {hp.micro_batch_size}, dynamic padding, "
-            "grad ckpt, fp32 norms/head)",
-            step,
-            warm,
-            timed,
-        )
-    finally:
-        optimizer.state.clear()
-        base = model.unload()
-        cleanup()
-    return result, base
-
-
 def hf_variant(base: Any, rows: list[Row], fp16: bool, warm: int = 2, timed: int = 6) -> dict[str, Any]:
     """The user's recipe through transformers Trainer: padded to 512, 4 x 4, grad ckpt, paged 8-bit AdamW."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -344,51 +306,32 @@ def bf16_base_variant(checkpoint: str, rows: list[Row], fused: Any, results: lis
         cleanup()
 
 
-def trainer_variant(
+def seed_spec(
     checkpoint: str,
     dataset: str,
     name: str,
     memory_cap_gib: float | None = None,
-    before: bool = False,
-    graphs: bool = True,
-    dequantize_twice: bool = False,
+    cuda: CudaOptions = CudaOptions(),
     balanced: bool = True,
     **overrides: Any,
-) -> dict[str, Any]:
-    """The real ``workers.training.recipe.train`` on a ``TrainingSpec``: load, CUDA plan, packed loop, evaluate,
-    publish.
-
-    The user's seed instructions (real text through the built-in tokenizer saved beside the checkpoint), the
-    user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v) unless ``overrides`` say otherwise, 10% held
-    out as the worker does. ``train_seconds`` is the training steps of the user's job, measured, not projected.
-    ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``. ``before`` plans as the worker did before varlen attention
-    and Liger's layer kernels (sdpa with the dense packed mask, transformers' RMSNorm/RoPE/SwiGLU); it must run
-    before any other worker variant, since Liger's RoPE replaces a module-level function for the whole process.
-    ``graphs=False``: the eager loop (no CUDA graphs) with everything else as the worker plans it.
-    ``dequantize_twice``: bitsandbytes' own 4-bit layers, which dequantise each weight in the backward pass again.
-    ``balanced=False``: the steps as shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the
-    worker before session 9).
-    """
-    import workers.training.cuda.plan as cuda_path
-    import workers.training.steps as steps
-
-    patched = ("varlen_available", "fuse_layers", "graph_decoder", "keep_dequantized_weights")
-    saved = {name: getattr(cuda_path, name) for name in patched}
-    saved_balance, saved_multiple = steps.balance_steps, cuda_path.FIXED_ROW_MULTIPLE
+) -> TrainingSpec:
+    """The job the worker would train on the user's seed instructions: real text through the built-in tokenizer
+    (saved beside the checkpoint), duplicates dropped as POST /datasets does, 10% held out as the worker's job
+    loads it; the user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v) unless ``overrides`` say
+    otherwise. ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``; ``cuda`` and ``balanced`` turn pieces of the CUDA
+    path and the steps' balancing off (``WORKER_RUNS``)."""
     from service.datasets.store import hold_out
-    from service.jobs.hyperparameters import resolve
-    from service.jobs.models import Hyperparameters
-    from service.llm.builtin.model import _corpus, _train_tokenizer
+    from service.jobs.hyperparameters import Hyperparameters, resolve
+    from service.llm.builtin.model import builtin_tokenizer
     from service.llm.prompts import Example
-    from workers.training.recipe import Hooks, TrainingSpec, train
 
-    _train_tokenizer(_corpus()).save_pretrained(checkpoint)
+    builtin_tokenizer().save_pretrained(checkpoint)
     rows = [json.loads(line) for line in Path(dataset).read_text().splitlines() if line.strip()]
     unique = dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output"))
-    examples = [Example(*key) for key in unique]  # duplicates dropped, as POST /datasets does
+    examples = [Example(*key) for key in unique]
     hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
-    train_set, validation = hold_out(examples, hp.validation_fraction, hp.seed)  # as the worker's job loads it
-    spec = TrainingSpec(
+    train_set, validation = hold_out(examples, hp.validation_fraction, hp.seed)
+    return TrainingSpec(
         job_id=1,
         base_model="deepseek-7b-shaped",
         base_source=checkpoint,
@@ -402,23 +345,39 @@ def trainer_variant(
         device="cuda",
         checkpoint_every=10_000,
         gpu_memory_gib=memory_cap_gib,
+        balance_steps=balanced,
+        cuda=cuda,
     )
-    if before:
-        cuda_path.varlen_available = lambda: False  # type: ignore[assignment]
-        cuda_path.fuse_layers = lambda base: False  # type: ignore[assignment]
-    if before or dequantize_twice:
-        cuda_path.keep_dequantized_weights = lambda layers: 0  # type: ignore[assignment]
-    if not graphs:
-        cuda_path.graph_decoder = lambda *args: (None, "off in this variant")  # type: ignore[assignment]
-    if not balanced:
-        steps.balance_steps = lambda order, lengths, size: order  # type: ignore[assignment]
-        cuda_path.FIXED_ROW_MULTIPLE = 256
-    steps._epoch_order.cache_clear()
-    progress: list[Any] = []
+
+
+# The worker variants: each a TrainingSpec's options (seed_spec's arguments). ``worker_before`` plans as the worker
+# did before varlen attention and Liger's layer kernels (sdpa with the dense packed mask, transformers'
+# RMSNorm/RoPE/SwiGLU); it must run before any other worker variant, since Liger's RoPE replaces a module-level
+# function for the whole process. ``worker_eager``: no CUDA graphs. ``worker_dequantize_twice``: bitsandbytes' own
+# 4-bit layers, which dequantise each weight in the backward pass again. ``worker_unbalanced``: the steps as
+# shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the worker before session 9).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
+    ("worker_before", {"cuda": CudaOptions(varlen=False, fused_layers=False, keep_dequantized=False)}),
+    ("graph_exactness", {}),  # not a training run: graph_exactness()
+    ("worker_eager", {"cuda": CudaOptions(graphs=False)}),
+    ("worker_dequantize_twice", {"cuda": CudaOptions(keep_dequantized=False)}),
+    ("worker_unbalanced", {"balanced": False, "cuda": CudaOptions(row_multiple=256)}),
+    ("worker", {}),
+    ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL_LINEAR}),
+    ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
+    ("worker_b4", {"batch_size": 4}),
+]
+
+
+def trainer_variant(spec: TrainingSpec, name: str) -> dict[str, Any]:
+    """The real ``workers.training.recipe.train`` on ``spec``: load, CUDA plan, packed loop, evaluate, publish.
+    ``train_seconds`` is the training steps of the user's job, measured, not projected."""
+    progress: list[Progress] = []
     events: list[str] = []
     stamps: list[float] = []
 
-    def on_progress(p: Any, force: bool) -> None:
+    def on_progress(p: Progress, force: bool) -> None:
         progress.append(p)
         stamps.append(time.perf_counter())
 
@@ -427,30 +386,16 @@ def trainer_variant(
     try:
         info = train(spec, hooks)
     finally:
-        for attribute, value in saved.items():
-            setattr(cuda_path, attribute, value)
-        steps.balance_steps, cuda_path.FIXED_ROW_MULTIPLE = saved_balance, saved_multiple
-        steps._epoch_order.cache_clear()
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    tokens_per_s = progress[-1].tokens_per_second
-    # The loop's figure includes the per-epoch eval and checkpoints; the median step shows the steady pace.
-    tokens_per_step = tokens_per_s * info["durations"]["train_seconds"] / len(progress) if tokens_per_s else 0
-    intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    median_step = statistics.median(intervals)
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the memory cap's, if any
     result = {
         "key": name,
-        "variant": f"workers.training.recipe.train ({name}): {len(train_set)} seed samples x {hp.epochs} epochs",
-        "hyperparameters": hp.model_dump(),
+        "variant": f"workers.training.recipe.train ({name}): {len(spec.train)} seed samples x {spec.hp.epochs} epochs",
+        "hyperparameters": spec.hp.model_dump(),
         "durations": info["durations"],
         "total_steps": info["total_steps"],
-        "real_tokens_per_s": tokens_per_s,
-        "mfu": round(tokens_per_s * FLOPS_PER_TOKEN / PEAK_FLOPS, 4) if tokens_per_s else None,
-        "median_step_s": round(median_step, 4),
-        "steady_tokens_per_s": round(tokens_per_step / median_step, 1),
-        "steady_mfu": round(tokens_per_step / median_step * FLOPS_PER_TOKEN / PEAK_FLOPS, 4),
+        **pace(progress, stamps, info["durations"]["train_seconds"]),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "step_intervals_s": [round(t, 3) for t in intervals],  # where the loop's time beyond the steady steps goes
         "accuracy": {k: info["metrics"].get(k, {}).get("accuracy") for k in ("base", "adapter")},
         "events": events,
         "adapter_files": sorted(p.name for p in spec.adapter_dir.iterdir()),
@@ -458,6 +403,23 @@ def trainer_variant(
     log("TRAINER", json.dumps(result, default=str))
     cleanup()
     return result
+
+
+def pace(progress: list[Progress], stamps: list[float], train_seconds: float) -> dict[str, Any]:
+    """Tokens/s over the loop (the per-epoch eval and checkpoints included) and per median step (the steady
+    pace), with every step's interval: where the loop's time beyond the steady steps goes."""
+    tokens_per_s = progress[-1].tokens_per_second
+    tokens_per_step = tokens_per_s * train_seconds / len(progress) if tokens_per_s else 0
+    intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    median_step = statistics.median(intervals)
+    return {
+        "real_tokens_per_s": tokens_per_s,
+        "mfu": round(tokens_per_s * FLOPS_PER_TOKEN / PEAK_FLOPS, 4) if tokens_per_s else None,
+        "median_step_s": round(median_step, 4),
+        "steady_tokens_per_s": round(tokens_per_step / median_step, 1),
+        "steady_mfu": round(tokens_per_step / median_step * FLOPS_PER_TOKEN / PEAK_FLOPS, 4),
+        "step_intervals_s": [round(t, 3) for t in intervals],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -468,8 +430,7 @@ def graph_exactness(checkpoint: str, rows: list[Row]) -> dict[str, Any]:
     LoRA dropout is 0 here, so both passes compute the same function; the rows hold 16, 9 and 3 samples (the
     graph pads the boundaries with empty segments). Run it before any other worker variant (Liger's RoPE).
     """
-    from service.jobs.hyperparameters import resolve
-    from service.jobs.models import Hyperparameters
+    from service.jobs.hyperparameters import Hyperparameters, resolve
     from service.llm.modeling import load_model, plan_load
     from workers.training.cuda.plan import plan_cuda
     from workers.training.packing import packed_loss
@@ -580,29 +541,82 @@ def main() -> None:
     def save() -> None:
         (out / "train_gpu.json").write_text(json.dumps(report, indent=2))
 
+    only = set(filter(None, args.only.split(",")))
+    run_on_one_base(args.checkpoint, out, only, report, save)
+    for key, options in WORKER_RUNS:
+        if only and key not in only:
+            continue
+        try:
+            if key == "graph_exactness":
+                report[key] = graph_exactness(args.checkpoint, make_rows()[0])
+                continue
+            results.append(trainer_variant(seed_spec(args.checkpoint, args.dataset, key, **options), key))
+        except Exception:  # noqa: BLE001 - reported
+            log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
+            results.append({"variant": key, "error": traceback.format_exc()[-3000:]})
+        save()
+    report["ratios"] = ratios(results)
+    save()
+    print(json.dumps(report["ratios"], indent=2))
+    print_table(results)
+
+
+def run_on_one_base(
+    checkpoint: str, out: Path, only: set[str], report: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """The variants that share one loaded NF4 base: the exactness checks, the packed loops, bf16base and hf."""
+    from service.llm.modeling import load_model, plan_load
+    from workers.training.packing import VARLEN
+
     started = time.perf_counter()
-    build_checkpoint(Path(args.checkpoint))
+    build_checkpoint(Path(checkpoint))
     report["build_save_s"] = round(time.perf_counter() - started, 1)
     log("checkpoint ready", report["build_save_s"], "s")
-
-    from service.llm.modeling import load_model, plan_load
-
     started = time.perf_counter()
-    base = load_model(args.checkpoint, plan_load("cuda", "auto"))
+    base = load_model(checkpoint, plan_load("cuda", "auto"))
     report["load_nf4_s"] = round(time.perf_counter() - started, 1)
     report["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     log("loaded NF4 in", report["load_nf4_s"], "s;", report["weights_gib"], "GiB allocated")
     rows, meta = make_rows()
     report["mean_real_tokens"] = meta["mean_tokens"]
-    from workers.training.packing import VARLEN
-
     report["exactness"] = exactness_on_gpu(base, rows)
     report["exactness_varlen"] = exactness_on_gpu(base, rows, VARLEN)
     fused = liger_fused_ce()
-    ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    prof = out / "profile_packed_flex.txt"
+    results: list[dict[str, Any]] = report["results"]
+    for key, fn in packed_runs(rows, fused, out / "profile_packed_flex.txt"):
+        if only and key not in only:
+            continue
+        try:
+            result, base = fn(base)
+            results.append(result)
+        except Exception:  # noqa: BLE001 - a failed variant is reported, the others still run
+            log(f"VARIANT {key} FAILED\n{traceback.format_exc()}")
+            results.append({"variant": key, "error": traceback.format_exc()[-2000:]})
+            cleanup()
+        save()
+    if "bf16base" in only:
+        bf16_base_variant(checkpoint, rows, fused, results)
+        save()
+    if not only or "hf" in only:
+        for fp16 in (True, False):
+            try:
+                results.append(hf_variant(base, rows, fp16))
+                break
+            except Exception:  # noqa: BLE001 - fp16 may fail on NF4; then bf16
+                log(f"HF Trainer fp16={fp16} FAILED\n{traceback.format_exc()}")
+                results.append({"variant": f"hf fp16={fp16}", "error": traceback.format_exc()[-2000:]})
+                cleanup()
+            save()
+    del base
+    cleanup()
+
+
+def packed_runs(
+    rows: list[Row], fused: Any, profile_to: Path
+) -> list[tuple[str, Callable[[Any], tuple[dict[str, Any], Any]]]]:
+    """The packed-loop variants by key: each takes the base and gives back its result and the base."""
     flex = "flex_attention"
-    plans: list[tuple[str, Callable[[Any], tuple[dict[str, Any], Any]]]] = [
+    return [
         (
             "flex",
             lambda b: packed_variant(
@@ -612,7 +626,7 @@ def main() -> None:
                 fused_ce=fused,
                 attn=flex,
                 timed=20,
-                profile_to=prof,
+                profile_to=profile_to,
             ),
         ),
         (
@@ -628,7 +642,7 @@ def main() -> None:
                 b,
                 rows,
                 "all-linear r16: packed 16/row + liger + flex, no ckpt",
-                targets=ALL,
+                targets=ALL_LINEAR,
                 r=16,
                 fused_ce=fused,
                 attn=flex,
@@ -660,62 +674,7 @@ def main() -> None:
                 timed=6,
             ),
         ),
-        ("current", lambda b: current_variant(b, rows)),
     ]
-    only = set(filter(None, args.only.split(",")))
-    for key, fn in plans:
-        if only and key not in only:
-            continue
-        try:
-            result, base = fn(base)
-            results.append(result)
-        except Exception:  # noqa: BLE001 - a failed variant is reported, the others still run
-            log(f"VARIANT {key} FAILED\n{traceback.format_exc()}")
-            results.append({"variant": key, "error": traceback.format_exc()[-2000:]})
-            cleanup()
-        save()
-    if "bf16base" in only:
-        bf16_base_variant(args.checkpoint, rows, fused, results)
-        save()
-    if not only or "hf" in only:
-        for fp16 in (True, False):
-            try:
-                results.append(hf_variant(base, rows, fp16))
-                break
-            except Exception:  # noqa: BLE001 - fp16 may fail on NF4; then bf16
-                log(f"HF Trainer fp16={fp16} FAILED\n{traceback.format_exc()}")
-                results.append({"variant": f"hf fp16={fp16}", "error": traceback.format_exc()[-2000:]})
-                cleanup()
-            save()
-    del base
-    cleanup()
-    worker_runs: list[tuple[str, dict[str, Any]]] = [
-        ("worker_before", {"before": True}),  # first: see trainer_variant
-        ("graph_exactness", {}),
-        ("worker_eager", {"graphs": False}),
-        ("worker_dequantize_twice", {"dequantize_twice": True}),
-        ("worker_unbalanced", {"balanced": False}),
-        ("worker", {}),
-        ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL}),
-        ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
-        ("worker_b4", {"batch_size": 4}),
-    ]
-    for key, overrides in worker_runs:
-        if only and key not in only:
-            continue
-        try:
-            if key == "graph_exactness":
-                report[key] = graph_exactness(args.checkpoint, rows)
-                continue
-            results.append(trainer_variant(args.checkpoint, args.dataset, key, **overrides))
-        except Exception:  # noqa: BLE001 - reported
-            log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
-            results.append({"variant": key, "error": traceback.format_exc()[-3000:]})
-        save()
-    report["ratios"] = ratios(results)
-    save()
-    print(json.dumps(report["ratios"], indent=2))
-    print_table(results)
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:

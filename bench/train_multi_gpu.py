@@ -7,16 +7,14 @@ Run on the 2-GPU H200 kind of the device machine (docs/benchmarks.md). On a host
     python bench/train_multi_gpu.py --gpus 1,2,4,8 --batch-size 64  # more samples per step: each GPU gets more
 
 For each GPU count it starts the ranks exactly as ``flashtune worker --gpus N`` does
-(``workers.training.distributed.launch``:
-torchrun's launcher, NCCL, NVLink multicast off) and each rank runs the real ``workers.training.recipe.train``: NF4
-base,
-the CUDA path, its share of every optimizer step's samples, gradients all-reduced. The model is
-``bench/train_gpu.py``'s random DeepSeek-LLM-7B-shaped Llama (built once, saved to ``--checkpoint``); the samples
-are the user's seed instructions (real text, built-in tokenizer saved beside the checkpoint), repeated to fill
-``--steps`` optimizer steps of ``--batch-size`` samples (default: the user's recipe, 16). No checkpoints, and the
-evaluation set (16 seed examples, also trained on) is only scored once, after the loop, so the loop is all
-training. The same samples and the same order for every GPU count: each count's step losses, eval loss and
-evaluation are compared with 1 GPU's.
+(``workers.training.distributed.launch``: torchrun's launcher, NCCL, NVLink multicast off) and each rank runs the
+real ``workers.training.recipe.train``: NF4 base, the CUDA path, its share of every optimizer step's samples,
+gradients all-reduced. The model is ``bench/train_gpu.py``'s random DeepSeek-LLM-7B-shaped Llama (built once, saved
+to ``--checkpoint``); the samples are the user's seed instructions (real text, built-in tokenizer saved beside the
+checkpoint), repeated to fill ``--steps`` optimizer steps of ``--batch-size`` samples (default: the user's recipe,
+16). No checkpoints, and the evaluation set (16 seed examples, also trained on) is only scored once, after the loop,
+so the loop is all training. The same samples and the same order for every GPU count: each count's step losses, eval
+loss and evaluation are compared with 1 GPU's.
 
 Reported per GPU count (``train_multi_gpu.json`` and a table): the median optimizer step after ``--warm`` steps,
 real (non-padding) tokens/s over the timed steps, the speed-up over 1 GPU and the scaling efficiency
@@ -43,13 +41,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.train_gpu import build_checkpoint, log  # noqa: E402
+from service.llm.prompts import Example  # noqa: E402
+from workers.training.spec import TrainingSpec  # noqa: E402
 
 
-def _rank(spec: Any, run_dir: str, launcher_pid: int) -> None:
+def _rank(spec: TrainingSpec, run_dir: str, launcher_pid: int) -> None:
     """One rank (started by workers.training.distributed.launch): train; rank 0 writes the time of every step."""
     from workers.retry import Outcome
     from workers.training import distributed
-    from workers.training.recipe import Hooks, train
+    from workers.training.recipe import train
+    from workers.training.spec import Hooks
 
     dist = distributed.init_rank(spec.device, launcher_pid)
     stamps: list[tuple[int, float, float | None]] = []
@@ -71,18 +72,16 @@ def _rank(spec: Any, run_dir: str, launcher_pid: int) -> None:
     distributed.close_rank()
 
 
-def samples(dataset: Path, count: int) -> list[Any]:
+def samples(dataset: Path, count: int) -> list[Example]:
     """The seed instructions (duplicates dropped, as POST /datasets does), repeated to ``count`` samples."""
-    from service.llm.prompts import Example
-
     rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
     unique = list(dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output")))
     return [Example(*unique[i % len(unique)]) for i in range(count)]
 
 
-def tokens_per_step(spec: Any, tokenizer: Any, steps: int) -> list[int]:
+def tokens_per_step(spec: TrainingSpec, tokenizer: Any, steps: int) -> list[int]:
     """Real tokens of each optimizer step's samples (the loop's own order: workers.training.steps.epoch_order)."""
-    from workers.training.recipe import tokenize
+    from workers.training.batches import tokenize
     from workers.training.steps import epoch_order
 
     rows = tokenize(spec.train, tokenizer, spec.hp.max_length)
@@ -91,7 +90,7 @@ def tokens_per_step(spec: Any, tokenizer: Any, steps: int) -> list[int]:
     return [sum(len(rows[i][0]) for i in order[s * size : (s + 1) * size]) for s in range(steps)]
 
 
-def run_one(spec: Any, gpus: int, per_step: list[int], warm: int) -> dict[str, Any]:
+def run_one(spec: TrainingSpec, gpus: int, per_step: list[int], warm: int) -> dict[str, Any]:
     from workers.training import distributed
 
     with tempfile.TemporaryDirectory(prefix=f"bench-{gpus}gpu-") as tmp:
@@ -122,11 +121,9 @@ def run_one(spec: Any, gpus: int, per_step: list[int], warm: int) -> dict[str, A
 
 
 def smoke_cpu(args: argparse.Namespace) -> None:
-    from service.jobs.hyperparameters import resolve
-    from service.jobs.models import Hyperparameters
+    from service.jobs.hyperparameters import Hyperparameters, resolve
     from service.llm.builtin.model import ensure_builtin_model
     from service.llm.modeling import load_tokenizer
-    from workers.training.recipe import TrainingSpec
 
     model = ensure_builtin_model(Path(tempfile.gettempdir()) / "bench-multi-smoke")
     hp = resolve(Hyperparameters(epochs=1, validation_fraction=0.0, batch_size=4), "builtin")
@@ -169,10 +166,8 @@ def main() -> None:
         smoke_cpu(args)
         return
 
-    from service.jobs.hyperparameters import resolve
-    from service.jobs.models import Hyperparameters
-    from service.llm.builtin.model import _corpus, _train_tokenizer
-    from workers.training.recipe import TrainingSpec
+    from service.jobs.hyperparameters import Hyperparameters, resolve
+    from service.llm.builtin.model import builtin_tokenizer
 
     visible = torch.cuda.device_count()
     counts = [int(c) for c in args.gpus.split(",") if c] or sorted({1, min(2, visible), visible})
@@ -181,7 +176,7 @@ def main() -> None:
     if not visible or max(counts) > visible:
         raise SystemExit(f"needs {max(counts)} CUDA GPUs, {visible} visible")
     build_checkpoint(Path(args.checkpoint))
-    tokenizer = _train_tokenizer(_corpus())
+    tokenizer = builtin_tokenizer()
     tokenizer.save_pretrained(args.checkpoint)
     overrides: dict[str, Any] = {"epochs": 1, "validation_fraction": 0.0}
     if args.batch_size:
