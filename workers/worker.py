@@ -30,7 +30,8 @@ from service.core import logs
 from service.core.config import Settings
 from service.jobs import jobstore
 from service.jobs.db import init_db, make_engine, session_scope
-from service.jobs.models import Job, ResolvedHyperparameters
+from service.jobs.hyperparameters import ResolvedHyperparameters
+from service.jobs.models import Job
 from service.llm.modeling import ModelLoadError, pick_device
 from workers.child import child_main
 from workers.retry import Decision, Outcome, decide

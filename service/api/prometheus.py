@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
-from service.jobs.models import Job, JobStatus, utcnow
+from service.jobs import jobstore
+from service.jobs.models import JobStatus, utcnow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -114,80 +114,60 @@ def _aware(moment: datetime) -> datetime:
 
 def collect_jobs(session: Session, now: datetime | None = None) -> JobFigures:
     now = now or utcnow()
-    counts = {str(status): 0 for status in JobStatus}
-    for status, count in session.exec(select(Job.status, func.count()).group_by(col(Job.status))).all():
-        counts[str(status)] = int(count)
-    # A queued job is waiting for a worker from its run_after on (creation, or the end of a retry backoff).
-    runnable, oldest = session.exec(
-        select(func.count(), func.min(col(Job.run_after))).where(
-            col(Job.status) == JobStatus.queued, col(Job.run_after) <= now
-        )
-    ).one()
+    counts = jobstore.count_by_status(session)
+    runnable, oldest = jobstore.runnable_queue(session, now)
     wait = max(0.0, (now - _aware(oldest)).total_seconds()) if oldest is not None else 0.0
     speeds = {}
-    for job_id, progress in session.exec(select(Job.id, Job.progress).where(col(Job.status) == JobStatus.running)):
-        value = (progress or {}).get("tokens_per_second")
-        if job_id is not None and isinstance(value, int | float):
-            speeds[int(job_id)] = float(value)
-    return JobFigures(counts, counts[JobStatus.queued], int(runnable), wait, speeds)
+    for job_id, progress in jobstore.running_progress(session):
+        value = progress.get("tokens_per_second")
+        if isinstance(value, int | float):
+            speeds[job_id] = float(value)
+    return JobFigures(counts, counts[JobStatus.queued], runnable, wait, speeds)
 
 
-def render(jobs: JobFigures, base_model: str, model_loaded: bool, adapters: Sequence[str]) -> str:
+def _gauge(name: str, help_text: str, value: float, labels: dict[str, str] | None = None) -> list[str]:
+    return family(name, "gauge", help_text, [sample(name, value, labels)])
+
+
+def _job_families(jobs: JobFigures) -> list[str]:
     speeds = [
         sample("flashtune_training_tokens_per_second", v, {"job_id": str(k)})
         for k, v in sorted(jobs.tokens_per_second.items())
     ]
-    lines = [
-        *family(
-            "flashtune_jobs",
-            "gauge",
-            "Jobs by status.",
-            [sample("flashtune_jobs", n, {"status": s}) for s, n in jobs.by_status.items()],
-        ),
-        *family(
-            "flashtune_queue_depth",
-            "gauge",
-            "Queued jobs, including those waiting out a retry backoff.",
-            [sample("flashtune_queue_depth", jobs.queue_depth)],
-        ),
-        *family(
-            "flashtune_queue_runnable",
-            "gauge",
-            "Queued jobs that a free worker would claim now.",
-            [sample("flashtune_queue_runnable", jobs.runnable)],
-        ),
-        *family(
+    by_status = [sample("flashtune_jobs", n, {"status": s}) for s, n in jobs.by_status.items()]
+    return [
+        *family("flashtune_jobs", "gauge", "Jobs by status.", by_status),
+        *_gauge("flashtune_queue_depth", "Queued jobs, including those waiting out a retry backoff.", jobs.queue_depth),
+        *_gauge("flashtune_queue_runnable", "Queued jobs that a free worker would claim now.", jobs.runnable),
+        *_gauge(
             "flashtune_queue_wait_seconds",
-            "gauge",
             "How long the oldest runnable queued job has waited.",
-            [sample("flashtune_queue_wait_seconds", jobs.oldest_wait_seconds)],
+            jobs.oldest_wait_seconds,
         ),
         *family("flashtune_training_tokens_per_second", "gauge", "Training throughput of each running job.", speeds),
-        *family(
+        *_gauge(
             "flashtune_training_tokens_per_second_total",
-            "gauge",
             "Training throughput of all running jobs.",
-            [sample("flashtune_training_tokens_per_second_total", sum(jobs.tokens_per_second.values()))],
+            sum(jobs.tokens_per_second.values()),
         ),
-        *family(
+    ]
+
+
+def _serving_families(base_model: str, model_loaded: bool, adapters: Sequence[str]) -> list[str]:
+    loaded = [sample("flashtune_adapter_loaded", 1, {"adapter": name}) for name in sorted(adapters)]
+    return [
+        *_gauge(
             "flashtune_model_loaded",
-            "gauge",
             "1 when the serving base model is in memory.",
-            [sample("flashtune_model_loaded", int(model_loaded), {"base_model": base_model})],
+            int(model_loaded),
+            {"base_model": base_model},
         ),
-        *family(
-            "flashtune_loaded_adapters",
-            "gauge",
-            "Adapters attached to the serving model.",
-            [sample("flashtune_loaded_adapters", len(adapters))],
-        ),
-        *family(
-            "flashtune_adapter_loaded",
-            "gauge",
-            "1 for each adapter attached to the serving model.",
-            [sample("flashtune_adapter_loaded", 1, {"adapter": name}) for name in sorted(adapters)],
-        ),
+        *_gauge("flashtune_loaded_adapters", "Adapters attached to the serving model.", len(adapters)),
+        *family("flashtune_adapter_loaded", "gauge", "1 for each adapter attached to the serving model.", loaded),
         *ANALYZE_LATENCY.render(),
         *ANALYZE_BATCH_SIZE.render(),
     ]
-    return "\n".join(lines) + "\n"
+
+
+def render(jobs: JobFigures, base_model: str, model_loaded: bool, adapters: Sequence[str]) -> str:
+    return "\n".join([*_job_families(jobs), *_serving_families(base_model, model_loaded, adapters)]) + "\n"

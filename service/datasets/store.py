@@ -22,7 +22,7 @@ from sqlmodel import Session
 
 from service.core.config import Settings
 from service.datasets.formats import MAX_REJECTED_LISTED, Parsed, parse
-from service.jobs.models import Dataset, DatasetPublic
+from service.jobs.models import Dataset
 from service.llm.builtin.data import builtin_dataset
 from service.llm.prompts import LABELS, Example, input_fields_used
 
@@ -110,27 +110,6 @@ def _write_atomically(folder: Path, data: bytes, parsed: Parsed) -> None:
                 raise  # else a concurrent twin upload stored the same files first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def to_public(dataset: Dataset) -> DatasetPublic:
-    s = dataset.stats
-    return DatasetPublic(
-        id=dataset.id,
-        format=dataset.format,
-        filename=dataset.filename,
-        num_examples=dataset.num_examples,
-        num_validation=s.get("num_validation", 0),
-        label_distribution=s.get("label_distribution", {}),
-        unlabelled=s.get("unlabelled", 0),
-        duplicates_removed=s.get("duplicates_removed", 0),
-        rejected=s.get("rejected", []),
-        rejected_count=s.get("rejected_count", 0),
-        options=s.get("options", {}),
-        details=s.get("details", {}),
-        input_fields=s.get("input_fields", []),
-        sha256=dataset.sha256,
-        created_at=dataset.created_at,
-    )
 
 
 def load_examples(

@@ -8,13 +8,163 @@ No HTTP here: the routes hold the request and response shapes, these functions h
 
 from __future__ import annotations
 
-from sqlmodel import Session
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
 
 from service.core.config import Settings
 from service.core.errors import RequestError, not_found
-from service.core.layout import AdapterRef, adapter_job_id
+from service.core.layout import AdapterRef, adapter_job_id, checkpoint_step, complete_checkpoints
+from service.core.training_info import read_training_info
+from service.datasets.formats import DatasetError
+from service.datasets.store import BUILTIN, save_upload
 from service.jobs import jobstore
-from service.jobs.models import Job, JobStatus
+from service.jobs.hyperparameters import resolve
+from service.jobs.models import Dataset, Job, JobCreate, JobStatus
+from service.llm.modeling import BaseModelRejected, validate_base_model
+
+
+# ------------------------------------------------------------------------------------------------------- jobs
+def queue_job(
+    *, session: Session, settings: Settings, body: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Validate and queue a job (committed before returning); ``(job, True)`` replays an Idempotency-Key.
+
+    ``POST /jobs`` and ``POST /v1/fine_tuning/jobs`` both queue through here, so both get the same checks."""
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        existing = jobstore.find_by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash), True
+    _check_queue(session=session, settings=settings)
+    if not dataset_exists(session=session, dataset_id=body.dataset):
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"dataset {body.dataset!r} does not exist",
+            [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}],
+        )
+    base_model = _base_model(settings, body.base_model)
+    job = Job(
+        name=body.name,
+        base_model=base_model,
+        dataset=body.dataset,
+        hyperparameters=resolve(body.hyperparameters, base_model).model_dump(),
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    try:
+        with session.begin_nested():
+            jobstore.create(session, job)
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        existing = jobstore.find_by_idempotency_key(session, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), True
+    session.commit()  # visible before the 201 goes out
+    return job, False
+
+
+def _check_queue(*, session: Session, settings: Settings) -> None:
+    """A bound on what one caller can pile up ahead of everyone else."""
+    queued = jobstore.count_queued(session)
+    if queued >= settings.max_queued_jobs:
+        raise RequestError(
+            429,
+            "queue_full",
+            f"{queued} jobs are already queued (the limit is "
+            f"{settings.max_queued_jobs}); wait for some to finish or cancel some",
+        )
+
+
+def _base_model(settings: Settings, requested: str | None) -> str:
+    """The job's base model: the served one unless named; a local path must stay under an allowed root."""
+    try:
+        return validate_base_model(requested or settings.base_model, settings)
+    except BaseModelRejected as exc:
+        details = [{"field": "base_model", "message": str(exc)}]
+        raise RequestError(422, "invalid_request", f"base_model: {exc}", details) from exc
+
+
+def _replay(job: Job, request_hash: str) -> Job:
+    if job.request_hash != request_hash:
+        raise RequestError(
+            422,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different request body",
+            [{"field": "Idempotency-Key", "message": f"already used for job {job.id}"}],
+        )
+    return job
+
+
+def get_job(*, session: Session, job_id: int) -> Job:
+    job = jobstore.get(session, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def cancel_job(*, session: Session, job_id: int, shown: str | None = None) -> Job:
+    """Cancel a queued or running job (committed); 409 for any other. ``shown``: the id the caller knows it by."""
+    job = get_job(session=session, job_id=job_id)
+    try:
+        cancelled = jobstore.cancel(session, job_id)
+    except jobstore.TransitionError as exc:
+        raise RequestError(
+            409, "conflict", f"job {shown or job_id} is {job.status}; only queued or running jobs can be cancelled"
+        ) from exc
+    session.commit()
+    return cancelled
+
+
+def checkpoint_steps(*, settings: Settings, job_id: int) -> list[tuple[int, int]]:
+    """``(step, created_at)`` of a job's complete checkpoints, newest first."""
+    paths = reversed(complete_checkpoints(settings.layout.job_dir(job_id)))
+    return [(checkpoint_step(path), int(path.stat().st_mtime)) for path in paths]
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+def add_dataset(
+    *,
+    session: Session,
+    settings: Settings,
+    data: bytes,
+    filename: str | None,
+    format: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Dataset:
+    """Parse, store and register an upload (committed); 422 naming what is wrong with it. Blocks: run it in a
+    worker thread."""
+    try:
+        dataset = save_upload(settings, session, data, filename, format, options)
+    except DatasetError as exc:
+        raise RequestError(422, "invalid_dataset", str(exc), exc.details) from exc
+    session.commit()
+    return dataset
+
+
+def dataset_exists(*, session: Session, dataset_id: str) -> bool:
+    return dataset_id == BUILTIN or session.get(Dataset, dataset_id) is not None
+
+
+def get_dataset(*, session: Session, dataset_id: str, what: str = "dataset") -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise not_found(what, dataset_id)
+    return dataset
+
+
+def list_datasets(*, session: Session) -> list[Dataset]:
+    """Newest first."""
+    return list(session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())).all())
 
 
 # --------------------------------------------------------------------------------------------------- adapters
@@ -53,3 +203,36 @@ def resolve_adapter(*, session: Session, settings: Settings, name: str) -> Adapt
             f"adapter {name} was trained on {job.base_model!r}; this server serves {settings.base_model!r}",
         )
     return settings.layout.adapter(name)
+
+
+def adapter_contents(*, settings: Settings, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The files of a published adapter (name and size) and its ``training_info.json``."""
+    folder = settings.layout.adapter_dir(name)
+    files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(folder.iterdir())] if folder.exists() else []
+    return files, read_training_info(folder)
+
+
+def pack_adapter(*, session: Session, settings: Settings, name: str) -> io.BytesIO:
+    """The adapter folder as a tar.gz (its plain files, under ``<name>/``)."""
+    adapter_job(session=session, name=name)
+    folder = settings.layout.adapter_dir(name)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                archive.add(path, arcname=f"{name}/{path.name}")
+    buffer.seek(0)
+    return buffer
+
+
+def delete_adapter(*, session: Session, settings: Settings, name: str, unload: Callable[[str], None]) -> None:
+    """Stop serving an adapter and remove its files; its job stays, succeeded, with ``adapter: null``.
+
+    The detach is committed first, so from then on no request resolves the name; ``unload`` (the model server's)
+    then drops it from memory, and only then do its files go."""
+    job = adapter_job(session=session, name=name)
+    assert job.id is not None
+    jobstore.delete_adapter(session, job.id, name)
+    session.commit()
+    unload(name)
+    shutil.rmtree(settings.layout.adapter_dir(name), ignore_errors=True)

@@ -1,17 +1,71 @@
-"""Default hyperparameters per base model: the user's recipe, tuned for the tiny built-in model.
+"""What a job's training may be told, and what it is told: the request shape, the recipes, and ``resolve()``.
+
+``Hyperparameters`` is what a user may set (``POST /jobs``, the OpenAI-style ``/v1/fine_tuning/jobs``);
+``resolve()`` fills every unset field from the recipe of the job's base model, and the result,
+``ResolvedHyperparameters``, is stored on the job and is what the worker trains with.
 
 The user's recipe (3 epochs, batch 4 x gradient accumulation 4 = 16 samples per optimizer step, lr 2e-4, LoRA r 8 /
 alpha 16 on q_proj and v_proj) is the default for real models. ``batch_size`` is the samples per optimizer step;
 how many go through one forward pass is the worker's choice (on CUDA: as many as the free memory holds, see
 ``workers.training.cuda.plan``), so the user's accumulation is not a setting of its own. The built-in model is 2
-layers of
-width 128 and learns too slowly with it, so it gets a higher learning rate and LoRA on every linear layer (see
-docs/benchmarks.md for the measurement).
+layers of width 128 and learns too slowly with it, so it gets a higher learning rate and LoRA on every linear
+layer (see docs/benchmarks.md for the measurement).
 """
 
 from __future__ import annotations
 
-from service.jobs.models import Hyperparameters, ResolvedHyperparameters
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Hyperparameters(BaseModel):
+    """What a user may set; anything left out is resolved per base model (service/jobs/hyperparameters.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(default=None, ge=1, le=100)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    max_length: int | None = Field(default=None, ge=16, le=8192)
+    lora_r: int | None = Field(default=None, ge=1, le=512)
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    quantization: Literal["auto", "nf4", "none"] | None = None
+    validation_fraction: float | None = Field(default=None, ge=0, lt=1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"invalid module name {name!r}")
+        return value
+
+
+class ResolvedHyperparameters(BaseModel):
+    """Every setting of a job's training, stored on the job (``Job.hyperparameters``) and read by the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    quantization: Literal["auto", "nf4", "none"]
+    validation_fraction: float
+    seed: int
+    # Not user-settable: the memory fallback halves the micro-batch and doubles accumulation.
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float = 0.05
+
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,3 +99,8 @@ def resolve(hyperparameters: Hyperparameters, base_model: str) -> ResolvedHyperp
     values["micro_batch_size"] = values["batch_size"]
     values["gradient_accumulation_steps"] = 1
     return ResolvedHyperparameters.model_validate(values)
+
+
+def defaults(base_model: str) -> ResolvedHyperparameters:
+    """What a job on ``base_model`` trains with when it sets nothing (the dashboard's form, OpenAI's multiplier)."""
+    return resolve(Hyperparameters(), base_model)

@@ -229,6 +229,36 @@ def list_events(session: Session, job_id: int, after: int | None, limit: int) ->
     return rows[:limit], len(rows) > limit
 
 
+def count_queued(session: Session) -> int:
+    """Queued jobs, also those waiting out a retry backoff (what ``max_queued_jobs`` bounds)."""
+    return int(session.exec(select(func.count()).select_from(Job).where(col(Job.status) == JobStatus.queued)).one())
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Jobs of each status (every status named, 0 where there is none)."""
+    counts = {str(status): 0 for status in JobStatus}
+    for status, count in session.exec(select(Job.status, func.count()).group_by(col(Job.status))).all():
+        counts[str(status)] = int(count)
+    return counts
+
+
+def runnable_queue(session: Session, now: datetime) -> tuple[int, datetime | None]:
+    """How many queued jobs a free worker would claim at ``now``, and the earliest ``run_after`` among them (a
+    queued job waits for a worker from then on: its creation, or the end of a retry backoff)."""
+    count, oldest = session.exec(
+        select(func.count(), func.min(col(Job.run_after))).where(
+            col(Job.status) == JobStatus.queued, col(Job.run_after) <= now
+        )
+    ).one()
+    return int(count), oldest
+
+
+def running_progress(session: Session) -> list[tuple[int, dict[str, Any]]]:
+    """``(id, progress)`` of every running job."""
+    rows = session.exec(select(Job.id, Job.progress).where(col(Job.status) == JobStatus.running)).all()
+    return [(int(job_id), dict(progress or {})) for job_id, progress in rows if job_id is not None]
+
+
 def find_by_idempotency_key(session: Session, key: str) -> Job | None:
     return session.exec(select(Job).where(col(Job.idempotency_key) == key)).first()
 

@@ -1,4 +1,11 @@
-"""Tables and API shapes: ``JobCreate`` (request) / ``Job`` (table) / ``JobPublic`` (response), and friends."""
+"""The job domain's tables (``Job``, ``JobEvent``, ``Dataset``) and the shapes both processes read them with.
+
+``JobCreate`` is the job a user asks for (validated here, queued by ``service.jobs.commands.queue_job``);
+``Progress`` and ``JobError`` are what the worker writes into ``Job.progress`` and ``Job.error``; ``JobMetrics`` is
+the loss history ``service.jobs.loss_history`` builds. The hyperparameters' shapes live with their recipes in
+``service.jobs.hyperparameters``; the HTTP responses (``JobPublic``, pages, ``DatasetPublic``, ``AdapterPublic``)
+in ``service.api.schemas``: the worker never needs them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
+from service.jobs.hyperparameters import Hyperparameters
 from service.llm.prompts import MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
 
 
@@ -31,54 +39,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# ---------------------------------------------------------------------------------------------- hyperparameters
+# --------------------------------------------------------------------------------------------------------- jobs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
-class Hyperparameters(Strict):
-    """What a user may set; anything left out is resolved per base model (see ``service.jobs.hyperparameters``)."""
-
-    epochs: int | None = Field(default=None, ge=1, le=100)
-    batch_size: int | None = Field(default=None, ge=1, le=1024)
-    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
-    max_length: int | None = Field(default=None, ge=16, le=8192)
-    lora_r: int | None = Field(default=None, ge=1, le=512)
-    lora_alpha: float | None = Field(default=None, gt=0, le=4096)
-    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
-    target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
-    quantization: Literal["auto", "nf4", "none"] | None = None
-    validation_fraction: float | None = Field(default=None, ge=0, lt=1)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _module_names(cls, value: list[str] | None) -> list[str] | None:
-        for name in value or []:
-            if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
-                raise ValueError(f"invalid module name {name!r}")
-        return value
-
-
-class ResolvedHyperparameters(Strict):
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    max_length: int
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: list[str]
-    quantization: Literal["auto", "nf4", "none"]
-    validation_fraction: float
-    seed: int
-    # Not user-settable: the memory fallback halves the micro-batch and doubles accumulation.
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    warmup_ratio: float = 0.05
-
-
-# --------------------------------------------------------------------------------------------------------- jobs
 class JobCreate(Strict):
+    """A job as a user asks for it (``POST /jobs``; ``/v1/fine_tuning/jobs`` is translated into one)."""
+
     dataset: str = Field(min_length=1, max_length=128, description='"builtin" or a dataset id')
     base_model: str | None = Field(default=None, min_length=1, max_length=512)
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
@@ -128,29 +95,6 @@ class Job(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
-class JobPublic(BaseModel):
-    id: int
-    name: str | None
-    status: JobStatus
-    base_model: str
-    dataset: str
-    hyperparameters: ResolvedHyperparameters
-    progress: Progress
-    attempts: int
-    max_attempts: int
-    error: JobError | None
-    adapter: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-class JobsPage(BaseModel):
-    data: list[JobPublic]
-    has_more: bool
-    next_after: int | None
-
-
 class JobMetrics(BaseModel):
     """The loss history of a job so far (service/jobs/loss_history.py); points are ``[step, loss]``."""
 
@@ -179,20 +123,6 @@ class JobEvent(SQLModel, table=True):
     data: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
-class JobEventPublic(BaseModel):
-    id: int
-    created_at: datetime
-    level: str
-    type: str
-    message: str
-    data: dict[str, Any]
-
-
-class EventsPage(BaseModel):
-    data: list[JobEventPublic]
-    has_more: bool
-
-
 # ----------------------------------------------------------------------------------------------------- datasets
 class Dataset(SQLModel, table=True):
     __tablename__ = "datasets"
@@ -204,28 +134,6 @@ class Dataset(SQLModel, table=True):
     num_examples: int
     stats: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
     created_at: datetime = SQLField(default_factory=utcnow)
-
-
-class DatasetPublic(BaseModel):
-    id: str
-    format: str
-    filename: str | None
-    num_examples: int
-    num_validation: int
-    label_distribution: dict[str, int]
-    unlabelled: int
-    duplicates_removed: int
-    rejected: list[dict[str, Any]]
-    rejected_count: int
-    options: dict[str, Any] = Field(default_factory=dict, description="the options the upload was parsed with")
-    details: dict[str, Any] = Field(
-        default_factory=dict, description="what the format reports: CSV columns used; database thresholds and split"
-    )
-    input_fields: list[str] = Field(
-        default_factory=list, description="optional fields (metadata, market context) the example inputs carry"
-    )
-    sha256: str
-    created_at: datetime
 
 
 # ------------------------------------------------------------------------------------------------------ analyze
@@ -319,16 +227,3 @@ class AnalyzeBatchRequest(Strict):
 
 class AnalyzeBatchResponse(BaseModel):
     data: list[AnalyzeResponse]
-
-
-class AdapterPublic(BaseModel):
-    name: str
-    job_id: int
-    base_model: str
-    dataset: str
-    created_at: datetime | None
-    files: list[dict[str, Any]]
-    metrics: dict[str, Any]
-    input_fields: list[str] | None = Field(
-        default=None, description="optional input fields its training inputs carried (/analyze passes only these)"
-    )

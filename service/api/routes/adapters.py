@@ -2,57 +2,23 @@
 
 from __future__ import annotations
 
-import io
-import shutil
-import tarfile
-from pathlib import Path
-
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from sqlmodel import Session
 
 from service.api.deps import ModelServerDep, ReadSessionDep, SessionDep, SettingsDep
+from service.api.schemas.jobs import AdapterPublic
 from service.core.config import Settings
-from service.core.errors import RequestError, not_found
-from service.core.layout import adapter_job_id
-from service.core.training_info import read_training_info
-from service.jobs import jobstore
-from service.jobs.models import AdapterPublic, Job, JobStatus
+from service.jobs import commands, jobstore
+from service.jobs.models import Job
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
-
-
-def adapter_job(session: Session, name: str) -> Job:
-    """The succeeded job that produced adapter ``name``; 404/409 otherwise."""
-    job_id = adapter_job_id(name)
-    job = jobstore.get(session, job_id) if job_id is not None else None
-    if job is None or (job.status == JobStatus.succeeded and job.adapter is None):  # never made, or deleted
-        raise not_found("adapter", name)
-    if job.status != JobStatus.succeeded or job.adapter != name:
-        raise RequestError(409, "adapter_unavailable", f"adapter {name} has no model: its job is {job.status}")
-    return job
-
-
-def adapter_path(settings: Settings, name: str) -> Path:
-    return settings.layout.adapter_dir(name)
+TARBALL = {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
 
 
 def _public(settings: Settings, job: Job) -> AdapterPublic:
-    assert job.adapter is not None and job.id is not None
-    folder = adapter_path(settings, job.adapter)
-    files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(folder.iterdir())] if folder.exists() else []
-    info = read_training_info(folder)
-    metrics = {**info.get("metrics", {}), "losses": info.get("losses", {}), "durations": info.get("durations", {})}
-    return AdapterPublic(
-        name=job.adapter,
-        job_id=job.id,
-        base_model=job.base_model,
-        dataset=job.dataset,
-        created_at=job.finished_at,
-        files=files,
-        metrics=metrics,
-        input_fields=info.get("input_fields"),
-    )
+    assert job.adapter is not None
+    files, info = commands.adapter_contents(settings=settings, name=job.adapter)
+    return AdapterPublic.of(job, files, info)
 
 
 @router.get("", response_model=list[AdapterPublic])
@@ -62,10 +28,7 @@ def list_adapters(session: ReadSessionDep, settings: SettingsDep) -> list[Adapte
 
 @router.get("/{name}", response_model=AdapterPublic)
 def get_adapter(name: str, session: ReadSessionDep, settings: SettingsDep) -> AdapterPublic:
-    return _public(settings, adapter_job(session, name))
-
-
-TARBALL = {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
+    return _public(settings, commands.adapter_job(session=session, name=name))
 
 
 @router.get(
@@ -74,25 +37,13 @@ TARBALL = {"application/gzip": {"schema": {"type": "string", "format": "binary"}
     responses={200: {"content": TARBALL, "description": "the adapter folder as a tar.gz"}},
 )
 def download_adapter(name: str, session: ReadSessionDep, settings: SettingsDep) -> StreamingResponse:
-    adapter_job(session, name)
-    folder = adapter_path(settings, name)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and not path.is_symlink():
-                archive.add(path, arcname=f"{name}/{path.name}")
-    buffer.seek(0)
+    archive = commands.pack_adapter(session=session, settings=settings, name=name)
     headers = {"Content-Disposition": f'attachment; filename="{name}.tar.gz"'}
-    return StreamingResponse(buffer, media_type="application/gzip", headers=headers)
+    return StreamingResponse(archive, media_type="application/gzip", headers=headers)
 
 
 @router.delete("/{name}")
 def delete_adapter(name: str, session: SessionDep, settings: SettingsDep, server: ModelServerDep) -> dict[str, str]:
     """Stop serving an adapter and remove its files; its job stays, succeeded, with ``adapter: null``."""
-    job = adapter_job(session, name)
-    assert job.id is not None
-    jobstore.delete_adapter(session, job.id, name)
-    session.commit()  # from here on no request resolves the name
-    server.unload(name)
-    shutil.rmtree(adapter_path(settings, name), ignore_errors=True)
+    commands.delete_adapter(session=session, settings=settings, name=name, unload=server.unload)
     return {"deleted": name}

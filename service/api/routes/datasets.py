@@ -6,14 +6,12 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request, UploadFile
-from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
-from service.core.errors import RequestError, not_found
-from service.datasets.formats import DatasetError
-from service.datasets.store import save_upload, to_public
-from service.jobs.models import Dataset, DatasetPublic
+from service.api.schemas.jobs import DatasetPublic
+from service.core.errors import RequestError
+from service.jobs import commands
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 CHUNK = 1024 * 1024
@@ -39,14 +37,16 @@ async def upload_dataset(
                 413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes"
             )
     parsed_options = _options(options, await request.form())
-    try:
-        dataset = await run_in_threadpool(
-            save_upload, settings, session, bytes(data), file.filename, format, parsed_options
-        )
-    except DatasetError as exc:
-        raise RequestError(422, "invalid_dataset", str(exc), exc.details) from exc
-    session.commit()
-    return to_public(dataset)
+    dataset = await run_in_threadpool(
+        commands.add_dataset,
+        session=session,
+        settings=settings,
+        data=bytes(data),
+        filename=file.filename,
+        format=format,
+        options=parsed_options,
+    )
+    return DatasetPublic.of(dataset)
 
 
 def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
@@ -73,12 +73,9 @@ def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
 
 @router.get("", response_model=list[DatasetPublic])
 def list_datasets(session: ReadSessionDep) -> list[DatasetPublic]:
-    return [to_public(d) for d in session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())).all()]
+    return [DatasetPublic.of(d) for d in commands.list_datasets(session=session)]
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def get_dataset(dataset_id: str, session: ReadSessionDep) -> DatasetPublic:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise not_found("dataset", dataset_id)
-    return to_public(dataset)
+    return DatasetPublic.of(commands.get_dataset(session=session, dataset_id=dataset_id))

@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from service.api.deps import SettingsDep, require_api_key
 from service.core.errors import not_found
-from service.jobs.hyperparameters import resolve
-from service.jobs.models import Hyperparameters
+from service.jobs import hyperparameters
+from service.jobs.hyperparameters import Hyperparameters
 
 STATIC = Path(__file__).resolve().parents[2] / "static"
 MEDIA_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
@@ -70,6 +70,6 @@ def defaults(
 ) -> dict[str, Any]:
     """The hyperparameters a job gets when it sets none, for the new-job form (service/jobs/hyperparameters.py)."""
     model = base_model or settings.base_model
-    resolved = resolve(Hyperparameters(), model).model_dump()
+    resolved = hyperparameters.defaults(model).model_dump()
     settable = {name: value for name, value in resolved.items() if name in Hyperparameters.model_fields}
     return {"base_model": model, "server_base_model": settings.base_model, "hyperparameters": settable}

@@ -1,4 +1,4 @@
-"""Server-Sent Events for ``GET /jobs/{id}/events?stream=true``.
+"""Server-Sent Events for ``GET /jobs/{id}/events?stream=true`` (the route, in routes/jobs.py, hands over here).
 
 Each job event goes out as one SSE message: ``id`` is the event id (so a reconnecting client's
 ``Last-Event-ID`` header resumes right after it), ``data`` the event as JSON, the same shape as in
@@ -25,10 +25,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
+from service.api.schemas.jobs import JobEventPublic
 from service.core.errors import RequestError
 from service.jobs import jobstore
 from service.jobs.db import session_scope
-from service.jobs.models import Job, JobEventPublic, JobStatus
+from service.jobs.models import Job, JobStatus
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
@@ -60,7 +61,7 @@ def _poll(engine: Engine, job_id: int, after: int | None) -> tuple[str | None, l
         job = session.get(Job, job_id)
         status = job.status if job is not None else None
         events, has_more = jobstore.list_events(session, job_id, after, BATCH)
-        data = [JobEventPublic.model_validate(e, from_attributes=True).model_dump(mode="json") for e in events]
+        data = [JobEventPublic.of(e).model_dump(mode="json") for e in events]
     return status, data, has_more
 
 
