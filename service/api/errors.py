@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import RequestError
+from service.datasets.base import DatasetError
 
 log = logging.getLogger("flashtune.api")
 
@@ -27,6 +28,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _api_error(_request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(_body(exc.type, exc.message, exc.details), status_code=exc.status)
+
+    @app.exception_handler(DatasetError)
+    async def _dataset_error(_request: Request, exc: DatasetError) -> JSONResponse:
+        """An upload that cannot become a dataset (service/datasets): the details name the line, field or column."""
+        return JSONResponse(_body("invalid_dataset", str(exc), exc.details), status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

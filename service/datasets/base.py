@@ -1,4 +1,4 @@
-"""What every dataset parser shares: the result shape, the error, and typed access to the upload's options.
+"""What every dataset parser shares: the result shape, the error, typed access to the upload's options, stars.
 
 Kept apart from ``formats.py`` so that parsers living in their own modules (the SQLite importer) can use them
 without an import cycle.
@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from service.llm.prompts import Example
 
 MAX_REJECTED_LISTED = 100
+DEFAULT_STAR = 3  # a news item's importance when the upload does not say
 _T = TypeVar("_T")
 
 
@@ -119,6 +120,15 @@ class Options:
                 f"unknown option {unknown[0]!r} for format {format!r} (known: {', '.join(sorted(self._used))})",
                 {"option": unknown[0], "known": sorted(self._used)},
             )
+
+
+def star_of(value: Any) -> int:
+    """A 1-5 star from a cell (``3.0``, ``"4"``, empty); the default 3 when missing or not a number."""
+    try:
+        star = round(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_STAR
+    return min(5, max(1, star))
 
 
 def _range_words(kind: str, low: float | None, high: float | None) -> str:

@@ -13,7 +13,8 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from service.datasets.base import MAX_REJECTED_LISTED, DatasetError, Options, Parsed
+from service.datasets.base import DEFAULT_STAR, MAX_REJECTED_LISTED, DatasetError, Options, Parsed, star_of
+from service.datasets.sqlite_import import parse_sqlite
 from service.llm.prompts import (
     DEFAULT_INSTRUCTION,
     INPUT_FIELDS,
@@ -24,8 +25,6 @@ from service.llm.prompts import (
 )
 
 __all__ = ["MAX_REJECTED_LISTED", "DatasetError", "Parsed", "detect_format", "parse"]
-
-DEFAULT_STAR = 3
 
 
 def _decode(data: bytes) -> str:
@@ -48,15 +47,6 @@ def detect_format(data: bytes) -> str:
         first = head.split(b"\n", 1)[0]
         return "chat_jsonl" if b'"messages"' in first else "instruction_jsonl"
     return "csv"
-
-
-def star_of(value: Any) -> int:
-    """A 1-5 star from a cell (``3.0``, ``"4"``, empty); the default 3 when missing or not a number."""
-    try:
-        star = round(float(value))
-    except (TypeError, ValueError, OverflowError):
-        return DEFAULT_STAR
-    return min(5, max(1, star))
 
 
 # ------------------------------------------------------------------------------------------- JSON Lines formats
@@ -248,17 +238,11 @@ def _column(header: list[str], wanted: str | None, defaults: tuple[str, ...], op
 
 
 # ------------------------------------------------------------------------------------------------------ parse
-def _parse_sqlite(data: bytes, options: Options) -> Parsed:
-    from service.datasets.sqlite_import import parse_sqlite  # imported late: it imports this module's helpers
-
-    return parse_sqlite(data, options)
-
-
 PARSERS: dict[str, Callable[[bytes, Options], Parsed]] = {
     "instruction_jsonl": parse_instruction_jsonl,
     "chat_jsonl": parse_chat_jsonl,
     "csv": parse_csv,
-    "sqlite": _parse_sqlite,
+    "sqlite": parse_sqlite,
 }
 
 

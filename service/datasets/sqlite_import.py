@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from service.datasets.base import DatasetError, Options, Parsed
-from service.datasets.formats import DEFAULT_STAR, star_of
+from service.datasets.base import DEFAULT_STAR, DatasetError, Options, Parsed, star_of
 from service.llm.prompts import DEFAULT_INSTRUCTION, METADATA_FIELDS, Example, Label, render_input, render_response
 
 SOURCES = ("flash", "calendar")

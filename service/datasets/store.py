@@ -22,11 +22,9 @@ from sqlmodel import Session
 
 from service.core.config import Settings
 from service.datasets.formats import MAX_REJECTED_LISTED, Parsed, parse
-from service.jobs.models import Dataset
+from service.jobs.models import BUILTIN_DATASET, Dataset
 from service.llm.builtin.data import builtin_dataset
 from service.llm.prompts import LABELS, Example, input_fields_used
-
-BUILTIN = "builtin"
 
 
 class DatasetNotFound(Exception):
@@ -116,7 +114,7 @@ def load_examples(
     settings: Settings, session: Session, ds_id: str, validation_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example], str | None]:
     """(train, validation, sha256) for a job. A format-defined split wins over ``validation_fraction``."""
-    if ds_id == BUILTIN:
+    if ds_id == BUILTIN_DATASET:
         return (*builtin_dataset(), None)
     dataset = session.get(Dataset, ds_id)
     if dataset is None:
@@ -147,7 +145,7 @@ def dataset_input_fields(settings: Settings, ds_id: str) -> list[str]:
     """The optional input fields (``service.llm.prompts.INPUT_FIELDS``) the examples of a dataset carry, read from its
     stored examples: what an adapter trained on it has seen (for adapters whose training_info predates the record).
     """
-    if ds_id == BUILTIN:
+    if ds_id == BUILTIN_DATASET:
         train, validation = builtin_dataset()
         return input_fields_used(e.input for e in train + validation)
     path = settings.layout.datasets / ds_id / "examples.jsonl"

@@ -1,9 +1,11 @@
-"""The job domain's use cases: what the API routes compose (queue a job, find and delete adapters, cancel).
+"""The job domain's use cases: what the API routes compose (queue, show and cancel jobs; look up, pack and delete
+adapters; look up datasets).
 
 Each is a small keyword-only function over a session and the settings; it refuses a request by raising
-``service.core.errors.RequestError`` (the API renders it) and reads or changes state only through
-``service.jobs.jobstore`` (the state machine's one owner) and ``service.core.layout`` (the DATA_DIR contract).
-No HTTP here: the routes hold the request and response shapes, these functions hold the rules.
+``service.core.errors.RequestError`` (the API renders it) and changes a job only through ``service.jobs.jobstore``
+(the state machine's one owner) and its files only through ``service.core.layout`` (the DATA_DIR contract).
+No HTTP here: the routes hold the request and response shapes, these functions hold the rules. Uploads are
+``service.datasets.store.save_upload``'s: the dataset store sits above the job domain.
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ from service.core.config import Settings
 from service.core.errors import RequestError, not_found
 from service.core.layout import AdapterRef, adapter_job_id, checkpoint_step, complete_checkpoints
 from service.core.training_info import read_training_info
-from service.datasets.formats import DatasetError
-from service.datasets.store import BUILTIN, save_upload
 from service.jobs import jobstore
 from service.jobs.hyperparameters import resolve
-from service.jobs.models import Dataset, Job, JobCreate, JobStatus
+from service.jobs.models import BUILTIN_DATASET, Dataset, Job, JobCreate, JobStatus
 from service.llm.modeling import BaseModelRejected, validate_base_model
 
 
@@ -132,27 +132,8 @@ def checkpoint_steps(*, settings: Settings, job_id: int) -> list[tuple[int, int]
 
 
 # --------------------------------------------------------------------------------------------------- datasets
-def add_dataset(
-    *,
-    session: Session,
-    settings: Settings,
-    data: bytes,
-    filename: str | None,
-    format: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> Dataset:
-    """Parse, store and register an upload (committed); 422 naming what is wrong with it. Blocks: run it in a
-    worker thread."""
-    try:
-        dataset = save_upload(settings, session, data, filename, format, options)
-    except DatasetError as exc:
-        raise RequestError(422, "invalid_dataset", str(exc), exc.details) from exc
-    session.commit()
-    return dataset
-
-
 def dataset_exists(*, session: Session, dataset_id: str) -> bool:
-    return dataset_id == BUILTIN or session.get(Dataset, dataset_id) is not None
+    return dataset_id == BUILTIN_DATASET or session.get(Dataset, dataset_id) is not None
 
 
 def get_dataset(*, session: Session, dataset_id: str, what: str = "dataset") -> Dataset:

@@ -124,6 +124,9 @@ class JobEvent(SQLModel, table=True):
 
 
 # ----------------------------------------------------------------------------------------------------- datasets
+BUILTIN_DATASET = "builtin"  # the id of the built-in data set (service/llm/builtin/data.py): no row, always there
+
+
 class Dataset(SQLModel, table=True):
     __tablename__ = "datasets"
 

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.schemas.jobs import DatasetPublic
 from service.core.errors import RequestError
+from service.datasets.store import save_upload
 from service.jobs import commands
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -37,15 +38,11 @@ async def upload_dataset(
                 413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes"
             )
     parsed_options = _options(options, await request.form())
+    # a DatasetError (the upload cannot become a dataset) is a 422 invalid_dataset (service/api/errors.py)
     dataset = await run_in_threadpool(
-        commands.add_dataset,
-        session=session,
-        settings=settings,
-        data=bytes(data),
-        filename=file.filename,
-        format=format,
-        options=parsed_options,
+        save_upload, settings, session, bytes(data), file.filename, format, parsed_options
     )
+    session.commit()
     return DatasetPublic.of(dataset)
 
 

@@ -24,6 +24,7 @@ from service.api.schemas.fine_tuning import (
     step_checkpoint,
 )
 from service.core.errors import RequestError, not_found
+from service.datasets.store import save_upload
 from service.jobs import commands, jobstore
 from service.jobs.models import Job
 
@@ -39,9 +40,8 @@ async def upload_file(
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise RequestError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
-    dataset = await run_in_threadpool(
-        commands.add_dataset, session=session, settings=settings, data=data, filename=file.filename
-    )
+    dataset = await run_in_threadpool(save_upload, settings, session, data, file.filename)  # a 422 if unusable
+    session.commit()
     return {**file_object(dataset), "bytes": len(data)}
 
 
