@@ -137,6 +137,7 @@ def dataset_exists(*, session: Session, dataset_id: str) -> bool:
 
 
 def get_dataset(*, session: Session, dataset_id: str, what: str = "dataset") -> Dataset:
+    """The dataset ``dataset_id``; a 404 calling it ``what`` (the OpenAI routes know datasets as files)."""
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise not_found(what, dataset_id)
