@@ -9,7 +9,7 @@ logits of a packed sample equal its unpacked logits. The forward must run withou
 otherwise transformers skips that detection.
 
 The label of each sample's first token is masked, so no sample is trained to predict the next sample's start.
-``tests/test_packing.py`` checks exactness on CPU: the per-sample loss of a packed row equals the unpacked loss.
+``tests/unit/test_packing.py`` checks exactness on CPU: the per-sample loss of a packed row equals the unpacked loss.
 Training selects this path at run time on CUDA only (``workers.training.cuda.plan``); nothing here needs a GPU to
 import.
 
