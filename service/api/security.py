@@ -258,7 +258,7 @@ class SecurityMiddleware:
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Add the middleware and the handlers for the errors it and the model loader raise."""
-    from service.serving.engine import UnsafeAdapterError
+    from service.serving.adapters import UnsafeAdapterError
 
     app.add_middleware(SecurityMiddleware, settings=settings)
 

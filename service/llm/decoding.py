@@ -14,7 +14,7 @@ skipped), a row that has ended gets the pad token from then on, and decoding sto
 
 A :class:`GraphDecoder` belongs to one model whose weights do not change while it is used: a merged copy, or a
 PeftModel whose adapters stay loaded (the worker's evaluation of a trained adapter, ``workers.training.evaluation``; the
-serving base with its adapters attached, ``service.serving.engine``, which drops the decoder whenever an adapter is
+serving base with its adapters attached, ``service.serving.adapters``, which drops the decoder whenever an adapter is
 loaded or removed). It keeps a static cache per batch size and cache length (rounded up to
 :data:`CACHE_MULTIPLE`), at most ``limit`` of them, the least recently used dropped first, and only while one takes
 at most :data:`CACHE_FRACTION_OF_FREE` of the free memory: a cache of 32 rows x 512 tokens of the 7B shape takes

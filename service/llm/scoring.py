@@ -208,14 +208,14 @@ def build_prompts(
 ONE_PASS_MAX_TEXTS = 4  # up to this many texts (a graphed batch), classify scores every stage in one pass
 
 
-def _label_groups(prompt: str) -> list[Group]:
+def label_groups(prompt: str) -> list[Group]:
     """The stars, and the labels after each star."""
     label_words = [LABEL_WORDS[label] for label in LABELS]
     groups: list[Group] = [(prompt, [f"{STAR_PREFIX}{s}星级" for s in STARS])]
     return groups + [(prompt + LABEL_PREFIX_TEMPLATE.format(star=s), label_words) for s in STARS]
 
 
-def _reaction_group(prompt: str, star: int, label: Label) -> Group:
+def reaction_group(prompt: str, star: int, label: Label) -> Group:
     """The reactions after a star (index into ``STARS``) and a label."""
     context = prompt + REACTION_PREFIX_TEMPLATE.format(star=STARS[star], label=LABEL_WORDS[label])
     return context, [REACTION_WORDS[r] for r in LABELS]
@@ -248,7 +248,7 @@ def classify(
     prompts = build_prompts(model, tokenizer, texts, instructions)
     one_pass = len(prompts) <= ONE_PASS_MAX_TEXTS
     every_reaction = [(star, label) for star in range(len(STARS)) for label in LABELS] if one_pass else []
-    items = [_label_groups(p) + [_reaction_group(p, star, label) for star, label in every_reaction] for p in prompts]
+    items = [label_groups(p) + [reaction_group(p, star, label) for star, label in every_reaction] for p in prompts]
     scores = group_logprobs(model, tokenizer, items, adapter_names, graphs)
     stars = [_best(item[0]) for item in scores]
     label_scores = [item[1 + star] for item, star in zip(scores, stars, strict=True)]
@@ -261,7 +261,7 @@ def classify(
             for item, star, label in zip(scores, stars, labels, strict=True)
         ]
     else:
-        second = [[_reaction_group(p, star, label)] for p, star, label in zip(prompts, stars, labels, strict=True)]
+        second = [[reaction_group(p, star, label)] for p, star, label in zip(prompts, stars, labels, strict=True)]
         reactions = [item[0] for item in group_logprobs(model, tokenizer, second, adapter_names, graphs)]
     return [
         Prediction(

@@ -1,0 +1,164 @@
+"""Requests and responses of ``/analyze``, ``/analyze/batch`` and ``/v1/chat/completions``.
+
+A response is built from the serving engine's domain result (``service.serving.types.Analysis``) with ``of``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import Strict as StrictMode
+
+from service.llm.prompts import MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
+from service.serving.types import Analysis, InputContext
+
+StrictFloat = Annotated[float, StrictMode(), AllowInfNan(False)]  # JSON numbers only (ints too), no bools
+Figure = StrictStr | StrictInt | StrictFloat
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_line(value: object) -> object:
+    """A metadata string: stripped, one line, at most MAX_FIELD_CHARS; empty means not given."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("must be one line of text without control characters")
+    if len(value) > MAX_FIELD_CHARS:
+        raise ValueError(f"must be at most {MAX_FIELD_CHARS} characters")
+    return value or None
+
+
+# ------------------------------------------------------------------------------------------------------ analyze
+class MarketContext(Strict):
+    """The market around the event; fractions, not percent (0.004 is 0.4%)."""
+
+    pre_ret: StrictFloat | None = Field(
+        default=None,
+        ge=PRE_RET_RANGE[0],
+        le=PRE_RET_RANGE[1],
+        description="return of the traded instrument before the event",
+    )
+    volatility: StrictFloat | None = Field(
+        default=None,
+        ge=VOLATILITY_RANGE[0],
+        le=VOLATILITY_RANGE[1],
+        description="recent volatility (e.g. high-low range / price)",
+    )
+    trend: Literal["up", "down", "flat"] | None = None
+
+
+class NewsMetadata(Strict):
+    """What a news feed tells about the item: importance, country, and a calendar release's figures."""
+
+    star: StrictInt | None = Field(default=None, ge=1, le=5, description="importance, 1-5 stars")
+    country: StrictStr | None = None
+    previous: Figure | None = None
+    consensus: Figure | None = None
+    actual: Figure | None = None
+
+    _lines = field_validator("country", "previous", "consensus", "actual", mode="after")(_one_line)
+
+
+class AnalyzeItem(Strict):
+    text: str = Field(min_length=1)
+    market_context: MarketContext | None = None
+    metadata: NewsMetadata | None = None
+
+    def given_fields(self) -> dict[str, Any]:
+        """The optional input fields given (metadata and market context), by name."""
+        given: dict[str, Any] = {}
+        for part in (self.metadata, self.market_context):
+            if part is not None:
+                given.update({k: v for k, v in part.model_dump().items() if v is not None})
+        return given
+
+
+class AnalyzeRequest(AnalyzeItem):
+    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=0)
+
+
+class LabelProbs(BaseModel):
+    bearish: float
+    neutral: float
+    bullish: float
+
+
+class AnalyzeResponse(BaseModel):
+    label: Label
+    label_id: int
+    score: float
+    probs: LabelProbs
+    importance: int | None
+    market_reaction: str | None
+    analysis: str
+    adapter: str | None
+    base_model: str
+    latency_ms: float
+    batch_size: int = Field(description="requests that shared this forward pass (micro-batching)")
+    merged: bool = Field(default=False, description="served by a copy of the base with the adapter merged in")
+    context_used: list[str] = Field(default_factory=list, description="given fields put into the model input")
+    context_ignored: list[str] = Field(
+        default_factory=list, description="given fields left out: the adapter's training inputs never had them"
+    )
+
+    @classmethod
+    def of(cls, result: Analysis, context: InputContext) -> AnalyzeResponse:
+        return cls.model_validate(
+            {
+                **result.summary(),
+                "adapter": result.adapter,
+                "base_model": result.base_model,
+                "latency_ms": result.latency_ms,
+                "batch_size": result.batch_size,
+                "merged": result.merged,
+                "context_used": context.used,
+                "context_ignored": context.ignored,
+            }
+        )
+
+
+class AnalyzeBatchRequest(Strict):
+    items: list[str | AnalyzeItem] = Field(min_length=1, description="texts, or {text, market_context?, metadata?}")
+    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=0)
+
+
+class AnalyzeBatchResponse(BaseModel):
+    data: list[AnalyzeResponse]
+
+
+# --------------------------------------------------------------------------------------------------------- chat
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send many optional fields; unknown ones change nothing
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=64)
+
+    def conversation(self) -> list[tuple[str, str]]:
+        """The messages as ``(role, text)`` pairs."""
+        return [(m.role, m.text) for m in self.messages]

@@ -1,0 +1,61 @@
+"""What a request may hand the engine: checked texts and limits, and the news item an adapter is shown.
+
+A news item may carry ``metadata`` (star, country, calendar figures) and ``market_context`` (pre_ret, volatility,
+trend). They go into the model input through :func:`service.llm.prompts.render_input`, the function the dataset
+importers build training inputs with, but only the fields the adapter's training inputs carried: a field it never
+saw would only be noise to it. :func:`news_input` says what was used and what was left out
+(:class:`~service.serving.types.InputContext`). The base alone takes every field.
+
+The checks raise ``RequestError`` (422) naming the request field at fault (``text``, ``items.3.text``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from service.core.config import Settings
+from service.core.errors import RequestError
+from service.llm.prompts import INPUT_FIELDS, NewsItem
+from service.serving.types import InputContext
+
+
+def checked_text(text: str, *, settings: Settings, field: str) -> str:
+    """``text`` stripped; refused when empty or over ``max_text_chars``."""
+    text = text.strip()
+    if not text:
+        raise RequestError(422, "invalid_request", f"{field} is empty", [{"field": field}])
+    if len(text) > settings.max_text_chars:
+        raise RequestError(
+            422, "invalid_request", f"{field} is longer than {settings.max_text_chars} characters", [{"field": field}]
+        )
+    return text
+
+
+def check_new_tokens(max_new_tokens: int | None, *, settings: Settings) -> None:
+    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"max_new_tokens is over {settings.max_new_tokens_limit}",
+            [{"field": "max_new_tokens"}],
+        )
+
+
+def check_batch_size(count: int, *, settings: Settings) -> None:
+    if count > settings.max_batch_items:
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"items holds {count} texts; the limit is {settings.max_batch_items}",
+            [{"field": "items"}],
+        )
+
+
+def news_input(text: str, given: Mapping[str, Any] | None, known: list[str] | None) -> tuple[NewsItem, InputContext]:
+    """The news item with the ``given`` fields the adapter knows (``known``; None: the base alone, all of them),
+    and which of them were used and left out."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    used = [f for f in INPUT_FIELDS if f in given and (known is None or f in known)]
+    ignored = [f for f in INPUT_FIELDS if f in given and f not in used]
+    return NewsItem(text, {f: given[f] for f in used}), InputContext(used, ignored)

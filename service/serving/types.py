@@ -1,0 +1,43 @@
+"""What the serving engine answers with: domain results, which the API turns into its response shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from service.llm.prompts import LABEL_IDS
+from service.llm.scoring import Prediction
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysed news item: the scored prediction, the generated analysis and how it was served."""
+
+    prediction: Prediction
+    analysis: str  # the generated text ("" with max_new_tokens 0)
+    adapter: str | None  # None: the base alone
+    base_model: str
+    latency_ms: float  # of the whole micro-batch that served it
+    batch_size: int  # requests that shared its forward pass
+    merged: bool  # served by a copy of the base with the adapter merged in
+
+    def summary(self) -> dict[str, Any]:
+        """The answer itself, as /analyze and the JSON mode of /v1/chat/completions give it (figures rounded)."""
+        p = self.prediction
+        return {
+            "label": p.label,
+            "label_id": LABEL_IDS[p.label],
+            "score": round(p.score, 6),
+            "probs": {k: round(v, 6) for k, v in p.probs.items()},
+            "importance": p.importance,
+            "market_reaction": p.market_reaction,
+            "analysis": self.analysis,
+        }
+
+
+@dataclass(frozen=True)
+class InputContext:
+    """Which given optional fields of a news item went into the model input, and which were left out."""
+
+    used: list[str]
+    ignored: list[str]
