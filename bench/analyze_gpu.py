@@ -47,14 +47,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_api_gpu import build  # noqa: E402  (bench/ is not a package)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.job_api_gpu import build  # noqa: E402
 from service.core.config import Settings  # noqa: E402
-from service.core.layout import (
-    AdapterRef,
-    adapter_name,  # noqa: E402
-)
+from service.core.layout import AdapterRef, adapter_name  # noqa: E402
 from service.llm.decoding import GraphDecoder, decoder_for  # noqa: E402
 from service.llm.scoring import build_prompts, generate, left_padded  # noqa: E402
 from service.serving.engine import ModelServer  # noqa: E402
@@ -121,6 +117,19 @@ def never_stop_early(model: Any, tokenizer: Any) -> bool:
     return True
 
 
+def lora_in_float32(model: Any, tokenizer: Any) -> None:
+    """The loaded adapters' LoRA weights back in float32, as peft loads them (the server casts them to the base's
+    bf16, ``service.serving.adapters.adapter_in_base_dtype``). Before any pass: a captured graph replays the
+    weights it was captured with."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.lora_A[name].float()
+                module.lora_B[name].float()
+
+
 def texts_for(count: int) -> list[str]:
     from service.llm.builtin.data import builtin_dataset
 
@@ -174,7 +183,7 @@ def timed(
         for name, fn in variants:
             sync()
             started = time.perf_counter()
-            counts[name] = server.run(adapter, fn)
+            counts[name] = server.with_model(adapter, fn)
             sync()
             seconds = time.perf_counter() - started
             if i:
@@ -234,7 +243,7 @@ def graph_exactness(server: ModelServer, adapter: AdapterRef, texts: list[str]) 
             "rows": 4,
         }
 
-    return server.run(adapter, compare)  # type: ignore[no-any-return]
+    return server.with_model(adapter, compare)
 
 
 def adapter_switching(server: ModelServer, adapters: list[AdapterRef], texts: list[str]) -> dict[str, Any]:
@@ -256,7 +265,7 @@ def adapter_switching(server: ModelServer, adapters: list[AdapterRef], texts: li
             assert graphed is not None and eager is not None, "graph decoding fell back to generate"
             return {"graph_equals_eager": bool(torch.equal(graphed, eager)), "first_row": graphed[0, :8].tolist()}
 
-        rounds.append({"adapter": adapter.name if adapter else None, **server.run(adapter, compare)})
+        rounds.append({"adapter": adapter.name if adapter else None, **server.with_model(adapter, compare)})
     return {
         "rounds": rounds,
         "all_equal": all(r["graph_equals_eager"] for r in rounds),
@@ -291,7 +300,7 @@ def throughput(
         "adapters_loaded": len(server.loaded_adapters),
         "requests": requests,
         "requests_per_s": round(requests / seconds, 2),
-        "mean_batch_size": round(statistics.mean(r["batch_size"] for r in results), 2),
+        "mean_batch_size": round(statistics.mean(r.batch_size for r in results), 2),
     }
 
 
@@ -303,17 +312,15 @@ def before_phase(
     settings: dict[str, Any], adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]
 ) -> None:
     """The baseline of ``label_latency_adapter`` in this run: the NF4 base with the adapter attached as served before
-    Liger's kernels, bf16 adapters and dense NF4 copies. First: once any model is fused, Liger has patched
-    transformers' Llama module for the whole process."""
-    import service.serving.engine as inference
-
-    cast, inference._adapter_in_base_dtype = inference._adapter_in_base_dtype, lambda model, name: None
+    Liger's kernels, bf16 adapters and dense NF4 copies (the adapter's LoRA weights put back in float32 once it is
+    loaded, before any pass). First: once any model is fused, Liger has patched transformers' Llama module for the
+    whole process."""
     server = ModelServer(Settings(**settings, fused_kernels=False, serve_dense_nf4=False))
     try:
-        server.run(None, never_stop_early)
+        server.with_model(None, never_stop_early)
+        server.with_model(adapter, lora_in_float32)  # loads the adapter (cast to bf16), and puts it back
         step("label_latency_adapter_before", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
     finally:
-        inference._adapter_in_base_dtype = cast
         server.release()
 
 
@@ -327,7 +334,7 @@ def compiled_phase(
         Settings(**settings, fused_kernels=False, cuda_graph_decoding=False, serve_merged=adapter.name)
     )
     try:
-        server.run(adapter, never_stop_early)
+        server.with_model(adapter, never_stop_early)
         step("merged_batch_1_compiled_static", lambda: compiled_static(server, adapter, texts, sizes["repeats"]))
     finally:
         server.release()
@@ -340,7 +347,7 @@ def bf16_base_phase(
     the NF4 base (least memory) and a merged copy per adapter (fastest)."""
     server = ModelServer(Settings(**settings, serve_quantization="none"))
     try:
-        server.run(None, never_stop_early)
+        server.with_model(None, never_stop_early)
         step("label_latency_adapter_bf16_base", lambda: label_latency(server, adapter, texts, sizes["latency_repeats"]))
     finally:
         server.release()
@@ -363,7 +370,7 @@ def dense_nf4_phase(
         samples: dict[str, list[float]] = {name: [] for name in servers}
         for name, server in servers.items():
             before = gib() or 0.0
-            server.run(None, never_stop_early)
+            server.with_model(None, never_stop_early)
             result[f"{name}_base_gib"] = round((gib() or 0.0) - before, 2)
             server.analyze([texts[0]], adapter, 0)  # warm-up: loads the adapter, captures the graph
         for i in range(sizes["latency_repeats"]):
@@ -378,7 +385,7 @@ def dense_nf4_phase(
         result["p50_ratio_per_pass_over_dense"] = round(result["per_pass"]["p50_ms"] / result["dense"]["p50_ms"], 3)
         # Same numbers? Scoring passes are long enough that bitsandbytes dequantises and multiplies, as the copies do.
         answers = {
-            name: [server.analyze([text], adapter, 0)[0] for text in texts[:8]]
+            name: [server.analyze([text], adapter, 0)[0].summary() for text in texts[:8]]
             for name, server in servers.items()
             if name != "bf16_base"
         }
@@ -411,7 +418,7 @@ def attached_phase(
 ) -> None:
     """The NF4 (CPU: float32) base with adapters attached, as the API serves by default."""
     started = time.perf_counter()
-    zeroed = server.run(None, never_stop_early)
+    zeroed = server.with_model(None, never_stop_early)
     report["load_base"] = {
         "seconds": round(time.perf_counter() - started, 1),
         "allocated_gib": gib(),
@@ -450,7 +457,7 @@ def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], ste
 
     def load_merged() -> dict[str, Any]:
         began = time.perf_counter()
-        zeroed = server.run(adapter, never_stop_early)
+        zeroed = server.with_model(adapter, never_stop_early)
         return {
             "seconds": round(time.perf_counter() - began, 1),
             "allocated_gib": gib(),
@@ -467,7 +474,7 @@ def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], ste
 
 
 # --------------------------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="where the random checkpoint is (built there if missing)")
     parser.add_argument("--data-dir", help="DATA_DIR for the adapters (default: a temporary folder)")
@@ -476,8 +483,59 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--only", default="", help="comma-separated measurement keys to run (default: all)")
     parser.add_argument("--batch-wait-ms", type=float, help="the micro-batcher's wait (default: the service's, 0)")
-    args = parser.parse_args()
-    only = set(filter(None, args.only.split(",")))
+    return parser.parse_args()
+
+
+class Report:
+    """The JSON summary, saved after every measurement; ``only``: the measurement keys to run (empty: all)."""
+
+    def __init__(self, out: Path, only: set[str], figures: dict[str, Any]) -> None:
+        self.out, self.only, self.figures = out, only, figures
+
+    def save(self) -> None:
+        (self.out / "analyze_gpu.json").write_text(json.dumps(self.figures, indent=2))
+
+    def step(self, key: str, fn: Callable[[], Any]) -> Any:
+        """Run one measurement; a failure is reported and the others still run."""
+        if self.only and key not in self.only:
+            return None
+        try:
+            self.figures[key] = fn()
+            log(key, json.dumps(self.figures[key]))
+        except Exception:  # noqa: BLE001 - reported in the summary
+            log(f"{key} FAILED\n{traceback.format_exc()}")
+            self.figures[key] = {"error": traceback.format_exc()[-2000:]}
+            cleanup()
+        self.save()
+        return self.figures[key]
+
+
+def run_phases(
+    settings: dict[str, Any], adapters: list[AdapterRef], texts: list[str], report: Report, sizes: dict[str, int]
+) -> None:
+    """Every phase that ``--only`` asks for, each server released before the next one loads."""
+    only, step = report.only, report.step
+    if only == {"merged_batch_1_compiled_static"}:
+        compiled_phase(settings, adapters[0], texts, step, sizes)
+        return
+    if not only or "label_latency_adapter_before" in only:
+        before_phase(settings, adapters[0], texts, step, sizes)
+        cleanup()
+    if not only or "label_latency_dense_nf4_paired" in only:
+        dense_nf4_phase(settings, adapters[0], texts, step, sizes)
+        cleanup()
+    if not only or "label_latency_adapter_bf16_base" in only:
+        bf16_base_phase(settings, adapters[0], texts, step, sizes)
+        cleanup()
+    attached_phase(ModelServer(Settings(**settings)), adapters, texts, step, report.figures, sizes)
+    cleanup()
+    merged_phase(ModelServer(Settings(**settings, serve_merged=adapters[0].name)), adapters[0], texts, step, sizes)
+    if settings["device"] == "cuda":
+        report.figures["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def main() -> None:
+    args = parse_args()
     tiny = args.tiny or not torch.cuda.is_available()
     device = "cpu" if tiny else "cuda"
     checkpoint = Path(args.checkpoint or f"/tmp/flashtune-bench/{'tiny-llama' if tiny else 'deepseek-7b-shaped'}")
@@ -489,40 +547,22 @@ def main() -> None:
         if tiny
         else {"repeats": 3, "latency_repeats": 30, "requests": 256}
     )
-    report: dict[str, Any] = {
+    figures: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "model": "tiny 2-layer Llama" if tiny else "random DeepSeek-LLM-7B-shaped Llama (bf16 checkpoint)",
         "adapters": args.adapters,
     }
-
-    def save() -> None:
-        (out / "analyze_gpu.json").write_text(json.dumps(report, indent=2))
-
-    def step(key: str, fn: Callable[[], Any]) -> Any:
-        """Run one measurement; a failure is reported and the others still run."""
-        if only and key not in only:
-            return None
-        try:
-            report[key] = fn()
-            log(key, json.dumps(report[key]))
-        except Exception:  # noqa: BLE001 - reported in the summary
-            log(f"{key} FAILED\n{traceback.format_exc()}")
-            report[key] = {"error": traceback.format_exc()[-2000:]}
-            cleanup()
-        save()
-        return report[key]
-
+    report = Report(out, set(filter(None, args.only.split(","))), figures)
     started = time.perf_counter()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     build(checkpoint, tiny)
-    report["build_checkpoint_s"] = round(time.perf_counter() - started, 1)
+    figures["build_checkpoint_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     adapters = make_adapters(checkpoint, data_dir / "adapters", max(args.adapters, 1))
-    report["make_adapters_s"] = round(time.perf_counter() - started, 1)
+    figures["make_adapters_s"] = round(time.perf_counter() - started, 1)
     log("checkpoint", checkpoint, "and", len(adapters), "adapters ready")
-    texts = texts_for(64)
-    settings = dict(
+    settings: dict[str, Any] = dict(
         data_dir=data_dir,
         base_model=str(checkpoint),
         device=device,
@@ -531,28 +571,11 @@ def main() -> None:
     )
     if args.batch_wait_ms is not None:
         settings["batch_wait_ms"] = args.batch_wait_ms
-    report["batch_wait_ms"] = Settings(**settings).batch_wait_ms
-
-    if only == {"merged_batch_1_compiled_static"}:
-        compiled_phase(settings, adapters[0], texts, step, sizes)
-        save()
-        return
-    if not only or "label_latency_adapter_before" in only:
-        before_phase(settings, adapters[0], texts, step, sizes)
-        cleanup()
-    if not only or "label_latency_dense_nf4_paired" in only:
-        dense_nf4_phase(settings, adapters[0], texts, step, sizes)
-        cleanup()
-    if not only or "label_latency_adapter_bf16_base" in only:
-        bf16_base_phase(settings, adapters[0], texts, step, sizes)
-        cleanup()
-    attached_phase(ModelServer(Settings(**settings)), adapters, texts, step, report, sizes)
-    cleanup()
-    merged_phase(ModelServer(Settings(**settings, serve_merged=adapters[0].name)), adapters[0], texts, step, sizes)
-    if device == "cuda":
-        report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    save()
-    print(json.dumps(report, indent=2))
+    figures["batch_wait_ms"] = Settings(**settings).batch_wait_ms
+    run_phases(settings, adapters, texts_for(64), report, sizes)
+    report.save()
+    if report.only != {"merged_batch_1_compiled_static"}:
+        print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,13 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from analyze import free_port, spawn, wait_healthy  # noqa: E402  (bench/ is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.analyze import free_port, spawn, wait_healthy  # noqa: E402
+from service.core.layout import Layout, adapter_name  # noqa: E402
 
 
 def build(path: Path, tiny: bool) -> None:
-    from service.llm.builtin.model import _corpus, _train_tokenizer
+    from service.llm.builtin.model import builtin_tokenizer
 
     if not (path / "config.json").exists():
         if tiny:
@@ -53,10 +54,10 @@ def build(path: Path, tiny: bool) -> None:
             )
             LlamaForCausalLM(config).save_pretrained(path)
         else:
-            from train_gpu import build_checkpoint
+            from bench.train_gpu import build_checkpoint
 
             build_checkpoint(path)
-    _train_tokenizer(_corpus()).save_pretrained(path)
+    builtin_tokenizer().save_pretrained(path)
 
 
 def _seconds_after(start: datetime, stamp: str) -> float:
@@ -118,7 +119,7 @@ def measure_serving(client: httpx.Client, adapter: str, requests: int = 20, max_
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="/tmp/ft-gpu-job")
     parser.add_argument("--dataset", default="../shared/data/seed/instructions.jsonl")
@@ -136,19 +137,11 @@ def main() -> None:
     parser.add_argument("--serve-merged", default="all", help="FLASHTUNE_SERVE_MERGED for the API (with --serve)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--name", default="job_api_gpu.json", help="the result file's name under --out")
-    args = parser.parse_args()
-    data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    model = (
-        Path(args.checkpoint)
-        if args.checkpoint
-        else data_dir / "models" / ("tiny-llama" if args.tiny else "deepseek-7b-shaped")
-    )
-    started = time.perf_counter()
-    build(model, args.tiny)
-    build_s = time.perf_counter() - started
+    return parser.parse_args()
 
-    port = free_port()
+
+def service_env(args: argparse.Namespace, data_dir: Path, model: Path, port: int) -> dict[str, str]:
+    """The environment of the API and the worker."""
     env = {
         **os.environ,
         "FLASHTUNE_DATA_DIR": str(data_dir),
@@ -163,6 +156,59 @@ def main() -> None:
         env["FLASHTUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
     if args.serve:  # the API serves adapters of one base: the job's
         env["FLASHTUNE_BASE_MODEL"], env["FLASHTUNE_SERVE_MERGED"] = str(model), args.serve_merged
+    return env
+
+
+def run_job(client: httpx.Client, args: argparse.Namespace, model: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Upload the dataset, post the job, follow it to its end; its figures go into ``report``."""
+    with open(args.dataset, "rb") as handle:
+        dataset = client.post("/datasets", files={"file": handle}).json()
+    report["dataset"] = {k: dataset.get(k) for k in ("id", "num_examples", "duplicates_removed")}
+    body = {"dataset": dataset["id"], "base_model": str(model), "hyperparameters": json.loads(args.hyperparameters)}
+    posted, posted_at = time.perf_counter(), datetime.now(UTC)
+    job: dict[str, Any] = client.post("/jobs", json=body).json()
+    report["hyperparameters"] = job.get("hyperparameters")
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+        job = client.get(f"/jobs/{job['id']}").json()
+    report["post_to_done_s"] = round(time.perf_counter() - posted, 1)
+    report["status"], report["error"] = job["status"], job.get("error")
+    events = client.get(f"/jobs/{job['id']}/events").json()
+    # each event with its time after the POST (seconds), to see where the job's wall time goes
+    report["events"] = [
+        (round(_seconds_after(posted_at, e["created_at"]), 1), e["type"], e["message"])
+        for e in events.get("data", events)
+    ]
+    return job
+
+
+def training_figures(adapter_dir: Path, report: dict[str, Any]) -> None:
+    """The published adapter's durations, memory, CUDA plan, accuracy and evaluation time, if it was published."""
+    info_path = adapter_dir / "training_info.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        report["durations"] = info["durations"]
+        report["peak_gpu_memory_gib"] = info.get("peak_gpu_memory_gib")
+        report["cuda_plan"] = info.get("cuda_plan")
+        report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
+        report["evaluation_seconds"] = info["metrics"].get("seconds")  # label scoring, generation
+
+
+def main() -> None:
+    args = parse_args()
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else data_dir / "models" / ("tiny-llama" if args.tiny else "deepseek-7b-shaped")
+    )
+    started = time.perf_counter()
+    build(model, args.tiny)
+    build_s = time.perf_counter() - started
+
+    port = free_port()
+    env = service_env(args, data_dir, model, port)
     launched = time.perf_counter()
     api = spawn(["serve", "--log-level", "warning"], env, data_dir / "api.log")
     worker = spawn(["worker"], env, data_dir / "worker.log")
@@ -177,36 +223,8 @@ def main() -> None:
                     raise SystemExit("the worker exited")
                 time.sleep(0.2)
             report["worker_ready_s"] = round(time.perf_counter() - launched, 1)
-            with open(args.dataset, "rb") as handle:
-                dataset = client.post("/datasets", files={"file": handle}).json()
-            report["dataset"] = {k: dataset.get(k) for k in ("id", "num_examples", "duplicates_removed")}
-            body = {
-                "dataset": dataset["id"],
-                "base_model": str(model),
-                "hyperparameters": json.loads(args.hyperparameters),
-            }
-            posted, posted_at = time.perf_counter(), datetime.now(UTC)
-            job = client.post("/jobs", json=body).json()
-            report["hyperparameters"] = job.get("hyperparameters")
-            while job["status"] not in ("succeeded", "failed", "cancelled"):
-                time.sleep(0.5)
-                job = client.get(f"/jobs/{job['id']}").json()
-            report["post_to_done_s"] = round(time.perf_counter() - posted, 1)
-            report["status"], report["error"] = job["status"], job.get("error")
-            events = client.get(f"/jobs/{job['id']}/events").json()
-            # each event with its time after the POST (seconds), to see where the job's wall time goes
-            report["events"] = [
-                (round(_seconds_after(posted_at, e["created_at"]), 1), e["type"], e["message"])
-                for e in events.get("data", events)
-            ]
-            info_path = data_dir / "adapters" / f"job-{job['id']}" / "training_info.json"
-            if info_path.exists():
-                info = json.loads(info_path.read_text())
-                report["durations"] = info["durations"]
-                report["peak_gpu_memory_gib"] = info.get("peak_gpu_memory_gib")
-                report["cuda_plan"] = info.get("cuda_plan")
-                report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
-                report["evaluation_seconds"] = info["metrics"].get("seconds")  # label scoring, generation
+            job = run_job(client, args, model, report)
+            training_figures(Layout(data_dir).adapter_dir(adapter_name(job["id"])), report)
             report["progress"] = job.get("progress")
             if args.serve and job["status"] == "succeeded":
                 report["serving"] = measure_serving(client, job["adapter"])

@@ -32,6 +32,21 @@ def _nf4(source: str) -> Any:
     return load_model(source, plan_load("cuda", "auto"))
 
 
+def _profiled_nf4(source: str) -> str:
+    """The worker's load under cProfile: the top 25 by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _nf4(source)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+    return text.getvalue()[-6000:]
+
+
 def run_variant(name: str, checkpoint: Path) -> dict[str, Any]:
     started = time.perf_counter()
     if name == "imports":
@@ -62,17 +77,7 @@ def run_variant(name: str, checkpoint: Path) -> dict[str, Any]:
     elif name == "nf4":
         _nf4(str(checkpoint))
     elif name == "nf4_profile":
-        import cProfile
-        import io
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        _nf4(str(checkpoint))
-        profiler.disable()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
-        result["profile"] = text.getvalue()[-6000:]
+        result["profile"] = _profiled_nf4(str(checkpoint))
     elif name == "save_nf4":
         model = _nf4(str(checkpoint))
         loaded = time.perf_counter()
@@ -107,8 +112,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, checkpoint)))
         return
     if not (checkpoint / "config.json").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from job_api_gpu import build
+        from bench.job_api_gpu import build
 
         build(checkpoint, tiny=False)
     report: dict[str, Any] = {}

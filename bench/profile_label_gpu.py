@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from analyze_gpu import build, make_adapters, sync, texts_for  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.analyze_gpu import build, make_adapters, sync, texts_for  # noqa: E402
 from service.core.config import Settings  # noqa: E402
-from service.core.layout import AdapterRef
+from service.core.layout import AdapterRef  # noqa: E402
 from service.llm.prompts import LABELS, STARS  # noqa: E402
-from service.llm.scoring import _label_groups, _reaction_group, build_prompts, classify, group_logprobs  # noqa: E402
+from service.llm.scoring import build_prompts, classify, group_logprobs, label_groups, reaction_group  # noqa: E402
 from service.llm.scoring_graphs import ScoringGraphs  # noqa: E402
 from service.llm.token_tree import encode_items  # noqa: E402
 from service.serving.engine import ModelServer  # noqa: E402
@@ -58,12 +57,12 @@ def measure(server: ModelServer, adapter: AdapterRef, texts: list[str], out: Pat
     @torch.no_grad()
     def inside(model: Any, tokenizer: Any) -> None:
         prompt = build_prompts(model, tokenizer, texts[:1])[0]
-        first = [_label_groups(prompt)]
-        every = [first[0] + [_reaction_group(prompt, s, lab) for s in range(len(STARS)) for lab in LABELS]]
+        first = [label_groups(prompt)]
+        every = [first[0] + [reaction_group(prompt, s, lab) for s in range(len(STARS)) for lab in LABELS]]
 
         def two_passes() -> None:  # as classify scores more than ONE_PASS_MAX_TEXTS texts
             group_logprobs(model, tokenizer, first, graphs=two_pass_graphs)
-            group_logprobs(model, tokenizer, [[_reaction_group(prompt, 0, "neutral")]], graphs=two_pass_graphs)
+            group_logprobs(model, tokenizer, [[reaction_group(prompt, 0, "neutral")]], graphs=two_pass_graphs)
 
         rows = encode_items(tokenizer, every)
         width = len(rows[0].trunk) + len(rows[0].branches.tokens)
@@ -94,7 +93,7 @@ def measure(server: ModelServer, adapter: AdapterRef, texts: list[str], out: Pat
             + averages.table(sort_by="cpu_time_total", row_limit=30)
         )
 
-    server.run(adapter, inside)
+    server.with_model(adapter, inside)
     print(name, json.dumps(report), flush=True)
     return report
 
