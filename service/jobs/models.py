@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
-from pydantic import Strict as StrictMode
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 from service.jobs.hyperparameters import Hyperparameters
-from service.llm.prompts import MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
 
 
 def utcnow() -> datetime:
@@ -137,96 +135,3 @@ class Dataset(SQLModel, table=True):
     num_examples: int
     stats: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
     created_at: datetime = SQLField(default_factory=utcnow)
-
-
-# ------------------------------------------------------------------------------------------------------ analyze
-StrictFloat = Annotated[float, StrictMode(), AllowInfNan(False)]  # JSON numbers only (ints too), no bools
-Figure = StrictStr | StrictInt | StrictFloat
-
-
-def _one_line(value: object) -> object:
-    """A metadata string: stripped, one line, at most MAX_FIELD_CHARS; empty means not given."""
-    if not isinstance(value, str):
-        return value
-    value = value.strip()
-    if any(ord(c) < 32 or c == "\x7f" for c in value):
-        raise ValueError("must be one line of text without control characters")
-    if len(value) > MAX_FIELD_CHARS:
-        raise ValueError(f"must be at most {MAX_FIELD_CHARS} characters")
-    return value or None
-
-
-class MarketContext(Strict):
-    """The market around the event; fractions, not percent (0.004 is 0.4%)."""
-
-    pre_ret: StrictFloat | None = Field(
-        default=None,
-        ge=PRE_RET_RANGE[0],
-        le=PRE_RET_RANGE[1],
-        description="return of the traded instrument before the event",
-    )
-    volatility: StrictFloat | None = Field(
-        default=None,
-        ge=VOLATILITY_RANGE[0],
-        le=VOLATILITY_RANGE[1],
-        description="recent volatility (e.g. high-low range / price)",
-    )
-    trend: Literal["up", "down", "flat"] | None = None
-
-
-class NewsMetadata(Strict):
-    """What a news feed tells about the item: importance, country, and a calendar release's figures."""
-
-    star: StrictInt | None = Field(default=None, ge=1, le=5, description="importance, 1-5 stars")
-    country: StrictStr | None = None
-    previous: Figure | None = None
-    consensus: Figure | None = None
-    actual: Figure | None = None
-
-    _lines = field_validator("country", "previous", "consensus", "actual", mode="after")(_one_line)
-
-
-class AnalyzeItem(Strict):
-    text: str = Field(min_length=1)
-    market_context: MarketContext | None = None
-    metadata: NewsMetadata | None = None
-
-
-class AnalyzeRequest(AnalyzeItem):
-    adapter: str = Field(default="latest", min_length=1, max_length=128)
-    max_new_tokens: int | None = Field(default=None, ge=0)
-
-
-class LabelProbs(BaseModel):
-    bearish: float
-    neutral: float
-    bullish: float
-
-
-class AnalyzeResponse(BaseModel):
-    label: Label
-    label_id: int
-    score: float
-    probs: LabelProbs
-    importance: int | None
-    market_reaction: str | None
-    analysis: str
-    adapter: str | None
-    base_model: str
-    latency_ms: float
-    batch_size: int = Field(description="requests that shared this forward pass (micro-batching)")
-    merged: bool = Field(default=False, description="served by a copy of the base with the adapter merged in")
-    context_used: list[str] = Field(default_factory=list, description="given fields put into the model input")
-    context_ignored: list[str] = Field(
-        default_factory=list, description="given fields left out: the adapter's training inputs never had them"
-    )
-
-
-class AnalyzeBatchRequest(Strict):
-    items: list[str | AnalyzeItem] = Field(min_length=1, description="texts, or {text, market_context?, metadata?}")
-    adapter: str = Field(default="latest", min_length=1, max_length=128)
-    max_new_tokens: int | None = Field(default=None, ge=0)
-
-
-class AnalyzeBatchResponse(BaseModel):
-    data: list[AnalyzeResponse]
