@@ -82,7 +82,7 @@ def test_shared_files_import_and_a_job_trains_on_the_database(service: Service, 
     assert (small.json()["num_examples"], small.json()["num_validation"]) == (60, 12)
     job = service.post_job(dataset=small.json()["id"], hyperparameters={"epochs": 1, "max_length": 128})
     done = service.wait(job["id"], timeout=900)
-    assert done["status"] == "succeeded", service.core.logs()
+    assert done["status"] == "succeeded", service.logs()
     events = service.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     stats = next(e for e in events if e["type"] == "dataset")["data"]["token_stats"]
     assert stats["examples"] == 60 and 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]

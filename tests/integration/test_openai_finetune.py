@@ -41,7 +41,7 @@ def test_openai_client_drives_a_fine_tuning_job(service: Service) -> None:
     while job.status in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.5)
         job = client.fine_tuning.jobs.retrieve(job.id)
-    assert job.status == "succeeded", service.core.logs()
+    assert job.status == "succeeded", service.logs()
     assert job.fine_tuned_model and job.fine_tuned_model.startswith("job-")
 
     messages = [event.message for event in client.fine_tuning.jobs.list_events(job.id, limit=100)]
