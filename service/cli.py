@@ -1,4 +1,5 @@
-"""``flashtune serve | worker | demo``, and the client commands ``jobs | datasets | analyze`` (cli_client)."""
+"""``flashtune serve | worker | demo | sample-data``, and the client commands ``jobs | datasets | analyze``
+(cli_client)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from service.cli_client import add_commands
 from service.core import logs
 from service.core.config import Settings, warn_unknown_env
+from service.datasets.sample import DEFAULT_SEED, write_sample_data
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -139,6 +142,12 @@ def demo(args: argparse.Namespace) -> None:
             proc.wait(30)
 
 
+def sample_data(args: argparse.Namespace) -> None:
+    """Write sample files in the user's formats, to try the importers without data of one's own."""
+    for path in write_sample_data(Path(args.dir), seed=args.seed).files():
+        print(path)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", dest="data_dir", help="FLASHTUNE_DATA_DIR")
@@ -187,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
     p_demo.add_argument("--data-dir", dest="data_dir")
     p_demo.set_defaults(func=demo)
+    p_sample = sub.add_parser(
+        "sample-data", help="write a sample database, instruction files and a labelled CSV in the user's formats"
+    )
+    p_sample.add_argument("dir", help="folder to write into (finance_analysis_sample.db and seed/)")
+    p_sample.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the same seed writes the same files")
+    p_sample.set_defaults(func=sample_data)
     add_commands(sub)
     args = parser.parse_args(argv)
     logs.configure(json_lines=False)  # serve and worker switch to JSON lines when FLASHTUNE_LOG_JSON says so

@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
+from service.datasets.sample import SampleData, write_sample_data
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
 POSTGRES_ADMIN_URL = os.environ.get("FLASHTUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -38,6 +39,13 @@ def builtin_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from service.llm.builtin.model import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> SampleData:
+    """The project's own files in the user's formats (a SQLite database, instruction JSONL, a labelled CSV),
+    written once per session: tests never read data from outside the repository."""
+    return write_sample_data(tmp_path_factory.mktemp("sample-data"))
 
 
 def seed_builtin(data_dir: Path, cache: Path) -> None:

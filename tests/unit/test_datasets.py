@@ -1,4 +1,5 @@
-"""Datasets: the user's real files through the real API, broken files of each format, and the parsers themselves."""
+"""Dataset parsers: chat lines, CSV columns, the SQLite importer (on the project's sample database in the user's
+schema, ``service.datasets.sample``), and twin uploads registering one dataset."""
 
 from __future__ import annotations
 
@@ -17,18 +18,14 @@ from sqlmodel import select
 from service.core.config import Settings
 from service.datasets.base import DatasetError
 from service.datasets.formats import parse
+from service.datasets.sample import DATA_FLASHES, DUPLICATES, HEADLINES, RELEASES, SampleData
 from service.datasets.sqlite_import import open_readonly, quantile
 from service.datasets.store import save_upload
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.models import Dataset
 from service.llm.prompts import parse_label
-from tests.conftest import SHARED_DATA, wait_for
+from tests.conftest import wait_for
 from tests.pgdb import postgres_database
-
-DB = SHARED_DATA / "finance_analysis_sample.db"
-
-
-SEED = SHARED_DATA / "seed"
 
 
 def test_chat_lines() -> None:
@@ -87,21 +84,23 @@ def test_csv_columns_labels_and_stars() -> None:
         parse(data, options={"txt_column": "content"})
 
 
-def test_database_split_thresholds_and_options() -> None:
-    data = DB.read_bytes()
+def test_database_split_thresholds_and_options(sample_data: SampleData) -> None:
+    db = sample_data.database
+    data = db.read_bytes()
     parsed = parse(data)
     info = parsed.extra["import"]
-    with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute(
-            "SELECT e.ts_utc, i.ret FROM events e JOIN event_impacts i USING (event_id) ORDER BY e.ts_utc, e.event_id"
+            "SELECT e.ts_utc, i.ret FROM events e JOIN event_impacts i USING (event_id) "
+            "WHERE i.ticker = 'XAUUSD' AND i.window_min = 15 ORDER BY e.ts_utc, e.event_id"
         ).fetchall()
     train_returns = sorted(r for ts, r in rows if ts <= info["train"]["until"])
-    assert len(train_returns) == info["train"]["events"] == 2154
+    assert len(train_returns) == info["train"]["events"] == len(rows) - round(len(rows) * 0.2)
     assert info["thresholds"] == {"low": quantile(train_returns, 0.3), "high": quantile(train_returns, 0.7)}
     assert quantile([1.0, 2.0, 3.0, 4.0], 0.3) == pytest.approx(1.9)  # numpy.quantile([1, 2, 3, 4], 0.3)
 
     fixed = parse(data, options={"thresholds": [-0.000405, 0.000436], "sources": "calendar", "min_star": 4})
-    with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         starred = conn.execute("SELECT count(*) FROM events WHERE source = 'calendar' AND star >= 4").fetchone()[0]
     assert fixed.extra["import"]["label_rule"] == "fixed" and fixed.extra["import"]["events_matched"] == starred
     assert all("前值:" in e.input or "公布:" in e.input for e in fixed.examples)
@@ -115,9 +114,10 @@ def test_database_split_thresholds_and_options() -> None:
         parse(data, options={"label_rule": "fixed"})
 
 
-def test_database_is_opened_read_only_and_nothing_but_reads_run() -> None:
-    with open_readonly(DB.read_bytes()) as conn:
-        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2692
+def test_database_is_opened_read_only_and_nothing_but_reads_run(sample_data: SampleData) -> None:
+    with open_readonly(sample_data.database.read_bytes()) as conn:
+        written = HEADLINES + DATA_FLASHES + RELEASES + DUPLICATES
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == written
         for statement in (
             "CREATE TABLE x (a)",
             "DELETE FROM events",
@@ -129,12 +129,14 @@ def test_database_is_opened_read_only_and_nothing_but_reads_run() -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_twin_uploads_at_the_same_instant_register_one_dataset(backend: str, tmp_path: Path) -> None:
+def test_twin_uploads_at_the_same_instant_register_one_dataset(
+    backend: str, sample_data: SampleData, tmp_path: Path
+) -> None:
     """The same file uploaded twice at once: the second request waits for the first's row (SQLite's write lock,
     PostgreSQL's unique index) and both answer with the one dataset; no 500, nothing stored twice."""
     settings = Settings(data_dir=tmp_path)
     settings.ensure_dirs()
-    data = (SEED / "instructions.jsonl").read_bytes()
+    data = sample_data.instructions.read_bytes()
     with contextlib.ExitStack() as stack:
         url = settings.resolved_database_url if backend == "sqlite" else stack.enter_context(postgres_database())
         engine = make_engine(url)

@@ -1,6 +1,7 @@
 """One renderer for news inputs: the importers (training) and /analyze (serving) build the same model input.
 
-Parser-level tests on the user's real files; /analyze itself is tested against real processes in test_serving.py.
+Parser-level tests on the project's sample files in the user's formats (``service.datasets.sample``); /analyze
+itself is tested against real processes in test_serving.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import pytest
 
 from service.datasets.base import DatasetError
 from service.datasets.formats import parse
+from service.datasets.sample import SampleData
 from service.llm.prompts import INPUT_FIELDS, NewsItem, input_fields_used, normalise_field, render_input
-from tests.conftest import SHARED_DATA
-
-DB = SHARED_DATA / "finance_analysis_sample.db"
-CSV = SHARED_DATA / "seed" / "val_3cls.csv"
 
 
 def test_render_input_layout() -> None:
@@ -70,10 +68,11 @@ def test_bad_field_values(name: str, value: object) -> None:
         normalise_field(name, value)
 
 
-def test_database_inputs_by_default_are_what_the_user_trained_on() -> None:
+def test_database_inputs_by_default_are_what_the_user_trained_on(sample_data: SampleData) -> None:
     """Default input_fields: calendar figures only, as the user's instructions.jsonl reads."""
-    parsed = parse(DB.read_bytes(), "sqlite", {"sources": ["calendar"], "validation_fraction": 0})
-    with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
+    db = sample_data.database
+    parsed = parse(db.read_bytes(), "sqlite", {"sources": ["calendar"], "validation_fraction": 0})
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute("SELECT name, previous, consensus, actual FROM events WHERE source = 'calendar'")
         expected = {
             " ".join(
@@ -92,10 +91,11 @@ def test_database_inputs_by_default_are_what_the_user_trained_on() -> None:
     assert parsed.extra["import"]["input_fields"] == ["previous", "consensus", "actual"]
 
 
-def test_database_with_more_fields_renders_through_render_input() -> None:
+def test_database_with_more_fields_renders_through_render_input(sample_data: SampleData) -> None:
+    db = sample_data.database
     options = {"input_fields": ["star", "country", "previous", "consensus", "actual"], "validation_fraction": 0}
-    parsed = parse(DB.read_bytes(), "sqlite", options)
-    with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
+    parsed = parse(db.read_bytes(), "sqlite", options)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         conn.row_factory = sqlite3.Row
         row = conn.execute(
             "SELECT * FROM events WHERE source = 'calendar' AND country IS NOT NULL ORDER BY ts_utc, event_id LIMIT 1"
@@ -107,21 +107,22 @@ def test_database_with_more_fields_renders_through_render_input() -> None:
     assert input_fields_used(e.input for e in parsed.examples) == ["previous", "consensus", "actual", "country", "star"]
 
 
-def test_database_refuses_fields_it_does_not_have() -> None:
+def test_database_refuses_fields_it_does_not_have(sample_data: SampleData) -> None:
     with pytest.raises(DatasetError, match="input_fields") as caught:
-        parse(DB.read_bytes(), "sqlite", {"input_fields": ["pre_ret"]})
+        parse(sample_data.database.read_bytes(), "sqlite", {"input_fields": ["pre_ret"]})
     assert caught.value.details["option"] == "input_fields"
 
 
-def test_csv_market_context_columns() -> None:
+def test_csv_market_context_columns(sample_data: SampleData) -> None:
+    path = sample_data.labelled_csv
     options = {"input_fields": ["pre_ret", "volatility=range_ratio", "country"], "text_column": "text"}
-    parsed = parse(CSV.read_bytes(), "csv", options)
-    first = next(csv.DictReader(io.StringIO(CSV.read_text(encoding="utf-8"))))
+    parsed = parse(path.read_bytes(), "csv", options)
+    first = next(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     expected = render_input(
         first["text"],
         {"pre_ret": float(first["pre_ret"]), "volatility": first["range_ratio"], "country": first["country"]},
     )
-    assert parsed.examples[0].input == expected and "事前涨跌:+0.398%" in expected
+    assert parsed.examples[0].input == expected and f"事前涨跌:{float(first['pre_ret']):+.3%}" in expected
     assert parsed.extra["columns"]["input_fields"] == {
         "pre_ret": "pre_ret",
         "volatility": "range_ratio",
@@ -137,16 +138,16 @@ def test_csv_market_context_columns() -> None:
         "volatility",
     ]
     # without the option nothing changes
-    assert parse(CSV.read_bytes(), "csv", {}).examples[0].input == first["text"]
+    assert parse(path.read_bytes(), "csv", {}).examples[0].input == first["text"]
 
 
 @pytest.mark.parametrize(
     ("options", "match"),
     [({"input_fields": ["beta"]}, "unknown field 'beta'"), ({"input_fields": ["pre_ret=nope"]}, "no column 'nope'")],
 )
-def test_csv_bad_input_fields(options: dict[str, object], match: str) -> None:
+def test_csv_bad_input_fields(sample_data: SampleData, options: dict[str, object], match: str) -> None:
     with pytest.raises(DatasetError, match=match):
-        parse(CSV.read_bytes(), "csv", options)
+        parse(sample_data.labelled_csv.read_bytes(), "csv", options)
 
 
 def test_csv_row_with_a_bad_value_is_rejected_with_its_line() -> None:
