@@ -1,9 +1,5 @@
-"""The job store's state machine on SQLite and on the real PostgreSQL server (127.0.0.1:5432): every transition,
-lease-guarded writes, a claim race between 8 processes, reads that never wait for a writer, and the refusal of an
-SQLite file that cannot use WAL.
-
-PostgreSQL tests create their own database per test and drop it afterwards; they never skip (CI has PostgreSQL).
-"""
+"""The job store with several processes: a claim race between 8 processes (each row claimed once, SQLite and
+PostgreSQL), and ``flashtune`` refusing to start on an SQLite file that cannot use WAL."""
 
 from __future__ import annotations
 

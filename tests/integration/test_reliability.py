@@ -346,3 +346,13 @@ def _assert_each_succeeded_once(svc: Service, finished: list[dict[str, Any]]) ->
         for before, after in zip(lifecycle, lifecycle[1:], strict=False):
             assert (before == "started") != (after == "started"), lifecycle
         assert (svc.data_dir / "adapters" / job["adapter"] / "adapter_model.safetensors").exists()
+
+
+def test_job_processes_are_forked_from_the_preloaded_server_where_a_fork_can_use_the_device() -> None:
+    """Otherwise every job would fall back to a spawned process silently (slower, the same results)."""
+    from multiprocessing.context import ForkServerContext, SpawnContext
+
+    from workers.worker import job_process_context
+
+    assert isinstance(job_process_context("forkserver"), ForkServerContext)
+    assert isinstance(job_process_context("spawn"), SpawnContext)

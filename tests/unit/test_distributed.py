@@ -1,12 +1,5 @@
-"""Multi-GPU training of one job (issue #9), tested on CPU: gloo, 2 processes launched through torchrun's launcher.
-
-- 2 ranks train like 1 process on the same samples (same LoRA weights within float tolerance), including a stop
-  that rank 0 decides, a checkpoint that rank 0 alone writes, and a resume of both ranks from it;
-- a real ``flashtune worker --gpus 2`` trains a job: one adapter, progress and events from rank 0 only;
-- a rank that fails fails the job with a message naming the rank, and no process of the attempt is left.
-
-No multi-GPU machine was available: NCCL on CUDA is not exercised here (docs/operations.md).
-"""
+"""Multi-GPU training (issue #9), the pure parts: how each step is shared between ranks, which rank's failure is
+reported, and the GPUs setting. Ranks launched through torchrun on gloo are in tests/integration/test_distributed.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The job store's state machine on SQLite and on the real PostgreSQL server (127.0.0.1:5432): every transition,
-lease-guarded writes, a claim race between 8 processes, reads that never wait for a writer, and the refusal of an
-SQLite file that cannot use WAL.
+lease-guarded writes, reads that never wait for a writer, and the refusal of an SQLite file that cannot use WAL
+(the claim race between processes and the service's refusal to start are in
+tests/integration/test_jobstore_processes.py).
 
 PostgreSQL tests create their own database per test and drop it afterwards; they never skip (CI has PostgreSQL).
 """

@@ -1,6 +1,5 @@
-"""Structured logs: with FLASHTUNE_LOG_JSON=true (or --log-json) ``flashtune serve`` and ``flashtune worker`` write
-one JSON object per line, with the request id (the client's X-Request-ID, or a generated one, echoed back) on the
-API's lines and the job id on the worker's lines about a job. Real processes, no mocks."""
+"""Structured logs: the JSON formatter writes one object per record with the request and job ids of its context
+(the real serve and worker processes' logs are checked in tests/integration/test_logs.py)."""
 
 from __future__ import annotations
 
