@@ -14,12 +14,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
 from service.datasets.sample import SampleData, write_sample_data
+
+if TYPE_CHECKING:
+    from workers.training.spec import TrainingSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get("FLASHTUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -162,3 +166,60 @@ def service(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
     svc = make_service(tmp_path, builtin_model_cache)
     yield svc
     svc.stop()
+
+
+# ------------------------------------------------------------------------------ job-store databases (no processes)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh job database: an SQLite file, then a PostgreSQL database of its own (tests/pgdb.py)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        from tests.pgdb import postgres_database
+
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """The job tables created in ``db_url``."""
+    from service.jobs.db import init_db, make_engine
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    yield engine
+    engine.dispose()
+
+
+# ------------------------------------------------------------------------------ in-process training runs
+def builtin_spec(
+    root: Path,
+    model: Path,
+    *,
+    name: str = "job-1",
+    train: int = 16,
+    validation: int = 6,
+    checkpoint_every: int = 2,
+    **hyperparameters: object,
+) -> TrainingSpec:
+    """A training run on the first ``train`` built-in examples (``validation`` held-out ones) of the built-in model
+    at ``model``: job folder ``root/name``, adapter ``root/adapters/name``; ``hyperparameters`` over 1 epoch."""
+    from service.jobs.hyperparameters import Hyperparameters, resolve
+    from service.llm.builtin.data import builtin_dataset
+    from workers.training.spec import TrainingSpec
+
+    train_set, held_out = builtin_dataset()
+    return TrainingSpec(
+        job_id=1,
+        base_model="builtin",
+        base_source=str(model),
+        dataset="builtin",
+        dataset_sha256=None,
+        train=train_set[:train],
+        validation=held_out[:validation],
+        hp=resolve(Hyperparameters.model_validate({"epochs": 1, **hyperparameters}), "builtin"),
+        job_dir=root / name,
+        adapter_dir=root / "adapters" / name,
+        checkpoint_every=checkpoint_every,
+    )

@@ -22,9 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import Hyperparameters, resolve
-from service.llm.builtin.data import builtin_dataset, generate
-from tests.conftest import Service, make_service
+from service.llm.builtin.data import generate
+from tests.conftest import Service, builtin_spec, make_service
 from workers.retry import Outcome
 from workers.training import checkpoints, distributed
 from workers.training.recipe import train
@@ -41,20 +40,8 @@ WAIT = 900  # seconds; a loaded 2-core machine is slow (no timing is asserted)
 
 def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
     """10 examples, 3 per step: 4 steps, the last with 1 sample (rank 1 then has none). No dropout: exact."""
-    train_set, _ = builtin_dataset()
-    hp = resolve(Hyperparameters.model_validate({"epochs": 1, "batch_size": 3, "lora_dropout": 0.0}), "builtin")
-    return TrainingSpec(
-        job_id=1,
-        base_model="builtin",
-        base_source=str(model),
-        dataset="builtin",
-        dataset_sha256=None,
-        train=train_set[:10],
-        validation=[],
-        hp=hp,
-        job_dir=tmp_path / name,
-        adapter_dir=tmp_path / "adapters" / name,
-        checkpoint_every=100,
+    return builtin_spec(
+        tmp_path, model, name=name, train=10, validation=0, checkpoint_every=100, batch_size=3, lora_dropout=0.0
     )
 
 

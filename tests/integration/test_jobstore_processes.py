@@ -10,41 +10,17 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import func, insert, select
 
 from service.jobs import jobstore
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.models import Job, JobEvent, utcnow
-from tests.pgdb import postgres_database
 
 HP = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
-
-
 RACE_ROWS = 2000
-
-
 RACE_PROCESSES = 8
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 def _claim_all(url: str, worker: str, start_at: float) -> tuple[list[int], list[str]]:

@@ -9,7 +9,6 @@ PostgreSQL tests create their own database per test and drop it afterwards; they
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,6 @@ from service.jobs.models import Job, JobStatus, utcnow
 from tests.pgdb import postgres_database
 
 HP = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 def _new_job(engine: Engine, max_attempts: int = 3) -> int:

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import Hyperparameters, resolve
-from service.llm.builtin.data import builtin_dataset
+from tests.conftest import builtin_spec
 from workers.training.recipe import train
 from workers.training.spec import Hooks, Interrupted, TrainingSpec
 
@@ -23,21 +22,7 @@ RESUME_TOLERANCE = 1e-5  # max |difference| of any adapter weight between an uni
 
 
 def _spec(tmp_path: Path, model: Path, name: str) -> TrainingSpec:
-    train_set, held_out = builtin_dataset()
-    hp = resolve(Hyperparameters.model_validate({"epochs": 2, "lora_dropout": 0.0}), "builtin")
-    return TrainingSpec(
-        job_id=1,
-        base_model="builtin",
-        base_source=str(model),
-        dataset="builtin",
-        dataset_sha256=None,
-        train=train_set[:24],
-        validation=held_out[:3],
-        hp=hp,
-        job_dir=tmp_path / name,
-        adapter_dir=tmp_path / "adapters" / name,
-        checkpoint_every=2,
-    )
+    return builtin_spec(tmp_path, model, name=name, train=24, validation=3, epochs=2, lora_dropout=0.0)
 
 
 def test_resume_equivalence(tmp_path: Path, builtin_model_cache: Path) -> None:

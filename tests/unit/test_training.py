@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from service.jobs.hyperparameters import Hyperparameters, resolve
 from service.llm.builtin.data import builtin_dataset
 from service.llm.prompts import render_prompt
+from tests.conftest import builtin_spec
 from workers.training import checkpoints
 from workers.training.batches import tokenize
 from workers.training.recipe import train
@@ -17,20 +17,7 @@ from workers.training.spec import Hooks, TrainingSpec
 
 
 def _spec(tmp_path: Path, model: Path, steps_examples: int = 16, **hp: object) -> TrainingSpec:
-    train_set, held_out = builtin_dataset()
-    return TrainingSpec(
-        job_id=1,
-        base_model="builtin",
-        base_source=str(model),
-        dataset="builtin",
-        dataset_sha256=None,
-        train=train_set[:steps_examples],
-        validation=held_out[:6],
-        hp=resolve(Hyperparameters.model_validate({"epochs": 1, **hp}), "builtin"),
-        job_dir=tmp_path / "job",
-        adapter_dir=tmp_path / "adapters" / "job-1",
-        checkpoint_every=2,
-    )
+    return builtin_spec(tmp_path, model, train=steps_examples, **hp)
 
 
 def test_lora_moves_and_base_stays(tmp_path: Path, builtin_model_cache: Path) -> None:
