@@ -29,7 +29,7 @@ from service.api.schemas.jobs import JobEventPublic
 from service.core.errors import RequestError
 from service.jobs import jobstore
 from service.jobs.db import session_scope
-from service.jobs.models import Job, JobStatus
+from service.jobs.models import MAX_ID, Job, JobStatus
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
@@ -44,7 +44,7 @@ def parse_last_event_id(value: str | None) -> int | None:
         parsed = int(value.strip())
     except ValueError:
         parsed = -1
-    if not 0 <= parsed <= 2**63 - 1:  # a larger id cannot exist, and binding one would overflow the driver
+    if not 0 <= parsed <= MAX_ID:
         raise RequestError(
             422,
             "invalid_request",

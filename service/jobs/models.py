@@ -39,6 +39,7 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------------------------- jobs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_ID = 2**63 - 1  # SQL BIGINT: a larger id cannot exist, and binding one would overflow the driver
 
 
 class JobCreate(Strict):

@@ -12,10 +12,9 @@ from service.api.events import event_stream
 from service.api.schemas.jobs import EventsPage, JobEventPublic, JobPublic, JobsPage
 from service.jobs import commands, jobstore
 from service.jobs.loss_history import job_metrics
-from service.jobs.models import JobCreate, JobMetrics, JobStatus
+from service.jobs.models import MAX_ID, JobCreate, JobMetrics, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-MAX_ID = 2**63 - 1  # SQL BIGINT: a larger id cannot exist, and binding one would overflow the driver
 JobId = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 
