@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -169,6 +170,14 @@ def service(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
 
 
 # ------------------------------------------------------------------------------ job-store databases (no processes)
+def read_only_sqlite_url(tmp_path: Path) -> str:
+    """An SQLite file in rollback-journal mode, opened read-only: SQLite cannot switch it to WAL."""
+    path = tmp_path / "readonly.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    return f"sqlite:///file:{path}?mode=ro&uri=true"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh job database: an SQLite file, then a PostgreSQL database of its own (tests/pgdb.py)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from sqlalchemy import func, insert, select
 from service.jobs import jobstore
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.models import Job, JobEvent, utcnow
+from tests.conftest import read_only_sqlite_url
 
 HP = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
 RACE_ROWS = 2000
@@ -88,19 +88,11 @@ def test_claim_race_each_row_claimed_once(db_url: str) -> None:
     engine.dispose()
 
 
-def _read_only_url(tmp_path: Path) -> str:
-    """An SQLite file in rollback-journal mode, opened read-only: SQLite cannot switch it to WAL."""
-    path = tmp_path / "readonly.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE t (x INTEGER)")
-    return f"sqlite:///file:{path}?mode=ro&uri=true"
-
-
 def test_service_refuses_to_start_without_wal(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "FLASHTUNE_DATA_DIR": str(tmp_path / "data"),
-        "FLASHTUNE_DATABASE_URL": _read_only_url(tmp_path),
+        "FLASHTUNE_DATABASE_URL": read_only_sqlite_url(tmp_path),
         "FLASHTUNE_PORT": "1",
     }
     for command in (["serve"], ["worker", "--max-jobs", "1"]):

@@ -8,7 +8,6 @@ PostgreSQL tests create their own database per test and drop it afterwards; they
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from sqlalchemy import Engine
 from service.jobs import jobstore
 from service.jobs.db import DatabaseError, init_db, make_engine, session_scope
 from service.jobs.models import Job, JobStatus, utcnow
+from tests.conftest import read_only_sqlite_url
 from tests.pgdb import postgres_database
 
 HP = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
@@ -182,14 +182,6 @@ def test_postgres_ends_a_transaction_left_idle() -> None:
         engine.dispose()
 
 
-def _read_only_url(tmp_path: Path) -> str:
-    """An SQLite file in rollback-journal mode, opened read-only: SQLite cannot switch it to WAL."""
-    path = tmp_path / "readonly.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE t (x INTEGER)")
-    return f"sqlite:///file:{path}?mode=ro&uri=true"
-
-
 def test_refuses_sqlite_without_wal(tmp_path: Path) -> None:
     with pytest.raises(DatabaseError, match="WAL"):
-        init_db(make_engine(_read_only_url(tmp_path)))
+        init_db(make_engine(read_only_sqlite_url(tmp_path)))
