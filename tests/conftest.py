@@ -41,9 +41,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def builtin_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per session, or once per machine where FLASHTUNE_TEST_MODEL_CACHE names a folder to keep it in
+    (the build is deterministic and locked across processes, so parallel test runs may share it)."""
     from service.llm.builtin.model import ensure_builtin_model
 
-    return ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
+    shared = os.environ.get("FLASHTUNE_TEST_MODEL_CACHE")
+    return ensure_builtin_model(Path(shared) if shared else tmp_path_factory.mktemp("builtin-cache"))
 
 
 @pytest.fixture(scope="session")
