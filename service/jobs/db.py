@@ -77,7 +77,12 @@ def _v1(conn: Connection) -> None:
     SQLModel.metadata.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]  # index i upgrades version i to i + 1
+def _v2(conn: Connection) -> None:
+    """The tables added since v1 (aliases, promotions): create_all creates only the missing ones."""
+    SQLModel.metadata.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]  # index i upgrades version i to i + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

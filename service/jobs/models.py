@@ -1,4 +1,5 @@
-"""The job domain's tables (``Job``, ``JobEvent``, ``Dataset``) and the shapes both processes read them with.
+"""The job domain's tables (``Job``, ``JobEvent``, ``Dataset``; ``Alias`` and ``Promotion``, service/jobs/aliases.py)
+and the shapes both processes read them with.
 
 ``JobCreate`` is the job a user asks for (validated here, queued by ``service.jobs.commands.queue_job``);
 ``Progress`` and ``JobError`` are what the worker writes into ``Job.progress`` and ``Job.error``; ``JobMetrics`` is
@@ -9,15 +10,17 @@ in ``service.api.schemas``: the worker never needs them.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
+from service.core.layout import adapter_job_id
 from service.jobs.hyperparameters import Hyperparameters
 
 
@@ -37,6 +40,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# -------------------------------------------------------------------------------------------------- alias names
+ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+RESERVED_ALIASES = ("latest", "none")  # what /analyze's adapter field means by itself
+
+
+def check_alias_name(name: str) -> str:
+    """``name`` if it can name an alias: a letter, then up to 63 letters, digits, '.', '_' or '-'; not 'latest' or
+    'none', and not an adapter's own name (``job-<id>``), so that a name means one thing. Raises ValueError."""
+    if not ALIAS_PATTERN.match(name):
+        raise ValueError("an alias is a letter followed by up to 63 letters, digits, '.', '_' or '-'")
+    if name in RESERVED_ALIASES or adapter_job_id(name) is not None:
+        raise ValueError(f"{name!r} is reserved: 'latest', 'none' and adapter names (job-<id>) cannot be aliases")
+    return name
+
+
 # --------------------------------------------------------------------------------------------------------- jobs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_ID = 2**63 - 1  # SQL BIGINT: a larger id cannot exist, and binding one would overflow the driver
@@ -49,6 +67,16 @@ class JobCreate(Strict):
     base_model: str | None = Field(default=None, min_length=1, max_length=512)
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    promote_to: str | None = Field(
+        default=None,
+        description="an alias (e.g. 'production') to move to this job's adapter when it succeeds, only if its "
+        "held-out macro-F1 beats both the base and the alias's current adapter on the same items",
+    )
+
+    @field_validator("promote_to")
+    @classmethod
+    def _alias_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_alias_name(value)
 
 
 class Progress(BaseModel):
@@ -136,3 +164,35 @@ class Dataset(SQLModel, table=True):
     num_examples: int
     stats: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
     created_at: datetime = SQLField(default_factory=utcnow)
+
+
+# ------------------------------------------------------------------------------------------------------ aliases
+class Alias(SQLModel, table=True):
+    """A name the clients call an adapter by (``production``): ``/analyze`` with ``adapter: "production"`` is served
+    by whatever adapter it points at now (service/jobs/aliases.py)."""
+
+    __tablename__ = "aliases"
+
+    name: str = SQLField(primary_key=True)
+    adapter: str  # an adapter name (job-<id>)
+    updated_at: datetime = SQLField(default_factory=utcnow)
+    reason: str = ""  # why it points there: set by request, or promoted by a job's evaluation
+
+
+class PromotionStatus(StrEnum):
+    pending = "pending"  # the job has not succeeded yet
+    promoted = "promoted"
+    kept = "kept"  # the alias stayed; ``Promotion.reason`` says why
+
+
+class Promotion(SQLModel, table=True):
+    """A job's request to be promoted to an alias when it succeeds (``JobCreate.promote_to``), and the decision."""
+
+    __tablename__ = "promotions"
+
+    job_id: int = SQLField(primary_key=True, foreign_key="jobs.id")
+    alias: str
+    status: str = PromotionStatus.pending
+    reason: str | None = None
+    comparison: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    decided_at: datetime | None = None
