@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.layout import Layout
@@ -34,10 +35,24 @@ OTHER_ENV_NAMES = frozenset(
 )
 
 
+def default_data_dir() -> Path:
+    """``FLASHTUNE_DATA_DIR`` when unset: ``$XDG_DATA_HOME/flashtune``, else ``~/.local/share/flashtune``."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    try:
+        root = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    except RuntimeError:  # no home directory to be found: the current one, as before
+        return Path("flashtune-data").absolute()
+    return root / "flashtune"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    data_dir: Path = Field(default=Path("flashtune-data"), description="Everything the service writes.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Everything the service writes. Default: one folder per user ($XDG_DATA_HOME/flashtune, else "
+        "~/.local/share/flashtune), whatever the current directory, so serve and worker find the same database",
+    )
     database_url: str = Field(default="", description="Default: SQLite file in DATA_DIR.")
     base_model: str = Field(default="builtin", description="'builtin', a hub id or a local path.")
     api_key: str | None = None
@@ -138,6 +153,12 @@ class Settings(BaseSettings):
     analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")
     analyze_rate_limit_burst: int = Field(default=10, ge=1)
     max_queued_jobs: int = Field(default=1000, ge=1, description="queued jobs at once; more is 429 queue_full")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        """``~`` expanded, and absolute: the folder the logs name is the one used."""
+        return value.expanduser().absolute()
 
     @property
     def layout(self) -> Layout:
