@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     )
 
     # Serving
+    default_adapter: str = Field(
+        default="latest",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z][A-Za-z0-9._-]*$",
+        description="what /analyze serves when a request names no adapter: 'latest' (the newest adapter with a "
+        "held-out evaluation), an alias such as 'production', an adapter name, or 'none' (the base alone)",
+    )
     max_loaded_adapters: int = Field(default=8, ge=1)
     batch_max_size: int = Field(default=32, ge=1, description="1 turns micro-batching off")
     batch_wait_ms: float = Field(
@@ -153,6 +161,13 @@ class Settings(BaseSettings):
     analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")
     analyze_rate_limit_burst: int = Field(default=10, ge=1)
     max_queued_jobs: int = Field(default=1000, ge=1, description="queued jobs at once; more is 429 queue_full")
+    max_dataset_examples: int = Field(
+        default=1_000_000, ge=1, description="examples (lines, rows, events) in one upload; more is a 422"
+    )
+    import_max_rows: int = Field(
+        default=500_000, ge=1, description="rows the finance SQLite import may read (events x event_impacts)"
+    )
+    import_seconds: float = Field(default=60.0, gt=0, description="how long one finance SQLite import may run")
 
     @field_validator("data_dir")
     @classmethod

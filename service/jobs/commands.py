@@ -16,6 +16,7 @@ import json
 import shutil
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -25,7 +26,7 @@ from service.core.config import Settings
 from service.core.errors import RequestError, not_found
 from service.core.layout import AdapterRef, adapter_job_id, checkpoint_step, complete_checkpoints
 from service.core.training_info import read_training_info
-from service.jobs import jobstore
+from service.jobs import aliases, jobstore
 from service.jobs.hyperparameters import resolve
 from service.jobs.models import BUILTIN_DATASET, Dataset, Job, JobCreate, JobStatus
 from service.llm.modeling import BaseModelRejected, validate_base_model
@@ -64,6 +65,9 @@ def queue_job(
     try:
         with session.begin_nested():
             jobstore.create(session, job)
+            if body.promote_to:
+                assert job.id is not None
+                aliases.request_promotion(session, job.id, body.promote_to)
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
         existing = jobstore.find_by_idempotency_key(session, idempotency_key or "")
         if existing is None:
@@ -162,21 +166,51 @@ def adapter_job(*, session: Session, name: str) -> Job:
     return job
 
 
+@dataclass(frozen=True)
+class Served:
+    """What a request's adapter name resolved to: the adapter (None: the base alone) and the alias it came through
+    ('latest' or a named alias; None when the request named the adapter itself or 'none')."""
+
+    adapter: AdapterRef | None
+    alias: str | None
+
+
 def resolve_adapter(*, session: Session, settings: Settings, name: str) -> AdapterRef | None:
+    """The adapter a request names (see :func:`resolve_served`)."""
+    return resolve_served(session=session, settings=settings, name=name).adapter
+
+
+def resolve_served(*, session: Session, settings: Settings, name: str) -> Served:
     """The adapter a request names: 'none' is the base alone (None); 'latest' the newest succeeded adapter on the
-    served base; else an adapter name, which must have been trained on the served base."""
+    served base that has a held-out evaluation; an alias (``production``) the adapter it points at now; else an
+    adapter name. The adapter must have been trained on the served base."""
     if name == "none":
-        return None
+        return Served(None, None)
+    alias: str | None = None
     if name == "latest":
-        job = jobstore.latest_adapter(session, settings.base_model)
-        if job is None or job.adapter is None:
+        latest = aliases.latest_evaluated(session, settings)
+        if latest is None or latest.adapter is None:
             raise RequestError(
                 404,
                 "no_adapter",
-                "no job has succeeded on this base model yet; use adapter 'none' "
-                "for the base model, or queue a job with POST /jobs",
+                "no adapter with a held-out evaluation has been trained on this base model yet; use adapter "
+                "'none' for the base model, or queue a job with POST /jobs",
             )
-        return settings.layout.adapter(job.adapter)
+        alias, name = "latest", latest.adapter
+    elif adapter_job_id(name) is None:
+        row = aliases.get(session, name)
+        if row is None:
+            raise RequestError(
+                404,
+                "not_found",
+                f"no alias or adapter is named {name[:64]!r}; GET /aliases and GET /adapters list them",
+                [{"field": "adapter", "message": "an alias, an adapter name (job-<id>), 'latest' or 'none'"}],
+            )
+        alias, name = row.name, row.adapter
+    return Served(_served_adapter(session=session, settings=settings, name=name), alias)
+
+
+def _served_adapter(*, session: Session, settings: Settings, name: str) -> AdapterRef:
     job = adapter_job(session=session, name=name)
     if job.base_model != settings.base_model:
         raise RequestError(
@@ -214,6 +248,14 @@ def delete_adapter(*, session: Session, settings: Settings, name: str, unload: C
     then drops it from memory, and only then do its files go."""
     job = adapter_job(session=session, name=name)
     assert job.id is not None
+    pointing = aliases.names_for(session, name)
+    if pointing:
+        raise RequestError(
+            409,
+            "adapter_aliased",
+            f"adapter {name} is what {', '.join(pointing)} serve; point them elsewhere (PUT /aliases/<alias>) or "
+            "delete them (DELETE /aliases/<alias>) first",
+        )
     jobstore.delete_adapter(session, job.id, name)
     session.commit()
     unload(name)
