@@ -12,15 +12,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import RequestError
+from service.core.capping import cap_message, capped
 from service.datasets.base import DatasetError
 
 log = logging.getLogger("flashtune.api")
 
 
 def _body(type: str, message: str, details: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": type, "message": message}
+    """Every error body, with what it echoes capped (service/core/capping.py): bounded whatever the request held."""
+    error: dict[str, Any] = {"type": type, "message": cap_message(message)}
     if details is not None:
-        error["details"] = details
+        error["details"] = capped(details)
     return {"error": error}
 
 

@@ -1,8 +1,11 @@
-"""Parsing uploads into examples. Each parser returns every good example and every rejected line with why.
+"""Parsing uploads into examples. Each parser yields every good example and records every rejected line with why.
 
 Formats are detected from the content unless the caller names one. A parser never executes anything it reads.
-One function per format; the JSON Lines formats share the line reader, the label-carrying formats
-(CSV, the SQLite database) write their outputs with :func:`service.llm.prompts.render_response`.
+Uploads are read from their file as a stream (``service/datasets/lines.py``): the examples go one by one to a
+:class:`~service.datasets.base.Collector`, which drops repeats and hands them on (the store writes them to disk),
+so parsing holds one line and a digest per example in memory, not the file. One function per format; the JSON
+Lines formats share the line reader, the label-carrying formats (CSV, the SQLite database) write their outputs with
+:func:`service.llm.prompts.render_response`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,22 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import IO, Any
 
-from service.datasets.base import DEFAULT_STAR, MAX_REJECTED_LISTED, DatasetError, Options, Parsed, star_of
+from service.core.capping import cap_join, cap_repr, cap_text
+from service.datasets.base import (
+    DEFAULT_STAR,
+    MAX_REJECTED_LISTED,
+    Collector,
+    DatasetError,
+    Limits,
+    Options,
+    Parsed,
+    Split,
+    star_of,
+)
+from service.datasets.lines import MAX_ROW_BYTES, Lines, head, is_blank
 from service.datasets.sqlite_import import parse_sqlite
 from service.llm.prompts import (
     DEFAULT_INSTRUCTION,
@@ -24,67 +40,69 @@ from service.llm.prompts import (
     render_response,
 )
 
-__all__ = ["MAX_REJECTED_LISTED", "DatasetError", "Parsed", "detect_format", "parse"]
+__all__ = ["MAX_REJECTED_LISTED", "DatasetError", "Parsed", "detect_format", "parse", "parse_stream"]
 
-
-def _decode(data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"the file is not UTF-8 (line {line}, byte {exc.start})", {"line": line}) from exc
+Examples = Iterator[tuple[Split, Example]]
+Parser = Callable[[IO[bytes], Options, Parsed, Limits], Examples]
 
 
 def detect_format(data: bytes) -> str:
-    head = data[:4096].lstrip()
-    if head.startswith(b"SQLite format 3\x00"):
+    """The format of an upload from its first bytes (4 KiB are enough)."""
+    start = data[:4096].lstrip()
+    if start.startswith(b"SQLite format 3\x00"):
         return "sqlite"
-    if head.startswith(b"["):
+    if start.startswith(b"["):
         raise DatasetError(
             "the file is a JSON array; upload JSON Lines (one object per line) instead", {"field": "file"}
         )
-    if head.startswith(b"{"):
-        first = head.split(b"\n", 1)[0]
+    if start.startswith(b"{"):
+        first = start.split(b"\n", 1)[0]
         return "chat_jsonl" if b'"messages"' in first else "instruction_jsonl"
     return "csv"
 
 
 # ------------------------------------------------------------------------------------------- JSON Lines formats
-def _json_records(data: bytes, parsed: Parsed) -> Iterator[tuple[int, dict[str, Any]]]:
+def _json_records(stream: IO[bytes], parsed: Parsed, limits: Limits) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each good line; bad lines go to ``parsed.rejected`` with the reason."""
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    lines = Lines(stream, limits)
+    for raw in lines.raw():
+        number = lines.number
+        if raw is None:
+            parsed.reject(f"longer than {MAX_ROW_BYTES // (1024 * 1024)} MiB", line=number)
+            continue
         if not raw.strip():
             continue
         try:
             line = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            parsed.rejected.append({"line": number, "reason": f"not UTF-8 (byte {exc.start} of the line)"})
+            parsed.reject(f"not UTF-8 (byte {exc.start} of the line)", line=number)
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            parsed.rejected.append({"line": number, "reason": f"bad JSON: {exc.msg} at column {exc.colno}"})
+            parsed.reject(f"bad JSON: {exc.msg} at column {exc.colno}", line=number)
+            continue
+        except RecursionError:
+            parsed.reject("bad JSON: nested too deeply", line=number)
+            continue
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            parsed.reject(f"bad JSON: {exc}", line=number)
             continue
         if not isinstance(record, dict):
-            parsed.rejected.append({"line": number, "reason": "not a JSON object"})
+            parsed.reject("not a JSON object", line=number)
             continue
         yield number, record
 
 
-def parse_instruction_jsonl(data: bytes, options: Options) -> Parsed:
+def parse_instruction_jsonl(stream: IO[bytes], options: Options, parsed: Parsed, limits: Limits) -> Examples:
     """Alpaca-style lines: ``instruction``, optional ``input``, ``output``."""
-    parsed = Parsed(format="instruction_jsonl")
-    for number, record in _json_records(data, parsed):
+    for number, record in _json_records(stream, parsed, limits):
         problem = _instruction_problem(record)
         if problem:
-            parsed.rejected.append({"line": number, "reason": problem})
+            parsed.reject(problem, line=number)
             continue
-        parsed.examples.append(
-            Example(
-                str(record.get("instruction") or "").strip(), str(record.get("input") or ""), record["output"].strip()
-            )
-        )
-    return parsed
+        instruction, text = str(record.get("instruction") or "").strip(), str(record.get("input") or "")
+        yield "train", Example(instruction, text, record["output"].strip())
 
 
 def _instruction_problem(record: dict[str, Any]) -> str | None:
@@ -105,20 +123,18 @@ CHAT_ROLES = ("system", "user", "assistant")
 ROLE_WORDS = {"user": "用户", "assistant": "助手"}
 
 
-def parse_chat_jsonl(data: bytes, options: Options) -> Parsed:
+def parse_chat_jsonl(stream: IO[bytes], options: Options, parsed: Parsed, limits: Limits) -> Examples:
     """OpenAI fine-tuning lines ``{"messages": [...]}``: system -> instruction, user -> input, last assistant -> output.
 
     Without a system message the user's message becomes the instruction (the prompt then reads as the user wrote
     it). Turns before the last assistant message are kept, prefixed with who spoke, when there is more than one.
     """
-    parsed = Parsed(format="chat_jsonl")
-    for number, record in _json_records(data, parsed):
+    for number, record in _json_records(stream, parsed, limits):
         example = _chat_example(record)
         if isinstance(example, str):
-            parsed.rejected.append({"line": number, "reason": example})
+            parsed.reject(example, line=number)
         else:
-            parsed.examples.append(example)
-    return parsed
+            yield "train", example
 
 
 def _chat_example(record: dict[str, Any]) -> Example | str:
@@ -160,51 +176,96 @@ def _content_text(content: Any) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------------------- CSV
-def parse_csv(data: bytes, options: Options) -> Parsed:
+@dataclass(frozen=True)
+class _Columns:
+    """Where a CSV file's values are (column indexes) and the names its rejections quote (capped)."""
+
+    text: int
+    label: int
+    star: int | None
+    fields: dict[str, int]
+    names: tuple[str, str]
+    instruction: str
+
+
+def parse_csv(stream: IO[bytes], options: Options, parsed: Parsed, limits: Limits) -> Examples:
     """A text column and a label column (-1/0/1 or bearish/neutral/bullish); outputs in the standard format."""
-    parsed = Parsed(format="csv")
     delimiter = options.text("delimiter", ",")
     if len(delimiter) != 1:
         raise DatasetError("option 'delimiter' must be one character", {"option": "delimiter"})
-    reader = csv.reader(io.StringIO(_decode(data), newline=""), delimiter=delimiter)
-    header = [name.strip() for name in next(reader, [])]
+    lines = Lines(stream, limits)
+    reader = csv.reader(lines.text(), delimiter=delimiter)
+    header = [name.strip() for name in _next_row(reader, lines) or []]
     if not any(header):
         raise DatasetError("the CSV file has no header row", {"line": 1})
     text_at = _column(header, options.text("text_column", None), ("text", "content"), "text_column")
     label_at = _column(header, options.text("label_column", None), ("label",), "label_column")
     star_name = options.text("star_column", None)
     star_at = _column(header, star_name, ("star",), "star_column") if star_name or "star" in header else None
-    instruction = options.text("instruction", DEFAULT_INSTRUCTION)
-    field_at = _input_columns(header, options)
+    columns = _Columns(
+        text_at,
+        label_at,
+        star_at,
+        _input_columns(header, options),
+        (cap_text(header[text_at]), cap_text(header[label_at])),
+        options.text("instruction", DEFAULT_INSTRUCTION),
+    )
+    parsed.extra["columns"] = {
+        "text": columns.names[0],
+        "label": columns.names[1],
+        "star": cap_text(header[star_at]) if star_at is not None else None,
+        "input_fields": {name: cap_text(header[at]) for name, at in columns.fields.items()},
+    }
+    return _csv_examples(reader, lines, columns, parsed)
+
+
+def _csv_examples(reader: Any, lines: Lines, columns: _Columns, parsed: Parsed) -> Examples:
     line = reader.line_num
-    for row in reader:
+    while (row := _next_row(reader, lines)) is not None:
         start, line = line + 1, reader.line_num  # a quoted field may span lines: report where the row starts
         if not any(cell.strip() for cell in row):
             continue
-        text = row[text_at].strip() if text_at < len(row) else ""
-        raw_label = row[label_at].strip() if label_at < len(row) else ""
-        label = normalise_label(raw_label)
-        if not text:
-            parsed.rejected.append({"line": start, "reason": f"empty text (column '{header[text_at]}')"})
-        elif label is None:
-            what = "empty label" if not raw_label else f"label {raw_label!r} is not -1/0/1 or bearish/neutral/bullish"
-            parsed.rejected.append({"line": start, "reason": f"{what} (column '{header[label_at]}')"})
+        example = _csv_example(row, columns)
+        if isinstance(example, str):
+            parsed.reject(example, line=start)
         else:
-            star = star_of(row[star_at]) if star_at is not None and star_at < len(row) else DEFAULT_STAR
-            values = {name: row[at] if at < len(row) else None for name, at in field_at.items()}
-            try:
-                model_input = render_input(text, values)
-            except ValueError as exc:
-                parsed.rejected.append({"line": start, "reason": str(exc)})
-                continue
-            parsed.examples.append(Example(instruction, model_input, render_response(label, star)))
-    parsed.extra["columns"] = {
-        "text": header[text_at],
-        "label": header[label_at],
-        "star": header[star_at] if star_at is not None else None,
-        "input_fields": {name: header[at] for name, at in field_at.items()},
-    }
-    return parsed
+            yield "train", example
+
+
+def _csv_example(row: list[str], columns: _Columns) -> Example | str:
+    """The example of one CSV row, or the reason it cannot be one."""
+    text = row[columns.text].strip() if columns.text < len(row) else ""
+    raw_label = row[columns.label].strip() if columns.label < len(row) else ""
+    label = normalise_label(raw_label)
+    if not text:
+        return f"empty text (column '{columns.names[0]}')"
+    if label is None:
+        what = (
+            "empty label" if not raw_label else f"label {cap_repr(raw_label)} is not -1/0/1 or bearish/neutral/bullish"
+        )
+        return f"{what} (column '{columns.names[1]}')"
+    star_at = columns.star
+    star = star_of(row[star_at]) if star_at is not None and star_at < len(row) else DEFAULT_STAR
+    values = {name: row[at] if at < len(row) else None for name, at in columns.fields.items()}
+    try:
+        model_input = render_input(text, values)
+    except ValueError as exc:
+        return str(exc)
+    return Example(columns.instruction, model_input, render_response(label, star))
+
+
+def _next_row(reader: Any, lines: Lines) -> list[str] | None:
+    """The next CSV record, or None at the end; a malformed record (a field over the csv module's limit of
+    131,072 characters, a NUL byte) ends the file with a 4xx naming its line."""
+    try:
+        row: list[str] | None = next(reader, None)
+    except csv.Error as exc:
+        problem = str(exc)
+        if "field limit" in problem:
+            problem = f"a field is longer than {csv.field_size_limit()} characters"
+        raise DatasetError(f"line {lines.number}: {cap_text(problem)}", {"line": lines.number}) from exc
+    lines.record_bytes = 0
+    return row
 
 
 def _input_columns(header: list[str], options: Options) -> dict[str, int]:
@@ -216,7 +277,7 @@ def _input_columns(header: list[str], options: Options) -> dict[str, int]:
         name, column = name.strip(), column.strip() or name.strip()
         if name not in INPUT_FIELDS:
             raise DatasetError(
-                f"option 'input_fields': unknown field {name!r} (known: {', '.join(INPUT_FIELDS)})",
+                f"option 'input_fields': unknown field {cap_repr(name)} (known: {', '.join(INPUT_FIELDS)})",
                 {"option": "input_fields", "allowed": list(INPUT_FIELDS)},
             )
         found[name] = _column(header, column, (), "input_fields")
@@ -229,16 +290,16 @@ def _column(header: list[str], wanted: str | None, defaults: tuple[str, ...], op
     for name in candidates:
         if name in header:
             return header.index(name)
-    missing = repr(wanted) if wanted else " or ".join(repr(d) for d in defaults)
+    missing = cap_repr(wanted) if wanted else " or ".join(repr(d) for d in defaults)
     raise DatasetError(
-        f"the CSV file has no column {missing} (columns: {', '.join(header)}); "
+        f"the CSV file has no column {missing} ({len(header)} columns: {cap_join(header)}); "
         f"name the column with the option '{option}'",
         {"column": wanted or defaults[0], "option": option, "columns": header},
     )
 
 
 # ------------------------------------------------------------------------------------------------------ parse
-PARSERS: dict[str, Callable[[bytes, Options], Parsed]] = {
+PARSERS: dict[str, Parser] = {
     "instruction_jsonl": parse_instruction_jsonl,
     "chat_jsonl": parse_chat_jsonl,
     "csv": parse_csv,
@@ -246,38 +307,57 @@ PARSERS: dict[str, Callable[[bytes, Options], Parsed]] = {
 }
 
 
-def parse(data: bytes, format: str | None = None, options: dict[str, Any] | None = None) -> Parsed:
-    """Parse an upload; drops exact duplicates; raises DatasetError when nothing usable (or no label) remains."""
-    if not data.strip():
+def parse_stream(
+    stream: IO[bytes],
+    format: str | None = None,
+    options: dict[str, Any] | None = None,
+    *,
+    limits: Limits | None = None,
+    write: Callable[[Example, Split], None] | None = None,
+    keep: bool = False,
+) -> Parsed:
+    """Parse an upload read from ``stream`` (seekable), handing each distinct example to ``write`` (and keeping
+    them in ``examples``/``validation`` if ``keep``); raises DatasetError when nothing usable (or no label) remains.
+    """
+    limits = limits or Limits()
+    if is_blank(stream):
         raise DatasetError("the file is empty", {"field": "file"})
-    name = format or detect_format(data)
+    name = format or detect_format(head(stream))
     if name not in PARSERS:
-        raise DatasetError(f"unknown or unsupported format {name!r}", {"field": "format", "supported": sorted(PARSERS)})
+        raise DatasetError(
+            f"unknown or unsupported format {cap_repr(name)}", {"field": "format", "supported": sorted(PARSERS)}
+        )
     opts = Options(options)
     allow_unlabelled = opts.flag("allow_unlabelled", False)
-    parsed = PARSERS[name](data, opts)
+    parsed = Parsed(format=name)
+    examples = PARSERS[name](stream, opts, parsed, limits)  # reads its options (and a CSV header) at once
     opts.check_all_used(name)
-    parsed.examples, parsed.validation, parsed.duplicates_removed = _dedupe(parsed.examples, parsed.validation)
-    rejected = {"rejected": parsed.rejected[:MAX_REJECTED_LISTED], "rejected_count": len(parsed.rejected)}
-    if not parsed.examples:
-        raise DatasetError("no usable examples in the file", {"format": name, **rejected})
-    if not allow_unlabelled and all(e.label is None for e in parsed.examples + parsed.validation):
+    collector = Collector(parsed, limits, write, keep)
+    for split, example in examples:
+        collector.add(example, split)
+    return _usable(collector.finish(), allow_unlabelled)
+
+
+def parse(
+    data: bytes | IO[bytes],
+    format: str | None = None,
+    options: dict[str, Any] | None = None,
+    limits: Limits | None = None,
+) -> Parsed:
+    """:func:`parse_stream` of bytes or a file, keeping the examples in memory (for small files: tests, benches)."""
+    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    return parse_stream(stream, format, options, limits=limits, keep=True)
+
+
+def _usable(parsed: Parsed, allow_unlabelled: bool) -> Parsed:
+    rejected = {"rejected": parsed.rejected, "rejected_count": parsed.rejected_count}
+    if not parsed.num_train:
+        raise DatasetError("no usable examples in the file", {"format": parsed.format, **rejected})
+    if not allow_unlabelled and set(parsed.labels) <= {None}:
         raise DatasetError(
-            f"none of the {len(parsed.examples) + len(parsed.validation)} examples states a sentiment label "
+            f"none of the {parsed.num_train + parsed.num_validation} examples states a sentiment label "
             "(利好/利空/中性, 看涨（Bullish）/看跌（Bearish）/中性（Neutral）, bullish/bearish/neutral), so the job "
             "could not be evaluated; set the option allow_unlabelled to train on it anyway",
-            {"format": name, "option": "allow_unlabelled", **rejected},
+            {"format": parsed.format, "option": "allow_unlabelled", **rejected},
         )
     return parsed
-
-
-def _dedupe(train: list[Example], validation: list[Example]) -> tuple[list[Example], list[Example], int]:
-    """Exact duplicates removed; a validation example equal to a training example is dropped (it would leak)."""
-    seen: set[Example] = set()
-    kept: tuple[list[Example], list[Example]] = ([], [])
-    for examples, out in zip((train, validation), kept, strict=True):
-        for example in examples:
-            if example not in seen:
-                seen.add(example)
-                out.append(example)
-    return kept[0], kept[1], len(train) + len(validation) - len(kept[0]) - len(kept[1])

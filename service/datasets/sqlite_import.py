@@ -12,22 +12,32 @@ bearish / neutral / bullish at two thresholds, either fixed or quantiles of the 
 The input of each example is rendered by :func:`service.llm.prompts.render_input`, the function /analyze uses too:
 the text (flash ``content`` or calendar ``name``) and the fields the option ``input_fields`` names (by default the
 calendar figures ``previous``/``consensus``/``actual``, as the user's own data reads).
+
+An import is bounded (``Limits``): the join reads at most ``FLASHTUNE_IMPORT_MAX_ROWS`` rows and runs at most
+``FLASHTUNE_IMPORT_SECONDS`` (SQLite's progress handler interrupts it, and stops it when the client went away), and an
+``event_id`` may appear once in ``events`` and once per ticker and window in ``event_impacts``, as the schema's keys
+say, so no file can make the join quadratic. Each refusal is a 4xx naming the limit or the repeated id.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
-from service.datasets.base import DEFAULT_STAR, DatasetError, Options, Parsed, star_of
+from service.core import scratch
+from service.core.capping import cap_join, cap_repr, cap_text
+from service.datasets.base import DEFAULT_STAR, DatasetError, Limits, Options, Parsed, Split, over_limit, star_of
 from service.llm.prompts import DEFAULT_INSTRUCTION, METADATA_FIELDS, Example, Label, render_input, render_response
 
 SOURCES = ("flash", "calendar")
@@ -38,6 +48,7 @@ IMPACT_COLUMNS = ("event_id", "ticker", "window_min", "ret")
 FIGURES = ("previous", "consensus", "actual")  # calendar events only
 INPUT_COLUMNS = ("country",)  # read only when the option input_fields names it
 DEFAULT_INPUT_FIELDS = FIGURES
+PROGRESS_STEPS = 10_000  # SQLite virtual-machine steps between checks of the time limit and the cancel flag
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,7 @@ class ImportOptions:
     input_fields: tuple[str, ...] = DEFAULT_INPUT_FIELDS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     event_id: str
     ts_utc: str
@@ -70,14 +81,14 @@ def read_options(options: Options) -> ImportOptions:
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise DatasetError(
-            f"option 'sources' must list some of {', '.join(SOURCES)}, got {list(sources)}",
+            f"option 'sources' must list some of {', '.join(SOURCES)}, got [{cap_join(sources)}]",
             {"option": "sources", "allowed": list(SOURCES)},
         )
     input_fields = tuple(str(f).strip() for f in options.items("input_fields", list(DEFAULT_INPUT_FIELDS)))
     bad = [f for f in input_fields if f not in METADATA_FIELDS]
     if bad:
         raise DatasetError(
-            f"option 'input_fields' may list {', '.join(METADATA_FIELDS)} (the database has no {bad[0]!r})",
+            f"option 'input_fields' may list {', '.join(METADATA_FIELDS)} (the database has no {cap_repr(bad[0])})",
             {"option": "input_fields", "allowed": list(METADATA_FIELDS)},
         )
     thresholds = _pair(options, "thresholds", None, low=None, high=None)
@@ -125,25 +136,25 @@ def _pair(
         or (high is not None and pair[1] > high)
     ):
         raise DatasetError(
-            f"option {name!r} must be two ascending numbers [low, high], got {values!r}",
+            f"option {name!r} must be two ascending numbers [low, high], got {cap_repr(values)}",
             {"option": name, "value": values},
         )
     return pair[0], pair[1]
 
 
-def parse_sqlite(data: bytes, options: Options) -> Parsed:
+def parse_sqlite(
+    stream: IO[bytes], options: Options, parsed: Parsed, limits: Limits
+) -> Iterator[tuple[Split, Example]]:
     opts = read_options(options)
-    parsed = Parsed(format="sqlite")
-    with open_readonly(data) as conn:
+    with open_readonly(stream, limits) as conn:
         check_schema(conn, opts.sources, opts.input_fields)
-        events = _events(conn, opts, parsed)
+        check_unique(conn, opts)
+        events = _events(conn, opts, parsed, limits)
         if not events:
             raise DatasetError(_nothing_matched(conn, opts), {"ticker": opts.ticker, "window_min": opts.window_min})
     train, validation = time_split(events, opts.validation_fraction)
     low, high = thresholds(train, opts)
     train, validation = sample(train, validation, opts.limit, opts.seed)
-    parsed.examples = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in train]
-    parsed.validation = [_example(e, label_of(e.ret, low, high), opts.instruction) for e in validation]
     parsed.extra["import"] = {
         "ticker": opts.ticker,
         "window_min": opts.window_min,
@@ -159,31 +170,60 @@ def parse_sqlite(data: bytes, options: Options) -> Parsed:
         "train": _period(train),
         "validation": _period(validation),
     }
-    return parsed
+    return _labelled(train, validation, low, high, opts.instruction)
+
+
+def _labelled(
+    train: list[Event], validation: list[Event], low: float, high: float, instruction: str
+) -> Iterator[tuple[Split, Example]]:
+    for e in train:
+        yield "train", _example(e, label_of(e.ret, low, high), instruction)
+    for e in validation:
+        yield "validation", _example(e, label_of(e.ret, low, high), instruction)
 
 
 @contextmanager
-def open_readonly(data: bytes) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to a private temporary copy of the upload, allowed to read and nothing else."""
-    fd, name = tempfile.mkstemp(prefix="flashtune-import-", suffix=".db")
+def open_readonly(source: bytes | IO[bytes], limits: Limits | None = None) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a private temporary copy of the upload, allowed to read and nothing else, and
+    interrupted past ``limits.import_seconds`` or when ``limits.cancel`` is set."""
+    limits = limits or Limits()
+    fd, name = tempfile.mkstemp(prefix=scratch.prefix("import"), suffix=".db")  # a kill -9 leaves it: scratch.py
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            # A WAL-mode header (bytes 18-19 = 2) would make a read-only open look for -wal/-shm files that an
-            # upload does not have; the copy is marked as a rollback-journal database instead.
-            out.write(data[:18] + b"\x01\x01" + data[20:] if data[18:20] == b"\x02\x02" else data)
+            _copy(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source, out)
         conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, check_same_thread=False)
+        deadline = time.monotonic() + limits.import_seconds
+        conn.set_progress_handler(lambda: int(limits.cancel.is_set() or time.monotonic() > deadline), PROGRESS_STEPS)
         try:
             conn.set_authorizer(_authorize)
             conn.row_factory = sqlite3.Row
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails now if it is not a database
             yield conn
         except sqlite3.DatabaseError as exc:
-            raise DatasetError(f"the database could not be read: {exc}", {"field": "file"}) from exc
+            limits.check()
+            if time.monotonic() > deadline:
+                raise over_limit(
+                    f"the import ran longer than {limits.import_seconds:g} s",
+                    "FLASHTUNE_IMPORT_SECONDS",
+                    limits.import_seconds,
+                    "import a smaller database or narrow it with the options ticker, window_min and sources",
+                ) from exc
+            raise DatasetError(f"the database could not be read: {cap_text(exc)}", {"field": "file"}) from exc
         finally:
             conn.close()
     finally:
         path.unlink(missing_ok=True)
+
+
+def _copy(source: IO[bytes], out: IO[bytes]) -> None:
+    """The upload, byte for byte, except that a WAL-mode header (bytes 18-19 = 2) is marked as a rollback-journal
+    database: a read-only open would otherwise look for -wal/-shm files that an upload does not have."""
+    source.seek(0)
+    start = source.read(100)
+    out.write(start[:18] + b"\x01\x01" + start[20:] if start[18:20] == b"\x02\x02" else start)
+    shutil.copyfileobj(source, out, 1024 * 1024)
+    source.seek(0)
 
 
 def _authorize(action: int, arg1: str | None, _arg2: str | None, _db: str | None, _trigger: str | None) -> int:
@@ -211,7 +251,7 @@ def check_schema(
     for table, needed in (("events", event_columns), ("event_impacts", IMPACT_COLUMNS)):
         if table not in tables:
             raise DatasetError(
-                f"the database has no table '{table}' (tables: {', '.join(tables) or 'none'})",
+                f"the database has no table '{table}' (tables: {cap_join(tables) or 'none'})",
                 {"table": table, "tables": tables},
             )
         # PRAGMA takes no bound parameters; ``table`` is one of the two allow-listed names above, not user input.
@@ -219,12 +259,41 @@ def check_schema(
         missing = [c for c in needed if c not in columns]
         if missing:
             raise DatasetError(
-                f"table '{table}' has no column '{missing[0]}' (columns: {', '.join(columns)})",
+                f"table '{table}' has no column '{missing[0]}' (columns: {cap_join(columns)})",
                 {"table": table, "column": missing[0], "missing": missing, "columns": columns},
             )
 
 
-def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> list[Event]:
+def check_unique(conn: sqlite3.Connection, opts: ImportOptions) -> None:
+    """The schema's keys, which an upload need not declare: ``events.event_id`` is unique, and so is ``event_id``
+    per ticker and window in ``event_impacts``. A repeat would multiply the join's rows; it is a 4xx naming it."""
+    pair = (opts.ticker, opts.window_min)
+    checks = (
+        (
+            "event_impacts",
+            "SELECT event_id, count(*) FROM event_impacts WHERE ticker = ? AND window_min = ? "
+            "GROUP BY event_id HAVING count(*) > 1 LIMIT 1",
+            f" for ticker {cap_repr(opts.ticker)}, window_min {opts.window_min}",
+        ),
+        (
+            "events",
+            "SELECT event_id, count(*) FROM events WHERE event_id IN "
+            "(SELECT event_id FROM event_impacts WHERE ticker = ? AND window_min = ?) "
+            "GROUP BY event_id HAVING count(*) > 1 LIMIT 1",
+            "",
+        ),
+    )
+    for table, sql, where in checks:
+        repeated = conn.execute(sql, pair).fetchone()
+        if repeated is not None:
+            raise DatasetError(
+                f"table '{table}' has {repeated[1]} rows with event_id {cap_repr(repeated[0])}{where}; "
+                "an event_id may appear once (the key of the schema)",
+                {"table": table, "column": "event_id", "event_id": repeated[0], "rows": repeated[1]},
+            )
+
+
+def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed, limits: Limits) -> list[Event]:
     """The events with a return for the ticker and window, oldest first; unusable ones go to ``parsed.rejected``."""
     # allow-listed and checked against the schema
     columns = ", ".join(f"e.{c}" for c in _event_columns(opts.sources, opts.input_fields))
@@ -234,14 +303,22 @@ def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> li
         f"WHERE i.ticker = ? AND i.window_min = ? AND e.source IN ({marks}) ORDER BY e.ts_utc, e.event_id"
     )
     events = []
-    for row in conn.execute(sql, (opts.ticker, opts.window_min, *opts.sources)):
+    for count, row in enumerate(conn.execute(sql, (opts.ticker, opts.window_min, *opts.sources)), start=1):
+        if count > limits.import_max_rows:
+            raise over_limit(
+                f"more than {limits.import_max_rows} rows of events match ticker {cap_repr(opts.ticker)}, "
+                f"window_min {opts.window_min}",
+                "FLASHTUNE_IMPORT_MAX_ROWS",
+                limits.import_max_rows,
+                "narrow the import with the options sources, ticker and window_min",
+            )
         star = star_of(row["star"]) if row["star"] is not None else DEFAULT_STAR
         if opts.min_star is not None and star < opts.min_star:
             continue
         try:
             text = event_text(row, opts.input_fields)
         except ValueError as exc:  # a field value render_input refuses (too long, a line break)
-            parsed.rejected.append({"event_id": row["event_id"], "reason": str(exc)})
+            parsed.reject(str(exc), event_id=row["event_id"])
             continue
         problem = (
             "no ts_utc"
@@ -253,7 +330,7 @@ def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed) -> li
             else None
         )
         if problem:
-            parsed.rejected.append({"event_id": row["event_id"], "reason": problem})
+            parsed.reject(problem, event_id=row["event_id"])
             continue
         events.append(Event(row["event_id"], str(row["ts_utc"]), row["source"], text, star, float(row["ret"])))
     return events
@@ -277,10 +354,10 @@ def event_text(row: sqlite3.Row | dict[str, Any], input_fields: tuple[str, ...] 
 
 def _nothing_matched(conn: sqlite3.Connection, opts: ImportOptions) -> str:
     pairs = conn.execute("SELECT DISTINCT ticker, window_min FROM event_impacts ORDER BY 1, 2 LIMIT 50").fetchall()
-    available = ", ".join(f"{t}/{w}" for t, w in pairs) or "none"
+    available = cap_join(f"{cap_text(t)}/{w}" for t, w in pairs) or "none"
     return (
-        f"no usable events for ticker {opts.ticker!r}, window_min {opts.window_min}, sources {list(opts.sources)}, "
-        f"min_star {opts.min_star} (ticker/window_min pairs in the database: {available})"
+        f"no usable events for ticker {cap_repr(opts.ticker)}, window_min {opts.window_min}, "
+        f"sources {list(opts.sources)}, min_star {opts.min_star} (ticker/window_min pairs in the database: {available})"
     )
 
 

@@ -7,24 +7,35 @@ into place, and the database row is added only after that: a failed upload leave
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
-from collections import Counter
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TextIO
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from service.core.config import Settings
-from service.datasets.formats import MAX_REJECTED_LISTED, Parsed, parse
+from service.core.errors import RequestError
+from service.datasets.base import Limits, Split
+from service.datasets.formats import PARSERS, Parsed, detect_format, parse_stream
+from service.datasets.lines import CHUNK, head
 from service.jobs.models import BUILTIN_DATASET, Dataset
 from service.llm.builtin.data import builtin_dataset
 from service.llm.prompts import LABELS, Example, input_fields_used
+
+log = logging.getLogger("flashtune.datasets")
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class DatasetNotFound(Exception):
@@ -36,46 +47,46 @@ def dataset_id(sha256: str, format: str, options: dict[str, Any] | None) -> str:
     return "ds-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def label_stats(examples: list[Example]) -> tuple[dict[str, int], int]:
-    counts = Counter(e.label for e in examples)
-    return {label: counts.get(label, 0) for label in LABELS}, counts.get(None, 0)
+def limits_of(settings: Settings, cancel: threading.Event | None = None) -> Limits:
+    return Limits(
+        max_examples=settings.max_dataset_examples,
+        import_max_rows=settings.import_max_rows,
+        import_seconds=settings.import_seconds,
+        cancel=cancel or threading.Event(),
+    )
 
 
 def save_upload(
     settings: Settings,
     session: Session,
-    data: bytes,
+    upload: bytes | IO[bytes],
     filename: str | None,
     format: str | None = None,
     options: dict[str, Any] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Dataset:
-    """Parse, store and register an upload; the same content and options give the same dataset."""
-    sha256 = hashlib.sha256(data).hexdigest()
-    parsed = parse(data, format, options)
+    """Parse, store and register an upload (bytes, or a seekable file read as a stream: the spooled upload); the
+    same content and options give the same dataset. Blocking: the API calls it in a worker thread."""
+    stream = io.BytesIO(upload) if isinstance(upload, bytes | bytearray) else upload
+    sha256 = _sha256(stream)
+    detected = format or detect_format(head(stream))
+    if detected in PARSERS:  # an unknown format is refused by parse_stream, naming the ones there are
+        existing = session.get(Dataset, dataset_id(sha256, detected, options))
+        if existing is not None and (settings.layout.datasets / existing.id).is_dir():
+            return existing  # the same content and options were parsed and stored before
+    with _storage():
+        parsed = _store(settings.layout.datasets, stream, sha256, format, options, limits_of(settings, cancel))
     ds_id = dataset_id(sha256, parsed.format, options)
-    _write_atomically(settings.layout.datasets / ds_id, data, parsed)  # before the database: no lock held meanwhile
     existing = session.get(Dataset, ds_id)
     if existing is not None:
         return existing
-    distribution, unlabelled = label_stats(parsed.examples + parsed.validation)
-    stats = {
-        "num_validation": len(parsed.validation),
-        "label_distribution": distribution,
-        "unlabelled": unlabelled,
-        "duplicates_removed": parsed.duplicates_removed,
-        "rejected": parsed.rejected[:MAX_REJECTED_LISTED],
-        "rejected_count": len(parsed.rejected),
-        "options": options or {},
-        "details": parsed.extra,
-        "input_fields": input_fields_used(e.input for e in parsed.examples + parsed.validation),
-    }
     dataset = Dataset(
         id=ds_id,
         sha256=sha256,
         format=parsed.format,
         filename=filename,
-        num_examples=len(parsed.examples) + len(parsed.validation),
-        stats=stats,
+        num_examples=parsed.num_train + parsed.num_validation,
+        stats=_stats(parsed, options),
     )
     try:
         with session.begin_nested():  # the row is inserted here, so a concurrent twin is found now, not at commit
@@ -88,26 +99,77 @@ def save_upload(
     return dataset
 
 
-def _write_atomically(folder: Path, data: bytes, parsed: Parsed) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        return  # same id means same content and options: already stored
-    tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=folder.parent))
+def _stats(parsed: Parsed, options: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "num_validation": parsed.num_validation,
+        "label_distribution": {label: parsed.labels.get(label, 0) for label in LABELS},
+        "unlabelled": parsed.labels.get(None, 0),
+        "duplicates_removed": parsed.duplicates_removed,
+        "rejected": parsed.rejected,
+        "rejected_count": parsed.rejected_count,
+        "options": options or {},
+        "details": parsed.extra,
+        "input_fields": parsed.input_fields,
+    }
+
+
+def _sha256(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    stream.seek(0)
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+    stream.seek(0)
+    return digest.hexdigest()
+
+
+def _store(
+    root: Path, stream: IO[bytes], sha256: str, format: str | None, options: dict[str, Any] | None, limits: Limits
+) -> Parsed:
+    """Parse into ``examples.jsonl`` and copy ``original``, in a temporary folder renamed into place at the end:
+    a refused or failed upload leaves nothing behind."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=root))
     try:
-        (tmp / "original").write_bytes(data)
         with (tmp / "examples.jsonl").open("w", encoding="utf-8") as out:
-            for split, examples in (("train", parsed.examples), ("validation", parsed.validation)):
-                for e in examples:
-                    row = {"instruction": e.instruction, "input": e.input, "output": e.output, "split": split}
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            parsed = parse_stream(stream, format, options, limits=limits, write=_writer(out))
+        with (tmp / "original").open("wb") as original:
+            stream.seek(0)
+            shutil.copyfileobj(stream, original, CHUNK)
         os.chmod(tmp, 0o755)
+        folder = root / dataset_id(sha256, parsed.format, options)
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not folder.exists():
+            if not folder.is_dir():
                 raise  # else a concurrent twin upload stored the same files first
+        return parsed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writer(out: TextIO) -> Callable[[Example, Split], None]:
+    def write(e: Example, split: Split) -> None:
+        row = {"instruction": e.instruction, "input": e.input, "output": e.output, "split": split}
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return write
+
+
+@contextmanager
+def _storage() -> Iterator[None]:
+    """The server's own storage failing (full, read-only, not ours) is a 507 or 503 in the one error shape; the
+    path and the system's words go to the operator's log, not to the caller."""
+    try:
+        yield
+    except OSError as exc:
+        log.error("cannot store a dataset: %s", exc)
+        if exc.errno in FULL:
+            raise RequestError(
+                507, "insufficient_storage", "the server has no room to store the dataset; tell its operator"
+            ) from exc
+        raise RequestError(
+            503, "storage_unavailable", "the server cannot store datasets right now; tell its operator"
+        ) from exc
 
 
 def load_examples(

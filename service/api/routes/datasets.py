@@ -6,16 +6,15 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.schemas.jobs import DatasetPublic
+from service.api.uploads import store_upload
+from service.core.capping import cap_repr
 from service.core.errors import RequestError
-from service.datasets.store import save_upload
 from service.jobs import commands
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
-CHUNK = 1024 * 1024
 
 
 RESERVED_FIELDS = ("file", "format", "options")
@@ -30,18 +29,10 @@ async def upload_dataset(
     format: Annotated[str | None, Form(max_length=64)] = None,
     options: Annotated[str | None, Form(max_length=10_000)] = None,
 ) -> DatasetPublic:
-    data = bytearray()
-    while chunk := await file.read(CHUNK):
-        data += chunk
-        if len(data) > settings.max_upload_bytes:
-            raise RequestError(
-                413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes"
-            )
     parsed_options = _options(options, await request.form())
-    # a DatasetError (the upload cannot become a dataset) is a 422 invalid_dataset (service/api/errors.py)
-    dataset = await run_in_threadpool(
-        save_upload, settings, session, bytes(data), file.filename, format, parsed_options
-    )
+    # parsed as a stream from the spooled file, in a worker thread (service/api/uploads.py); a DatasetError (the
+    # upload cannot become a dataset) is a 422 invalid_dataset (service/api/errors.py)
+    dataset, _ = await store_upload(request, file, session, settings, format, parsed_options)
     session.commit()
     return DatasetPublic.of(dataset)
 
@@ -63,7 +54,7 @@ def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
             continue
         if name in value or not isinstance(field_value, str):
             problem = "is given twice" if name in value else "must be a plain form field, not a file"
-            raise RequestError(422, "invalid_request", f"option {name!r} {problem}", [{"field": name}])
+            raise RequestError(422, "invalid_request", f"option {cap_repr(name)} {problem}", [{"field": name}])
         value[name] = field_value
     return value or None
 

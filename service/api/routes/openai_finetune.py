@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.schemas.fine_tuning import (
@@ -23,8 +22,8 @@ from service.api.schemas.fine_tuning import (
     job_object,
     step_checkpoint,
 )
+from service.api.uploads import store_upload
 from service.core.errors import RequestError, not_found
-from service.datasets.store import save_upload
 from service.jobs import commands, jobstore
 from service.jobs.models import Job
 
@@ -33,16 +32,17 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 @router.post("/files")
 async def upload_file(
-    file: UploadFile, session: SessionDep, settings: SettingsDep, purpose: Annotated[str, Form()] = "fine-tune"
+    request: Request,
+    file: UploadFile,
+    session: SessionDep,
+    settings: SettingsDep,
+    purpose: Annotated[str, Form()] = "fine-tune",
 ) -> dict[str, Any]:
     if purpose != "fine-tune":
         raise RequestError(422, "invalid_request", "only purpose 'fine-tune' is supported", [{"field": "purpose"}])
-    data = await file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise RequestError(413, "too_large", f"the file is over the upload limit of {settings.max_upload_bytes} bytes")
-    dataset = await run_in_threadpool(save_upload, settings, session, data, file.filename)  # a 422 if unusable
+    dataset, size = await store_upload(request, file, session, settings)  # streamed, off the loop; 422 if unusable
     session.commit()
-    return {**file_object(dataset), "bytes": len(data)}
+    return {**file_object(dataset), "bytes": size}
 
 
 @router.get("/files/{file_id}")
