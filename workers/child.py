@@ -38,7 +38,7 @@ from service.core import logs
 from service.core.config import Settings
 from service.core.layout import adapter_name
 from service.datasets.store import DatasetNotFound, load_examples
-from service.jobs import jobstore
+from service.jobs import aliases, jobstore
 from service.jobs.db import make_engine, session_scope
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.loss_history import StepLog
@@ -113,6 +113,7 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         assert job is not None and job.id is not None
         hp = ResolvedHyperparameters.model_validate(job.hyperparameters)
         train_set, validation, sha256 = load_examples(settings, session, job.dataset, hp.validation_fraction, hp.seed)
+        compare_with = aliases.incumbent(session, settings, job)  # promote_to: the adapter it must beat
     engine.dispose()
     return TrainingSpec(
         job_id=job.id,
@@ -131,6 +132,7 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         extra_info={"input_fields": input_fields_used(e.input for e in train_set + validation)},
         token_cache_dir=settings.layout.token_cache,
         gpu_memory_gib=settings.gpu_memory_gib,
+        compare_with=compare_with,
     )
 
 

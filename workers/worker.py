@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service.core import logs
 from service.core.config import Settings
-from service.jobs import jobstore
+from service.jobs import aliases, jobstore
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Job
@@ -176,6 +176,7 @@ class Worker:
                 if decision.action == "succeed":
                     assert outcome.adapter is not None
                     jobstore.succeed(session, job.id, self.worker_id, outcome.adapter, outcome.progress or {})
+                    aliases.decide(session, self.settings, job.id, outcome.adapter)  # promote_to: the gate
                 elif decision.action == "fail":
                     jobstore.fail(session, job.id, self.worker_id, decision.error or {})
                 else:

@@ -31,7 +31,7 @@ from service.datasets.tokens import token_stats
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Progress
 from service.llm.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
-from workers.training import artifacts, checkpoints
+from workers.training import artifacts, checkpoints, incumbent
 from workers.training.batches import Batch, StepBatches, collate_all, truncate
 from workers.training.distributed import SINGLE, Distributed
 from workers.training.evaluation import evaluate
@@ -350,6 +350,8 @@ def finish(run: Run) -> dict[str, Any]:
     run.model.eval()
     evaluation_start = time.monotonic()
     metrics = evaluate(run.model, run.tokenizer, run.spec.validation)
+    if run.spec.compare_with is not None and metrics["num_labelled"]:  # a promotion's incumbent, on the same items
+        metrics["incumbent"] = incumbent.compare(run.model, run.tokenizer, run.spec.validation, run.spec.compare_with)
     run.hooks.on_event("evaluation", _evaluation_message(metrics), metrics)
     durations = {
         **run.durations,

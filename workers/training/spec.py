@@ -93,6 +93,9 @@ class TrainingSpec:
     balance_steps: bool = True  # even out the steps' token counts (workers.training.steps); False: as shuffled
     cuda: CudaOptions = field(default_factory=CudaOptions)
     extra_info: dict[str, Any] = field(default_factory=dict)  # merged into training_info.json
+    # a promotion's incumbent (name, folder): the adapter the job's alias points at, scored on the same held-out
+    # items (workers/training/incumbent.py) so that the job is promoted only if it beats it (service/jobs/aliases.py)
+    compare_with: tuple[str, Path] | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
