@@ -38,6 +38,8 @@ STARS: tuple[int, ...] = (1, 2, 3, 4, 5)
 STAR_PREFIX = "这是一条"
 LABEL_PREFIX_TEMPLATE = "这是一条{star}星级的财经快讯，属于"
 REACTION_PREFIX_TEMPLATE = "这是一条{star}星级的财经快讯，属于{label}消息。从市场反应来看，该消息发布后市场出现"
+# Everything /analyze scores, as the response states it; the analysis text continues from here.
+RESPONSE_PREFIX_TEMPLATE = REACTION_PREFIX_TEMPLATE + "{reaction}走势。"
 ADVICE = {
     "bullish": "建议投资者关注做多机会，同时注意控制仓位。",
     "bearish": "建议投资者注意下行风险，谨慎追高。",
@@ -177,12 +179,18 @@ def render_prompt(text: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
     return f"### 指令:\n{instruction}\n\n### 回答:\n"
 
 
+def render_response_prefix(label: Label, star: int, reaction: str) -> str:
+    """The start of the standard response: importance (1-5 stars), label and market reaction (a word of
+    :data:`REACTION_WORDS`), up to where the advice begins. /analyze generates its analysis as the continuation of
+    this prefix filled with what it scored, so the text states exactly the scored label, stars and reaction."""
+    if reaction not in REACTION_WORDS.values():
+        raise ValueError(f"reaction must be one of {', '.join(REACTION_WORDS.values())}, got {reaction!r}")
+    return RESPONSE_PREFIX_TEMPLATE.format(star=star, label=LABEL_WORDS[label], reaction=reaction)
+
+
 def render_response(label: Label, star: int) -> str:
     """The standard response for a label and an importance (1-5 stars)."""
-    return (
-        f"这是一条{star}星级的财经快讯，属于{LABEL_WORDS[label]}消息。"
-        f"从市场反应来看，该消息发布后市场出现{REACTION_WORDS[label]}走势。{ADVICE[label]}"
-    )
+    return render_response_prefix(label, star, REACTION_WORDS[label]) + ADVICE[label]
 
 
 def parse_label(response: str) -> Label | None:
@@ -192,6 +200,27 @@ def parse_label(response: str) -> Label | None:
         if match:
             return mapping[match.group(1).lower() if match.group(1).isascii() else match.group(1)]
     return None
+
+
+@dataclass(frozen=True)
+class Stated:
+    """What a response text states, each None where it does not say."""
+
+    label: Label | None
+    star: int | None
+    reaction: str | None  # a word of REACTION_WORDS
+
+
+_STAR_PATTERN = re.compile(r"这是一条([1-5])星级")
+_REACTION_PATTERN = re.compile(r"出现(上涨|下跌|震荡)走势")
+
+
+def parse_response(response: str) -> Stated:
+    """The label (any recognised style), importance and market reaction a response text states."""
+    star, reaction = _STAR_PATTERN.search(response), _REACTION_PATTERN.search(response)
+    return Stated(
+        parse_label(response), int(star.group(1)) if star else None, reaction.group(1) if reaction else None
+    )
 
 
 def is_valid_response(response: str) -> bool:

@@ -9,6 +9,10 @@ forward passes per batch, each item's candidates sharing its prompt in a token t
 one PeftModel in the same forward passes (peft's mixed-batch inference); it is passed on to every forward call,
 inside :func:`mixed_batch`.
 
+:func:`write_analyses` writes /analyze's text as the continuation of the response prefix that states the scored
+stars, label and reaction, so the text never contradicts them. :meth:`Prediction.calibrated` scales the label
+probabilities by an adapter's fitted temperature (``service.llm.calibration``).
+
 :func:`generate_stream` generates one prompt token by token, handing each new piece of text to a callback as the
 token comes out of the model (``POST /v1/chat/completions`` with ``stream: true``).
 """
@@ -20,12 +24,13 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from service.llm import calibration
 from service.llm.decoding import decoder_for
 from service.llm.prompts import (
     DEFAULT_INSTRUCTION,
@@ -38,7 +43,9 @@ from service.llm.prompts import (
     STARS,
     Label,
     NewsItem,
+    parse_response,
     render_prompt,
+    render_response_prefix,
 )
 from service.llm.scoring_graphs import WIDTH_MULTIPLE, ScoringGraphs
 from service.llm.token_tree import Group, encode_items
@@ -49,14 +56,40 @@ BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch's ada
 
 @dataclass(frozen=True)
 class Prediction:
+    """A scored news item: the label probabilities (calibrated when ``temperature`` is set), the raw label
+    log-likelihoods they come from (``LABELS`` order), importance and market reaction."""
+
     label: Label
     probs: dict[Label, float]
     importance: int
     market_reaction: str
+    label_logprobs: tuple[float, ...] = ()
+    temperature: float | None = None  # the calibration applied to ``probs`` (None: the raw softmax)
 
     @property
     def score(self) -> float:
         return self.probs[self.label]
+
+    def calibrated(self, temperature: float | None) -> Prediction:
+        """This prediction with its probabilities scaled by ``temperature`` (``service.llm.calibration``; None: as it
+        is). The label stays: a positive temperature never changes the most probable one."""
+        if temperature is None or not self.label_logprobs:
+            return self
+        probs = dict(zip(LABELS, calibration.apply(self.label_logprobs, temperature), strict=True))
+        return replace(self, probs=probs, temperature=temperature)
+
+    def response_prefix(self) -> str:
+        """The standard response up to the advice, stating this importance, label and reaction."""
+        return render_response_prefix(self.label, self.importance, self.market_reaction)
+
+    def agrees_with(self, text: str) -> bool:
+        """Whether ``text`` states this label and states no other importance or market reaction."""
+        stated = parse_response(text)
+        return (
+            stated.label == self.label
+            and stated.star in (None, self.importance)
+            and stated.reaction in (None, self.market_reaction)
+        )
 
 
 PEFT_ADAPTER_NAMES_HOOK = "_adapter_names_pre_forward_hook"  # peft.tuners.lora.model
@@ -269,6 +302,7 @@ def classify(
             probs=dict(zip(LABELS, _softmax(row), strict=True)),
             importance=STARS[star],
             market_reaction=REACTION_WORDS[LABELS[_best(reaction)]],
+            label_logprobs=tuple(row),
         )
         for star, row, label, reaction in zip(stars, label_scores, labels, reactions, strict=True)
     ]
@@ -317,6 +351,29 @@ def generate(
             )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def write_analyses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    predictions: Sequence[Prediction],
+    max_new_tokens: int,
+    free: Sequence[bool] | None = None,
+    adapter_names: Sequence[str] | None = None,
+) -> list[str]:
+    """The analysis text of each scored prompt ("" with ``max_new_tokens`` 0): its response prefix filled with the
+    prediction (:meth:`Prediction.response_prefix`: stars, label, reaction) followed by up to ``max_new_tokens``
+    greedily generated tokens, so the text always states what was scored. ``free[i]``: prompt ``i`` is answered by
+    free generation from the bare prompt instead, which may state something else (:meth:`Prediction.agrees_with`
+    tells). One batch for both kinds (``adapter_names`` as :func:`generate`)."""
+    if max_new_tokens <= 0:
+        return ["" for _ in prompts]
+    heads = ["" if free and free[i] else p.response_prefix() for i, p in enumerate(predictions)]
+    texts = generate(
+        model, tokenizer, [p + h for p, h in zip(prompts, heads, strict=True)], max_new_tokens, adapter_names
+    )
+    return [head + text for head, text in zip(heads, texts, strict=True)]
 
 
 class _TextStreamer:

@@ -11,7 +11,10 @@ concurrent requests share forward passes. The batcher groups them by the model t
 with the adapters attached, or one merged copy), not by adapter: a micro-batch whose requests use different
 attached adapters (or the base) runs in one forward pass per stage, each request naming its adapter through
 peft's ``adapter_names`` (mixed-batch LoRA). :meth:`ModelServer._serve` is the one place that decides how a
-micro-batch runs, and :meth:`ModelServer._pass` the one that runs a pass; see there. The chat completions of
+micro-batch runs, and :meth:`ModelServer._pass` the one that runs a pass; see there. A pass scores each item, scales
+its label probabilities by its adapter's calibration (the temperature its job fitted, ``training_info.json``; the base
+alone is served uncalibrated), and writes the analysis after the response prefix that states what was scored
+(``service.llm.scoring.write_analyses``), unless the item asked for free generation. The chat completions of
 ``service.serving.chat`` run on :meth:`ModelServer.with_model`. The API calls this from worker threads, never on the
 event loop.
 """
@@ -30,10 +33,11 @@ import torch
 
 from service.core.config import Settings
 from service.core.layout import AdapterRef
+from service.core.training_info import calibration_temperature, read_training_info
 from service.llm.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
 from service.llm.nf4 import keep_dense_copies, nf4_layers
 from service.llm.prompts import DEFAULT_INSTRUCTION
-from service.llm.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, generate
+from service.llm.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, write_analyses
 from service.llm.scoring_graphs import ScoringGraphs
 from service.serving.adapters import AttachedAdapters, InputFields, MergedModels, check_adapter_files, free_memory
 from service.serving.batching import MicroBatcher
@@ -51,6 +55,7 @@ class Item:
     text: Text
     adapter: AdapterRef | None
     instruction: str = DEFAULT_INSTRUCTION
+    free: bool = False  # the analysis freely generated from the prompt, not after the scored response prefix
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class ModelServer:
         self._attached = AttachedAdapters(settings)
         self._merged = MergedModels(settings, lambda: self._load_base("none"))
         self._input_fields = InputFields()
+        self._temperatures: dict[str, float | None] = {}  # by adapter name, from training_info.json
         self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms)
 
     # ------------------------------------------------------------------------------------------------ state
@@ -98,6 +104,15 @@ class ModelServer:
         """The optional input fields the adapter's training inputs carried (``training_info.json``'s
         ``input_fields``, else ``from_dataset(its dataset id)``); None for the base alone, which takes every field."""
         return None if adapter is None else self._input_fields.get(adapter, from_dataset)
+
+    def temperature(self, adapter: AdapterRef | None) -> float | None:
+        """The calibration temperature of ``adapter``'s label probabilities (``training_info.json``; read once), None
+        where there is none: the base alone, or a job that fitted none or found it did not help."""
+        if adapter is None:
+            return None
+        if adapter.name not in self._temperatures:
+            self._temperatures[adapter.name] = calibration_temperature(read_training_info(adapter.path))
+        return self._temperatures[adapter.name]
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _ensure_tokenizer(self) -> None:
@@ -130,12 +145,14 @@ class ModelServer:
             self._attached.reset(None)
             self._merged.clear()
             self._input_fields.clear()
+            self._temperatures.clear()
         free_memory()
 
     def unload(self, name: str) -> None:
         """Stop serving adapter ``name`` (its files are going): out of the merged and the attached caches."""
         with self._lock:
             self._input_fields.forget(name)
+            self._temperatures.pop(name, None)
             if name in self._merged.names:
                 self._merged.drop(name)
             self._attached.unload(name)
@@ -169,22 +186,25 @@ class ModelServer:
         adapter: AdapterRef | None,
         max_new_tokens: int | None,
         instruction: str = DEFAULT_INSTRUCTION,
+        free: bool = False,
     ) -> Analysis:
         """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time (whichever
-        attached adapter they use)."""
+        attached adapter they use); ``free``: the analysis freely generated (see :class:`Item`)."""
         if adapter is not None and adapter.name not in self._attached:  # fail this request alone, before batching
             check_adapter_files(adapter.path, self.settings.layout.adapters)
         model_key = adapter.name if adapter is not None and self.is_merged(adapter) else None  # None: attached
-        result: Analysis = self._batcher.submit(Item(text, adapter, instruction), (model_key, max_new_tokens))
+        result: Analysis = self._batcher.submit(Item(text, adapter, instruction, free), (model_key, max_new_tokens))
         return result
 
     def _run_group(self, items: list[Item], group: Any) -> list[Analysis]:
         _, max_new_tokens = group
         return self.analyze_items(items, max_new_tokens)
 
-    def analyze(self, texts: Sequence[Text], adapter: AdapterRef | None, max_new_tokens: int | None) -> list[Analysis]:
+    def analyze(
+        self, texts: Sequence[Text], adapter: AdapterRef | None, max_new_tokens: int | None, free: bool = False
+    ) -> list[Analysis]:
         """Label, probabilities, importance, reaction and generated analysis for each text."""
-        return self.analyze_items([Item(text, adapter) for text in texts], max_new_tokens)
+        return self.analyze_items([Item(text, adapter, free=free) for text in texts], max_new_tokens)
 
     def analyze_items(self, items: Sequence[Item], max_new_tokens: int | None) -> list[Analysis]:
         """As :meth:`analyze`, each item with its own adapter and instruction."""
@@ -201,6 +221,7 @@ class ModelServer:
                 latency_ms=latency,
                 batch_size=s.batch_size,
                 merged=self.is_merged(r.adapter),
+                free=r.free,
             )
             for s, r in zip(served, items, strict=True)
         ]
@@ -267,11 +288,15 @@ class ModelServer:
         new_tokens: int,
     ) -> dict[int, _Served]:
         """Score and generate for the items at ``indices`` in one batch: the one place that runs a pass
-        (``adapter_names``: each item's adapter, for peft's mixed batch; ``graphs``: the model's scoring graphs)."""
-        texts = [items[i].text for i in indices]
-        instructions = [items[i].instruction for i in indices]
+        (``adapter_names``: each item's adapter, for peft's mixed batch; ``graphs``: the model's scoring graphs); the
+        probabilities calibrated for each item's adapter, the analysis written after what was scored (see the
+        module)."""
+        chosen = [items[i] for i in indices]
+        texts, instructions = [r.text for r in chosen], [r.instruction for r in chosen]
         tokenizer = self._tokenizer
-        predictions = classify(model, tokenizer, texts, instructions, adapter_names=adapter_names, graphs=graphs)
+        scored = classify(model, tokenizer, texts, instructions, adapter_names=adapter_names, graphs=graphs)
+        predictions = [p.calibrated(self.temperature(r.adapter)) for p, r in zip(scored, chosen, strict=True)]
         prompts = build_prompts(model, tokenizer, texts, instructions)
-        analyses = generate(model, tokenizer, prompts, new_tokens, adapter_names=adapter_names)
+        free = [r.free for r in chosen]
+        analyses = write_analyses(model, tokenizer, prompts, predictions, new_tokens, free, adapter_names)
         return {i: _Served(p, a, len(indices)) for i, p, a in zip(indices, predictions, analyses, strict=True)}

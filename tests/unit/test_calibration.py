@@ -1,13 +1,26 @@
-"""Temperature scaling and the calibration measures (service/llm/calibration.py): pure functions, no model."""
+"""Temperature scaling and the calibration measures (service/llm/calibration.py), the probability metrics of a job's
+evaluation, the temperature read back from training_info.json, and the response prefix the analysis continues:
+pure functions, no model."""
 
 from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
+from service.core.training_info import calibration_temperature
 from service.llm import calibration as cal
+from service.llm.prompts import (
+    LABELS,
+    REACTION_WORDS,
+    Stated,
+    parse_response,
+    render_response,
+    render_response_prefix,
+)
+from service.llm.scoring import Prediction
 
 
 def _argmax(row: list[float]) -> int:
@@ -104,3 +117,73 @@ def test_too_few_items_fit_nothing_and_a_useless_temperature_is_not_applied() ->
     assert fitted is not None and fitted.as_dict()["method"] == "temperature"
     assert fitted.applied == (fitted.nll_after < fitted.nll_before)
     assert abs(fitted.nll_after - fitted.nll_before) < 0.02
+
+
+# --------------------------------------------------------------------------- where calibration and the text meet
+def _prediction(scores: list[float], star: int = 4, reaction: str = "上涨") -> Prediction:
+    probs = dict(zip(LABELS, cal.apply(scores), strict=True))
+    label = max(probs, key=probs.__getitem__)
+    return Prediction(label, probs, star, reaction, label_logprobs=tuple(scores))
+
+
+def test_a_calibrated_prediction_keeps_its_label_and_says_so() -> None:
+    raw = _prediction([-3.0, -1.5, -0.4])
+    hot = raw.calibrated(2.5)
+    assert hot.label == raw.label == "bullish" and hot.temperature == 2.5
+    assert hot.probs["bullish"] < raw.probs["bullish"] and sum(hot.probs.values()) == pytest.approx(1.0)
+    assert list(hot.probs.values()) == pytest.approx(cal.apply([-3.0, -1.5, -0.4], 2.5))
+    assert raw.calibrated(None) is raw and raw.temperature is None
+
+
+def test_the_response_prefix_states_what_was_scored_and_parses_back() -> None:
+    for label in LABELS:
+        for star in (1, 5):
+            for reaction in REACTION_WORDS.values():
+                prediction = Prediction(label, dict.fromkeys(LABELS, 1 / 3), star, reaction)
+                text = prediction.response_prefix() + "建议投资者谨慎。"
+                assert parse_response(text) == Stated(label, star, reaction)
+                assert prediction.agrees_with(text)
+    prediction = Prediction("neutral", dict.fromkeys(LABELS, 1 / 3), 4, "震荡")
+    # the issue's case: label neutral scored, a free text that calls the news bullish
+    assert not prediction.agrees_with(
+        "这是一条4星级的财经快讯，属于利好消息。从市场反应来看，该消息发布后市场出现上涨走势。"
+    )
+    assert not prediction.agrees_with("这是一条3星级的财经快讯，属于中性消息。")  # another importance
+    assert not prediction.agrees_with("市场情绪平稳")  # states no label
+    assert prediction.agrees_with("中性（Neutral）")  # the user's second style, nothing else stated
+    assert render_response("bearish", 5).startswith(render_response_prefix("bearish", 5, REACTION_WORDS["bearish"]))
+    with pytest.raises(ValueError):
+        render_response_prefix("bearish", 5, "暴涨")
+
+
+def test_probability_metrics_report_before_and_after_and_the_served_temperature() -> None:
+    from workers.training.evaluation import probability_metrics
+
+    scores, gold_index = _over_confident(60, seed=9)
+    gold = [LABELS[g] for g in gold_index]
+    predictions = [_prediction(list(row)) for row in scores]
+    metrics = probability_metrics(gold, predictions)
+    assert {"nll", "brier", "ece", "reliability"} <= set(metrics) and len(metrics["reliability"]) == cal.ECE_BINS
+    after = metrics["calibrated"]
+    assert after["applied"] and after["temperature"] > 1.5 and after["folds"] == cal.FOLDS
+    assert after["nll"] < metrics["nll"] and after["ece"] < metrics["ece"]
+    raw_accuracy = sum(p.label == g for p, g in zip(predictions, gold, strict=True)) / len(gold)
+    assert after["accuracy"] == round(raw_accuracy, 4)  # the same labels
+    assert "calibrated" not in probability_metrics(gold[:5], predictions[:5])  # too few items to fit
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"metrics": {"calibration": {"temperature": 1.7, "applied": True}}}, 1.7),
+        ({"metrics": {"calibration": {"temperature": 1.7, "applied": False}}}, None),
+        ({"metrics": {"calibration": {"temperature": 0, "applied": True}}}, None),
+        ({"metrics": {"calibration": {"temperature": "2", "applied": True}}}, None),
+        ({"metrics": {"calibration": {"temperature": True, "applied": True}}}, None),
+        ({"metrics": {"accuracy": 1.0}}, None),
+        ({"metrics": []}, None),
+        ({}, None),
+    ],
+)
+def test_the_served_temperature_is_read_from_training_info(record: dict[str, Any], expected: float | None) -> None:
+    assert calibration_temperature(record) == expected

@@ -1,4 +1,13 @@
-"""Compare the base model and the adapter on held-out examples: accuracy, macro-F1, confusion, format.
+"""Compare the base model and the adapter on held-out examples: accuracy, macro-F1, confusion, format, and how well
+their label probabilities are calibrated; fit the adapter's calibration.
+
+Probabilities: NLL, Brier score, ECE (10 equal-width bins of the top label) and the reliability bins, before and
+after temperature scaling (``service.llm.calibration``). The "after" figures are cross-fitted (each item scored with a
+temperature fitted on the other folds), since the same split fits the temperature; the temperature the adapter is
+served with is fitted on the whole split and kept only where the cross-fitted NLL is lower
+(``metrics["calibration"]``, read back by ``service.core.training_info.calibration_temperature``). The answers of the
+format check are free generations; the share of them that state the scored label is ``free_text_agrees``
+(/analyze itself writes its text after the scored prefix, ``service.llm.scoring.write_analyses``).
 
 Both are scored in the same batches (peft's mixed-adapter batches). The format check generates up to 96 tokens for
 each of 16 samples with each of them: on the CPU in one mixed batch through ``generate``; on CUDA one adapter (or the
@@ -9,14 +18,15 @@ base) at a time, each decoded with its step captured as a CUDA graph (``service.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
 
+from service.llm import calibration
 from service.llm.decoding import GraphDecoder, attach, eos_ids
 from service.llm.prompts import LABELS, Example, Label, is_valid_response
-from service.llm.scoring import BASE, adapter_active, build_prompts, classify, generate
+from service.llm.scoring import BASE, Prediction, adapter_active, build_prompts, classify, generate
 
 BATCH = 16  # held-out items per classify pass (x2: base and adapter share it)
 GENERATED_SAMPLES = 16
@@ -40,6 +50,27 @@ def label_metrics(gold: list[Label], predicted: list[Label]) -> dict[str, Any]:
         "macro_f1": round(sum(f1s) / len(f1s), 4),
         "confusion": confusion,  # rows: gold label, columns: predicted
     }
+
+
+def probability_metrics(gold: list[Label], predictions: list[Prediction]) -> dict[str, Any]:
+    """NLL, Brier score, ECE and reliability bins of the predictions' probabilities, and under ``calibrated`` the fitted
+    temperature (whether it is ``applied``), accuracy, macro-F1 and the same measures after calibration, cross-fitted
+    (absent with too few items to fit one)."""
+    scores = [p.label_logprobs for p in predictions]
+    indices = [LABELS.index(g) for g in gold]
+    result = calibration.measures([calibration.apply(s) for s in scores], indices)
+    fitted = calibration.calibrate(scores, indices)
+    if fitted is not None:
+        crossed = calibration.cross_fitted(scores, indices)
+        labels = [LABELS[max(range(len(LABELS)), key=row.__getitem__)] for row in crossed]
+        accuracy = {k: v for k, v in label_metrics(gold, labels).items() if k != "confusion"}
+        result["calibrated"] = {
+            **fitted.as_dict(),
+            "folds": calibration.FOLDS,
+            **accuracy,
+            **calibration.measures(crossed, indices),
+        }
+    return result
 
 
 def in_chunks(run: Callable[[list[T]], list[R]], items: list[T], size: int) -> list[R]:
@@ -85,9 +116,9 @@ def _compare(
     samples = [(e, name) for e in labelled[:GENERATED_SAMPLES] for name in names]
     on_cuda = next(model.parameters()).device.type == "cuda"
 
-    def predict(chunk: list[tuple[Example, str]]) -> list[Label]:
+    def predict(chunk: list[tuple[Example, str]]) -> list[Prediction]:
         texts, instructions = [e.input for e, _ in chunk], [e.instruction for e, _ in chunk]
-        return [p.label for p in classify(model, tokenizer, texts, instructions, [n for _, n in chunk])]
+        return classify(model, tokenizer, texts, instructions, [n for _, n in chunk])
 
     def write(chunk: list[tuple[Example, str]]) -> list[str]:
         prompts = build_prompts(model, tokenizer, [e.input for e, _ in chunk], [e.instruction for e, _ in chunk])
@@ -104,11 +135,18 @@ def _compare(
     gold = [e.label for e in labelled if e.label is not None]
     results = {}
     for name in names:
-        result = label_metrics(gold, [p for p, (_, n) in zip(predicted, pairs, strict=True) if n == name])
-        mine = [a for a, (_, n) in zip(answers, samples, strict=True) if n == name]
-        result["valid_format"] = round(sum(map(is_valid_response, mine)) / len(mine), 4) if mine else 0.0
+        mine = [p for p, (_, n) in zip(predicted, pairs, strict=True) if n == name]
+        result = {**label_metrics(gold, [p.label for p in mine]), **probability_metrics(gold, mine)}
+        written = [a for a, (_, n) in zip(answers, samples, strict=True) if n == name]
+        result["valid_format"] = _share(map(is_valid_response, written), len(written))
+        # the samples are the first of the labelled items, in order: zip pairs each answer with its prediction
+        result["free_text_agrees"] = _share(map(Prediction.agrees_with, mine, written), len(written))
         results[name] = result
     return results, timings
+
+
+def _share(flags: Iterable[bool], count: int) -> float:
+    return round(sum(flags) / count, 4) if count else 0.0
 
 
 def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str, Any]:
@@ -118,4 +156,9 @@ def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str,
         return {"num_labelled": 0, "base": {}, "adapter": {}}
     adapter = model.active_adapter
     results, seconds = _compare(model, tokenizer, labelled, [BASE, adapter])
-    return {"num_labelled": len(labelled), "base": results[BASE], "adapter": results[adapter], "seconds": seconds}
+    metrics = {"num_labelled": len(labelled), "base": results[BASE], "adapter": results[adapter], "seconds": seconds}
+    fitted = results[adapter].get("calibrated")
+    if fitted is not None:  # what the adapter is served with
+        keys = ("method", "temperature", "applied", "num_items", "nll_before", "nll_after")
+        metrics["calibration"] = {k: fitted[k] for k in keys}
+    return metrics
