@@ -118,7 +118,7 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
     return TrainingSpec(
         job_id=job.id,
         base_model=job.base_model,
-        base_source=resolve_base_model(job.base_model, settings.data_dir),
+        base_source=resolve_base_model(job.base_model, settings),
         dataset=job.dataset,
         dataset_sha256=sha256,
         train=train_set,
@@ -178,7 +178,7 @@ def _failed(exc: Exception) -> Outcome:
     if isinstance(exc, DatasetNotFound):
         return Outcome("failed", _error("dataset_not_found", f"dataset {exc} does not exist", "upload it again"))
     if isinstance(exc, ModelLoadError):
-        return Outcome("failed", _error("base_model_error", str(exc), "check base_model and FLASHTUNE_DEVICE"))
+        return Outcome("failed", _error("base_model_error", str(exc), exc.hint))
     if isinstance(exc, DBAPIError):  # the database went away while loading the job: retry later
         message = f"{type(exc).__name__}: {exc.orig}"
         return Outcome("failed", _error("database_error", message, "check FLASHTUNE_DATABASE_URL"), retryable=True)

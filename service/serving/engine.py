@@ -117,7 +117,7 @@ class ModelServer:
     # ------------------------------------------------------------------------------------------- lifecycle
     def _ensure_tokenizer(self) -> None:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(resolve_base_model(self.base_model, self.settings.data_dir))
+            self._tokenizer = load_tokenizer(resolve_base_model(self.base_model, self.settings))
 
     def _ensure_base(self) -> None:
         self._ensure_tokenizer()
@@ -127,7 +127,7 @@ class ModelServer:
     def _load_base(self, quantization: str) -> Any:
         """A freshly loaded base as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``) and
         an NF4 base's weights kept dequantised where memory allows (``serve_dense_nf4``, service/llm/nf4.py)."""
-        source = resolve_base_model(self.base_model, self.settings.data_dir)
+        source = resolve_base_model(self.base_model, self.settings)
         model = load_model(source, plan_load(pick_device(self.settings.device), quantization)).eval()
         if model.device.type != "cuda":
             return model

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from service.llm.builtin.data import builtin_dataset
+from service.llm.builtin.model import builtin_path
 from tests.conftest import Service, make_service
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,8 @@ def test_adapter_files_load_with_peft(trained: tuple[Service, dict[str, Any], li
     info = json.loads((folder / "training_info.json").read_text())
     assert info["hyperparameters"]["epochs"] == job["hyperparameters"]["epochs"]
     assert info["device"] == "cpu" and info["versions"]["peft"] and info["losses"]["epoch_loss"]
-    base = AutoModelForCausalLM.from_pretrained(info["base_model_source"])
+    assert info["base_model"] == "builtin"  # the public name: no path of the server leaves with the adapter
+    base = AutoModelForCausalLM.from_pretrained(builtin_path(svc.data_dir))
     model = PeftModel.from_pretrained(base, str(folder))
     lora = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora and any(float(p.abs().sum()) > 0 for p in lora)  # lora_B starts at zero: it trained

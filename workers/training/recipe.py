@@ -30,7 +30,7 @@ from service.datasets.tokens import describe as describe_token_stats
 from service.datasets.tokens import token_stats
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Progress
-from service.llm.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load
+from service.llm.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load, public_base_name
 from workers.training import artifacts, checkpoints, incumbent
 from workers.training.batches import Batch, StepBatches, collate_all, truncate
 from workers.training.distributed import SINGLE, Distributed
@@ -369,8 +369,7 @@ def _training_info(run: Run, metrics: dict[str, Any], durations: dict[str, float
     spec, plan = run.spec, run.plan
     info = {
         "job_id": spec.job_id,
-        "base_model": spec.base_model,
-        "base_model_source": spec.base_source,
+        "base_model": public_base_name(spec.base_model),  # never a server path: the record leaves with the adapter
         "dataset": spec.dataset,
         "dataset_sha256": spec.dataset_sha256,
         "hyperparameters": spec.hp.model_dump(),
