@@ -10,9 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from service.core.errors import RequestError
 from service.core.capping import cap_message, capped
+from service.core.errors import RequestError
 from service.datasets.base import DatasetError
 
 log = logging.getLogger("flashtune.api")
@@ -24,6 +25,21 @@ def _body(type: str, message: str, details: Any = None) -> dict[str, Any]:
     if details is not None:
         error["details"] = capped(details)
     return {"error": error}
+
+
+METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on the request's path (for ``Allow`` on a 405): each is tried against the
+    router as routing itself would match it."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in METHOD_ORDER:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
 
 
 def install(app: FastAPI) -> None:
@@ -46,9 +62,12 @@ def install(app: FastAPI) -> None:
         return JSONResponse(_body("invalid_request", f"invalid request: {fields}", details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names the methods of one route; a path may have several
+            headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return JSONResponse(_body(kind, str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

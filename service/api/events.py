@@ -40,10 +40,9 @@ FINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 def parse_last_event_id(value: str | None) -> int | None:
     if value is None or not value.strip():
         return None
-    try:
-        parsed = int(value.strip())
-    except ValueError:
-        parsed = -1
+    text = value.strip()
+    # ASCII digits only: int() would also read '١' (an Arabic-Indic one), '1_0' or '+1'
+    parsed = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else -1
     if not 0 <= parsed <= MAX_ID:
         raise RequestError(
             422,

@@ -21,6 +21,7 @@ from service.api.routes import (
     openai_finetune,
     ui,
 )
+from service.core import scratch
 from service.core.config import Settings, get_settings
 from service.jobs.db import init_db, make_engine
 from service.serving.engine import ModelServer
@@ -34,6 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
+        for path in scratch.remove_stale("import"):  # private copies of SQLite uploads whose server was killed
+            log.warning("removed %s, left by an import that did not finish", path)
         app.state.settings = settings
         app.state.engine = make_engine(settings.resolved_database_url)
         init_db(app.state.engine)
@@ -42,7 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine.dispose()
 
     description = "Fine-tune LLMs on financial flash news with (Q)LoRA and serve the adapters."
-    app = FastAPI(title="FlashTune", version="0.1.0", description=description, lifespan=lifespan)
+    # redirect_slashes=False: Starlette's redirect from /jobs/ to /jobs is an absolute URL built from the request's
+    # Host header, i.e. a redirect to whatever host the client names; without it /jobs/ is a plain 404.
+    app = FastAPI(
+        title="FlashTune", version="0.1.0", description=description, lifespan=lifespan, redirect_slashes=False
+    )
     errors.install(app)
     security.install(app, settings)  # request ids, body limits, rate limit (service/api/security.py)
     app.include_router(health.router)

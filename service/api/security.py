@@ -37,10 +37,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.core.config import Settings
 from service.core.logs import request_id_var
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: ASCII only, no trailing newline
 RATE_LIMITED_PATHS = ("/analyze", "/analyze/batch")
 SCHEMA_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # behind the key when one is set
 MULTIPART_SLACK = 1024 * 1024  # form boundaries and fields around an upload of exactly max_upload_bytes
+UPLOAD_PATHS = ("/datasets", "/v1/files")  # dataset uploads: FLASHTUNE_MAX_UPLOAD_BYTES, not MAX_BODY_BYTES
+DECIMAL = re.compile(r"[0-9]{1,19}")  # a number as a header or an id carries it: ASCII digits, nothing else
 
 
 # ------------------------------------------------------------------------------------------- documented errors
@@ -64,13 +66,27 @@ _DESCRIPTIONS = {
     413: "Request body over this route's limit",
     422: "Invalid input: the details name the fields at fault",
     429: "Rate limited: retry after Retry-After seconds",
-    503: "Unavailable: the API key file cannot be read, or the server is not ready",
+    503: "Unavailable: the API key file cannot be read, the base model cannot be loaded, or the server is not ready",
 }
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for routers, so the published schema documents the errors the API really sends."""
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+# --------------------------------------------------------------------------------------------------------- ids
+CANONICAL_ID = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+def canonical_id(value: object) -> object:
+    """A numeric id as a path carries it must be written one way only (``12``): pydantic would also read ``1_2``,
+    `` 12``, ``+12`` and ``012`` as 12, so other spellings would name the same object. Use as
+    ``Annotated[int, Path(...), BeforeValidator(canonical_id)]`` (in this order, or FastAPI publishes
+    ``ge``/``le`` instead of ``minimum``/``maximum``)."""
+    if isinstance(value, str) and not CANONICAL_ID.fullmatch(value):
+        raise ValueError("must be a whole number written with the digits 0-9, without sign, spaces or leading zeros")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------------ API keys
@@ -129,7 +145,7 @@ def bearer_ok(settings: Settings, authorization: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- body size
 def body_limit(method: str, path: str, settings: Settings) -> int:
     """The largest request body accepted on a route, in bytes."""
-    if method == "POST" and path.rstrip("/") == "/datasets":
+    if method == "POST" and path.rstrip("/") in UPLOAD_PATHS:
         return settings.max_upload_bytes + MULTIPART_SLACK
     if path == "/analyze":
         return settings.max_analyze_body_bytes
@@ -200,7 +216,7 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and REQUEST_ID.match(incoming) else uuid.uuid4().hex[:16]
+        request_id = incoming if incoming and REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         # Every log record of this request carries the id (service/core/logs.py). The server runs each request in a task
         # of its own, whose context dies with it, so the id is not reset: the 500 handler, which runs outside this
@@ -236,7 +252,7 @@ class SecurityMiddleware:
         """A response for requests refused before the app sees them: bad or too large length, rate limit."""
         length = _header(scope, b"content-length")
         if length is not None:
-            if not length.strip().isdigit():
+            if not DECIMAL.fullmatch(length.strip()):  # ASCII digits only: int() would also read "١٢" as 12
                 return _error(400, "invalid_request", "Content-Length is not a number")
             limit = body_limit(scope["method"], scope["path"], self.settings)
             if int(length) > limit:
@@ -258,6 +274,7 @@ class SecurityMiddleware:
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Add the middleware and the handlers for the errors it and the model loader raise."""
+    from service.llm.modeling import ModelLoadError
     from service.serving.adapters import UnsafeAdapterError
 
     app.add_middleware(SecurityMiddleware, settings=settings)
@@ -265,6 +282,11 @@ def install(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
         return _error(413, "too_large", str(exc.detail))
+
+    @app.exception_handler(ModelLoadError)
+    async def _model_unavailable(_request: Request, exc: ModelLoadError) -> JSONResponse:
+        """The served base cannot be loaded: a generic message and what to change; the reason is in the log."""
+        return _error(503, "model_unavailable", f"{exc}; {exc.hint}")
 
     @app.exception_handler(UnsafeAdapterError)
     async def _unsafe_adapter(_request: Request, exc: UnsafeAdapterError) -> JSONResponse:

@@ -23,8 +23,9 @@ from pathlib import Path
 STEPS_FILE = "steps.jsonl"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "trainer_state.pt"  # written last into a checkpoint: its presence marks a complete one
-_ADAPTER_NAME = re.compile(r"^job-(\d{1,18})$")
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{8,})$")
+# Used with fullmatch: ASCII digits only (\d would take '١'), written one way, nothing after (not even a newline)
+_ADAPTER_NAME = re.compile(r"job-(0|[1-9][0-9]{0,17})")
+_CHECKPOINT_NAME = re.compile(r"step-([0-9]{8,})")
 
 
 def adapter_name(job_id: int) -> str:
@@ -34,7 +35,7 @@ def adapter_name(job_id: int) -> str:
 
 def adapter_job_id(name: str) -> int | None:
     """The job that publishes adapter ``name``, or None when ``name`` is no adapter name."""
-    match = _ADAPTER_NAME.match(name)
+    match = _ADAPTER_NAME.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
@@ -44,7 +45,7 @@ def checkpoint_name(step: int) -> str:
 
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint folder holds."""
-    match = _CHECKPOINT_NAME.match(path.name)
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
     if match is None:
         raise ValueError(f"{path.name!r} is not a checkpoint folder name")
     return int(match.group(1))
@@ -59,7 +60,7 @@ def complete_checkpoints(job_dir: Path) -> list[Path]:
     root = checkpoints_dir(job_dir)
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if _CHECKPOINT_NAME.match(p.name) and (p / CHECKPOINT_STATE).exists())
+    return sorted(p for p in root.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and (p / CHECKPOINT_STATE).exists())
 
 
 @dataclass(frozen=True)

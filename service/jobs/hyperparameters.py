@@ -18,11 +18,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.core.bodies import RequestBody
 
-class Hyperparameters(BaseModel):
-    """What a user may set; anything left out is resolved per base model (service/jobs/hyperparameters.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+class Hyperparameters(RequestBody):
+    """What a user may set; anything left out is resolved per base model (service/jobs/hyperparameters.py). A request
+    body: unknown fields and ``"epochs": true`` or ``"1"`` are refused (service/core/bodies.py)."""
 
     epochs: int | None = Field(default=None, ge=1, le=100)
     batch_size: int | None = Field(default=None, ge=1, le=1024)

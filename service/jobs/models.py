@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
+from service.core.bodies import RequestBody
 from service.core.layout import adapter_job_id
 from service.jobs.hyperparameters import Hyperparameters
 
@@ -36,12 +37,12 @@ class JobStatus(StrEnum):
     cancelled = "cancelled"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(RequestBody):
+    """A request body: unknown fields refused, no JSON value converted (service/core/bodies.py)."""
 
 
 # -------------------------------------------------------------------------------------------------- alias names
-ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would take a trailing newline
 RESERVED_ALIASES = ("latest", "none")  # what /analyze's adapter field means by itself
 
 

@@ -6,16 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.events import event_stream
 from service.api.schemas.jobs import EventsPage, JobEventPublic, JobPublic, JobsPage
+from service.api.security import canonical_id
 from service.jobs import commands, jobstore
 from service.jobs.loss_history import job_metrics
 from service.jobs.models import MAX_ID, JobCreate, JobMetrics, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-JobId = Annotated[int, Path(ge=0, le=MAX_ID)]
+JobId = Annotated[int, Path(ge=0, le=MAX_ID), BeforeValidator(canonical_id)]  # "12" only, not "1_2" or "012"
 
 
 @router.post(

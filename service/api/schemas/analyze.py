@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from pydantic import Strict as StrictMode
 
+from service.core.bodies import RequestBody
 from service.llm.prompts import MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
 from service.serving.types import Analysis, InputContext
 
@@ -17,8 +18,8 @@ StrictFloat = Annotated[float, StrictMode(), AllowInfNan(False)]  # JSON numbers
 Figure = StrictStr | StrictInt | StrictFloat
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(RequestBody):
+    """A request body: unknown fields refused, no JSON value converted (service/core/bodies.py)."""
 
 
 def _one_line(value: object) -> object:

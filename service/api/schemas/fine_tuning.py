@@ -7,6 +7,7 @@ the adapter name that ``/v1/chat/completions`` accepts as ``model``. FlashTune's
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ from service.jobs.hyperparameters import Hyperparameters, defaults
 from service.jobs.models import Dataset, Job, JobCreate, JobEvent, JobStatus
 
 JOB_PREFIX = "ftjob-"
+_JOB_NUMBER = re.compile(r"0|[1-9][0-9]{0,17}")
 
 
 def timestamp(value: datetime | None) -> int | None:
@@ -24,13 +26,14 @@ def timestamp(value: datetime | None) -> int | None:
 
 
 def job_number(job_id: str | None) -> int | None:
-    """FlashTune's id of ``ftjob-<n>`` (a bare ``<n>`` too); None when it cannot be one."""
+    """FlashTune's id of ``ftjob-<n>`` (a bare ``<n>`` too); None when it cannot be one. ``<n>`` is written one way
+    only, in ASCII digits: ``ftjob-١`` or ``ftjob-01`` is no other name of job 1."""
     number = (job_id or "").removeprefix(JOB_PREFIX)
-    return int(number) if number.isdigit() and len(number) < 19 else None
+    return int(number) if _JOB_NUMBER.fullmatch(number) else None
 
 
 class FineTuneHyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "n_epochs": true is a 422, not 1 epoch
     n_epochs: int | str | None = None  # "auto" or a number
     batch_size: int | str | None = None
     learning_rate_multiplier: float | str | None = None
