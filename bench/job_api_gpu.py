@@ -15,6 +15,14 @@ model instead, to check the script on a CPU.
 and a streamed ``POST /v1/chat/completions`` (Server-Sent Events): time to the first token and tokens/s.
 ``FLASHTUNE_SERVE_MERGED`` (``--serve-merged``, default ``all``) decides whether that goes through the merged
 bf16 copy and its graph-captured decoder or through the adapter on the NF4 base with HF ``generate``.
+
+The T4's plan on a newer card (docs/benchmarks.md, session 11): ``--compute-dtype float16 --cuda-capability 7.5
+--gpu-memory-gib 15`` gives API and worker ``FLASHTUNE_COMPUTE_DTYPE``, ``FLASHTUNE_CUDA_CAPABILITY`` and the
+worker ``FLASHTUNE_GPU_MEMORY_GIB``: fp16 with loss scaling, sdpa with the packed mask instead of flash varlen,
+15 GiB. ``--hide-compiler`` runs API and worker with ``CC=/bin/false`` and an empty Triton cache, as in an image
+without a C compiler: Liger's kernels cannot be built, and the job must succeed on torch's own layers and say so.
+The report holds the epoch and validation losses, whether every tensor of the published adapter is finite, the
+job's tokens/s and peak GPU memory, and the events.
 """
 
 from __future__ import annotations
@@ -135,8 +143,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--serve", action="store_true", help="then measure /analyze and streaming over HTTP")
     parser.add_argument("--serve-merged", default="all", help="FLASHTUNE_SERVE_MERGED for the API (with --serve)")
+    parser.add_argument("--compute-dtype", help="FLASHTUNE_COMPUTE_DTYPE for API and worker (auto, bfloat16, float16)")
+    parser.add_argument("--cuda-capability", help="FLASHTUNE_CUDA_CAPABILITY for API and worker, e.g. 7.5 (a T4)")
+    parser.add_argument("--hide-compiler", action="store_true", help="CC=/bin/false and an empty Triton cache")
+    parser.add_argument("--serve-gpu-memory-gib", type=float, help="FLASHTUNE_SERVE_GPU_MEMORY_GIB for the API")
     parser.add_argument("--out", default=".")
-    parser.add_argument("--name", default="job_api_gpu.json", help="the result file's name under --out")
+    parser.add_argument("--name", help="the result file's name under --out (default: job_api_gpu[_cap].json)")
     return parser.parse_args()
 
 
@@ -154,6 +166,14 @@ def service_env(args: argparse.Namespace, data_dir: Path, model: Path, port: int
     env["FLASHTUNE_JOB_PROCESS_START"] = args.job_process_start
     if args.gpu_memory_gib:
         env["FLASHTUNE_GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
+    if args.compute_dtype:
+        env["FLASHTUNE_COMPUTE_DTYPE"] = args.compute_dtype
+    if args.cuda_capability:
+        env["FLASHTUNE_CUDA_CAPABILITY"] = args.cuda_capability
+    if args.serve_gpu_memory_gib:
+        env["FLASHTUNE_SERVE_GPU_MEMORY_GIB"] = str(args.serve_gpu_memory_gib)
+    if args.hide_compiler:  # Triton takes CC first; a fresh cache holds no launcher built earlier
+        env["CC"], env["TRITON_CACHE_DIR"] = "/bin/false", str(data_dir / "triton-cache-empty")
     if args.serve:  # the API serves adapters of one base: the job's
         env["FLASHTUNE_BASE_MODEL"], env["FLASHTUNE_SERVE_MERGED"] = str(model), args.serve_merged
     return env
@@ -183,15 +203,45 @@ def run_job(client: httpx.Client, args: argparse.Namespace, model: Path, report:
 
 
 def training_figures(adapter_dir: Path, report: dict[str, Any]) -> None:
-    """The published adapter's durations, memory, CUDA plan, accuracy and evaluation time, if it was published."""
+    """The published adapter's durations, memory, CUDA plan, losses, accuracy and evaluation time, and whether its
+    tensors are all finite, if it was published."""
     info_path = adapter_dir / "training_info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
         report["durations"] = info["durations"]
         report["peak_gpu_memory_gib"] = info.get("peak_gpu_memory_gib")
+        report["compute_dtype"] = info.get("compute_dtype")
+        report["skipped_steps"], report["loss_scale"] = info.get("skipped_steps"), info.get("loss_scale")
         report["cuda_plan"] = info.get("cuda_plan")
+        report["losses"] = {k: info["losses"][k] for k in ("epoch_loss", "eval_loss")}
+        report["metrics"] = {k: info["metrics"].get(k) for k in ("base", "adapter")}
         report["adapter_accuracy"] = info["metrics"].get("adapter", {}).get("accuracy")
         report["evaluation_seconds"] = info["metrics"].get("seconds")  # label scoring, generation
+        report["adapter_tensors"] = adapter_tensors(adapter_dir)
+
+
+def adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
+    """How many tensors the adapter file holds, their dtypes, and whether every value is finite."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return {
+        "count": len(tensors),
+        "dtypes": sorted({str(t.dtype) for t in tensors.values()}),
+        "all_finite": all(bool(torch.isfinite(t).all()) for t in tensors.values()),
+        "max_abs": max(float(t.abs().max()) for t in tensors.values()),
+    }
+
+
+def gpu_memory_mib(pid: int) -> int | None:
+    """GPU memory a process holds, as nvidia-smi reports it (its CUDA context included); None if not listed."""
+    import subprocess
+
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    lines = subprocess.run(query, capture_output=True, text=True, check=False).stdout.splitlines()
+    used = {int(a): int(b) for a, b in (line.split(",") for line in lines if line.count(",") == 1)}
+    return used.get(pid)
 
 
 def main() -> None:
@@ -228,12 +278,15 @@ def main() -> None:
             report["progress"] = job.get("progress")
             if args.serve and job["status"] == "succeeded":
                 report["serving"] = measure_serving(client, job["adapter"])
+                report["serving"]["api_gpu_memory_mib"] = gpu_memory_mib(api.pid)
     finally:
         for proc in (worker, api):
             proc.terminate()
             proc.wait(60)
+    if report.get("status") != "succeeded":
+        report["worker_log_tail"] = (data_dir / "worker.log").read_text(errors="replace")[-6000:]
     print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
-    name = "job_api_gpu_cap.json" if args.gpu_memory_gib else args.name
+    name = args.name or ("job_api_gpu_cap.json" if args.gpu_memory_gib else "job_api_gpu.json")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, name).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
 

@@ -313,13 +313,16 @@ def seed_spec(
     memory_cap_gib: float | None = None,
     cuda: CudaOptions = CudaOptions(),
     balanced: bool = True,
+    compute_dtype: str = "auto",
+    cuda_capability: str = "",
     **overrides: Any,
 ) -> TrainingSpec:
     """The job the worker would train on the user's seed instructions: real text through the built-in tokenizer
     (saved beside the checkpoint), duplicates dropped as POST /datasets does, 10% held out as the worker's job
     loads it; the user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v) unless ``overrides`` say
     otherwise. ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``; ``cuda`` and ``balanced`` turn pieces of the CUDA
-    path and the steps' balancing off (``WORKER_RUNS``)."""
+    path and the steps' balancing off (``WORKER_RUNS``); ``compute_dtype`` and ``cuda_capability`` are
+    ``FLASHTUNE_COMPUTE_DTYPE`` and ``FLASHTUNE_CUDA_CAPABILITY``."""
     from service.datasets.store import hold_out
     from service.jobs.hyperparameters import Hyperparameters, resolve
     from service.llm.builtin.model import builtin_tokenizer
@@ -347,6 +350,8 @@ def seed_spec(
         gpu_memory_gib=memory_cap_gib,
         balance_steps=balanced,
         cuda=cuda,
+        compute_dtype=compute_dtype,
+        cuda_capability=cuda_capability,
     )
 
 
@@ -356,9 +361,11 @@ def seed_spec(
 # function for the whole process. ``worker_eager``: no CUDA graphs. ``worker_dequantize_twice``: bitsandbytes' own
 # 4-bit layers, which dequantise each weight in the backward pass again. ``worker_unbalanced``: the steps as
 # shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the worker before session 9).
+# ``worker_fp16``: fp16 with loss scaling on this card's plan; ``worker_t4_plan``: the plan a T4 gets (fp16, sdpa with
+# the packed mask, graphed), within 15 GiB.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
-    ("worker_before", {"cuda": CudaOptions(varlen=False, fused_layers=False, keep_dequantized=False)}),
+    ("worker_before", {"cuda": CudaOptions(varlen=False, fused_layers=False, keep_dequantized=False, graphs=False)}),
     ("graph_exactness", {}),  # not a training run: graph_exactness()
     ("worker_eager", {"cuda": CudaOptions(graphs=False)}),
     ("worker_dequantize_twice", {"cuda": CudaOptions(keep_dequantized=False)}),
@@ -367,6 +374,8 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL_LINEAR}),
     ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
     ("worker_b4", {"batch_size": 4}),
+    ("worker_fp16", {"compute_dtype": "float16"}),
+    ("worker_t4_plan", {"compute_dtype": "float16", "cuda_capability": "7.5", "memory_cap_gib": 15.0}),
 ]
 
 

@@ -133,6 +133,8 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         token_cache_dir=settings.layout.token_cache,
         gpu_memory_gib=settings.gpu_memory_gib,
         compare_with=compare_with,
+        compute_dtype=settings.compute_dtype,
+        cuda_capability=settings.cuda_capability,
     )
 
 

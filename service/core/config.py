@@ -151,6 +151,26 @@ class Settings(BaseSettings):
         description="on CUDA, served Llama-family models use Liger's fused RMSNorm, RoPE and SwiGLU "
         "kernels (where liger-kernel is installed)",
     )
+    serve_gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="GPU memory the API's models may use (the served base, dense NF4 copies, merged copies, "
+        "decoding caches), held to it like a training job to GPU_MEMORY_GIB; default: all that is free",
+    )
+
+    # CUDA compute (training and serving alike; service/llm/modeling.py)
+    compute_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="auto: bf16 where the GPU has it natively (sm80+), else fp16 with dynamic loss scaling "
+        "(T4, V100); or force one",
+    )
+    cuda_capability: str = Field(
+        default="",
+        pattern=r"^([1-9][0-9]?\.[0-9])?$",
+        description="plan the CUDA path as on a GPU of this compute capability, e.g. 7.5 (T4): fp16 under "
+        "compute_dtype auto and no flash-attention varlen kernel; for trying a pre-Ampere path on a newer card. "
+        "Empty: the GPU's own",
+    )
 
     # Limits
     max_upload_bytes: int = 200 * 1024 * 1024

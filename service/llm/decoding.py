@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from service.llm.graph_capture import record
+from service.llm.modeling import free_gpu_bytes
 
 log = logging.getLogger("flashtune.inference")
 CACHE_MULTIPLE = 256
@@ -206,7 +207,7 @@ class GraphDecoder:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         need = 2 * config.num_hidden_layers * rows * length * heads * head_dim * self.model.dtype.itemsize
-        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        free = free_gpu_bytes()  # within the API's GPU budget, if any (FLASHTUNE_SERVE_GPU_MEMORY_GIB)
         if need <= CACHE_FRACTION_OF_FREE * free:
             return True
         log.info(

@@ -1,8 +1,18 @@
 """Loading a base model the same way for training and serving: built-in, hub id or local path.
 
-On CUDA the base is loaded in 4-bit NF4 with double quantisation and bf16 compute (QLoRA) unless the job asks
-for ``quantization: "none"``; elsewhere it is loaded unquantised in float32, because bitsandbytes' 4-bit
-kernels need a GPU. ``describe_load`` says which and why, for the job's events.
+On CUDA the base is loaded in 4-bit NF4 with double quantisation (QLoRA) unless the job asks for
+``quantization: "none"``; elsewhere it is loaded unquantised in float32, because bitsandbytes' 4-bit kernels need a
+GPU. ``plan_load`` says which and why, for the job's ``setup`` event.
+
+The compute dtype on CUDA (``pick_compute_dtype``) is bf16 where the card has it natively (Ampere, sm80, and newer)
+and fp16 elsewhere (T4 sm75, V100 sm70: no bf16 tensor cores, bf16 would run emulated or not at all): activations,
+the NF4 compute dtype and the unquantised modules (embeddings, norms, head) then are fp16, the LoRA weights stay
+float32 and training scales its loss dynamically (``workers.training.cuda.plan``). ``FLASHTUNE_COMPUTE_DTYPE``
+overrides the choice; ``FLASHTUNE_CUDA_CAPABILITY`` (e.g. ``7.5``) plans as on another card, so the T4 path can be
+run on a newer GPU. Training and serving load through the same plan.
+
+bitsandbytes is never imported off CUDA (``plan_load`` hides it from peft, which would import it): on a CPU it
+cannot run 4-bit layers, and importing it there looks for kernels on the Hub and logs warnings.
 
 Where a name leads (``resolve_base_model``): ``builtin`` to the built-in model in ``DATA_DIR/models``; a hub id
 ``org/name`` only ever to its snapshot in the hub cache (``HF_HOME``), never to a folder of that name relative to
@@ -13,8 +23,10 @@ which folders exist); the detail goes to the process's log for the operator.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,8 +71,21 @@ def _load_failed(what: str, name: str, exc: BaseException) -> ModelLoadError:
 class LoadPlan:
     device: str
     quantization: Literal["nf4", "none"]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the compute dtype: activations, NF4 compute, unquantised modules
     reason: str
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 training needs dynamic loss scaling (small gradients underflow in fp16)."""
+        return self.dtype == torch.float16
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_hub_id(name: str) -> bool:
@@ -163,16 +188,81 @@ def pick_device(setting: str) -> str:
     return setting
 
 
-def plan_load(device: str, quantization: str) -> LoadPlan:
+def cuda_capability(override: str = "") -> tuple[int, int]:
+    """The compute capability the CUDA path is planned for: ``override`` (``FLASHTUNE_CUDA_CAPABILITY``, e.g.
+    ``"7.5"``) where given, else the current card's."""
+    if override:
+        major, _, minor = override.partition(".")
+        return int(major), int(minor or 0)
+    card = torch.cuda.get_device_capability()
+    return card[0], card[1]
+
+
+def pick_compute_dtype(setting: str = "auto", capability: str = "") -> tuple[torch.dtype, str]:
+    """The CUDA compute dtype and why: ``setting`` (``FLASHTUNE_COMPUTE_DTYPE``) unless ``auto``; else bf16 where the
+    card has it natively (``torch.cuda.is_bf16_supported(including_emulation=False)``; with a ``capability``
+    override: sm80 or newer), fp16 elsewhere."""
+    if setting in COMPUTE_DTYPES:
+        dtype = COMPUTE_DTYPES[setting]
+        return dtype, f"{DTYPE_NAMES[dtype]} compute (FLASHTUNE_COMPUTE_DTYPE={setting})"
+    if setting != "auto":
+        raise ValueError(f"compute dtype must be auto, bfloat16 or float16, not {setting!r}")
+    major, minor = cuda_capability(capability)
+    card = f"sm{major}{minor}" + (" (FLASHTUNE_CUDA_CAPABILITY)" if capability else "")
+    native = (major, minor) >= (8, 0) if capability else torch.cuda.is_bf16_supported(including_emulation=False)
+    if native:
+        return torch.bfloat16, f"bf16 compute (native on {card})"
+    return torch.float16, f"fp16 compute ({card} has no native bf16)"
+
+
+def plan_load(device: str, quantization: str, compute_dtype: str = "auto", capability: str = "") -> LoadPlan:
+    """How to load the base on ``device``: NF4 or not, and in which dtype (``pick_compute_dtype`` on CUDA, float32
+    elsewhere), with the reason the ``setup`` event shows."""
     if device == "cuda":
+        dtype, why = pick_compute_dtype(compute_dtype, capability)
+        scaled = ", float32 LoRA weights, dynamic loss scaling" if dtype == torch.float16 else ""
         if quantization == "none":
-            return LoadPlan("cuda", "none", torch.bfloat16, "CUDA with quantization 'none': bf16 base, LoRA")
-        return LoadPlan("cuda", "nf4", torch.bfloat16, "CUDA available: 4-bit NF4 base (QLoRA), bf16 compute")
+            return LoadPlan("cuda", "none", dtype, f"CUDA with quantization 'none': unquantised base, {why}{scaled}")
+        return LoadPlan("cuda", "nf4", dtype, f"CUDA available: 4-bit NF4 base (QLoRA), {why}{scaled}")
     if quantization == "nf4":
         raise ModelLoadError(
             "quantization 'nf4' needs a CUDA GPU (bitsandbytes 4-bit); use 'auto' or 'none'", "change quantization"
         )
+    keep_bitsandbytes_out()
     return LoadPlan("cpu", "none", torch.float32, "no CUDA device: plain LoRA on the unquantised float32 base")
+
+
+def keep_bitsandbytes_out(modules: dict[str, Any] = sys.modules) -> bool:  # noqa: B006 - the process's own table
+    """Make ``import bitsandbytes`` fail in this process (peft then treats it as absent), unless it is imported
+    already; returns whether it is kept out. Called on the CPU path, where it cannot run: importing it there
+    looks for kernels on the Hub and logs warnings in every job and server log."""
+    if modules.get("bitsandbytes") is not None:
+        return False
+    modules["bitsandbytes"] = None  # type: ignore[assignment]  # how the import system spells "not importable"
+    return True
+
+
+GIB = 2**30
+_memory_cap: list[int] = []  # bytes this process may hold on the GPU, once capped (cap_gpu_memory)
+
+
+def cap_gpu_memory(cap_gib: float | None) -> None:
+    """Hold this process to ``cap_gib`` of GPU memory (``FLASHTUNE_GPU_MEMORY_GIB`` for a training job,
+    ``FLASHTUNE_SERVE_GPU_MEMORY_GIB`` for the API): beyond it torch raises out-of-memory, whatever the card has
+    free. None: no cap."""
+    if cap_gib is None:
+        return
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction(min(cap_gib * GIB / total, 1.0))
+    _memory_cap[:] = [int(cap_gib * GIB)]
+
+
+def free_gpu_bytes() -> int:
+    """GPU memory this process can still take: free on the card plus its allocator's unused cache, within its cap."""
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if _memory_cap:
+        free = min(free, _memory_cap[0] - torch.cuda.memory_allocated())
+    return max(free, 0)
 
 
 def load_tokenizer(source: str) -> Any:
@@ -201,7 +291,7 @@ def load_model(source: str, plan: LoadPlan, public_name: str | None = None) -> A
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=plan.dtype,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # a multi-GPU rank has set its own device
     try:
@@ -215,9 +305,9 @@ def load_model(source: str, plan: LoadPlan, public_name: str | None = None) -> A
 
 
 def fuse_layers(model: Any) -> bool:
-    """Swap in Liger's fused RMSNorm, RoPE and SwiGLU kernels where liger-kernel is installed and supports the model
-    type (CUDA only). Liger also patches transformers' module for that model type, so later models of the type in
-    this process get the kernels too."""
+    """Swap in Liger's fused RMSNorm, RoPE and SwiGLU kernels where liger-kernel is installed, supports the model
+    type and its Triton kernels build and run here (``liger_problem``; CUDA only). Liger also patches transformers'
+    module for that model type, so later models of the type in this process get the kernels too."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -225,10 +315,53 @@ def fuse_layers(model: Any) -> bool:
         return False
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return False
-    # Liger warns, on every model, that its optional CuTe-DSL and Ascend backends are missing; its Triton kernels
-    # are the ones used here.
-    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+    problem = liger_problem(model.dtype)
+    if problem is not None:
+        log.warning("Liger's fused kernels are off: %s", problem)
+        return False
     _apply_liger_kernel_to_instance(
         model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
     return True
+
+
+@functools.cache
+def liger_problem(dtype: torch.dtype) -> str | None:
+    """None where Liger's kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) build and run on this GPU in
+    ``dtype``, forward and backward, on tiny tensors; else why not (not installed, or a kernel that fails to warm
+    up). Triton compiles a small C launcher with the machine's C compiler on first use: without one (or without
+    Python's headers) every kernel fails, and the CUDA path then runs without them rather than not at all."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError as exc:
+        return f"liger-kernel is not installed ({exc})"
+    # Liger warns, on every model, that its optional CuTe-DSL and Ascend backends are missing; its Triton kernels
+    # are the ones used here.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+    try:
+        _warm_liger(dtype, LigerRMSNorm, liger_rotary_pos_emb, LigerSwiGLUMLP, LigerFusedLinearCrossEntropyLoss)
+    except Exception as exc:  # noqa: BLE001 - any failure means: run without them
+        return f"a Liger kernel failed to warm up: {type(exc).__name__}: {str(exc).strip()[:300]}"
+    return None
+
+
+def _warm_liger(dtype: torch.dtype, norm: Any, rope: Any, mlp: Any, fused_ce: Any) -> None:
+    """One forward and backward pass of each Liger kernel the CUDA path uses, on tiny tensors."""
+    from types import SimpleNamespace
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+
+    x = leaf(4, 64)
+    norm(64).to("cuda", dtype)(x).sum().backward()
+    q, k = leaf(1, 2, 4, 64), leaf(1, 2, 4, 64)
+    cos, sin = torch.ones(1, 4, 64, device="cuda", dtype=dtype), torch.zeros(1, 4, 64, device="cuda", dtype=dtype)
+    sum(t.float().sum() for t in rope(q, k, cos, sin)).backward()
+    config = SimpleNamespace(hidden_size=64, intermediate_size=128, hidden_act="silu")
+    mlp(config).to("cuda", dtype)(x).float().sum().backward()
+    head = leaf(128, 64)
+    fused_ce(reduction="sum")(head, leaf(4, 64), torch.tensor([1, 2, 3, -100], device="cuda")).backward()
+    torch.cuda.synchronize()

@@ -29,12 +29,19 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from service.core.config import Settings
 from service.core.layout import AdapterRef
 from service.core.training_info import calibration_temperature, read_training_info
-from service.llm.modeling import fuse_layers, load_model, load_tokenizer, pick_device, plan_load, resolve_base_model
+from service.llm.modeling import (
+    cap_gpu_memory,
+    free_gpu_bytes,
+    fuse_layers,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    plan_load,
+    resolve_base_model,
+)
 from service.llm.nf4 import keep_dense_copies, nf4_layers
 from service.llm.prompts import DEFAULT_INSTRUCTION
 from service.llm.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, write_analyses
@@ -128,15 +135,19 @@ class ModelServer:
         """A freshly loaded base as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``) and
         an NF4 base's weights kept dequantised where memory allows (``serve_dense_nf4``, service/llm/nf4.py)."""
         source = resolve_base_model(self.base_model, self.settings)
-        model = load_model(source, plan_load(pick_device(self.settings.device), quantization)).eval()
+        settings, device = self.settings, pick_device(self.settings.device)
+        if device == "cuda":  # the API's share of a GPU it may share with a worker (FLASHTUNE_SERVE_GPU_MEMORY_GIB)
+            cap_gpu_memory(settings.serve_gpu_memory_gib)
+        plan = plan_load(device, quantization, settings.compute_dtype, settings.cuda_capability)  # fp16 on a T4
+        model = load_model(source, plan).eval()
         if model.device.type != "cuda":
             return model
         if self.settings.fused_kernels:
             fuse_layers(model)
         layers = nf4_layers(model) if self.settings.serve_dense_nf4 else []
         if layers:
-            kept = keep_dense_copies(layers, torch.cuda.mem_get_info()[0])
-            log.info("NF4 base: %s", "bf16 copies of its weights kept" if kept else "dequantised per pass (no room)")
+            kept = keep_dense_copies(layers, free_gpu_bytes())
+            log.info("NF4 base: %s", "dense copies of its weights kept" if kept else "dequantised per pass (no room)")
         return model
 
     def release(self) -> None:

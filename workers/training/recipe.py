@@ -30,7 +30,15 @@ from service.datasets.tokens import describe as describe_token_stats
 from service.datasets.tokens import token_stats
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Progress
-from service.llm.modeling import LoadPlan, load_model, load_tokenizer, pick_device, plan_load, public_base_name
+from service.llm.modeling import (
+    LoadPlan,
+    cuda_capability,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    plan_load,
+    public_base_name,
+)
 from workers.training import artifacts, checkpoints, incumbent
 from workers.training.batches import Batch, StepBatches, collate_all, truncate
 from workers.training.distributed import SINGLE, Distributed
@@ -74,10 +82,16 @@ class Run:
     start_step: int  # 0, or the checkpoint's step when resumed
     started: float  # time.monotonic() when setup began
     durations: dict[str, float] = field(default_factory=dict)  # load, setup, train seconds so far
+    skipped_steps: int = 0  # fp16: optimizer steps skipped because the scaled gradients overflowed
 
     @property
     def device(self) -> str:
         return self.plan.device
+
+    @property
+    def scaler(self) -> Any:
+        """fp16 (pre-Ampere cards): the dynamic loss scaler of the CUDA plan; None otherwise."""
+        return None if self.cuda is None else self.cuda.scaler
 
     @property
     def total_steps(self) -> int:
@@ -99,8 +113,10 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
     batches, val_rows = tokenized(spec, tokenizer, hooks, dist)
     cuda = None
     if plan.device == "cuda":  # padding-free packed rows, sized to the free memory (workers/training/cuda/plan.py)
-        cuda = _plan_cuda(model, batches, spec)
+        cuda = _plan_cuda(model, batches, spec, plan.dtype)
         hooks.on_event("cuda_plan", cuda.describe(), cuda.summary())
+        for note in cuda.fallbacks:
+            hooks.on_event("fallback", note, {"fallback": note})
         batches = batches.packed_by(cuda.pack)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cuda is not None and cuda.graphed is not None:  # see Run.keeps_grads
@@ -135,8 +151,9 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
 
 def _load(spec: TrainingSpec, hooks: Hooks) -> tuple[LoadPlan, Any, Any]:
     """The load plan, the tokenizer and the base with LoRA attached (seeded: LoRA's initial weights are the seed's)."""
-    plan = plan_load(pick_device(spec.device), spec.hp.quantization)
-    hooks.on_event("setup", f"{plan.reason}", {"device": plan.device, "quantization": plan.quantization})
+    plan = plan_load(pick_device(spec.device), spec.hp.quantization, spec.compute_dtype, spec.cuda_capability)
+    data = {"device": plan.device, "quantization": plan.quantization, "compute_dtype": plan.dtype_name}
+    hooks.on_event("setup", f"{plan.reason}", data)
     if not spec.train:
         raise TrainingError("the dataset has no training examples", hint="upload a dataset with examples")
     torch.manual_seed(spec.hp.seed)
@@ -169,7 +186,7 @@ def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
     from peft import LoraConfig, get_peft_model
 
     # No prepare_model_for_kbit_training on the NF4 base: its fp32 copies of norms, embeddings and head and its
-    # unconditional gradient checkpointing cost ~3x the speed (docs/benchmarks.md); bf16 autocast is enough, and
+    # unconditional gradient checkpointing cost ~3x the speed (docs/benchmarks.md); autocast is enough, and
     # workers.training.cuda.plan turns checkpointing on only when memory requires it.
     config = LoraConfig(
         r=hp.lora_r,
@@ -179,7 +196,7 @@ def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise TrainingError(
@@ -187,17 +204,22 @@ def attach_lora(model: Any, hp: ResolvedHyperparameters, plan: LoadPlan) -> Any:
             hint=f"set hyperparameters.target_modules to linear layers of this model, e.g. {names[:10]}",
             type="invalid_hyperparameters",
         ) from exc
+    for param in model.parameters():  # peft keeps LoRA weights in float32; loss scaling (fp16) relies on it
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
-def _plan_cuda(model: Any, batches: StepBatches, spec: TrainingSpec) -> CudaPlan:
+def _plan_cuda(model: Any, batches: StepBatches, spec: TrainingSpec, dtype: torch.dtype) -> CudaPlan:
     """The CUDA plan for this rank's packed micro-batches: at most one step's share of tokens, or the recipe's
     micro-batch of full-length rows, whichever is less."""
-    from workers.training.cuda.plan import plan_cuda
+    from workers.training.cuda.plan import Compute, plan_cuda
 
     hp = spec.hp
     micro_tokens = min(batches.max_step_tokens(hp.epochs), hp.micro_batch_size * hp.max_length)
+    compute = Compute(dtype, cuda_capability(spec.cuda_capability))
     return plan_cuda(
-        model, micro_tokens, hp.max_length, batches.pad_id, hp.batch_size, spec.gpu_memory_gib, options=spec.cuda
+        model, micro_tokens, hp.max_length, batches.pad_id, hp.batch_size, spec.gpu_memory_gib, spec.cuda, compute
     )
 
 
@@ -230,37 +252,50 @@ def fit(run: Run) -> None:
     pace = Pace()
     micro = run.batches(run.start_step) if run.start_step < run.total_steps else []
     for step in range(run.start_step, run.total_steps):
-        loss, tokens = optimizer_step(run, micro)
+        loss, tokens, overflowed = optimizer_step(run, micro)
         pace.tokens_seen += tokens
         micro = run.batches(step + 1) if step + 1 < run.total_steps else []  # while the GPU finishes this step
-        after_step(run, pace, step + 1, float(loss))
+        after_step(run, pace, step + 1, float(loss), overflowed is not None and bool(overflowed))
     run.durations["train_seconds"] = time.monotonic() - pace.started
 
 
-def optimizer_step(run: Run, micro: list[Batch] | list[PackedBatch]) -> tuple[torch.Tensor, int]:
+def optimizer_step(run: Run, micro: list[Batch] | list[PackedBatch]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """One optimizer step over this rank's micro-batches (gradients accumulated, then summed over ranks): the step's
-    loss, a tensor not yet read, and its tokens, all ranks together."""
+    loss, a tensor not yet read, its tokens, all ranks together, and (fp16, loss scaling) whether its gradients
+    overflowed, also a tensor not yet read: that step was skipped (``GradScaler``). The scheduler steps in
+    ``after_step``, once that is known."""
     denominator = run.dist.sum_int(sum(b.num_target_tokens for b in micro))  # the step's target tokens, all ranks
-    loss_sum, tokens = torch.zeros((), device=run.device), 0
+    loss_sum, tokens, scaler = torch.zeros((), device=run.device), 0, run.scaler
     for batch in micro:
         if isinstance(batch, PackedBatch):
             assert run.cuda is not None
             loss, batch_tokens = run.cuda.loss(run.model, batch, denominator), batch.num_real_tokens
         else:
             loss, batch_tokens = step_loss(run.model, batch, run.device, denominator), batch.num_tokens
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += loss.detach()  # a tensor: reading it per micro-batch would stall the GPU each time
         tokens += batch_tokens
     loss_sum, tokens = run.dist.reduce_step(run.trainable, loss_sum, tokens)  # summed over ranks
-    torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
-    run.optimizer.step()
-    run.scheduler.step()
+    overflowed = None
+    if scaler is None:
+        torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+        run.optimizer.step()
+    else:  # every rank holds the same summed gradients, so every rank skips the same steps
+        scaler.unscale_(run.optimizer)
+        overflowed = ~torch.isfinite(torch.nn.utils.clip_grad_norm_(run.trainable, 1.0))
+        scaler.step(run.optimizer)  # skipped where the gradients hold inf or NaN
+        scaler.update()
     run.optimizer.zero_grad(set_to_none=not run.keeps_grads)
-    return loss_sum, tokens
+    return loss_sum, tokens, overflowed
 
 
-def after_step(run: Run, pace: Pace, done: int, loss: float) -> None:
-    """Record and report step ``done``; at an epoch's end the validation loss; checkpoint when due or stopping."""
+def after_step(run: Run, pace: Pace, done: int, loss: float, skipped: bool = False) -> None:
+    """Record and report step ``done`` (``skipped``: its fp16 gradients overflowed, the weights and the learning-rate
+    schedule stay where they were); at an epoch's end the validation loss; checkpoint when due or stopping."""
+    if skipped:
+        _report_skipped(run, done)
+    else:
+        run.scheduler.step()
     run.history["step_loss"].append([done, round(loss, 5)])
     pace.epoch_losses.append(loss)
     progress = _progress(run, pace, done, loss)
@@ -277,6 +312,17 @@ def after_step(run: Run, pace: Pace, done: int, loss: float) -> None:
         run.hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
     if stop:
         raise Interrupted(f"stopped at step {done}")
+
+
+def _report_skipped(run: Run, done: int) -> None:
+    """An event for an optimizer step that fp16 loss scaling skipped (its gradients overflowed)."""
+    run.skipped_steps += 1
+    scale = float(run.scaler.get_scale())
+    run.hooks.on_event(
+        "skipped_step",
+        f"step {done} skipped: fp16 gradients overflowed; the loss scale is now {scale:g}",
+        {"step": done, "loss_scale": scale, "skipped_steps": run.skipped_steps},
+    )
 
 
 def _progress(run: Run, pace: Pace, done: int, loss: float) -> Progress:
@@ -386,8 +432,12 @@ def _training_info(run: Run, metrics: dict[str, Any], durations: dict[str, float
         "versions": _versions(),
         **spec.extra_info,
     }
+    info["compute_dtype"] = plan.dtype_name
     if run.cuda is not None:
         info["cuda_plan"] = run.cuda.summary()
+        if run.scaler is not None:
+            info["skipped_steps"] = run.skipped_steps
+            info["loss_scale"] = float(run.scaler.get_scale())
         info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return info
 

@@ -8,11 +8,12 @@ launches all of a pass's kernels at once.
 
 What it takes, checked by :func:`capture` (otherwise the job runs eagerly and its ``cuda_plan`` event says why):
 
-- A Llama-family layout (``model.embed_tokens``, ``rotary_emb``, ``layers``, ``norm``) and varlen attention
-  (``workers.training.packing.varlen_attention``): the layers then take only tensors of fixed shapes. Every row of the
-  job
-  is padded to one length, and the sample boundaries to a fixed count with empty segments at the end; there is
-  no mask to build and nothing that waits on the GPU.
+- A Llama-family layout (``model.embed_tokens``, ``rotary_emb``, ``layers``, ``norm``): the layers then take only
+  tensors of fixed shapes. Every row of the job is padded to one length, and the sample boundaries to a fixed count
+  with empty segments at the end. With varlen attention (``workers.training.packing.varlen_attention``, sm80+) the
+  boundaries go to the kernel; with sdpa (T4, V100: no flash-attention varlen kernel) the stack turns them into the
+  block-diagonal causal mask on the GPU, once per pass (:func:`block_causal_bias`), so nothing waits on the host
+  there either.
 - No gradient checkpointing.
 
 Training passes (gradients on, model in train mode) replay the forward and backward graphs. The validation loss at
@@ -37,26 +38,41 @@ from service.llm.graph_capture import record
 from workers.training.packing import PackedBatch
 
 
-class DecoderStack(torch.nn.Module):
-    """The decoder layers as one module of tensor arguments (the model's own layers, not copies)."""
+def block_causal_bias(bounds: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask ``[1, 1, T, T]`` of a packed row whose segments end at ``bounds[1:]`` (empty
+    segments allowed): 0 where a token may attend (same segment, not after it), the dtype's minimum elsewhere. Built
+    on the GPU without reading anything back, so it can be captured in a graph."""
+    positions = torch.arange(tokens, device=bounds.device, dtype=bounds.dtype)
+    segment = torch.searchsorted(bounds[1:].contiguous(), positions, right=True)
+    allowed = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=bounds.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=bounds.device), blocked)[None, None]
 
-    def __init__(self, layers: torch.nn.ModuleList, row_tokens: int) -> None:
+
+class DecoderStack(torch.nn.Module):
+    """The decoder layers as one module of tensor arguments (the model's own layers, not copies). ``attention``:
+    ``varlen`` hands the boundaries to the varlen kernel; ``sdpa`` builds the block-diagonal mask from them."""
+
+    def __init__(self, layers: torch.nn.ModuleList, row_tokens: int, attention: str = "varlen") -> None:
         super().__init__()
         self.layers = layers
         self.row_tokens = row_tokens  # varlen's longest-segment bound: fixed, so it can be baked into the graph
+        self.attention = attention
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         longest = self.row_tokens
+        if self.attention == "sdpa":  # one mask for every layer: they save the same tensor for their backward
+            packed: dict[str, Any] = {"attention_mask": block_causal_bias(bounds, hidden.shape[1], hidden.dtype)}
+        else:
+            packed = {
+                "attention_mask": None,
+                "cu_seq_lens_q": bounds,
+                "cu_seq_lens_k": bounds,
+                "max_length_q": longest,
+                "max_length_k": longest,
+            }
         for layer in self.layers:
-            out = layer(
-                hidden,
-                attention_mask=None,
-                position_embeddings=(cos, sin),
-                cu_seq_lens_q=bounds,
-                cu_seq_lens_k=bounds,
-                max_length_q=longest,
-                max_length_k=longest,
-            )
+            out = layer(hidden, position_embeddings=(cos, sin), **packed)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
@@ -117,8 +133,9 @@ class GraphedDecoder:
         return inner.norm(layers(hidden, cos, sin, self.bounds(batch)))[0]
 
 
-def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
-    """Graph the decoder layers of ``model`` (a PeftModel) for rows of ``row_tokens`` tokens; raises if it cannot.
+def capture(model: Any, row_tokens: int, max_segments: int, attention: str = "varlen") -> GraphedDecoder:
+    """Graph the decoder layers of ``model`` (a PeftModel) for rows of ``row_tokens`` tokens, with ``attention``
+    (``varlen`` or ``sdpa``, as the model is set up); raises if it cannot.
 
     Call under the autocast the loop uses, with its cache off (a cached cast would outlive the graph's inputs).
     """
@@ -127,22 +144,21 @@ def capture(model: Any, row_tokens: int, max_segments: int) -> GraphedDecoder:
     model.train()  # LoRA dropout is recorded into the graph only if it is active while capturing
     if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
         raise ValueError(f"{type(lm).__name__} has no Llama-style decoder to graph")
-    stack = DecoderStack(inner.layers, row_tokens)
+    stack = DecoderStack(inner.layers, row_tokens, attention)
     hidden = torch.zeros(1, row_tokens, lm.config.hidden_size, device="cuda", dtype=inner.embed_tokens.weight.dtype)
     cos, sin = inner.rotary_emb(hidden, torch.arange(row_tokens, device="cuda").unsqueeze(0))
     bounds = torch.tensor([0] + [row_tokens] * max_segments, dtype=torch.int32, device="cuda")
     graphed = torch.cuda.make_graphed_callables(stack, (hidden, cos, sin, bounds))
-    return GraphedDecoder(
-        lm, graphed, row_tokens, max_segments, _forward_only(model, row_tokens, hidden, cos, sin, bounds)
-    )
+    forward_only = _forward_only(model, row_tokens, attention, hidden, cos, sin, bounds)
+    return GraphedDecoder(lm, graphed, row_tokens, max_segments, forward_only)
 
 
-def _forward_only(model: Any, row_tokens: int, *example: torch.Tensor) -> ForwardOnly | None:
+def _forward_only(model: Any, row_tokens: int, attention: str, *example: torch.Tensor) -> ForwardOnly | None:
     """The forward-only graph of the validation loss, or None (the validation loss then runs eagerly; training
     keeps its graphs). A stack of its own: make_graphed_callables replaced the training stack's forward."""
     model.eval()
     try:
-        return ForwardOnly(DecoderStack(model.get_base_model().model.layers, row_tokens), *example)
+        return ForwardOnly(DecoderStack(model.get_base_model().model.layers, row_tokens, attention), *example)
     except Exception:  # noqa: BLE001 - an optimisation of the validation loss only
         torch.cuda.empty_cache()
         return None

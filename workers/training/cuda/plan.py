@@ -1,8 +1,15 @@
 """The CUDA training path's choices, made once per job after the model is loaded.
 
-On a GPU the worker trains padding-free packed rows (``workers.training.packing``) in bf16 autocast. What else pays off
-depends on the model and the memory left after loading it, so it is decided here, up front, and reported in the
-job's ``cuda_plan`` event:
+On a GPU the worker trains padding-free packed rows (``workers.training.packing``) under autocast in the load plan's
+compute dtype (``service.llm.modeling.pick_compute_dtype``). What else pays off depends on the card, the model and
+the memory left after loading it, so it is decided here, up front, and reported in the job's ``cuda_plan`` event:
+
+- **bf16 or fp16.** bf16 where the card has it natively (sm80+). On a T4 (sm75) or V100 (sm70) the activations and
+  the NF4 compute are fp16, the LoRA weights stay float32, and the loss is scaled dynamically
+  (``torch.amp.GradScaler``): gradients are computed on the loss times a scale, unscaled before clipping, and a step
+  whose gradients overflowed is skipped (the scale halves; the recipe reports each skipped step as an event), the
+  scale doubling again after 2,000 clean steps. Everything else below works on sm70/75 too, except the
+  flash-attention varlen kernel, which the plan replaces by sdpa with the exact block-diagonal mask.
 
 - **Micro-batch size in tokens.** As many packed tokens per forward pass as the free memory holds, up to the
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
@@ -10,20 +17,24 @@ job's ``cuda_plan`` event:
   activation memory per token is measured on the 7B shape (~5.2 MB per token without checkpointing).
 - **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
   forward costs ~1/3 more compute.
-- **Fused linear cross-entropy** (Liger) when importable: the ``T x vocab`` logits are never materialised
-  (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
+- **Fused linear cross-entropy** (Liger) when importable and its kernels warm up: the ``T x vocab`` logits are never
+  materialised (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
 - **Liger's RMSNorm, RoPE and SwiGLU kernels** when importable (Llama-family models): one fused kernel where
   transformers launches five to ten. They cut GPU work; their Triton launches cost more host time than
-  transformers' kernels, which only CUDA graphs (below) take off the step (docs/benchmarks.md).
+  transformers' kernels, which only CUDA graphs (below) take off the step (docs/benchmarks.md). Liger's Triton
+  kernels are compiled on first use, which needs a C compiler and Python's headers: where a tiny warm-up of each
+  fails (``service.llm.modeling.liger_problem``), the job runs on torch's own layers and cross-entropy instead,
+  and its ``cuda_plan`` and ``fallback`` events say why.
 - **Attention confined to each sample.** On GPUs with flash attention (sm80+) torch's varlen kernel takes the
   samples' boundaries (``workers.training.packing.varlen_attention``): only each sample's own causal triangle is
   computed. Elsewhere sdpa with the block-diagonal mask the packed position ids give (exact,
   ``tests/unit/test_packing.py``); there every row is padded to one length per job, rounded up to 64 tokens (the filler
   has its own positions and no loss), so cuDNN plans its attention once, in the warm-up pass, not once per row
   length. flex attention was measured too: ~3% faster per step than sdpa, but ~40 s of compilation per job.
-- **CUDA graphs** for the decoder layers when attention is varlen and no checkpointing is needed
-  (``workers.training.cuda.graphs``): the eager loop is bound by kernel launches, not by the GPU. Every row is then
-  padded to the job's one length, as for sdpa. The validation loss at each epoch's end replays a forward-only graph.
+- **CUDA graphs** for the decoder layers when no checkpointing is needed (``workers.training.cuda.graphs``; with
+  varlen or with sdpa and the packed mask built on the GPU): the eager loop is bound by kernel launches, not by the
+  GPU. Every row is then padded to the job's one length. The validation loss at each epoch's end replays a
+  forward-only graph.
 - **Each NF4 weight dequantised once per pass** when memory allows: bitsandbytes dequantises a 4-bit weight in
   the forward pass and again in the backward pass (for the input's gradient). Where the bf16 copies of the weights
   (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose anyway, the forward's copy is kept for the
@@ -35,6 +46,8 @@ job's ``cuda_plan`` event:
 ``CudaOptions`` (``workers.training.spec``, carried by the ``TrainingSpec``) can turn varlen attention, the Liger
 layer kernels, the kept dequantised weights and the graphs off and set the rows' rounding; the worker uses the
 defaults, the GPU benchmark (``bench/train_gpu.py``) the others, to measure what each piece is worth.
+``FLASHTUNE_CUDA_CAPABILITY`` (the spec's ``cuda_capability``) plans as on another card: ``7.5`` on an H100 gives the
+T4's plan (fp16, no varlen), which is how that path is measured without a T4 (docs/benchmarks.md).
 
 Nothing here is imported on the CPU path.
 """
@@ -46,7 +59,7 @@ from typing import Any
 
 import torch
 
-from service.llm.modeling import fuse_layers
+from service.llm.modeling import DTYPE_NAMES, cap_gpu_memory, fuse_layers, liger_problem
 from service.llm.nf4 import dequantize, dequantized_bytes, nf4_layers
 from workers.training.cuda.graphs import GraphedDecoder, capture
 from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
@@ -74,18 +87,25 @@ class CudaPlan:
     free_gib: float  # memory the plan was sized for (free after loading, or the cap's share)
     graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training and validation passes)
     graphs_note: str = ""  # why there are no graphs, when there are none
-    kept_dequantized: int = 0  # NF4 layers whose forward keeps the bf16 weight for the backward
+    kept_dequantized: int = 0  # NF4 layers whose forward keeps the dense weight for the backward
+    dtype: torch.dtype = torch.bfloat16  # the autocast dtype of every pass
+    scaler: Any = None  # fp16: the torch.amp.GradScaler of the job's optimizer steps
+    capability: tuple[int, int] = (9, 0)  # the compute capability the plan was made for
+    attention_note: str = ""  # why not varlen, when not
+    fallbacks: tuple[str, ...] = ()  # fused pieces that failed to warm up, and what runs instead
 
     def describe(self) -> str:
+        scaled = " with dynamic loss scaling" if self.scaler is not None else ""
         return (
             f"packed micro-batches of up to {self.micro_tokens} tokens, "
             f"{'with' if self.gradient_checkpointing else 'no'} gradient checkpointing, "
-            f"{self.attention} attention, "
+            f"{self.attention} attention{f' ({self.attention_note})' if self.attention_note else ''}, "
             f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
             f"{'Liger RMSNorm/RoPE/SwiGLU, ' if self.fused_layers else ''}"
             f"{self._graphs_described()}, "
             f"{'NF4 weights dequantised once per pass, ' if self.kept_dequantized else ''}"
-            f"bf16 autocast ({self.free_gib:.1f} GiB for activations after loading)"
+            f"{DTYPE_NAMES[self.dtype]} autocast{scaled} on sm{self.capability[0]}{self.capability[1]} "
+            f"({self.free_gib:.1f} GiB for activations after loading)" + "".join(f"; {note}" for note in self.fallbacks)
         )
 
     def _graphs_described(self) -> str:
@@ -107,6 +127,11 @@ class CudaPlan:
             "graphs_note": self.graphs_note,
             "free_gib": round(self.free_gib, 2),
             "kept_dequantized": self.kept_dequantized,
+            "compute_dtype": DTYPE_NAMES[self.dtype],
+            "loss_scaling": self.scaler is not None,
+            "capability": f"{self.capability[0]}.{self.capability[1]}",
+            "attention_note": self.attention_note,
+            "fallbacks": list(self.fallbacks),
         }
 
     def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
@@ -115,7 +140,7 @@ class CudaPlan:
     def loss(self, model: Any, batch: PackedBatch, denominator: int) -> torch.Tensor:
         """A packed row's loss: training rows replay the graphs; validation rows (eval mode, no gradients) replay
         the forward-only graph where they fit it; anything else runs eagerly."""
-        with bf16_autocast():
+        with compute_autocast(self.dtype):
             hidden, graphed = None, self.graphed
             if graphed is not None and model.training and torch.is_grad_enabled():
                 hidden = graphed.hidden(batch)
@@ -129,10 +154,10 @@ class CudaPlan:
             return packed_loss(model, batch, "cuda", denominator, self.fused_ce, hidden)
 
 
-def bf16_autocast() -> torch.autocast:
+def compute_autocast(dtype: torch.dtype = torch.bfloat16) -> torch.autocast:
     """The autocast of every CUDA training pass and of graph capture. No cast cache: a graph is captured under it,
     and a cached cast would outlive its input."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
 
 def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
@@ -166,14 +191,14 @@ def liger_fused_ce() -> Any:
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
-def varlen_available() -> bool:
+def varlen_available(capability: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> bool:
     """torch's flash-attention varlen kernel (torch >= 2.10, sm80+), probed with a tiny forward and backward."""
-    if torch.cuda.get_device_capability() < (8, 0):
+    if capability < (8, 0):
         return False
     try:
         from workers.training.packing import _causal_varlen_attn
 
-        q = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(16, 2, 64, device="cuda", dtype=dtype, requires_grad=True)
         bounds = torch.tensor([0, 8, 16], device="cuda", dtype=torch.int32)
         _causal_varlen_attn()(q, q, q, bounds, bounds, 8, 8).sum().backward()
     except Exception:  # noqa: BLE001 - missing, or no backward in this torch: sdpa it is
@@ -184,10 +209,10 @@ def varlen_available() -> bool:
 def free_memory(cap_gib: float | None) -> int:
     """Bytes free for this job's activations; with a cap, the process is held to it (beyond it: OOM and retry)."""
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info()
+    free = torch.cuda.mem_get_info()[0]
     if cap_gib is None:
         return free
-    torch.cuda.set_per_process_memory_fraction(min(cap_gib * GIB / total, 1.0))
+    cap_gpu_memory(cap_gib)
     return max(min(free, int(cap_gib * GIB) - torch.cuda.memory_reserved()), 0)
 
 
@@ -221,15 +246,26 @@ def keep_dequantized_weights(layers: list[Any]) -> int:
     return len(layers)
 
 
-def graph_decoder(model: Any, row_tokens: int, max_samples: int) -> tuple[GraphedDecoder | None, str]:
+def graph_decoder(
+    model: Any, row_tokens: int, max_samples: int, attention: str, dtype: torch.dtype
+) -> tuple[GraphedDecoder | None, str]:
     """Capture the decoder layers as CUDA graphs, or say why not (the job then runs eagerly)."""
     try:
-        with bf16_autocast():
-            return capture(model, row_tokens, max_samples + 1), ""  # + 1: the row's filler segment
+        with compute_autocast(dtype):
+            return capture(model, row_tokens, max_samples + 1, attention), ""  # + 1: the row's filler segment
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: report and train eagerly
         return None, f"no CUDA graphs: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What the plan is made for: the autocast dtype (the load plan's) and the card's compute capability (or the
+    one ``FLASHTUNE_CUDA_CAPABILITY`` names)."""
+
+    dtype: torch.dtype = torch.bfloat16
+    capability: tuple[int, int] = (9, 0)
 
 
 def plan_cuda(
@@ -240,14 +276,14 @@ def plan_cuda(
     max_samples: int,
     memory_cap_gib: float | None = None,
     options: CudaOptions = CudaOptions(),
+    compute: Compute = Compute(),
 ) -> CudaPlan:
     """Decide the CUDA path for this model and job (see the module docstring), within what ``options`` allow.
 
     ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
     base = model.get_base_model()
-    fused_ce = liger_fused_ce()
-    fused_layers = options.fused_layers and fuse_layers(base)
-    attention = set_attention(base, varlen=options.varlen)
+    fused_ce, fused_layers, fallbacks = _liger(base, compute.dtype, options.fused_layers)
+    attention, attention_note = set_attention(base, options.varlen, compute)
     free = free_memory(memory_cap_gib)
     micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
     kept = 0
@@ -257,26 +293,61 @@ def plan_cuda(
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     row_tokens = -(-micro_tokens // options.row_multiple) * options.row_multiple  # one row length: sdpa and graphs
-    graphed, note = None, "needs varlen attention" if attention != "varlen" else "needs no checkpointing"
-    if attention == "varlen" and not checkpointing:
-        graphed, note = graph_decoder(model, row_tokens, max_samples) if options.graphs else (None, "turned off")
+    graphed, note = None, "needs no checkpointing" if checkpointing else "turned off"
+    if not checkpointing and options.graphs:
+        graphed, note = graph_decoder(model, row_tokens, max_samples, attention, compute.dtype)
     # sdpa and graphs: every row padded to the one length; eager varlen: only to a multiple of 8
     row_multiple = row_tokens if attention == "sdpa" or graphed is not None else VARLEN_ROW_MULTIPLE
+    scaler = torch.amp.GradScaler("cuda") if compute.dtype == torch.float16 else None
     plan = CudaPlan(
-        micro_tokens, row_multiple, attention, checkpointing, fused_ce, fused_layers, free / GIB, graphed, note, kept
+        micro_tokens,
+        row_multiple,
+        attention,
+        checkpointing,
+        fused_ce,
+        fused_layers,
+        free / GIB,
+        graphed,
+        note,
+        kept,
+        compute.dtype,
+        scaler,
+        compute.capability,
+        attention_note,
+        fallbacks,
     )
     warm_up(plan, model, micro_tokens, pad_id)
     return plan
 
 
-def set_attention(base: Any, varlen: bool) -> str:
-    """Varlen attention where allowed and the GPU has it, else sdpa with the packed mask; returns which."""
-    if varlen and varlen_available():
+def _liger(base: Any, dtype: torch.dtype, layers: bool) -> tuple[Any, bool, tuple[str, ...]]:
+    """(fused cross-entropy or None, Liger layer kernels swapped in?, fallback notes): Liger's pieces where its
+    kernels warm up on this GPU in ``dtype``; torch's own otherwise, with a note that says why."""
+    fused_ce = liger_fused_ce()
+    if fused_ce is None:  # not installed: nothing to fall back from
+        return None, False, ()
+    problem = liger_problem(dtype)
+    if problem is not None:
+        return None, False, (f"Liger kernels off, torch layers and cross-entropy instead: {problem}",)
+    return fused_ce, layers and fuse_layers(base), ()
+
+
+def set_attention(base: Any, varlen: bool, compute: Compute = Compute()) -> tuple[str, str]:
+    """Varlen attention where allowed and the GPU has it, else sdpa with the packed mask; returns which, and why
+    not varlen when not."""
+    if varlen and varlen_available(compute.capability, compute.dtype):
         register_varlen_attention()
         base.set_attn_implementation(VARLEN)
-        return "varlen"
+        return "varlen", ""
+    major, minor = compute.capability
+    if not varlen:
+        why = "varlen turned off"
+    elif compute.capability < (8, 0):
+        why = f"flash-attention varlen needs sm80, planned for sm{major}{minor}: exact block-diagonal mask instead"
+    else:
+        why = "torch's varlen kernel is not available: exact block-diagonal mask instead"
     base.set_attn_implementation("sdpa")
-    return "sdpa"
+    return "sdpa", why
 
 
 def _keep_dequantized_if_spare(
