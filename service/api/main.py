@@ -12,6 +12,7 @@ from service.api import errors, security
 from service.api.deps import require_api_key
 from service.api.routes import (
     adapters,
+    aliases,
     analyze,
     datasets,
     health,
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         datasets.router,
         adapters.router,
+        aliases.router,
         analyze.router,
         openai_compat.router,
         openai_finetune.router,

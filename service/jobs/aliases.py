@@ -65,10 +65,18 @@ def checked_name(name: str, field: str = "alias") -> str:
         raise RequestError(422, "invalid_request", f"{field}: {exc}", [{"field": field, "message": str(exc)}]) from exc
 
 
-def point(session: Session, *, alias: str, job: Job, reason: str) -> Alias:
+def point(session: Session, settings: Settings, *, alias: str, job: Job, reason: str) -> Alias:
     """Point ``alias`` (a checked name) at the adapter of ``job`` (a succeeded job with an adapter, checked by the
-    caller); an ``alias`` event of that job records it."""
+    caller: ``commands.adapter_job``); an ``alias`` event of that job records it. 409 for an adapter trained on
+    another base model than the served one: the alias would only answer errors."""
     assert job.adapter is not None and job.id is not None
+    if job.base_model != settings.base_model:
+        raise RequestError(
+            409,
+            "base_model_mismatch",
+            f"adapter {job.adapter} was trained on {job.base_model[:200]!r}; this server serves "
+            f"{settings.base_model[:200]!r}, so {alias} would answer nothing",
+        )
     row = session.get(Alias, alias, with_for_update=True, populate_existing=True)
     previous = row.adapter if row is not None else None
     if row is None:

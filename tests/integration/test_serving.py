@@ -101,9 +101,10 @@ def test_batch_endpoint_and_fast_path(served: tuple[Service, str, str]) -> None:
 
 def test_base_model_and_newest_adapter(served: tuple[Service, str, str]) -> None:
     svc, _, flipped = served
-    assert _analyze(svc, {"text": "美联储宣布加息25个基点", "max_new_tokens": 0})["adapter"] == flipped  # latest
+    latest = _analyze(svc, {"text": "美联储宣布加息25个基点", "max_new_tokens": 0})  # no adapter named: latest
+    assert latest["adapter"] == flipped and latest["alias"] == "latest"
     base = _analyze(svc, {"text": "美联储宣布加息25个基点", "adapter": "none", "max_new_tokens": 0})
-    assert base["adapter"] is None and base["base_model"] == "builtin"
+    assert base["adapter"] == "none" and base["alias"] is None and base["base_model"] == "builtin"
 
 
 def test_metadata_and_market_context(served: tuple[Service, str, str]) -> None:

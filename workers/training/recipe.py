@@ -351,7 +351,8 @@ def _end_epoch(run: Run, pace: Pace, done: int) -> None:
     run.history["eval_loss"].append([done, None if val is None else round(val, 5)])
     run.hooks.on_event(
         "epoch",
-        f"epoch {epoch}/{epochs} done: loss {mean:.4f}, eval loss {val}",
+        f"epoch {epoch}/{epochs} done: loss {mean:.4f}, eval loss "
+        + ("none (no held-out split)" if val is None else f"{val:.4f}"),
         {"epoch": epoch, "loss": mean, "eval_loss": val, "step": done},
     )
     pace.epoch_losses = []

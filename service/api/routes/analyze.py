@@ -1,8 +1,10 @@
 """/analyze and /analyze/batch: sentiment, probabilities, importance, market reaction and analysis text for news.
 
 The checks and the choice of a news item's fields are ``service.serving.inputs``'s, the adapter lookup
-``service.jobs.commands.resolve_adapter``'s, the analysis the serving engine's (``service.serving.engine``); the
-response lists the given fields used (``context_used``) and left out (``context_ignored``).
+``service.jobs.commands.resolve_served``'s (an alias, 'latest' or a name; none given: ``FLASHTUNE_DEFAULT_ADAPTER``),
+the analysis the serving engine's (``service.serving.engine``); the response names the adapter and the alias it
+came through, and lists the given fields used (``context_used``) and left out (``context_ignored``). ``"format":
+"agent"`` answers in the shape the user's local agent consumes (``schemas.analyze.AgentAnalyzeResponse``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from fastapi import APIRouter
 from service.api import prometheus
 from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
 from service.api.schemas.analyze import (
+    AgentAnalyzeResponse,
     AnalyzeBatchRequest,
     AnalyzeBatchResponse,
     AnalyzeItem,
     AnalyzeRequest,
     AnalyzeResponse,
+    answer,
 )
 from service.core.config import Settings
 from service.datasets.store import dataset_input_fields
-from service.jobs.commands import resolve_adapter
+from service.jobs.commands import resolve_served
 from service.llm.prompts import NewsItem
 from service.serving.inputs import check_batch_size, check_new_tokens, checked_text, news_input
 from service.serving.types import Analysis, InputContext
@@ -51,20 +55,21 @@ def _observe(started: float, results: Sequence[Analysis]) -> None:
 
 
 # Plain `def` handlers: FastAPI runs them in worker threads, so inference never blocks the event loop.
-@router.post("/analyze", response_model=AnalyzeResponse)
+@router.post("/analyze", response_model=AnalyzeResponse | AgentAnalyzeResponse)
 def analyze(
     body: AnalyzeRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
-) -> AnalyzeResponse:
+) -> AnalyzeResponse | AgentAnalyzeResponse:
     _item_text(body, settings, "")
     check_new_tokens(body.max_new_tokens, settings=settings)
-    adapter = resolve_adapter(session=session, settings=settings, name=body.adapter)
+    served = resolve_served(session=session, settings=settings, name=body.adapter or settings.default_adapter)
+    adapter = served.adapter
     session.close()  # release the database before the (slow) model call
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     item, context = _news_item(body, settings, "", known)
     started = time.perf_counter()
     result = server.submit(item, adapter, body.max_new_tokens)
     _observe(started, [result])
-    return AnalyzeResponse.of(result, context)
+    return answer(result, context, served.alias, body.format)
 
 
 @router.post("/analyze/batch", response_model=AnalyzeBatchResponse)
@@ -75,7 +80,8 @@ def analyze_batch(
     for i, item in enumerate(body.items):  # every text checked before the adapter is looked up
         _item_text(item, settings, f"items.{i}")
     check_new_tokens(body.max_new_tokens, settings=settings)
-    adapter = resolve_adapter(session=session, settings=settings, name=body.adapter)
+    served = resolve_served(session=session, settings=settings, name=body.adapter or settings.default_adapter)
+    adapter = served.adapter
     session.close()
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     prepared = [_news_item(item, settings, f"items.{i}", known) for i, item in enumerate(body.items)]
@@ -83,5 +89,5 @@ def analyze_batch(
     results = server.analyze([item for item, _ in prepared], adapter, body.max_new_tokens)
     _observe(started, results)
     return AnalyzeBatchResponse(
-        data=[AnalyzeResponse.of(r, context) for r, (_, context) in zip(results, prepared, strict=True)]
+        data=[answer(r, context, served.alias, body.format) for r, (_, context) in zip(results, prepared, strict=True)]
     )

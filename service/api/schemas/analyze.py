@@ -11,7 +11,7 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StrictInt, Stric
 from pydantic import Strict as StrictMode
 
 from service.core.bodies import RequestBody
-from service.llm.prompts import MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
+from service.llm.prompts import LABEL_IDS, LABELS, MAX_FIELD_CHARS, PRE_RET_RANGE, VOLATILITY_RANGE, Label
 from service.serving.types import Analysis, InputContext
 
 StrictFloat = Annotated[float, StrictMode(), AllowInfNan(False)]  # JSON numbers only (ints too), no bools
@@ -79,8 +79,20 @@ class AnalyzeItem(Strict):
         return given
 
 
+ADAPTER_HELP = (
+    "an alias (e.g. 'production': GET /aliases), an adapter name (job-<id>), 'latest' (the newest adapter with a "
+    "held-out evaluation) or 'none' (the base model alone); default: FLASHTUNE_DEFAULT_ADAPTER ('latest')"
+)
+FORMAT_HELP = (
+    "'agent': the result the user's local agent consumes, label -1/0/1 and probs as a list [bearish, neutral, "
+    "bullish] (AgentAnalyzeResponse); 'flashtune': the full response (label name, probs by name, context fields)"
+)
+Format = Literal["flashtune", "agent"]
+
+
 class AnalyzeRequest(AnalyzeItem):
-    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    adapter: str | None = Field(default=None, min_length=1, max_length=128, description=ADAPTER_HELP)
+    format: Format = Field(default="flashtune", description=FORMAT_HELP)
     max_new_tokens: int | None = Field(default=None, ge=0)
 
 
@@ -98,7 +110,11 @@ class AnalyzeResponse(BaseModel):
     importance: int | None
     market_reaction: str | None
     analysis: str
-    adapter: str | None
+    probs_list: list[float] = Field(description="the probabilities as a list: [bearish, neutral, bullish]")
+    adapter: str = Field(description="the adapter that answered; 'none': the base model alone")
+    alias: str | None = Field(
+        default=None, description="the alias the request named it by ('production', or 'latest'); null: by name"
+    )
     base_model: str
     latency_ms: float
     batch_size: int = Field(description="requests that shared this forward pass (micro-batching)")
@@ -109,11 +125,14 @@ class AnalyzeResponse(BaseModel):
     )
 
     @classmethod
-    def of(cls, result: Analysis, context: InputContext) -> AnalyzeResponse:
+    def of(cls, result: Analysis, context: InputContext, alias: str | None = None) -> AnalyzeResponse:
+        summary = result.summary()
         return cls.model_validate(
             {
-                **result.summary(),
-                "adapter": result.adapter,
+                **summary,
+                "probs_list": [summary["probs"][label] for label in LABELS],
+                "adapter": result.adapter or "none",
+                "alias": alias,
                 "base_model": result.base_model,
                 "latency_ms": result.latency_ms,
                 "batch_size": result.batch_size,
@@ -126,12 +145,49 @@ class AnalyzeResponse(BaseModel):
 
 class AnalyzeBatchRequest(Strict):
     items: list[str | AnalyzeItem] = Field(min_length=1, description="texts, or {text, market_context?, metadata?}")
-    adapter: str = Field(default="latest", min_length=1, max_length=128)
+    adapter: str | None = Field(default=None, min_length=1, max_length=128, description=ADAPTER_HELP)
+    format: Format = Field(default="flashtune", description=FORMAT_HELP)
     max_new_tokens: int | None = Field(default=None, ge=0)
 
 
+class AgentAnalyzeResponse(BaseModel):
+    """``"format": "agent"``: the sentiment result the user's local agent consumes, and what served it."""
+
+    label: int = Field(description="-1 bearish, 0 neutral, 1 bullish")
+    probs: list[float] = Field(description="[bearish, neutral, bullish]")
+    score: float = Field(description="the probability of the label")
+    importance: int | None
+    market_reaction: str | None
+    analysis: str
+    adapter: str = Field(description="the adapter that answered; 'none': the base model alone")
+    alias: str | None = Field(default=None, description="the alias the request named it by; null: by name")
+    base_model: str
+    latency_ms: float
+
+
+def answer(
+    result: Analysis, context: InputContext, alias: str | None, format: Format
+) -> AnalyzeResponse | AgentAnalyzeResponse:
+    """The response to one analysed item in the requested ``format``."""
+    full = AnalyzeResponse.of(result, context, alias)
+    if format == "flashtune":
+        return full
+    return AgentAnalyzeResponse(
+        label=LABEL_IDS[full.label],
+        probs=full.probs_list,
+        score=full.score,
+        importance=full.importance,
+        market_reaction=full.market_reaction,
+        analysis=full.analysis,
+        adapter=full.adapter,
+        alias=alias,
+        base_model=full.base_model,
+        latency_ms=full.latency_ms,
+    )
+
+
 class AnalyzeBatchResponse(BaseModel):
-    data: list[AnalyzeResponse]
+    data: list[AnalyzeResponse | AgentAnalyzeResponse]
 
 
 # --------------------------------------------------------------------------------------------------------- chat

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.api.schemas.aliases import PromotionPublic
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Dataset, Job, JobError, JobEvent, JobStatus, Progress
 
@@ -114,6 +115,10 @@ class AdapterPublic(BaseModel):
     metrics: dict[str, Any]
     input_fields: list[str] | None = Field(
         default=None, description="optional input fields its training inputs carried (/analyze passes only these)"
+    )
+    aliases: list[str] = Field(default_factory=list, description="the aliases pointing at it (GET /aliases)")
+    promotion: PromotionPublic | None = Field(
+        default=None, description="its job's promote_to and the decision: the macro-F1 comparison and why"
     )
 
     @classmethod
