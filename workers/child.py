@@ -1,9 +1,16 @@
 """The training child process: one per job attempt, so GPU memory is freed when it exits.
 
 It reads the job, trains it, and sends one ``Outcome`` back through a pipe. Progress and events go straight to
-the database, guarded by the worker's lease; if a write finds the lease gone (the job was cancelled or taken
-over) the child stops at once, without writing a checkpoint or an adapter: a stale attempt changes nothing.
-SIGTERM from the parent means "checkpoint and stop"; an orphan (its worker died) does the same.
+the database, guarded by the attempt (job id, worker id, attempt number); they never extend the lease, which only
+the supervising worker's heartbeat does. Every write into ``DATA_DIR`` that outlives the run (a checkpoint, the
+step log, pruning, the adapter) happens while the job's row is held (``jobstore.hold``, ``_Reporter.fence``): if a
+write finds the job no longer this attempt's (cancelled, or taken over) the child stops at once, without writing
+anything: a stale attempt changes nothing. SIGTERM from the worker means "checkpoint and stop".
+
+The child dies with its worker (``die_with_worker``): SIGKILL from the kernel when its parent ends
+(``PR_SET_PDEATHSIG``: the worker, or the fork server a forked child's parent is), and a thread that waits on a
+pipe only the worker holds open, for the case where the fork server outlives the worker. The takeover resumes from
+the newest checkpoint the attempt completed.
 
 Multi-GPU (``FLASHTUNE_GPUS`` > 1): the child loads the job, then becomes torchrun's launcher for N ranks
 (``workers.training.distributed.launch``), each running ``rank_main``, i.e. ``run_attempt`` for its rank; rank 0
@@ -23,10 +30,11 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -55,39 +63,68 @@ log = logging.getLogger("flashtune.child")
 
 
 class _Reporter:
-    """Throttled, lease-guarded progress writes and events for one job."""
+    """Throttled, attempt-guarded progress writes and events for one job attempt, and the fence around its writes
+    into ``DATA_DIR``."""
 
-    def __init__(self, settings: Settings, job_id: int, worker_id: str) -> None:
+    def __init__(self, settings: Settings, job_id: int, worker_id: str, attempt: int | None = None) -> None:
         self.engine = make_engine(settings.resolved_database_url)
-        self.job_id, self.worker_id = job_id, worker_id
+        self.job_id, self.worker_id, self.attempt = job_id, worker_id, attempt
         self.interval = settings.progress_interval_seconds
         self.last_write = 0.0
         self.stop_requested = False
         self.lease_lost = False
         self.last_progress: dict[str, Any] = {}
-        self.parent_pid = os.getppid()
+        self.unlogged: list[dict[str, Any]] = []  # steps not yet in the step log: written with the next progress
         self.steps = StepLog(settings.layout.job_dir(job_id))  # every step's loss, for GET /jobs/{id}/metrics
 
     def progress(self, progress: Progress, force: bool) -> None:
         self.last_progress = progress.model_dump()
-        try:
-            self.steps.append(self.last_progress)
-        except OSError as exc:  # the loss chart misses a point; training goes on
-            log.warning("job %s: step log write failed: %s", self.job_id, exc)
+        self.unlogged.append(self.last_progress)
         now = time.monotonic()
         if not force and now - self.last_write < self.interval:
             return
         self.last_write = now
-        self._guarded(
-            lambda session: jobstore.update_progress(session, self.job_id, self.worker_id, self.last_progress)
-        )
+
+        def write(session: Session) -> None:
+            held = (session, self.job_id, self.worker_id)
+            jobstore.update_progress(*held, self.last_progress, attempt=self.attempt)  # the row stays locked
+            self._log_steps()
+
+        self._guarded(write)
+
+    def _log_steps(self) -> None:
+        """Append the steps since the last progress write to the step log (inside that write: a stale attempt's
+        steps never reach the file)."""
+        try:
+            for record in self.unlogged:
+                self.steps.append(record)
+        except OSError as exc:  # the loss chart misses points; training goes on
+            log.warning("job %s: step log write failed: %s", self.job_id, exc)
+        self.unlogged = []
 
     def event(self, type: str, message: str, data: dict[str, Any]) -> None:
         def write(session: Session) -> None:
-            jobstore.heartbeat(session, self.job_id, self.worker_id)  # the guard: no event from a stale attempt
+            jobstore.hold(session, self.job_id, self.worker_id, self.attempt)  # no event from a stale attempt
             jobstore.add_event(session, self.job_id, type, message, data)
 
         self._guarded(write)
+
+    @contextlib.contextmanager
+    def fence(self, action: str) -> Iterator[None]:
+        """Hold the job's row while ``action`` (a checkpoint, pruning, publishing: ``Hooks.fence``) writes into
+        ``DATA_DIR``: it happens only while this attempt holds the job, and no takeover commits before it is done.
+        Raises ``LeaseLost`` (nothing written) otherwise; a database error ends the attempt (it is retried)."""
+        try:
+            with session_scope(self.engine) as session:
+                jobstore.hold(session, self.job_id, self.worker_id, self.attempt)
+                yield
+                if action == "publish":  # committed with the rename's fence: one event per adapter published
+                    name = adapter_name(self.job_id)
+                    data = {"adapter": name, "attempt": self.attempt}
+                    jobstore.add_event(session, self.job_id, "published", f"adapter {name} written", data)
+        except jobstore.LeaseLost as exc:
+            self.lease_lost = True
+            raise jobstore.LeaseLost(f"job {self.job_id}: lease lost; {action} not written") from exc
 
     def _guarded(self, write: Callable[[Session], None]) -> None:
         """Run one lease-guarded write. Lease gone: raise ``LeaseLost`` (training stops before its next checkpoint
@@ -102,8 +139,10 @@ class _Reporter:
             log.warning("job %s: progress/event write skipped: %s", self.job_id, exc)
 
     def should_stop(self) -> bool:
-        # An orphan (its worker was killed) stops too: the job will be taken over after the lease expires.
-        return self.stop_requested or self.lease_lost or os.getppid() != self.parent_pid
+        return self.stop_requested or self.lease_lost
+
+    def hooks(self) -> Hooks:
+        return Hooks(self.progress, self.event, self.should_stop, self.fence)
 
 
 def _spec(settings: Settings, job_id: int) -> TrainingSpec:
@@ -143,21 +182,28 @@ def _error(type: str, message: str, hint: str | None) -> dict[str, Any]:
 
 
 def run_attempt(
-    settings: Settings, job_id: int, worker_id: str, dist: Distributed = SINGLE, spec: TrainingSpec | None = None
+    settings: Settings,
+    job_id: int,
+    worker_id: str,
+    dist: Distributed = SINGLE,
+    spec: TrainingSpec | None = None,
+    attempt: int | None = None,
 ) -> Outcome:
-    """Train one attempt of a job and classify how it ended.
+    """Train attempt ``attempt`` (the job's claim count, its fencing token) of a job and classify how it ended.
 
     Multi-GPU: in the child this launches the ranks and returns their combined outcome; in a rank (``dist``,
     ``spec`` loaded by the child) it trains that rank's part, and only rank 0's hooks reach the database.
     """
-    reporter = _Reporter(settings, job_id, worker_id)
+    reporter = _Reporter(settings, job_id, worker_id, attempt)
     signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_requested", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides for us
     try:
         spec = spec or _spec(settings, job_id)
         if dist.world == 1 and (world := _world_size(settings)) > 1:
             return _launch_ranks(settings, job_id, worker_id, spec, world, reporter)
-        hooks = distributed.rank_hooks(Hooks(reporter.progress, reporter.event, reporter.should_stop), dist)
+        if attempt is not None:
+            spec.extra_info["attempt"] = attempt  # training_info.json says which attempt published the adapter
+        hooks = distributed.rank_hooks(reporter.hooks(), dist)
         train(spec, fault_plugin(settings.faults)(hooks, spec, dist.rank), dist)
         return Outcome("succeeded", adapter=adapter_name(job_id), progress=reporter.last_progress)
     except Interrupted:
@@ -204,11 +250,20 @@ def fault_plugin(name: str) -> FaultPlugin:
     return plugin
 
 
-def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection) -> None:
-    """Entry point of the child process (forked from the worker's fork server, or spawned; workers/worker.py)."""
+def child_main(
+    settings: Settings,
+    job_id: int,
+    worker_id: str,
+    conn: Connection,
+    attempt: int | None = None,
+    lifeline: Connection | None = None,
+) -> None:
+    """Entry point of the child process (forked from the worker's fork server, or spawned; workers/worker.py).
+    ``lifeline``: the read end of a pipe whose write end only the worker holds (see ``die_with_worker``)."""
+    die_with_worker(lifeline)
     logs.configure(json_lines=settings.log_json)  # a new process starts without the worker's logging set-up
     with logs.bind_job(job_id):
-        outcome = run_attempt(settings, job_id, worker_id)
+        outcome = run_attempt(settings, job_id, worker_id, attempt=attempt)
     try:
         conn.send(outcome)
         conn.close()
@@ -218,6 +273,43 @@ def child_main(settings: Settings, job_id: int, worker_id: str, conn: Connection
 
 # -------------------------------------------------------------------------------------------- multi-GPU
 def _world_size(settings: Settings) -> int:
+def die_with_worker(lifeline: Connection | None) -> None:
+    """End this process (SIGKILL: no checkpoint, no write; the takeover resumes from the last checkpoint) within
+    moments of the worker's death, however the child was started:
+
+    - ``PR_SET_PDEATHSIG`` (Linux): the kernel kills it when its parent ends - the worker for a spawned child,
+      the fork server for a forked one (kill -9 of the fork server alone ends the child too);
+    - a forked child inherits the fork server's "alive" pipe, whose write end keeps the server running while any
+      holder lives: closed here, the server exits with the worker, and the death signal follows;
+    - a thread that waits on ``lifeline``: EOF (the worker's end closed, i.e. the worker died) kills the process.
+    """
+    distributed.die_with_parent(signal.SIGKILL, os.getppid())
+    _close_fork_server_alive_fd()
+    if lifeline is None:
+        return
+
+    def watch() -> None:
+        with contextlib.suppress(OSError, EOFError):
+            while True:
+                lifeline.recv()  # the worker sends nothing: returns only by raising EOFError when it is gone
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="flashtune-worker-watch", daemon=True).start()
+
+
+def _close_fork_server_alive_fd() -> None:
+    """A process forked from the fork server inherits the write end of the server's "alive" pipe (so that it could
+    use the server itself): the server exits only once every holder has closed it. This process never uses it."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # type: ignore[attr-defined]  # CPython's private singleton
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None and getattr(server, "_forkserver_pid", None) is None:  # inherited, not a server of our own
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[attr-defined]
+
+
     if settings.gpus == "1":
         return 1
     return distributed.resolve_world_size(settings.gpus, pick_device(settings.device))
@@ -229,7 +321,7 @@ def _launch_ranks(
     """Train the attempt over ``world`` ranks started by torchrun's launcher; this process is the launcher."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)  # one process group with the ranks: the worker kills it as a whole when it must kill
-    distributed.die_with_parent(signal.SIGTERM, reporter.parent_pid)  # orphaned: checkpoint and stop, as above
+    # Each rank dies with this process (distributed.init_rank), and this process with its worker (die_with_worker).
     if reporter.should_stop():  # asked to stop while the job was loading: nothing trained, nothing to save
         return Outcome("interrupted")
     backend = "nccl" if pick_device(settings.device) == "cuda" else "gloo"
@@ -238,7 +330,7 @@ def _launch_ranks(
     reporter.event("distributed", message, {"world_size": world, "backend": backend})
     run_dir = Path(tempfile.mkdtemp(prefix=f"flashtune-job-{job_id}-"))
     try:
-        args = (settings, job_id, worker_id, spec, str(run_dir), os.getpid())
+        args = (settings, job_id, worker_id, spec, str(run_dir), os.getpid(), reporter.attempt)
         return distributed.launch(rank_main, args, world, run_dir, f"flashtune-job-{job_id}-{uuid.uuid4().hex[:8]}")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -249,14 +341,20 @@ class RankStopped(Exception):
 
 
 def rank_main(
-    settings: Settings, job_id: int, worker_id: str, spec: TrainingSpec, run_dir: str, launcher_pid: int
+    settings: Settings,
+    job_id: int,
+    worker_id: str,
+    spec: TrainingSpec,
+    run_dir: str,
+    launcher_pid: int,
+    attempt: int | None = None,
 ) -> None:
     """One rank of a multi-GPU attempt (started by ``workers.training.distributed.launch``): train, then report to a
     file."""
     logs.configure(json_lines=settings.log_json)  # like the child: a spawned rank starts without logging set up
     dist = distributed.init_rank(pick_device(settings.device), launcher_pid)
     with logs.bind_job(job_id):
-        outcome = run_attempt(settings, job_id, worker_id, dist, spec)
+        outcome = run_attempt(settings, job_id, worker_id, dist, spec, attempt)
     distributed.write_outcome(Path(run_dir), dist.rank, outcome)
     if outcome.status != "succeeded":
         message = (outcome.error or {}).get("message") or ""

@@ -8,6 +8,12 @@ transformers and FlashTune once (``workers.preload``; ``FLASHTUNE_JOB_PROCESS_ST
 per job, as before).
 
 SIGTERM/SIGINT: the running child checkpoints and stops, the job is requeued, and the worker exits.
+
+The worker alone extends its job's lease (``jobstore.heartbeat``, every ``HEARTBEAT_SECONDS``); the child dies with
+it (``workers.child.die_with_worker``: the kernel's parent-death signal, and a pipe only the worker holds open), so
+kill -9 of the worker leaves no attempt running, and the job is taken over once the lease expires. Before an
+attempt's outcome is recorded the worker makes sure its process is gone (``_reap``): the result pipe reaches EOF
+only once every process holding its write end has exited, also when the fork server died and could not report.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import signal
 import socket
 import time
 import uuid
+from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
@@ -40,6 +47,7 @@ from workers.training.distributed import resolve_world_size
 log = logging.getLogger("flashtune.worker")
 CHILD_STOP_GRACE_SECONDS = 60.0
 
+REAP_SECONDS = 5.0  # how long a child whose exit was reported may hold its result pipe open before it is killed
 
 class Worker:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
@@ -109,18 +117,17 @@ class Worker:
             self.context = job_process_context(self.settings.job_process_start)
         context = self.context
         receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(
-            target=child_main, args=(self.settings, job.id, self.worker_id, sender), name=f"flashtune-job-{job.id}"
-        )
+        watched, lifeline = context.Pipe(duplex=False)  # the child waits on ``watched``: EOF when this process dies
+        args = (self.settings, job.id, self.worker_id, sender, job.attempts, watched)
+        child = context.Process(target=child_main, args=args, name=f"flashtune-job-{job.id}")
         outcome: Outcome | None = None
         lease_lost = False
         try:
             child.start()
             sender.close()
-            lease_lost = self._supervise(job.id, child)
-            outcome = receiver.recv() if receiver.poll(5) else None
-        except EOFError:
-            outcome = None
+            watched.close()
+            lease_lost = self._supervise(job, child)
+            outcome = _reap(child, receiver)
         except Exception:
             log.exception("supervising job %s failed", job.id)
         finally:
@@ -128,6 +135,7 @@ class Worker:
             receiver.close()
         if lease_lost or (outcome is not None and outcome.status == "lease_lost"):
             log.warning("job %s: lease lost (cancelled or taken over); nothing recorded", job.id)
+            lifeline.close()
             return
         if outcome is None:
             outcome = Outcome(
@@ -140,14 +148,15 @@ class Worker:
             )
         self._record(job, outcome)
 
-    def _supervise(self, job_id: int, child: Any) -> bool:
+    def _supervise(self, job: Job, child: Any) -> bool:
         """Heartbeat until the child exits; forward a stop request. Returns True when the lease was lost."""
-        stop_sent = False
+        assert job.id is not None
+        job_id, stop_sent = job.id, False
         while child.is_alive():
             child.join(self.settings.heartbeat_seconds)
             try:
                 with session_scope(self.engine) as session:
-                    jobstore.heartbeat(session, job_id, self.worker_id)
+                    jobstore.heartbeat(session, job_id, self.worker_id, job.attempts)
                 self.sweep()  # other workers' stalled jobs are requeued even while every worker is busy
             except jobstore.LeaseLost:
                 # SIGKILL, not SIGTERM: SIGTERM means "checkpoint and stop", and a stale attempt must write nothing.
@@ -175,10 +184,11 @@ class Worker:
             with session_scope(self.engine) as session:
                 if decision.action == "succeed":
                     assert outcome.adapter is not None
-                    jobstore.succeed(session, job.id, self.worker_id, outcome.adapter, outcome.progress or {})
+                held = (session, job.id, self.worker_id)
+                    jobstore.succeed(*held, outcome.adapter, outcome.progress or {}, attempt=job.attempts)
                     aliases.decide(session, self.settings, job.id, outcome.adapter)  # promote_to: the gate
                 elif decision.action == "fail":
-                    jobstore.fail(session, job.id, self.worker_id, decision.error or {})
+                    jobstore.fail(*held, decision.error or {}, attempt=job.attempts)
                 else:
                     if decision.new_micro_batch is not None:
                         changed = hp.model_copy(
@@ -187,8 +197,8 @@ class Worker:
                                 "gradient_accumulation_steps": hp.gradient_accumulation_steps * 2,
                             }
                         )
-                        jobstore.update_hyperparameters(session, job.id, self.worker_id, changed.model_dump())
-                    jobstore.retry(session, job.id, self.worker_id, decision.error or {}, decision.delay_seconds)
+                        jobstore.update_hyperparameters(*held, changed.model_dump(), attempt=job.attempts)
+                    jobstore.retry(*held, decision.error or {}, decision.delay_seconds, attempt=job.attempts)
         except jobstore.LeaseLost:
             log.warning("job %s: lease lost before its outcome (%s) could be recorded", job.id, outcome.status)
         except DBAPIError:  # the job stays running until its lease expires, then the sweep requeues it
@@ -225,18 +235,47 @@ def _cuda_works_in_a_fork() -> None:
 
 def _kill(child: Any) -> None:
     """SIGKILL the child and, when it leads a process group (a multi-GPU attempt: torchrun's launcher and its
+def _reap(child: Any, receiver: Connection) -> Outcome | None:
+    """The outcome the child sent (None if it sent none), once no process holds the result pipe's write end.
+
+    A child whose exit was reported but whose pipe stays open is still running: its fork server died (kill -9)
+    and reported it gone without a status. It is killed here, so that it cannot train on while the job is retried.
+    """
+    outcome: Outcome | None = None
+    for grace in (REAP_SECONDS, REAP_SECONDS):
+        deadline = time.monotonic() + grace
+        while (left := deadline - time.monotonic()) > 0 and receiver.poll(left):
+            try:
+                outcome = receiver.recv()
+            except EOFError:  # every holder of the write end has exited
+                return outcome
+        log.warning("job process %s outlived its reported exit (%s); killing it", child.pid, child.exitcode)
+        _kill_pid(child.pid)
+    log.error("job process %s still holds its result pipe after SIGKILL", child.pid)
+    return outcome
+
+
     ranks, workers/training/distributed.py), that whole group, so that no rank outlives it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if child.pid is not None and os.getpgid(child.pid) == child.pid:
-            os.killpg(child.pid, signal.SIGKILL)
+    _kill_pid(child.pid)
     child.kill()
 
 
 def _exit_reason(exitcode: int | None) -> str:
     if exitcode is None:
+def _kill_pid(pid: int | None) -> None:
+    """SIGKILL ``pid``, and its process group if it leads one."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if pid is not None and os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
         return "the training process did not exit"
     if exitcode < 0:
         name = signal.Signals(-exitcode).name
         extra = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
         return f"the training process was killed by {name}{extra}"
     return f"the training process exited with code {exitcode} without a result"
+    if exitcode == 255:  # also what a forked process's exit reads as when its fork server is gone
+        return "the training process exited with code 255 without a result (or its fork server was killed)"

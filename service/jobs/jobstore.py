@@ -6,8 +6,12 @@
        (lease expired) --sweep-----------> queued, or failed after max_attempts
     queued|running --cancel-------------> cancelled
 
-Writes made on behalf of a running job are guarded by job id, worker id and status, so a worker that lost its
-lease (it stalled, another worker took the job over) changes nothing: it gets ``LeaseLost`` instead.
+Writes made on behalf of a running job are guarded by job id, worker id, status and (where the caller names it) the
+attempt number, the fencing token ``claim_next`` hands out: a worker that lost its lease (it stalled, another
+worker took the job over) or a leftover process of an earlier attempt changes nothing: it gets ``LeaseLost``.
+Only ``heartbeat`` (the supervising worker's) extends the lease; a training process's progress and events do not.
+``hold`` locks the row while an attempt writes outside the database (a checkpoint, the adapter): no requeue,
+claim or cancel can commit in between.
 The claim uses ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite the immediate transaction (service.jobs.db)
 serialises claimers.
 """
@@ -31,8 +35,9 @@ class LeaseLost(TransitionError):
     """The worker no longer holds the job (cancelled, or requeued after its lease expired)."""
 
 
-def _held_by(job_id: int, worker_id: str) -> ColumnElement[bool]:
-    return and_(col(Job.id) == job_id, col(Job.worker_id) == worker_id, col(Job.status) == JobStatus.running)
+def _held_by(job_id: int, worker_id: str, attempt: int | None = None) -> ColumnElement[bool]:
+    held = and_(col(Job.id) == job_id, col(Job.worker_id) == worker_id, col(Job.status) == JobStatus.running)
+    return held if attempt is None else and_(held, col(Job.attempts) == attempt)
 
 
 def _guarded(session: Session, where: ColumnElement[bool], values: dict[str, Any], error: TransitionError) -> None:
@@ -94,27 +99,42 @@ def claim_next(session: Session, worker_id: str, now: datetime | None = None) ->
     return job
 
 
-def heartbeat(session: Session, job_id: int, worker_id: str) -> None:
-    _guarded(session, _held_by(job_id, worker_id), {"heartbeat_at": utcnow()}, LeaseLost(f"job {job_id}"))
+def heartbeat(session: Session, job_id: int, worker_id: str, attempt: int | None = None) -> None:
+    """Extend the lease: called by the supervising worker alone (a training process must not keep a job whose
+    worker died alive)."""
+    _guarded(session, _held_by(job_id, worker_id, attempt), {"heartbeat_at": utcnow()}, LeaseLost(f"job {job_id}"))
 
 
-def update_progress(session: Session, job_id: int, worker_id: str, progress: dict[str, Any]) -> None:
+def hold(session: Session, job_id: int, worker_id: str, attempt: int | None = None) -> None:
+    """Check that ``worker_id`` (in ``attempt``) still holds the job, and keep the row locked until the session ends
+    (PostgreSQL: ``FOR UPDATE``; SQLite: the write lock of the immediate transaction): a write made before the
+    session ends, in the database or in ``DATA_DIR``, cannot race a requeue, a claim or a cancel. The lease is not
+    extended. Raises ``LeaseLost``."""
+    held = session.execute(select(Job.id).where(_held_by(job_id, worker_id, attempt)).with_for_update()).first()
+    if held is None:
+        raise LeaseLost(f"job {job_id}")
+
+
+def update_progress(
+    session: Session, job_id: int, worker_id: str, progress: dict[str, Any], attempt: int | None = None
+) -> None:
+    """The running attempt's progress (not a heartbeat: only the supervising worker extends the lease)."""
+    _guarded(session, _held_by(job_id, worker_id, attempt), {"progress": progress}, LeaseLost(f"job {job_id}"))
+
+
+def update_hyperparameters(
+    session: Session, job_id: int, worker_id: str, hyperparameters: dict[str, Any], attempt: int | None = None
+) -> None:
+    held = _held_by(job_id, worker_id, attempt)
+    _guarded(session, held, {"hyperparameters": hyperparameters}, LeaseLost(f"job {job_id}"))
+
+
+def succeed(
+    session: Session, job_id: int, worker_id: str, adapter: str, progress: dict[str, Any], attempt: int | None = None
+) -> None:
     _guarded(
         session,
-        _held_by(job_id, worker_id),
-        {"progress": progress, "heartbeat_at": utcnow()},
-        LeaseLost(f"job {job_id}"),
-    )
-
-
-def update_hyperparameters(session: Session, job_id: int, worker_id: str, hyperparameters: dict[str, Any]) -> None:
-    _guarded(session, _held_by(job_id, worker_id), {"hyperparameters": hyperparameters}, LeaseLost(f"job {job_id}"))
-
-
-def succeed(session: Session, job_id: int, worker_id: str, adapter: str, progress: dict[str, Any]) -> None:
-    _guarded(
-        session,
-        _held_by(job_id, worker_id),
+        _held_by(job_id, worker_id, attempt),
         {
             "status": JobStatus.succeeded,
             "adapter": adapter,
@@ -128,20 +148,27 @@ def succeed(session: Session, job_id: int, worker_id: str, adapter: str, progres
     add_event(session, job_id, "succeeded", f"job succeeded; adapter {adapter} is being served", {"adapter": adapter})
 
 
-def fail(session: Session, job_id: int, worker_id: str, error: dict[str, Any]) -> None:
+def fail(session: Session, job_id: int, worker_id: str, error: dict[str, Any], attempt: int | None = None) -> None:
     _guarded(
         session,
-        _held_by(job_id, worker_id),
+        _held_by(job_id, worker_id, attempt),
         {"status": JobStatus.failed, "error": error, "finished_at": utcnow(), "worker_id": None},
         LeaseLost(f"job {job_id}"),
     )
     add_event(session, job_id, "failed", f"job failed: {error['message']}", error, level="error")
 
 
-def retry(session: Session, job_id: int, worker_id: str, error: dict[str, Any], delay_seconds: float) -> None:
+def retry(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    error: dict[str, Any],
+    delay_seconds: float,
+    attempt: int | None = None,
+) -> None:
     _guarded(
         session,
-        _held_by(job_id, worker_id),
+        _held_by(job_id, worker_id, attempt),
         {
             "status": JobStatus.queued,
             "error": error,

@@ -35,7 +35,8 @@ def write_loss_plot(folder: Path, history: dict[str, list[Any]]) -> None:
     axes.set_ylabel("loss (response tokens)")
     axes.set_yscale("log")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if train or evals:  # a legend without lines is a warning
+        axes.legend()
     figure.tight_layout()
     figure.savefig(folder / "loss.png")
     plt.close(figure)

@@ -3,6 +3,11 @@
 A checkpoint is written into a temporary folder and renamed to ``step-NNNNNNNN``, so a folder with that name is
 always complete; a crash mid-write leaves only a ``.tmp-`` folder that the next save or restore removes.
 The data position is the step itself: the example order of each epoch is derived from (seed, epoch).
+
+The rename and the pruning happen inside the run's fence (``Hooks.fence``): a job's worker lets only the attempt
+that still holds the job rename or delete a checkpoint, so a stale attempt can neither add one a takeover would
+resume from nor remove the ones it resumes from. The temporary folder is the attempt's own (its process id in the
+name).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 
 from service.core.layout import CHECKPOINT_STATE, checkpoint_name, checkpoints_dir, complete_checkpoints
+from workers.training.spec import Fence, no_fence
 
 KEEP = 2
 
@@ -23,12 +29,32 @@ KEEP = 2
 complete = complete_checkpoints  # the contract lives in service/core/layout.py
 
 
-def save(job_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> Path:
+def save(
+    job_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    history: dict[str, Any],
+    fence: Fence = no_fence,
+) -> Path:
     root = checkpoints_dir(job_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, step, model, optimizer, scheduler, history)
+        with fence("checkpoint"):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _prune(job_dir, KEEP)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, step: int, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     state = {
         "step": step,
@@ -39,10 +65,6 @@ def save(job_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, h
     }
     torch.save(state, tmp / CHECKPOINT_STATE)
     (tmp / "history.json").write_text(json.dumps(history))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    prune(job_dir, keep=KEEP)
-    return final
 
 
 def restore(job_dir: Path, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any]) -> int:
@@ -67,8 +89,13 @@ def restore(job_dir: Path, model: Any, optimizer: Any, scheduler: Any, history: 
     return int(state["step"])
 
 
-def prune(job_dir: Path, keep: int) -> None:
+def prune(job_dir: Path, keep: int, fence: Fence = no_fence) -> None:
     """Keep the newest ``keep`` complete checkpoints; remove older ones and leftovers of interrupted writes."""
+    with fence("prune"):
+        _prune(job_dir, keep)
+
+
+def _prune(job_dir: Path, keep: int) -> None:
     root = checkpoints_dir(job_dir)
     if not root.exists():
         return

@@ -138,7 +138,7 @@ def rank_hooks(hooks: Hooks, dist: Distributed) -> Hooks:
     def should_stop() -> bool:
         return dist.decide_stop(bool(hooks.should_stop()) if dist.is_main else False)
 
-    return Hooks(on_progress, on_event, should_stop)
+    return dataclasses.replace(hooks, on_progress=on_progress, on_event=on_event, should_stop=should_stop)
 
 
 def init_rank(device: str, launcher_pid: int) -> Distributed:

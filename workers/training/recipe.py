@@ -44,7 +44,7 @@ from workers.training.batches import Batch, StepBatches, collate_all, truncate
 from workers.training.distributed import SINGLE, Distributed
 from workers.training.evaluation import evaluate
 from workers.training.packing import PackedBatch
-from workers.training.spec import Hooks, Interrupted, TrainingError, TrainingSpec
+from workers.training.spec import Fence, Hooks, Interrupted, TrainingError, TrainingSpec, no_fence
 from workers.training.token_cache import Row, tokenize_cached
 
 if TYPE_CHECKING:
@@ -406,8 +406,8 @@ def finish(run: Run) -> dict[str, Any]:
         "total_seconds": time.monotonic() - run.started,
     }
     info = _training_info(run, metrics, durations)
-    publish_adapter(run.model, run.tokenizer, info, run.spec.adapter_dir)
-    checkpoints.prune(run.spec.job_dir, keep=0)
+    publish_adapter(run.model, run.tokenizer, info, run.spec.adapter_dir, run.hooks.fence)
+    checkpoints.prune(run.spec.job_dir, keep=0, fence=run.hooks.fence)
     return info
 
 
@@ -453,8 +453,11 @@ def _evaluation_message(metrics: dict[str, Any]) -> str:
     )
 
 
-def publish_adapter(model: Any, tokenizer: Any, info: dict[str, Any], adapter_dir: Path) -> None:
-    """Write the adapter into a temporary folder beside its final place, then rename it there atomically."""
+def publish_adapter(
+    model: Any, tokenizer: Any, info: dict[str, Any], adapter_dir: Path, fence: Fence = no_fence
+) -> None:
+    """Write the adapter into a temporary folder beside its final place, then rename it there atomically, inside
+    ``fence`` (``Hooks.fence``: only an attempt that still holds its job publishes)."""
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
@@ -462,9 +465,10 @@ def publish_adapter(model: Any, tokenizer: Any, info: dict[str, Any], adapter_di
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
         artifacts.write_all(tmp, info["losses"])
         os.chmod(tmp, 0o755)
-        if adapter_dir.exists():  # a retried job whose previous attempt published: replace it
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
+        with fence("publish"):
+            if adapter_dir.exists():  # a retried job whose previous attempt published: replace it
+                shutil.rmtree(adapter_dir)
+            os.replace(tmp, adapter_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,7 +9,9 @@ can import them without a cycle. Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +36,29 @@ class TrainingError(Exception):
         self.type = type
 
 
+# What ``Hooks.fence`` is: given the write's name, a context to write in.
+Fence = Callable[[str], AbstractContextManager[None]]
+
+
+def no_fence(action: str) -> AbstractContextManager[None]:
+    """The fence of a run outside a job (tests, benchmarks): every write goes ahead."""
+    return contextlib.nullcontext()
+
+
 @dataclass
 class Hooks:
     """How a run reports and is stopped: ``on_progress`` after every optimizer step (``force``: write it now, not
     throttled), ``on_event`` for the job's event log, ``should_stop`` asked after every step (the run then
-    checkpoints and raises ``Interrupted``). A hook may raise: the run ends with that exception."""
+    checkpoints and raises ``Interrupted``). A hook may raise: the run ends with that exception.
+
+    ``fence(action)`` wraps each write that outlives the run's temporary files (``"checkpoint"``, ``"prune"``,
+    ``"publish"``): the write happens inside it, or not at all when entering it raises (the job's worker uses it to
+    let only the attempt that holds the job write: workers/child.py)."""
 
     on_progress: Callable[[Progress, bool], None] = lambda progress, force: None
     on_event: Callable[[str, str, dict[str, Any]], None] = lambda type, message, data: None
     should_stop: Callable[[], bool] = lambda: False
+    fence: Fence = no_fence
 
 
 @dataclass(frozen=True)
