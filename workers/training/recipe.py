@@ -308,7 +308,7 @@ def after_step(run: Run, pace: Pace, done: int, loss: float, skipped: bool = Fal
         run.hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
     due = epoch_end or done % run.spec.checkpoint_every == 0 or stop
     if run.dist.is_main and done < run.total_steps and due:
-        checkpoints.save(run.spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history)
+        checkpoints.save(run.spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history, run.hooks.fence)
         run.hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
     if stop:
         raise Interrupted(f"stopped at step {done}")
