@@ -199,10 +199,10 @@ def run_attempt(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides for us
     try:
         spec = spec or _spec(settings, job_id)
-        if dist.world == 1 and (world := _world_size(settings)) > 1:
-            return _launch_ranks(settings, job_id, worker_id, spec, world, reporter)
         if attempt is not None:
             spec.extra_info["attempt"] = attempt  # training_info.json says which attempt published the adapter
+        if dist.world == 1 and (world := _world_size(settings)) > 1:
+            return _launch_ranks(settings, job_id, worker_id, spec, world, reporter)
         hooks = distributed.rank_hooks(reporter.hooks(), dist)
         train(spec, fault_plugin(settings.faults)(hooks, spec, dist.rank), dist)
         return Outcome("succeeded", adapter=adapter_name(job_id), progress=reporter.last_progress)
@@ -271,8 +271,6 @@ def child_main(
         pass
 
 
-# -------------------------------------------------------------------------------------------- multi-GPU
-def _world_size(settings: Settings) -> int:
 def die_with_worker(lifeline: Connection | None) -> None:
     """End this process (SIGKILL: no checkpoint, no write; the takeover resumes from the last checkpoint) within
     moments of the worker's death, however the child was started:
@@ -310,6 +308,8 @@ def _close_fork_server_alive_fd() -> None:
         server._forkserver_alive_fd = None  # type: ignore[attr-defined]
 
 
+# -------------------------------------------------------------------------------------------- multi-GPU
+def _world_size(settings: Settings) -> int:
     if settings.gpus == "1":
         return 1
     return distributed.resolve_world_size(settings.gpus, pick_device(settings.device))

@@ -46,8 +46,8 @@ from workers.training.distributed import resolve_world_size
 
 log = logging.getLogger("flashtune.worker")
 CHILD_STOP_GRACE_SECONDS = 60.0
-
 REAP_SECONDS = 5.0  # how long a child whose exit was reported may hold its result pipe open before it is killed
+
 
 class Worker:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
@@ -133,9 +133,9 @@ class Worker:
         finally:
             self._stop_child(child)
             receiver.close()
+            lifeline.close()
         if lease_lost or (outcome is not None and outcome.status == "lease_lost"):
             log.warning("job %s: lease lost (cancelled or taken over); nothing recorded", job.id)
-            lifeline.close()
             return
         if outcome is None:
             outcome = Outcome(
@@ -182,9 +182,9 @@ class Worker:
         decision: Decision = decide(outcome, job.attempts, job.max_attempts, hp.micro_batch_size)
         try:
             with session_scope(self.engine) as session:
+                held = (session, job.id, self.worker_id)
                 if decision.action == "succeed":
                     assert outcome.adapter is not None
-                held = (session, job.id, self.worker_id)
                     jobstore.succeed(*held, outcome.adapter, outcome.progress or {}, attempt=job.attempts)
                     aliases.decide(session, self.settings, job.id, outcome.adapter)  # promote_to: the gate
                 elif decision.action == "fail":
@@ -233,8 +233,6 @@ def _cuda_works_in_a_fork() -> None:
         torch.zeros(1, device="cuda")
 
 
-def _kill(child: Any) -> None:
-    """SIGKILL the child and, when it leads a process group (a multi-GPU attempt: torchrun's launcher and its
 def _reap(child: Any, receiver: Connection) -> Outcome | None:
     """The outcome the child sent (None if it sent none), once no process holds the result pipe's write end.
 
@@ -255,13 +253,13 @@ def _reap(child: Any, receiver: Connection) -> Outcome | None:
     return outcome
 
 
+def _kill(child: Any) -> None:
+    """SIGKILL the child and, when it leads a process group (a multi-GPU attempt: torchrun's launcher and its
     ranks, workers/training/distributed.py), that whole group, so that no rank outlives it."""
     _kill_pid(child.pid)
     child.kill()
 
 
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is None:
 def _kill_pid(pid: int | None) -> None:
     """SIGKILL ``pid``, and its process group if it leads one."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -271,11 +269,13 @@ def _kill_pid(pid: int | None) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
         return "the training process did not exit"
     if exitcode < 0:
         name = signal.Signals(-exitcode).name
         extra = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
         return f"the training process was killed by {name}{extra}"
-    return f"the training process exited with code {exitcode} without a result"
     if exitcode == 255:  # also what a forked process's exit reads as when its fork server is gone
         return "the training process exited with code 255 without a result (or its fork server was killed)"
+    return f"the training process exited with code {exitcode} without a result"
