@@ -18,6 +18,7 @@ MAX_ITEMS = 20
 MAX_DEPTH = 6
 MAX_MESSAGE_CHARS = 2000
 MORE_KEY = "..."  # the key that says how many entries of a capped mapping are left out
+SLACK = 40  # a text this much over its limit is kept whole: room for the "(N more characters)" of a capped one
 
 
 def more(count: int) -> str:
@@ -35,7 +36,7 @@ def cap_text(value: object, limit: int = MAX_CHARS) -> str:
         text = repr(capped(value))
     else:
         text = str(value)
-    if len(text) <= limit:
+    if len(text) <= limit + SLACK:  # so that capping a capped text changes nothing
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
@@ -43,7 +44,11 @@ def cap_text(value: object, limit: int = MAX_CHARS) -> str:
 def cap_repr(value: object, limit: int = MAX_CHARS) -> str:
     """``repr(value)`` for a message (``'ab'``), built from the capped value, never from all of it."""
     if isinstance(value, str):
-        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value) - limit} more characters)"
+        return (
+            repr(value)
+            if len(value) <= limit + SLACK
+            else f"{value[:limit]!r}... ({len(value) - limit} more characters)"
+        )
     return cap_text(repr(capped(value)), limit)
 
 

@@ -187,7 +187,7 @@ class Settings(BaseSettings):
     import_max_rows: int = Field(
         default=500_000, ge=1, description="rows the finance SQLite import may read (events x event_impacts)"
     )
-    import_seconds: float = Field(default=60.0, gt=0, description="how long one finance SQLite import may run")
+    import_seconds: float = Field(default=120.0, gt=0, description="how long one finance SQLite import may run")
 
     @field_validator("data_dir")
     @classmethod

@@ -29,7 +29,7 @@ from service.datasets.base import (
     Split,
     star_of,
 )
-from service.datasets.lines import MAX_ROW_BYTES, Lines, head, is_blank
+from service.datasets.lines import MAX_ROW_BYTES, Lines, head, is_blank, size_words
 from service.datasets.sqlite_import import parse_sqlite
 from service.llm.prompts import (
     DEFAULT_INSTRUCTION,
@@ -68,7 +68,7 @@ def _json_records(stream: IO[bytes], parsed: Parsed, limits: Limits) -> Iterator
     for raw in lines.raw():
         number = lines.number
         if raw is None:
-            parsed.reject(f"longer than {MAX_ROW_BYTES // (1024 * 1024)} MiB", line=number)
+            parsed.reject(f"longer than {size_words(MAX_ROW_BYTES)}", line=number)
             continue
         if not raw.strip():
             continue

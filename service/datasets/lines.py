@@ -21,6 +21,10 @@ _LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # a line break of its own (old Mac file
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
+def size_words(size: int) -> str:
+    return f"{size // (1024 * 1024)} MiB" if size % (1024 * 1024) == 0 else f"{size} bytes"
+
+
 def head(stream: IO[bytes], size: int = 4096) -> bytes:
     """The first ``size`` bytes; the stream is left at its start."""
     stream.seek(0)
@@ -82,8 +86,7 @@ class Lines:
             self.record_bytes += len(line)
             if len(line) > room:
                 raise DatasetError(
-                    f"line {self.number}: a row longer than {self.max_bytes // (1024 * 1024)} MiB",
-                    {"line": self.number},
+                    f"line {self.number}: a row longer than {size_words(self.max_bytes)}", {"line": self.number}
                 )
             try:
                 text = line.decode("utf-8-sig" if self.number == 1 else "utf-8")

@@ -4,6 +4,9 @@ schema, ``service.datasets.sample``), and twin uploads registering one dataset."
 from __future__ import annotations
 
 import contextlib
+import csv
+import errno
+import io
 import json
 import sqlite3
 import time
@@ -16,14 +19,16 @@ from sqlalchemy import Engine, text
 from sqlmodel import select
 
 from service.core.config import Settings
-from service.datasets.base import DatasetError
-from service.datasets.formats import parse
+from service.core.errors import RequestError
+from service.datasets.base import DatasetError, Limits
+from service.datasets.formats import parse, parse_stream
+from service.datasets.lines import MAX_ROW_BYTES, Lines
 from service.datasets.sample import DATA_FLASHES, DUPLICATES, HEADLINES, RELEASES, SampleData
 from service.datasets.sqlite_import import open_readonly, quantile
-from service.datasets.store import save_upload
+from service.datasets.store import _storage, save_upload
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.models import Dataset
-from service.llm.prompts import parse_label
+from service.llm.prompts import Example, parse_label
 from tests.conftest import wait_for
 from tests.pgdb import postgres_database
 
@@ -165,3 +170,132 @@ def _waiting_on_a_lock(engine: Engine) -> bool:
     query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
     with engine.connect() as conn:  # a transaction of its own: pg_stat_activity is read once per transaction
         return bool(conn.execute(text(query)).scalar())
+
+
+# ------------------------------------------------------------------------------------------- hostile uploads
+def test_a_csv_field_over_the_csv_modules_limit_is_a_4xx_naming_its_line() -> None:
+    big = b"a" * (csv.field_size_limit() + 1)
+    for data, line in ((b"text,label\nok,1\n" + big + b",1\n", 3), (b'text,label\n"' + big + b'\nb",1\nok,0\n', 2)):
+        with pytest.raises(DatasetError, match=f"line {line}: a field is longer than 131072 characters") as err:
+            parse(data)
+        assert err.value.details == {"line": line}
+
+
+def test_a_header_without_a_text_column_is_echoed_capped() -> None:
+    header = ",".join(f"column_{i}_" + "x" * 300 for i in range(20_000)).encode()
+    with pytest.raises(DatasetError) as err:
+        parse(header + b"\n1,2\n")
+    message = str(err.value)
+    assert "no column 'text' or 'content' (20000 columns: column_0_" in message and "and 19980 more" in message
+    assert len(message) < 6000  # 20 names of at most ~230 characters, not the 6 MB header
+
+
+def test_jsonl_lines_nested_too_deep_too_long_or_with_huge_numbers_are_rejected() -> None:
+    good = b'{"instruction": "q", "output": "bullish"}\n'
+    deep = b"[" * 5000 + b"]" * 5000 + b"\n"
+    too_long = b'{"instruction": "' + b"x" * MAX_ROW_BYTES + b'", "output": "bullish"}\n'
+    huge_number = b'{"instruction": ' + b"9" * 5000 + b"}\n"
+    parsed = parse(good + deep + too_long + huge_number + good.replace(b"q", b"r"))
+    assert parsed.num_train == 2
+    reasons = {r["line"]: r["reason"] for r in parsed.rejected}
+    assert reasons[2] == "bad JSON: nested too deeply"
+    assert reasons[3] == "longer than 8 MiB" and reasons[4].startswith("bad JSON: Exceeds the limit")
+
+
+def test_a_csv_row_over_the_row_limit_ends_the_file_naming_its_line() -> None:
+    with pytest.raises(DatasetError, match="line 2: a row longer than 8 MiB"):
+        parse(b"text,label\n" + b"y" * (MAX_ROW_BYTES + 10) + b",1\n")
+    lines = Lines(io.BytesIO(b'a,b\n"1\n2\n3\n4",5\n'), Limits(), max_bytes=8)  # one record over several lines
+    reader = csv.reader(lines.text())
+    assert next(reader) == ["a", "b"]
+    lines.record_bytes = 0
+    with pytest.raises(DatasetError, match="line 5: a row longer than 8 bytes"):
+        next(reader)
+
+
+def test_lines_read_the_stream_with_old_mac_line_breaks_and_name_bad_bytes() -> None:
+    assert parse(b"text,label\rup,1\rdown,-1\r").num_train == 2
+    with pytest.raises(DatasetError, match=r"not UTF-8 \(line 3, byte 19\)") as err:
+        parse(b"text,label\nok,1\ncaf\xe9,0\n")
+    assert err.value.details == {"line": 3, "byte": 19}
+
+
+def test_more_examples_than_the_limit_is_a_4xx_naming_the_limit() -> None:
+    data = "".join(f'{{"instruction": "q{i}", "output": "bullish"}}\n' for i in range(6)).encode()
+    assert parse(data, limits=Limits(max_examples=6)).num_train == 6
+    with pytest.raises(DatasetError, match="more than 5 examples") as err:
+        parse(data, limits=Limits(max_examples=5))
+    assert err.value.details == {"limit": "FLASHTUNE_MAX_DATASET_EXAMPLES", "max": 5}
+
+
+def test_streamed_parsing_writes_what_keeping_would_keep(sample_data: SampleData) -> None:
+    written: list[tuple[str, Example]] = []
+    with sample_data.database.open("rb") as f:
+        streamed = parse_stream(f, write=lambda e, split: written.append((split, e)))
+    kept = parse(sample_data.database.read_bytes())
+    assert streamed.examples == [] and [e for s, e in written if s == "train"] == kept.examples
+    assert [e for s, e in written if s == "validation"] == kept.validation
+    assert (streamed.num_train, streamed.num_validation, streamed.labels) == (
+        len(kept.examples),
+        len(kept.validation),
+        kept.labels,
+    )
+
+
+def _shared_event_id_database(path: Path, rows: int) -> bytes:
+    """The issue's attack: ``rows`` events and ``rows`` impacts that all share one event_id (no keys declared)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE events (event_id, source, ts_utc, content, star, name, previous, consensus, actual)")
+        conn.execute("CREATE TABLE event_impacts (event_id, ticker, window_min, ret)")
+        conn.executemany("INSERT INTO events VALUES ('e1', 'flash', '2025-01-01', '金价', 3, 0, 0, 0, 0)", [()] * rows)
+        conn.executemany("INSERT INTO event_impacts VALUES ('e1', 'XAUUSD', 15, 0.001)", [()] * rows)
+        conn.commit()
+    return path.read_bytes()
+
+
+def test_the_import_refuses_an_event_id_repeated_for_one_ticker_and_window(tmp_path: Path) -> None:
+    data = _shared_event_id_database(tmp_path / "shared.db", 1000)  # 1,000,000 rows if joined
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match="1000 rows with event_id 'e1' for ticker 'XAUUSD'") as err:
+        parse(data)
+    assert time.monotonic() - started < 5
+    assert err.value.details["table"] == "event_impacts" and err.value.details["column"] == "event_id"
+    with contextlib.closing(sqlite3.connect(tmp_path / "shared.db")) as conn:  # one impact, repeated events
+        conn.execute("DELETE FROM event_impacts WHERE rowid > 1")
+        conn.commit()
+    with pytest.raises(DatasetError, match="table 'events' has 1000 rows with event_id 'e1'"):
+        parse((tmp_path / "shared.db").read_bytes())
+
+
+def test_the_import_stops_at_its_row_budget_its_time_limit_and_a_cancel(sample_data: SampleData) -> None:
+    data = sample_data.database.read_bytes()
+    with pytest.raises(DatasetError, match="more than 10 rows of events match") as err:
+        parse(data, limits=Limits(import_max_rows=10))
+    assert err.value.details == {"limit": "FLASHTUNE_IMPORT_MAX_ROWS", "max": 10}
+    with pytest.raises(DatasetError, match="ran longer than 1e-06 s") as err:
+        parse(data, limits=Limits(import_seconds=1e-6))
+    assert err.value.details["limit"] == "FLASHTUNE_IMPORT_SECONDS"
+    cancelled = Limits()
+    cancelled.cancel.set()
+    with pytest.raises(DatasetError, match="cancelled"):
+        parse(data, limits=cancelled)
+    lines = "".join(f"text {i},1\n" for i in range(5000)).encode()
+    with pytest.raises(DatasetError, match="cancelled"):  # text formats check the flag every 1024 lines
+        parse(b"text,label\n" + lines, limits=cancelled)
+
+
+def test_the_servers_storage_failing_is_a_503_or_507_without_its_path(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    settings.layout.datasets.rmdir()
+    settings.layout.datasets.write_text("not a folder")  # unwritable even for root, unlike a chmod
+    with session_scope(engine) as session, pytest.raises(RequestError) as err:
+        save_upload(settings, session, b'{"instruction": "q", "output": "bullish"}\n', "a.jsonl")
+    assert (err.value.status, err.value.type) == (503, "storage_unavailable")
+    assert str(tmp_path) not in err.value.message
+    with pytest.raises(RequestError) as full, _storage():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (full.value.status, full.value.type) == (507, "insufficient_storage")
+    engine.dispose()
