@@ -168,18 +168,16 @@ def judge(metrics: dict[str, Any], adapter: str, alias: str, current: str | None
     base_f1 = base.get(METRIC, 0.0)
     if f1 <= base_f1:
         return Verdict(False, f"{stays}: macro-F1 {f1:.4f} does not beat the base's {base_f1:.4f} {same}", comparison)
-    if current is not None and other.get("name") != current:
+    if current is not None and (other.get("name") != current or METRIC not in other):
         why = other.get("error") or (
             f"it was compared with {other['name']}, which {alias} pointed at when training started"
-            if other.get("name")
+            if other.get("name") and other.get("name") != current
             else f"{current} could not be evaluated beside it (another base model, or its files are gone)"
         )
         return Verdict(False, f"{stays}: this job was not evaluated against {current} ({why})", comparison)
-    if current is not None and f1 <= other.get(METRIC, 0.0):
+    if current is not None and f1 <= other[METRIC]:
         return Verdict(
-            False,
-            f"{stays}: macro-F1 {f1:.4f} does not beat {current}'s {other.get(METRIC, 0.0):.4f} {same}",
-            comparison,
+            False, f"{stays}: macro-F1 {f1:.4f} does not beat {current}'s {other[METRIC]:.4f} {same}", comparison
         )
     beaten = f"the base's {base_f1:.4f}" + (f" and {current}'s {other[METRIC]:.4f}" if current is not None else "")
     return Verdict(True, f"promoted to {alias}: macro-F1 {f1:.4f} beats {beaten} {same}", comparison)
