@@ -67,7 +67,7 @@ def analyze(
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     item, context = _news_item(body, settings, "", known)
     started = time.perf_counter()
-    result = server.submit(item, adapter, body.max_new_tokens)
+    result = server.submit(item, adapter, body.max_new_tokens, free=body.generation == "free")
     _observe(started, [result])
     return answer(result, context, served.alias, body.format)
 
@@ -86,7 +86,7 @@ def analyze_batch(
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     prepared = [_news_item(item, settings, f"items.{i}", known) for i, item in enumerate(body.items)]
     started = time.perf_counter()
-    results = server.analyze([item for item, _ in prepared], adapter, body.max_new_tokens)
+    results = server.analyze([item for item, _ in prepared], adapter, body.max_new_tokens, body.generation == "free")
     _observe(started, results)
     return AnalyzeBatchResponse(
         data=[answer(r, context, served.alias, body.format) for r, (_, context) in zip(results, prepared, strict=True)]

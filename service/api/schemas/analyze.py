@@ -79,6 +79,13 @@ class AnalyzeItem(Strict):
         return given
 
 
+Generation = Literal["prefix", "free"]
+GENERATION_HELP = (
+    "prefix (default): the analysis continues the response prefix that states the scored importance, label and "
+    "reaction, so it always agrees with them; free: generated from the prompt alone, and may disagree (consistent)"
+)
+
+
 ADAPTER_HELP = (
     "an alias (e.g. 'production': GET /aliases), an adapter name (job-<id>), 'latest' (the newest adapter with a "
     "held-out evaluation) or 'none' (the base model alone); default: FLASHTUNE_DEFAULT_ADAPTER ('latest')"
@@ -94,6 +101,7 @@ class AnalyzeRequest(AnalyzeItem):
     adapter: str | None = Field(default=None, min_length=1, max_length=128, description=ADAPTER_HELP)
     format: Format = Field(default="flashtune", description=FORMAT_HELP)
     max_new_tokens: int | None = Field(default=None, ge=0)
+    generation: Generation = Field(default="prefix", description=GENERATION_HELP)
 
 
 class LabelProbs(BaseModel):
@@ -107,9 +115,18 @@ class AnalyzeResponse(BaseModel):
     label_id: int
     score: float
     probs: LabelProbs
+    calibrated: bool = Field(
+        default=False, description="probs scaled by the temperature the adapter's job fitted on its validation split"
+    )
+    temperature: float | None = Field(default=None, description="the calibration temperature applied, if any")
     importance: int | None
     market_reaction: str | None
     analysis: str
+    generation: Generation = Field(default="prefix", description=GENERATION_HELP)
+    consistent: bool | None = Field(
+        default=None,
+        description="the analysis states the label (and no other importance or reaction); null without analysis",
+    )
     probs_list: list[float] = Field(description="the probabilities as a list: [bearish, neutral, bullish]")
     adapter: str = Field(description="the adapter that answered; 'none': the base model alone")
     alias: str | None = Field(
@@ -148,6 +165,7 @@ class AnalyzeBatchRequest(Strict):
     adapter: str | None = Field(default=None, min_length=1, max_length=128, description=ADAPTER_HELP)
     format: Format = Field(default="flashtune", description=FORMAT_HELP)
     max_new_tokens: int | None = Field(default=None, ge=0)
+    generation: Generation = Field(default="prefix", description=GENERATION_HELP)
 
 
 class AgentAnalyzeResponse(BaseModel):
