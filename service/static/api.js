@@ -26,11 +26,20 @@ export class ApiError extends Error {
   }
 }
 
-const listeners = { unauthorized: [] };
+const listeners = { unauthorized: [], open: [] };
 
 /** Call ``fn(error)`` whenever the API answers 401 (no key, or a wrong one). */
 export function onUnauthorized(fn) {
   listeners.unauthorized.push(fn);
+}
+
+/** Call ``fn()`` when a call sent without a key succeeds: the server needs none (FLASHTUNE_API_KEY unset). */
+export function onOpenServer(fn) {
+  listeners.open.push(fn);
+}
+
+function answered(response, sentKey) {
+  if (response.ok && !sentKey) listeners.open.forEach((fn) => fn());
 }
 
 function headers(extra = {}) {
@@ -60,6 +69,7 @@ export async function api(path, { method = "GET", body, signal } = {}) {
     init.body = JSON.stringify(body);
   }
   const response = await fetch(path, init);
+  answered(response, "Authorization" in init.headers);
   if (!response.ok) throw await failure(response);
   return response.status === 204 ? null : response.json();
 }

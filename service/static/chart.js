@@ -41,7 +41,7 @@ export function drawLossChart(container, metrics) {
   const last = train.length ? train[train.length - 1] : null;
   const lastEval = evals.length ? evals[evals.length - 1] : null;
   const desc = train.length
-    ? `${train.length} training-loss points up to step ${last[0]}, latest ${fmt(last[1])}` +
+    ? `${train.length} training-loss point${train.length === 1 ? "" : "s"} up to step ${last[0]}, latest ${fmt(last[1])}` +
       (lastEval ? `; held-out loss ${fmt(lastEval[1])} at step ${lastEval[0]}` : "")
     : "no loss recorded yet";
   svg.append(el("desc", { id: "loss-svg-desc" }, desc));
@@ -82,6 +82,12 @@ export function drawLossChart(container, metrics) {
   if (train.length) {
     const d = train.map(([s, v], i) => `${i ? "L" : "M"}${x(s).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
     svg.append(el("path", { d, class: "train", "data-points": train.length, id: "loss-train-path" }));
+    if (train.length === 1) { // a path of one point draws nothing: a job of one step gets a dot
+      const [s, v] = train[0];
+      const dot = el("circle", { cx: x(s), cy: y(v), r: 4, class: "train-dot", id: "loss-train-dot" });
+      dot.append(el("title", {}, `training loss ${fmt(v)} at step ${s}`));
+      svg.append(dot);
+    }
   }
   if (evals.length) {
     if (evals.length > 1) {

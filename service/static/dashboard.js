@@ -56,6 +56,18 @@ function num(value, digits = 4) {
   return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
 }
 
+/** A number for people: at most 4 significant digits (0.02835039055553749 -> 0.02835). */
+function short(value) {
+  return Number.isFinite(value) ? String(Number(value.toPrecision(4))) : String(value);
+}
+
+/** An event message as people read it: long decimals rounded, Python's None as "–". */
+function tidy(message) {
+  return String(message ?? "")
+    .replace(/-?\d+\.\d{5,}(?:e[-+]?\d+)?/gi, (match) => short(Number(match)))
+    .replace(/\bNone\b/g, "–");
+}
+
 function pct(value) {
   return value === null || value === undefined ? "–" : `${(value * 100).toFixed(1)}%`;
 }
@@ -107,11 +119,22 @@ function report(err) {
   showNotice(err instanceof ApiError ? `${err.message}` : `Cannot reach the API: ${err.message || err}`);
 }
 
+let serverAuth = "unknown"; // "open": a call without a key succeeded (no FLASHTUNE_API_KEY); "required": a 401
+
 function refreshKeyState() {
   const set = Boolean(getKey());
-  $("key-state").textContent = set ? "API key: set for this tab" : "API key: not set";
+  const says = { open: "Open server: no API key needed", required: "API key: not set", unknown: "" };
+  $("key-state").textContent = set ? "API key: set for this tab" : says[serverAuth];
   $("key-change").textContent = set ? "Change key" : "Set key";
+  $("key-change").hidden = !set && serverAuth !== "required";
 }
+
+onOpenServer(() => {
+  if (serverAuth !== "open") {
+    serverAuth = "open";
+    refreshKeyState();
+  }
+});
 
 function showKeyPanel(reason) {
   $("key-reason").textContent = reason;
@@ -122,6 +145,8 @@ function showKeyPanel(reason) {
 }
 
 onUnauthorized(() => {
+  serverAuth = "required";
+  refreshKeyState();
   showKeyPanel(getKey()
     ? "The server did not accept this key. Enter the right one (it is kept in this tab only)."
     : "This server needs an API key. It is kept in this tab only (sessionStorage) and sent as Authorization: Bearer <key>.");
@@ -194,18 +219,22 @@ function route() {
   else if (job) [view, param] = ["job", Number(job[1])];
   else if (hash === "/new") view = "new";
   else if (hash === "/analyze") view = "analyze";
+  else if (hash === "/adapters") view = "adapters";
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
   for (const link of document.querySelectorAll("[data-nav]")) {
     const current = link.dataset.nav === view || (view === "job" && link.dataset.nav === "jobs");
     if (current) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  const titles = { jobs: "Jobs", job: `Job ${param}`, new: "New job", analyze: "Analyze", missing: "Not found" };
+  const titles = {
+    jobs: "Jobs", job: `Job ${param}`, new: "New job", analyze: "Analyze", adapters: "Adapters", missing: "Not found",
+  };
   document.title = `${titles[view]} · FlashTune`;
   if (view === "jobs") showJobs();
   else if (view === "job") showJob(param);
   else if (view === "new") showNewJob();
   else if (view === "analyze") showAnalyze();
+  else if (view === "adapters") showAdapters();
 }
 
 // ------------------------------------------------------------------------------------------------- jobs list
@@ -335,6 +364,7 @@ async function showEvaluation(job) {
     return;
   }
   const adapter = await api(`/adapters/${encodeURIComponent(job.adapter)}`);
+  showPromotion(adapter);
   const metrics = adapter.metrics || {};
   const body = $("eval-body");
   if (!metrics.num_labelled) {
@@ -365,12 +395,45 @@ async function showEvaluation(job) {
   panel.hidden = false;
 }
 
+/** What the job's promotion decided (promote_to), the aliases pointing at the adapter, and the promote form. */
+function showPromotion(adapter) {
+  const parts = [];
+  const promotion = adapter.promotion;
+  if (promotion) {
+    parts.push(promotion.status === "pending"
+      ? `Asked to be promoted to ${promotion.alias}: decided when the job succeeds.`
+      : `Promotion to ${promotion.alias}: ${promotion.status}. ${promotion.reason || ""}`);
+  }
+  parts.push(adapter.aliases.length ? `Serves as: ${adapter.aliases.join(", ")}.` : "No alias points at this adapter.");
+  $("promotion-state").textContent = parts.join(" ");
+  $("promotion-state").dataset.aliases = adapter.aliases.join(",");
+  const form = $("promote-form");
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    clearInvalid(form);
+    const alias = $("promote-alias").value.trim();
+    const status = $("promote-status");
+    $("promote-submit").disabled = true;
+    try {
+      const set = await api(`/adapters/${encodeURIComponent(adapter.name)}/aliases`, { method: "POST", body: { alias } });
+      status.textContent = `${set.alias} now serves ${set.adapter}`;
+      showPromotion(await api(`/adapters/${encodeURIComponent(adapter.name)}`));
+    } catch (err) {
+      status.textContent = `Not promoted: ${describeError(err)}`;
+      markInvalid(form, err, (field) => (field === "alias" ? "promote-alias" : null));
+      if (!(err instanceof ApiError)) report(err);
+    } finally {
+      $("promote-submit").disabled = false;
+    }
+  };
+}
+
 function eventItem(event) {
   const time = new Date(event.created_at);
   return h("li", { class: event.level, "data-event-id": event.id, "data-type": event.type },
     h("time", { datetime: event.created_at, text: Number.isNaN(time.getTime()) ? "" : time.toLocaleTimeString() }),
     h("span", { class: "type", text: event.type }),
-    h("span", { class: "message", text: event.message }));
+    h("span", { class: "message", text: tidy(event.message) }));
 }
 
 function showJob(id) {
@@ -502,6 +565,41 @@ function describeError(err) {
   return details ? `${err.message} (${details})` : err.message;
 }
 
+/** Undo :func:`markInvalid` in ``form``. */
+function clearInvalid(form) {
+  for (const input of form.querySelectorAll('[aria-invalid="true"]')) {
+    input.removeAttribute("aria-invalid");
+    input.removeAttribute("aria-errormessage");
+  }
+  for (const message of form.querySelectorAll(".field-error")) message.remove();
+}
+
+/**
+ * Highlight the inputs of ``form`` that an API error names (its details' ``field``, e.g. "hyperparameters.epochs"),
+ * each with the API's message beside it; ``inputFor(field)`` gives the input's id. Returns how many were marked.
+ */
+function markInvalid(form, err, inputFor) {
+  const details = err instanceof ApiError && Array.isArray(err.details) ? err.details : [];
+  let first = null;
+  for (const detail of details) {
+    const input = $(inputFor(String(detail.field ?? "")) || "");
+    if (!input || !form.contains(input) || input.getAttribute("aria-invalid") === "true") continue;
+    const id = `${input.id}-error`;
+    input.setAttribute("aria-invalid", "true");
+    input.setAttribute("aria-errormessage", id);
+    input.insertAdjacentElement("afterend", h("span", { id, class: "field-error", text: detail.message || "invalid" }));
+    first = first || input;
+  }
+  if (first) first.focus();
+  return first ? 1 : 0;
+}
+
+function newJobInput(field) {
+  const [head, sub] = field.split(".");
+  if (head === "hyperparameters" && sub) return `hp-${sub}`;
+  return { dataset: "new-dataset", name: "new-name", base_model: "new-base", promote_to: "new-promote" }[head];
+}
+
 function setupNewJobForm() {
   $("new-base").addEventListener("change", async () => {
     const base = $("new-base").value.trim();
@@ -515,11 +613,21 @@ function setupNewJobForm() {
     event.preventDefault();
     const status = $("new-status");
     const submit = $("new-submit");
+    const form = $("new-form");
+    clearInvalid(form);
+    const unreadable = [...form.querySelectorAll("input")].filter((input) => input.validity.badInput);
+    if (unreadable.length) { // a number field holding what is no number: the browser gives "" for it
+      markInvalid(form, new ApiError(0, "", "", unreadable.map((i) => ({ field: i.id, message: "not a number" }))), (f) => f);
+      status.textContent = "Not started: fix the highlighted fields";
+      return;
+    }
     submit.disabled = true;
+    let stage = "job";
     try {
       let dataset = $("new-dataset").value;
       const file = $("new-file").files[0];
       if (file) {
+        stage = "upload";
         status.textContent = `uploading ${file.name}…`;
         const form = new FormData();
         form.append("file", file);
@@ -528,18 +636,23 @@ function setupNewJobForm() {
         const uploaded = await upload("/datasets", form);
         dataset = uploaded.id;
         status.textContent = `uploaded ${uploaded.id}: ${uploaded.num_examples} examples, ${uploaded.rejected_count} rejected lines`;
+        stage = "job";
       }
       const body = { dataset, hyperparameters: readHyperparameters() };
       const name = $("new-name").value.trim();
       const base = $("new-base").value.trim();
+      const promote = $("new-promote").value.trim();
       if (name) body.name = name;
       if (base) body.base_model = base;
+      if (promote) body.promote_to = promote;
       const job = await api("/jobs", { method: "POST", body });
       $("new-file").value = "";
       status.textContent = `job ${job.id} queued`;
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
       status.textContent = `Not started: ${describeError(err)}`;
+      if (stage === "upload") markInvalid(form, new ApiError(0, "", "", [{ field: "file", message: err.message }]), () => "new-file");
+      else markInvalid(form, err, newJobInput);
       if (!(err instanceof ApiError)) report(err);
     } finally {
       submit.disabled = false;
@@ -547,18 +660,105 @@ function setupNewJobForm() {
   });
 }
 
+// ------------------------------------------------------------------------------------------ adapters and aliases
+function f1(metrics, who) {
+  const value = metrics?.[who]?.macro_f1;
+  return value === undefined || value === null ? "–" : num(value, 3);
+}
+
+function aliasRow(alias) {
+  const remove = h("button", { type: "button", class: "secondary small-button", text: "Remove",
+    "aria-label": `Remove alias ${alias.alias}` });
+  remove.onclick = async () => {
+    remove.disabled = true;
+    try {
+      await api(`/aliases/${encodeURIComponent(alias.alias)}`, { method: "DELETE" });
+      $("alias-status").textContent = `alias ${alias.alias} removed`;
+      await showAdapters();
+    } catch (err) {
+      report(err);
+      remove.disabled = false;
+    }
+  };
+  return h("tr", { "data-alias": alias.alias },
+    h("th", { scope: "row", text: alias.alias }),
+    h("td", { class: "alias-adapter" }, h("a", { href: `#/jobs/${alias.adapter.replace(/^job-/, "")}`, text: alias.adapter })),
+    h("td", { class: "small", text: alias.reason }),
+    h("td", { class: "small", text: when(alias.updated_at) }),
+    h("td", {}, remove));
+}
+
+function adapterRow(adapter) {
+  const promotion = adapter.promotion;
+  return h("tr", { "data-adapter": adapter.name },
+    h("td", {}, h("a", { href: `#/jobs/${adapter.job_id}`, text: adapter.name }), h("span", { class: "sub", text: adapter.base_model })),
+    h("td", { class: "dataset", text: adapter.dataset }),
+    h("td", { text: adapter.metrics?.num_labelled ? `${f1(adapter.metrics, "base")} → ${f1(adapter.metrics, "adapter")}` : "no evaluation" }),
+    h("td", { class: "aliases", text: adapter.aliases.join(", ") || "–" }),
+    h("td", { class: "small", text: promotion ? `${promotion.alias}: ${promotion.status}` : "–",
+      title: promotion?.reason || undefined }));
+}
+
+async function showAdapters() {
+  const [aliases, adapters] = await Promise.all([api("/aliases"), api("/adapters")]).catch((err) => {
+    report(err);
+    return [[], []];
+  });
+  $("aliases-body").replaceChildren(...aliases.map(aliasRow));
+  $("aliases-empty").hidden = aliases.length > 0;
+  $("aliases-table").hidden = aliases.length === 0;
+  $("adapters-body").replaceChildren(...adapters.map(adapterRow));
+  $("adapters-empty").hidden = adapters.length > 0;
+  $("adapters-table").hidden = adapters.length === 0;
+  const select = $("alias-adapter");
+  const chosen = select.value;
+  select.replaceChildren(...adapters.map((a) => h("option", { value: a.name,
+    text: `${a.name} · ${a.metrics?.num_labelled ? `macro-F1 ${f1(a.metrics, "adapter")}` : "no evaluation"}` })));
+  if (chosen && [...select.options].some((o) => o.value === chosen)) select.value = chosen;
+  $("alias-submit").disabled = adapters.length === 0;
+}
+
+function setupAliasForm() {
+  const form = $("alias-form");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearInvalid(form);
+    const alias = $("alias-name").value.trim();
+    const adapter = $("alias-adapter").value;
+    const status = $("alias-status");
+    if (!alias) {
+      markInvalid(form, new ApiError(0, "", "", [{ field: "alias", message: "name the alias, e.g. production" }]), () => "alias-name");
+      return;
+    }
+    $("alias-submit").disabled = true;
+    try {
+      const set = await api(`/aliases/${encodeURIComponent(alias)}`, { method: "PUT", body: { adapter } });
+      status.textContent = `${set.alias} now serves ${set.adapter}`;
+      await showAdapters();
+    } catch (err) {
+      status.textContent = `Not set: ${describeError(err)}`;
+      markInvalid(form, err, (field) => ({ alias: "alias-name", adapter: "alias-adapter" })[field]);
+      if (!(err instanceof ApiError)) report(err);
+    } finally {
+      $("alias-submit").disabled = false;
+    }
+  });
+}
+
 // --------------------------------------------------------------------------------------------------- analyze
 async function showAnalyze() {
   let adapters = [];
+  let aliases = [];
   try {
-    adapters = await api("/adapters");
+    [adapters, aliases] = await Promise.all([api("/adapters"), api("/aliases")]);
   } catch (err) {
     report(err);
   }
   const options = (extra) => [
     ...extra,
     h("option", { value: "none", text: "none: the base model alone" }),
-    ...(adapters.length ? [h("option", { value: "latest", text: "latest adapter" })] : []),
+    ...(adapters.length ? [h("option", { value: "latest", text: "latest adapter (with an evaluation)" })] : []),
+    ...aliases.map((a) => h("option", { value: a.alias, text: `${a.alias} → ${a.adapter}` })),
     ...adapters.map((a) => h("option", { value: a.name, text: `${a.name} (${a.base_model}, dataset ${a.dataset})` })),
   ];
   for (const [id, extra] of [["analyze-adapter", []], ["analyze-compare", [h("option", { value: "", text: "no comparison" })]]]) {
@@ -573,7 +773,8 @@ async function showAnalyze() {
 function resultCard(adapterChoice, result) {
   const probs = result.probs || {};
   return h("section", { class: "panel result", "aria-label": `Result of ${adapterChoice}` },
-    h("h3", {}, h("span", { text: adapterChoice === "none" ? "Base model" : `Adapter ${result.adapter || adapterChoice}` }),
+    h("h3", {}, h("span", { text: result.adapter === "none" ? "Base model"
+      : `Adapter ${result.adapter}${result.alias ? ` via ${result.alias}` : ""}` }),
       h("span", { class: "muted small", text: `${Math.round(result.latency_ms)} ms` })),
     h("p", { class: `label ${result.label}`, "data-label": result.label, text: result.label }),
     h("ul", { class: "probs", "aria-label": "Label probabilities" }, LABELS.map((label) => {
@@ -601,16 +802,25 @@ function setupAnalyzeForm() {
     }
     const choices = [$("analyze-adapter").value, $("analyze-compare").value].filter(Boolean);
     const tokens = $("analyze-tokens").value.trim();
+    const form = $("analyze-form");
+    clearInvalid(form);
+    const extra = readContext(form);
+    if (!extra) {
+      status.textContent = "Fix the highlighted fields.";
+      return;
+    }
     const submit = $("analyze-submit");
     submit.disabled = true;
     status.textContent = "analyzing…";
     const results = $("analyze-results");
     try {
       const answers = await Promise.all(choices.map((adapter) => {
-        const body = { text, adapter };
+        const body = { text, adapter, ...extra };
         if (tokens) body.max_new_tokens = Number.parseInt(tokens, 10);
-        return api("/analyze", { method: "POST", body }).then((r) => resultCard(adapter, r),
-          (err) => h("section", { class: "panel result error-box", role: "alert" }, h("h3", { text: adapter }), describeError(err)));
+        return api("/analyze", { method: "POST", body }).then((r) => resultCard(adapter, r), (err) => {
+          markInvalid(form, err, analyzeInput);
+          return h("section", { class: "panel result error-box", role: "alert" }, h("h3", { text: adapter }), describeError(err));
+        });
       }));
       results.replaceChildren(...answers);
       status.textContent = "done";
@@ -627,5 +837,6 @@ function setupAnalyzeForm() {
 setupKeyPanel();
 setupNewJobForm();
 setupAnalyzeForm();
+setupAliasForm();
 window.addEventListener("hashchange", route);
 route();

@@ -286,6 +286,16 @@ def test_uploaded_dataset_is_offered_and_a_bad_job_is_explained(svc: Service, pa
     status = tab.locator("#new-status")
     expect(status).to_contain_text("Not started")
     expect(status).to_contain_text("hyperparameters.epochs")
+    epochs = tab.get_by_label("Epochs", exact=True)  # the field at fault is marked, with the API's message beside it
+    expect(epochs).to_have_attribute("aria-invalid", "true")
+    expect(tab.locator("#hp-epochs-error")).to_contain_text("less than or equal to 100")
+    expect(tab.locator('#new-form [aria-invalid="true"]')).to_have_count(1)
+    tab.get_by_label("Promote to alias when better (optional)").fill("latest")  # reserved: refused, and marked
+    epochs.fill("1")
+    tab.get_by_role("button", name="Start job").click()
+    expect(tab.get_by_label("Promote to alias when better (optional)")).to_have_attribute("aria-invalid", "true")
+    expect(epochs).not_to_have_attribute("aria-invalid", "true")
+    expect(tab.locator("#new-promote-error")).to_contain_text("reserved")
     datasets: list[dict[str, Any]] = svc.client.get("/datasets").json()
     uploaded = next(d for d in datasets if d["filename"] == "tiny.jsonl")
     tab.reload()
@@ -307,3 +317,104 @@ def test_wrong_key_and_unknown_job_are_explained(svc: Service, page: tuple[Page,
     expect(tab.locator("#notice")).to_have_text("job 987654 does not exist")
     tab.goto(f"{svc.url}/ui/#/nowhere")
     expect(tab.get_by_role("heading", name="Not found")).to_be_visible()
+
+
+def one_step_dataset() -> bytes:
+    """Four examples: with batch 4 and one epoch, a job of one optimizer step (one point of training loss)."""
+    output = "这是一条3星级的财经快讯，属于中性消息。"
+    return "\n".join(
+        json.dumps({"instruction": "分析", "input": f"快讯{i}", "output": output}) for i in range(4)
+    ).encode()
+
+
+@pytest.mark.slow
+def test_one_step_chart_aliases_and_promotion(svc: Service, page: tuple[Page, Problems]) -> None:
+    """A job of one step draws its one loss point; its adapter is promoted to an alias from the job page, set and
+    removed on the adapters page, and the Agent's alias answers on the analyze page with metadata and context."""
+    tab, _ = page
+    upload = svc.client.post("/datasets", files={"file": ("four.jsonl", io.BytesIO(one_step_dataset()))})
+    assert upload.status_code == 201, upload.text
+    hyperparameters = {"epochs": 1, "batch_size": 4, "validation_fraction": 0}
+    job = svc.wait(svc.post_job(dataset=upload.json()["id"], hyperparameters=hyperparameters, name="one-step")["id"])
+    assert job["status"] == "succeeded" and job["progress"]["total_steps"] == 1, job
+    adapter = job["adapter"]
+    enter_key(tab, svc.url)
+
+    # The one-point chart: a dot where the path of one point draws nothing; events show rounded numbers.
+    tab.goto(f"{svc.url}/ui/#/jobs/{job['id']}")
+    expect(tab.locator("#job-status")).to_have_text("succeeded")
+    wait_until(tab, lambda: chart_points(tab), lambda n: n == 1, 60, "the one loss point")
+    dot = tab.locator("#loss-train-dot")
+    expect(dot).to_have_count(1)
+    box = dot.bounding_box()
+    assert box is not None and box["width"] > 0 and box["height"] > 0, box
+    expect(tab.locator('#job-events li[data-type="succeeded"]')).to_have_count(1)
+    messages = tab.locator("#job-events .message").all_text_contents()
+    assert messages and not any(re.search(r"\d\.\d{6,}|\bNone\b", m) for m in messages), messages
+
+    # Promote from the job page: production now serves this adapter.
+    expect(tab.locator("#promotion-state")).to_contain_text("No alias points at this adapter")
+    expect(tab.get_by_label("Alias", exact=True)).to_have_value("production")
+    tab.get_by_role("button", name="Promote to alias").click()
+    expect(tab.locator("#promote-status")).to_have_text(f"production now serves {adapter}")
+    expect(tab.locator("#promotion-state")).to_contain_text("Serves as: production")
+    assert svc.client.get("/aliases/production").json()["adapter"] == adapter
+    tab.get_by_label("Alias", exact=True).fill("job-5")  # an adapter's own name cannot be an alias: marked
+    tab.get_by_role("button", name="Promote to alias").click()
+    expect(tab.get_by_label("Alias", exact=True)).to_have_attribute("aria-invalid", "true")
+    expect(tab.locator("#promote-status")).to_contain_text("Not promoted")
+    shot(tab, "job-promoted")
+
+    # The adapters page: the alias table, a second alias set from the form and removed again.
+    tab.get_by_role("link", name="Adapters").click()
+    expect(tab.locator('#aliases-body tr[data-alias="production"] .alias-adapter')).to_have_text(adapter)
+    expect(tab.locator(f'#adapters-body tr[data-adapter="{adapter}"] .aliases')).to_have_text("production")
+    tab.locator("#alias-name").fill("staging")
+    tab.locator("#alias-adapter").select_option(adapter)
+    tab.get_by_role("button", name="Set alias").click()
+    expect(tab.locator("#alias-status")).to_have_text(f"staging now serves {adapter}")
+    expect(tab.locator("#aliases-body tr")).to_have_count(2)
+    shot(tab, "aliases")
+    tab.get_by_role("button", name="Remove alias staging").click()
+    expect(tab.locator("#aliases-body tr")).to_have_count(1)
+    assert [a["alias"] for a in svc.client.get("/aliases").json()] == ["production"]
+
+    # Analyze through the alias, with metadata and market context.
+    tab.get_by_role("link", name="Analyze").click()
+    tab.get_by_label("News text").fill("美国至12月13日当周初请失业金人数")
+    tab.get_by_label("Adapter", exact=True).select_option("production")
+    tab.get_by_label("Compare with").select_option("")
+    tab.get_by_label("Max new tokens").fill("0")
+    tab.get_by_text("Metadata and market context (optional)").click()
+    tab.get_by_label("Country").fill("美国")
+    tab.get_by_label("Actual").fill("22.4")
+    tab.get_by_label("Return before the event").fill("-0.0012")
+    tab.get_by_label("Trend").select_option("down")
+    tab.get_by_role("button", name="Analyze").click()
+    card = tab.locator("#analyze-results .result")
+    expect(card).to_have_count(1, timeout=120_000)
+    expect(card.locator("h3")).to_contain_text(f"Adapter {adapter} via production")
+    used = (card.locator(".context-used").text_content() or "") + (
+        card.locator(".context-ignored").text_content() or ""
+    )
+    for field in ("country", "actual", "pre_ret", "trend"):
+        assert field in used, used
+    shot(tab, "analyze-alias")
+    tab.get_by_label("Return before the event").fill("5")  # out of range: the API's 422 marks the field
+    tab.get_by_role("button", name="Analyze").click()
+    expect(tab.get_by_label("Return before the event")).to_have_attribute("aria-invalid", "true")
+
+
+def test_open_server_needs_no_key(tmp_path: Path, builtin_model_cache: Path, page: tuple[Page, Problems]) -> None:
+    """Without FLASHTUNE_API_KEY the page never claims a key is missing: it says none is needed."""
+    tab, _ = page
+    open_api = make_service(tmp_path, builtin_model_cache, workers=0)
+    try:
+        tab.goto(open_api.url + "/ui/")
+        expect(tab.locator("#jobs-empty")).to_be_visible()
+        expect(tab.locator("#key-state")).to_have_text("Open server: no API key needed")
+        expect(tab.locator("#key-change")).to_be_hidden()
+        expect(tab.locator("#key-panel")).to_be_hidden()
+        assert "not set" not in (tab.locator("header").text_content() or "")
+    finally:
+        open_api.stop()
