@@ -1,7 +1,8 @@
-// The FlashTune dashboard: jobs with live progress, one job (loss chart, events, evaluation, download), a form to
-// start a job, and an analyze playground. Plain ES modules; every text goes in through textContent.
+// The FlashTune dashboard: jobs with live progress, one job (loss chart, events, evaluation, download, aliases), a
+// form to start a job, adapters and their aliases, and an analyze playground. Plain ES modules; every text goes in
+// through textContent.
 
-import { ApiError, api, download, followEvents, getKey, onUnauthorized, setKey, upload } from "./api.js";
+import { ApiError, api, download, followEvents, getKey, onOpenServer, onUnauthorized, setKey, upload } from "./api.js";
 import { drawLossChart } from "./chart.js";
 
 const $ = (id) => document.getElementById(id);
@@ -787,8 +788,45 @@ function resultCard(adapterChoice, result) {
     h("dl", { class: "kv" },
       h("dt", { text: "importance" }), h("dd", { text: result.importance ? `${"★".repeat(result.importance)} (${result.importance}/5)` : "–" }),
       h("dt", { text: "market reaction" }), h("dd", { text: result.market_reaction || "–" }),
-      h("dt", { text: "base model" }), h("dd", { text: result.base_model })),
+      h("dt", { text: "base model" }), h("dd", { text: result.base_model }),
+      h("dt", { text: "context used" }), h("dd", { class: "context-used", text: (result.context_used || []).join(", ") || "–" }),
+      h("dt", { text: "context left out" }), h("dd", { class: "context-ignored", text: (result.context_ignored || []).join(", ") || "–" })),
     result.analysis ? h("p", { class: "analysis", text: result.analysis }) : null);
+}
+
+const METADATA = ["star", "country", "previous", "consensus", "actual"];
+const MARKET = ["pre_ret", "volatility", "trend"];
+
+function analyzeInput(field) {
+  const [head, sub] = field.split(".");
+  if (head === "metadata" && METADATA.includes(sub)) return `md-${sub}`;
+  if (head === "market_context" && MARKET.includes(sub)) return `mc-${sub}`;
+  return { text: "analyze-text", max_new_tokens: "analyze-tokens", adapter: "analyze-adapter" }[head];
+}
+
+/** ``{metadata?, market_context?}`` from the filled-in fields; null (and the bad fields marked) when one is no number. */
+function readContext(form) {
+  const metadata = {};
+  const market = {};
+  const bad = [];
+  for (const name of METADATA) {
+    const value = $(`md-${name}`).value.trim();
+    if (value) metadata[name] = name === "star" ? Number.parseInt(value, 10) : value;
+  }
+  for (const name of MARKET) {
+    const input = $(`mc-${name}`);
+    const value = input.value.trim();
+    if (input.validity.badInput) bad.push({ field: `market_context.${name}`, message: "not a number" });
+    else if (value) market[name] = name === "trend" ? value : Number(value);
+  }
+  if (bad.length) {
+    markInvalid(form, new ApiError(0, "", "", bad), analyzeInput);
+    return null;
+  }
+  return {
+    ...(Object.keys(metadata).length ? { metadata } : {}),
+    ...(Object.keys(market).length ? { market_context: market } : {}),
+  };
 }
 
 function setupAnalyzeForm() {
