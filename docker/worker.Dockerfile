@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# FlashTune worker: claims queued jobs and trains them on an NVIDIA GPU ((Q)LoRA; bitsandbytes for 4-bit).
+# FlashTune worker: claims queued jobs and trains them on an NVIDIA GPU ((Q)LoRA; bitsandbytes for 4-bit). The
+# same image serves the API on a GPU (compose.yaml's "gpu" profile: NF4 base + adapters, CUDA graph decoding).
 # Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t flashtune-worker:0.1.0 .
 # Run with a GPU (NVIDIA Container Toolkit on the host): docker run --gpus all ... ; see docs/operations.md.
@@ -27,9 +28,12 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Ubuntu's python3 (3.12 on 24.04). The base image tag pins the release; exact .deb versions are not pinned
 # because the Ubuntu archive drops superseded versions, which would break every rebuild after an update.
+# gcc, libc6-dev and python3-dev: Triton (Liger's fused kernels) compiles a small C launcher against Python's
+# headers the first time a kernel runs; without them every fused kernel fails to warm up and the CUDA plan falls
+# back to torch's own layers (slower; the job's "fallback" event says so).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -48,7 +52,8 @@ COPY pyproject.toml README.md ./
 COPY service service
 COPY workers workers
 RUN pip install --no-cache-dir --constraint docker/constraints.txt ".[postgres,cuda]" \
-    && python -c "import bitsandbytes, peft, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -c "import bitsandbytes, peft, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+    && python -c "import sysconfig, os, shutil; assert shutil.which('gcc') and os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')"
 COPY docker/healthcheck.py /usr/local/bin/flashtune-healthcheck
 
 USER 10001:10001

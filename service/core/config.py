@@ -30,6 +30,9 @@ OTHER_ENV_NAMES = frozenset(
         "FLASHTUNE_PUBLISH",  # compose.yaml: where the API port is published
         "FLASHTUNE_WORKER_GPU",  # compose.yaml: the GPU of each worker container
         "FLASHTUNE_WORKER_2_GPU",
+        "FLASHTUNE_GPU_PUBLISH",  # compose.yaml: where the GPU API's port is published
+        "FLASHTUNE_API_GPU",  # compose.yaml: the GPU of the GPU API's container
+        "FLASHTUNE_TORCH_INDEX_URL",  # the index scripts/install.sh installs torch from
         "FLASHTUNE_TEST_POSTGRES",  # the test harness: the PostgreSQL server of the tests (tests/conftest.py)
     }
 )
@@ -46,7 +49,8 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    # An empty variable is an unset one: compose passes ${NAME:-} for settings the operator may leave out.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(
         default_factory=default_data_dir,
