@@ -103,10 +103,15 @@ def point(session: Session, settings: Settings, *, alias: str, job: Job, reason:
 
 
 def remove(session: Session, alias: str) -> Alias | None:
-    """Drop ``alias``; the adapter it pointed at stays. None when there was no such alias."""
+    """Drop ``alias``; the adapter it pointed at stays (an ``alias_removed`` event of its job says so). None when
+    there was no such alias."""
     row = session.get(Alias, alias, with_for_update=True)
     if row is not None:
         session.delete(row)
+        job_id = adapter_job_id(row.adapter)
+        if job_id is not None and jobstore.get(session, job_id) is not None:
+            message = f"alias {alias} removed; it pointed at {row.adapter}"
+            jobstore.add_event(session, job_id, "alias_removed", message, {"alias": alias})
         session.flush()
     return row
 
