@@ -1,73 +1,196 @@
-"""``flashtune serve | worker | demo | sample-data``, and the client commands ``jobs | datasets | analyze``
-(cli_client)."""
+"""``flashtune``: the composition root. ``serve | worker | demo | sample-data`` here; the client commands ``jobs |
+datasets | adapters | workers | analyze`` in ``service.cli_client``. Built on typer (rich help and tables).
+
+A bad setting, from a ``FLASHTUNE_*`` variable or a flag, is one line per setting naming it, and exit 1; never a
+pydantic traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any, Literal
 
-from service.cli_client import add_commands
+import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from service.cli_client import Api, fail, follow, register, report_end
 from service.core import logs
-from service.core.config import Settings, warn_unknown_env
+from service.core.config import ENV_PREFIX, Settings, warn_unknown_env
 from service.datasets.sample import DEFAULT_SEED, write_sample_data
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SETTING_FLAGS = ("data_dir", "database_url", "base_model", "device", "host", "port", "gpus", "gpu", "gpu_memory_gib")
+log = logging.getLogger("flashtune")
+
+app = typer.Typer(
+    name="flashtune",
+    help="Fine-tune LLMs on financial flash news and serve the adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def version() -> str:
+    try:
+        return metadata.version("flashtune")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flashtune {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    _version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune LLMs on financial flash news with (Q)LoRA and serve the adapters for analysis."""
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def settings_errors(exc: ValidationError | SettingsError, flags: Mapping[str, Any]) -> list[str]:
+    """One line per bad setting, naming the flag it came from or else its ``FLASHTUNE_*`` variable."""
+
+    def source(field: str) -> str:
+        return "--" + field.replace("_", "-") if field in flags else ENV_PREFIX + field.upper()
+
+    if isinstance(exc, SettingsError):  # a complex value (a JSON list) that does not even parse
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = source(match.group(1)) if match else "a FLASHTUNE_* variable"
+        return [f"invalid {name}: {exc.__cause__ or exc}"]
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        value = repr(error.get("input"))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        lines.append(f"invalid {source(field)}={value}: {error['msg']}")
+    return lines
+
+
+def _settings(args: Any) -> Settings:
+    """The settings of ``serve`` and ``worker``: flags over ``FLASHTUNE_*`` over defaults; a bad value exits 1 with
+    one line naming it; unknown ``FLASHTUNE_*`` names are warned about."""
     overrides: dict[str, Any] = {}
-    for name in ("data_dir", "database_url", "base_model", "device", "host", "port", "gpus", "gpu", "gpu_memory_gib"):
+    for name in SETTING_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
     if getattr(args, "log_json", False):
         overrides["log_json"] = True
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        fail("\nerror: ".join(settings_errors(exc, overrides)))  # one line for each bad setting
     if settings.log_json:
         logs.configure(json_lines=True)
     warn_unknown_env(os.environ)  # a mistyped FLASHTUNE_* name would be ignored without a word
     return settings
 
 
-def serve(args: argparse.Namespace) -> None:
+DataDir = Annotated[Path | None, typer.Option(help="FLASHTUNE_DATA_DIR", show_default=False)]
+DatabaseUrl = Annotated[str | None, typer.Option(help="FLASHTUNE_DATABASE_URL", show_default=False)]
+BaseModel = Annotated[str | None, typer.Option(help="FLASHTUNE_BASE_MODEL", show_default=False)]
+Device = Annotated[Literal["auto", "cpu", "cuda"] | None, typer.Option(help="FLASHTUNE_DEVICE", show_default=False)]
+LogJson = Annotated[bool, typer.Option("--log-json", help="FLASHTUNE_LOG_JSON: one JSON object per log line.")]
+
+
+# ----------------------------------------------------------------------------------------------- serve, worker
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    base_model: BaseModel = None,
+    device: Device = None,
+    log_json: LogJson = False,
+    host: Annotated[str | None, typer.Option(help="FLASHTUNE_HOST (default 127.0.0.1)", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="FLASHTUNE_PORT (default 8000)", show_default=False)] = None,
+    allow_public: Annotated[
+        bool, typer.Option("--allow-public", help="Listen beyond loopback without an API key.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn's: critical, error, warning, info, debug.")] = "info",
+) -> None:
+    """Start the API. Jobs, datasets, adapters, /analyze, /v1 and the dashboard."""
     import uvicorn
 
     from service.api.main import create_app
 
-    settings = _settings(args)
+    flags = SimpleNamespace(
+        data_dir=data_dir, database_url=database_url, base_model=base_model, device=device, log_json=log_json
+    )
+    settings = _settings(SimpleNamespace(**vars(flags), host=host, port=port))
     if settings.api_key_file is not None:
         from service.api.security import ApiKeyConfigError, api_keys
 
         try:
             api_keys(settings)
         except ApiKeyConfigError as exc:
-            sys.exit(str(exc))
+            fail(str(exc))
     if not settings.auth_enabled:
-        if settings.host not in LOOPBACK and not args.allow_public:
-            sys.exit(
-                f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public"
-            )
-        logging.getLogger("flashtune").warning("no FLASHTUNE_API_KEY set: the API is open to anyone who can reach it")
+        if settings.host not in LOOPBACK and not allow_public:
+            fail(f"refusing to listen on {settings.host} without FLASHTUNE_API_KEY; set a key or pass --allow-public")
+        log.warning("no FLASHTUNE_API_KEY set: the API is open to anyone who can reach it")
+    log.info("data in %s; database %s", settings.data_dir, _shown_url(settings.resolved_database_url))
     # JSON lines: log_config=None keeps the set-up of logs.configure instead of uvicorn's own formatters
     logging_options: dict[str, Any] = {"log_config": None} if settings.log_json else {}
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, **logging_options
-    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level, **logging_options)
 
 
-def worker(args: argparse.Namespace) -> None:
+def _shown_url(url: str) -> str:
+    """A database URL without its password."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    base_model: BaseModel = None,
+    device: Device = None,
+    log_json: LogJson = False,
+    max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.", min=1)] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun; on CPU, gloo)."),
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="FLASHTUNE_GPU: CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. 0.")
+    ] = None,
+    gpu_memory_gib: Annotated[
+        float | None, typer.Option(help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may use, e.g. 7.")
+    ] = None,
+) -> None:
+    """Start a worker. It trains queued jobs; run any number sharing the database and DATA_DIR."""
+    from service.jobs.db import DatabaseError
     from workers.worker import Worker
 
-    Worker(_settings(args)).run(max_jobs=args.max_jobs)
+    flags = SimpleNamespace(
+        data_dir=data_dir, database_url=database_url, base_model=base_model, device=device, log_json=log_json
+    )
+    settings = _settings(SimpleNamespace(**vars(flags), gpus=gpus, gpu=gpu, gpu_memory_gib=gpu_memory_gib))
+    log.info("data in %s", settings.data_dir)
+    try:
+        Worker(settings).run(max_jobs=max_jobs)
+    except DatabaseError as exc:
+        fail(str(exc))
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -85,56 +208,55 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_healthy(client: Any, seconds: float = 60) -> None:
+def _wait_healthy(api: Api, procs: list[subprocess.Popen[bytes]], seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            fail("the API or the worker exited while starting (see its log above)")
         try:
-            if client.get("/healthz").status_code == 200:
+            if api.client.get("/healthz").status_code == 200:
                 return
         except Exception:
             time.sleep(0.3)
-    raise SystemExit("the API did not come up")
+    fail(f"the API did not come up at {api.url} in {seconds:.0f} s")
 
 
-def demo(args: argparse.Namespace) -> None:
-    import httpx
+def _demo_compare(api: Api, adapter: str) -> None:
+    for text in DEMO_NEWS:
+        before = api.call("POST", "/analyze", json={"text": text, "adapter": "none", "max_new_tokens": 0})
+        after = api.call("POST", "/analyze", json={"text": text, "adapter": adapter})
+        typer.echo(f"news: {text}")
+        typer.echo(f"  base model : {before['label']:<8} p={before['score']:.2f}")
+        typer.echo(f"  fine-tuned : {after['label']:<8} p={after['score']:.2f}  {after['analysis']}")
+    metrics = api.get(f"/adapters/{adapter}")["metrics"]
+    if metrics.get("adapter"):
+        typer.echo(
+            f"\nheld-out accuracy: base {metrics['base']['accuracy']:.2f} -> adapter "
+            f"{metrics['adapter']['accuracy']:.2f} ({metrics['num_labelled']} items)"
+        )
 
-    from service.cli_client import progress_line
 
-    data_dir = args.data_dir or os.environ.get("FLASHTUNE_DATA_DIR") or tempfile.mkdtemp(prefix="flashtune-demo-")
+@app.command()
+def demo(data_dir: DataDir = None) -> None:
+    """Train and analyze on the built-in model. Build, train, serve, analyze: about a minute."""
+    folder = data_dir or os.environ.get("FLASHTUNE_DATA_DIR") or tempfile.mkdtemp(prefix="flashtune-demo-")
     port = _free_port()
-    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(data_dir), "FLASHTUNE_PORT": str(port)}
-    print(f"FlashTune demo: data in {data_dir}, API on http://127.0.0.1:{port}")
+    env = {**os.environ, "FLASHTUNE_DATA_DIR": str(folder), "FLASHTUNE_PORT": str(port)}
+    typer.echo(f"FlashTune demo: data in {folder}, API on http://127.0.0.1:{port}")
     procs = [
         subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], env=env),
         subprocess.Popen([sys.executable, "-m", "workers"], env=env),
     ]
-    started = time.monotonic()
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-            _wait_healthy(client)
-            job = client.post("/jobs", json={"dataset": "builtin"}).json()
-            print(f"queued job {job['id']} (the built-in model is built on first use, then trained)")
-            while job["status"] in ("queued", "running"):
-                time.sleep(0.5)
-                job = client.get(f"/jobs/{job['id']}").json()
-                print("\r" + progress_line(job), end="", flush=True)
-            print()
-            if job["status"] != "succeeded":
-                raise SystemExit(f"job ended {job['status']}: {job['error']}")
-            print(f"job succeeded in {time.monotonic() - started:.0f} s; adapter {job['adapter']}\n")
-            for text in DEMO_NEWS:
-                before = client.post("/analyze", json={"text": text, "adapter": "none", "max_new_tokens": 0}).json()
-                after = client.post("/analyze", json={"text": text, "adapter": job["adapter"]}).json()
-                print(f"news: {text}")
-                print(f"  base model : {before['label']:<8} p={before['score']:.2f}")
-                print(f"  fine-tuned : {after['label']:<8} p={after['score']:.2f}  {after['analysis']}")
-            metrics = client.get(f"/adapters/{job['adapter']}").json()["metrics"]
-            if metrics.get("adapter"):
-                print(
-                    f"\nheld-out accuracy: base {metrics['base']['accuracy']:.2f} -> adapter "
-                    f"{metrics['adapter']['accuracy']:.2f} ({metrics['num_labelled']} items)"
-                )
+        with Api(f"http://127.0.0.1:{port}", None, timeout=300) as api:
+            _wait_healthy(api, procs)
+            job = api.call("POST", "/jobs", json={"dataset": "builtin"})
+            typer.echo(f"queued job {job['id']} (the built-in model is built on first use, then trained)")
+            job = follow(api, job["id"])
+            if report_end(job):
+                raise typer.Exit(1)
+            typer.echo("")
+            _demo_compare(api, job["adapter"])
     finally:
         for proc in procs:
             proc.terminate()
@@ -142,70 +264,32 @@ def demo(args: argparse.Namespace) -> None:
             proc.wait(30)
 
 
-def sample_data(args: argparse.Namespace) -> None:
-    """Write sample files in the user's formats, to try the importers without data of one's own."""
-    for path in write_sample_data(Path(args.dir), seed=args.seed).files():
-        print(path)
+@app.command("sample-data")
+def sample_data(
+    folder: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Folder to write into (finance_analysis_sample.db, seed/).")
+    ],
+    seed: Annotated[int, typer.Option(help="The same seed writes the same files.")] = DEFAULT_SEED,
+) -> None:
+    """Write sample data files. A database, instruction JSONL and a CSV in the user's formats."""
+    try:
+        written = write_sample_data(folder, seed=seed)
+    except OSError as exc:
+        fail(f"cannot write sample data into {folder}: {exc.strerror or exc}")
+    for path in written.files():
+        typer.echo(str(path))
+
+
+register(app)  # the client commands, listed after these
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", dest="data_dir", help="FLASHTUNE_DATA_DIR")
-    parser.add_argument("--database-url", dest="database_url", help="FLASHTUNE_DATABASE_URL")
-    parser.add_argument("--base-model", dest="base_model", help="FLASHTUNE_BASE_MODEL")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="FLASHTUNE_DEVICE")
-    parser.add_argument(
-        "--log-json",
-        dest="log_json",
-        action="store_true",
-        default=None,
-        help="FLASHTUNE_LOG_JSON: one JSON object per log line",
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="flashtune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="start the API")
-    _common(p_serve)
-    p_serve.add_argument("--host")
-    p_serve.add_argument("--port", type=int)
-    p_serve.add_argument("--allow-public", action="store_true", help="listen beyond loopback without an API key")
-    p_serve.add_argument("--log-level", default="info")
-    p_serve.set_defaults(func=serve)
-    p_worker = sub.add_parser("worker", help="start a worker that trains queued jobs")
-    _common(p_worker)
-    p_worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
-    p_worker.add_argument(
-        "--gpus",
-        help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun, "
-        "data parallel); on CPU, N gloo processes",
-    )
-    p_worker.add_argument(
-        "--gpu",
-        help="FLASHTUNE_GPU: the GPU(s) this worker's jobs may use (CUDA_VISIBLE_DEVICES), "
-        "e.g. 0; run one worker per GPU with --gpu 0, --gpu 1, ...",
-    )
-    p_worker.add_argument(
-        "--gpu-memory-gib",
-        type=float,
-        help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may "
-        "use, e.g. 7 on a shared card; the plan sizes micro-batches to it",
-    )
-    p_worker.set_defaults(func=worker)
-    p_demo = sub.add_parser("demo", help="build, train, serve and analyze in one command")
-    p_demo.add_argument("--data-dir", dest="data_dir")
-    p_demo.set_defaults(func=demo)
-    p_sample = sub.add_parser(
-        "sample-data", help="write a sample database, instruction files and a labelled CSV in the user's formats"
-    )
-    p_sample.add_argument("dir", help="folder to write into (finance_analysis_sample.db and seed/)")
-    p_sample.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the same seed writes the same files")
-    p_sample.set_defaults(func=sample_data)
-    add_commands(sub)
-    args = parser.parse_args(argv)
+    """The ``flashtune`` entry point (``python -m service`` and ``python -m workers`` call it with their command)."""
     logs.configure(json_lines=False)  # serve and worker switch to JSON lines when FLASHTUNE_LOG_JSON says so
-    args.func(args)
+    # rich help and usage errors on a terminal; click's plain lines in logs and pipes (no boxes, no wrapping)
+    app.rich_markup_mode = "rich" if sys.stderr.isatty() else None
+    app(args=list(argv) if argv is not None else None, prog_name="flashtune")
 
 
 if __name__ == "__main__":

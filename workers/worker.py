@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from service.core import logs
 from service.core.config import Settings
 from service.jobs import aliases, jobstore
+from service.jobs import workers as presence
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Job
@@ -63,6 +64,7 @@ class Worker:
         self._use_gpus()
         self.settings.ensure_dirs()
         init_db(self.engine)
+        presence.start_heartbeat(self.engine, self.worker_id, self.settings.heartbeat_seconds)  # GET /workers
         self.context = job_process_context(self.settings.job_process_start)
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)

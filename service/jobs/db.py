@@ -82,7 +82,12 @@ def _v2(conn: Connection) -> None:
     SQLModel.metadata.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]  # index i upgrades version i to i + 1
+def _v3(conn: Connection) -> None:
+    """The workers table (service/jobs/workers.py: each worker's heartbeat row)."""
+    SQLModel.metadata.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]  # index i upgrades version i to i + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

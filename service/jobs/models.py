@@ -197,3 +197,18 @@ class Promotion(SQLModel, table=True):
     reason: str | None = None
     comparison: dict[str, Any] = SQLField(default_factory=dict, sa_column=Column(JSON, nullable=False))
     decided_at: datetime | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ workers
+class WorkerRecord(SQLModel, table=True):
+    """One ``flashtune worker`` process, kept fresh by its heartbeat thread (service/jobs/workers.py): the API says
+    from these rows whether any worker is alive while jobs wait."""
+
+    __tablename__ = "workers"
+
+    id: str = SQLField(primary_key=True)  # the worker id, as on the jobs it claims (Job.worker_id)
+    hostname: str
+    pid: int
+    started_at: datetime = SQLField(default_factory=utcnow)
+    last_seen_at: datetime = SQLField(default_factory=utcnow, index=True)
+    stopped_at: datetime | None = None  # set when it exits cleanly

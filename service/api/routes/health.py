@@ -1,12 +1,15 @@
-"""/healthz (process up; no model, no database) and /readyz (database and serving model)."""
+"""/healthz (process up; no model, no database), /readyz (database, serving model, whether a worker is alive while
+jobs wait) and /workers (the workers the database has seen)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service.api.deps import ModelServerDep, ReadSessionDep
+from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep, require_api_key
+from service.jobs import workers
+from service.jobs.workers import WorkerState
 
 router = APIRouter(tags=["health"])
 
@@ -17,11 +20,22 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(session: ReadSessionDep, server: ModelServerDep) -> JSONResponse:
+def readyz(session: ReadSessionDep, server: ModelServerDep, settings: SettingsDep) -> JSONResponse:
+    """200 while the database answers. ``workers.notice`` says "no worker has been seen for N s" when jobs wait and
+    no worker is alive: the API is ready, but nothing will train them."""
     try:
         session.execute(text("SELECT 1"))
         database = "ok"
+        presence = workers.presence(session, settings.lease_seconds).model_dump()
     except Exception as exc:  # report, don't raise: this endpoint exists to say what is wrong
         database = f"error: {type(exc).__name__}"
-    body = {"database": database, "model_loaded": server.ready, "base_model": server.base_model}
+        presence = None
+    body = {"database": database, "model_loaded": server.ready, "base_model": server.base_model, "workers": presence}
     return JSONResponse(body, status_code=200 if database == "ok" else 503)
+
+
+@router.get("/workers", response_model=list[WorkerState], dependencies=[Depends(require_api_key)])
+def list_workers(session: ReadSessionDep, settings: SettingsDep) -> list[WorkerState]:
+    """Every worker seen in the last week, most recently seen first: alive, stopped (exited cleanly) or lost (no
+    heartbeat for a lease), and the job it runs."""
+    return workers.list_workers(session, settings.lease_seconds)
