@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from service.api import errors, security
+from service.api import errors, openapi, security
 from service.api.deps import require_api_key
 from service.api.routes import (
     adapters,
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     security.install(app, settings)  # request ids, body limits, rate limit (service/api/security.py)
+    openapi.install(app, settings)  # the setting limits and the links in /openapi.json (service/api/openapi.py)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
     documented = security.error_responses(400, 401, 404, 409, 413, 422, 429, 503)

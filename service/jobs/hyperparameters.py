@@ -14,11 +14,14 @@ layer (see docs/benchmarks.md for the measurement).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.bodies import RequestBody
+
+# A module name as the published schema states it: ASCII letters, digits, '.', '_', '-' (no path, no '..' escape)
+ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
 class Hyperparameters(RequestBody):
@@ -32,18 +35,10 @@ class Hyperparameters(RequestBody):
     lora_r: int | None = Field(default=None, ge=1, le=512)
     lora_alpha: float | None = Field(default=None, gt=0, le=4096)
     lora_dropout: float | None = Field(default=None, ge=0, lt=1)
-    target_modules: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    target_modules: list[ModuleName] | None = Field(default=None, min_length=1, max_length=64)
     quantization: Literal["auto", "nf4", "none"] | None = None
     validation_fraction: float | None = Field(default=None, ge=0, lt=1)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _module_names(cls, value: list[str] | None) -> list[str] | None:
-        for name in value or []:
-            if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
-                raise ValueError(f"invalid module name {name!r}")
-        return value
 
 
 class ResolvedHyperparameters(BaseModel):

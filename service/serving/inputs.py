@@ -21,14 +21,15 @@ from service.serving.types import InputContext
 
 
 def checked_text(text: str, *, settings: Settings, field: str) -> str:
-    """``text`` stripped; refused when empty or over ``max_text_chars``."""
-    text = text.strip()
-    if not text:
-        raise RequestError(422, "invalid_request", f"{field} is empty", [{"field": field}])
+    """``text`` stripped; refused when it is over ``max_text_chars`` as sent (the published schema's maxLength) or
+    empty once stripped (its pattern ``\\S``)."""
     if len(text) > settings.max_text_chars:
         raise RequestError(
             422, "invalid_request", f"{field} is longer than {settings.max_text_chars} characters", [{"field": field}]
         )
+    text = text.strip()
+    if not text:
+        raise RequestError(422, "invalid_request", f"{field} is empty", [{"field": field}])
     return text
 
 

@@ -15,7 +15,9 @@ from service.llm.prompts import LABEL_IDS, LABELS, MAX_FIELD_CHARS, PRE_RET_RANG
 from service.serving.types import Analysis, InputContext
 
 StrictFloat = Annotated[float, StrictMode(), AllowInfNan(False)]  # JSON numbers only (ints too), no bools
-Figure = StrictStr | StrictInt | StrictFloat
+# A metadata string as the published schema states it: one line (no control characters), at most MAX_FIELD_CHARS
+OneLine = Annotated[StrictStr, Field(max_length=MAX_FIELD_CHARS, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Figure = OneLine | StrictInt | StrictFloat
 
 
 class Strict(RequestBody):
@@ -23,15 +25,10 @@ class Strict(RequestBody):
 
 
 def _one_line(value: object) -> object:
-    """A metadata string: stripped, one line, at most MAX_FIELD_CHARS; empty means not given."""
+    """A metadata string (``OneLine``: one line, at most MAX_FIELD_CHARS), stripped; empty means not given."""
     if not isinstance(value, str):
         return value
-    value = value.strip()
-    if any(ord(c) < 32 or c == "\x7f" for c in value):
-        raise ValueError("must be one line of text without control characters")
-    if len(value) > MAX_FIELD_CHARS:
-        raise ValueError(f"must be at most {MAX_FIELD_CHARS} characters")
-    return value or None
+    return value.strip() or None
 
 
 # ------------------------------------------------------------------------------------------------------ analyze
@@ -57,7 +54,7 @@ class NewsMetadata(Strict):
     """What a news feed tells about the item: importance, country, and a calendar release's figures."""
 
     star: StrictInt | None = Field(default=None, ge=1, le=5, description="importance, 1-5 stars")
-    country: StrictStr | None = None
+    country: OneLine | None = None
     previous: Figure | None = None
     consensus: Figure | None = None
     actual: Figure | None = None
