@@ -289,7 +289,8 @@ function showJobs() {
     more.hidden = !page.has_more || jobsLimit >= 200;
     const running = page.data.filter((j) => j.status === "running").length;
     const queued = page.data.filter((j) => j.status === "queued").length;
-    $("jobs-summary").textContent = `${running} running, ${queued} queued`;
+    const notice = queued ? (await fetch("/readyz").then((r) => r.json()).catch(() => ({}))).workers?.notice : null;
+    $("jobs-summary").textContent = `${running} running, ${queued} queued` + (notice ? ` (${notice})` : "");
   }, 1000);
 }
 
