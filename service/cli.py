@@ -106,6 +106,18 @@ def _settings(args: Any) -> Settings:
     return settings
 
 
+def require_data_dir(settings: Settings) -> None:
+    """Exit 1 with one line, not a traceback, when DATA_DIR cannot be used: its folders cannot be made or it cannot be
+    written (read-only, not a folder, no permission, disk full)."""
+    probe = settings.data_dir / f".write-test-{os.getpid()}"
+    try:
+        settings.ensure_dirs()
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        fail(f"FLASHTUNE_DATA_DIR={settings.data_dir} cannot be used: {exc.strerror or type(exc).__name__}")
+
+
 DataDir = Annotated[Path | None, typer.Option(help="FLASHTUNE_DATA_DIR", show_default=False)]
 DatabaseUrl = Annotated[str | None, typer.Option(help="FLASHTUNE_DATABASE_URL", show_default=False)]
 BaseModel = Annotated[str | None, typer.Option(help="FLASHTUNE_BASE_MODEL", show_default=False)]
@@ -137,6 +149,7 @@ def serve(
         data_dir=data_dir, database_url=database_url, base_model=base_model, device=device, log_json=log_json
     )
     settings = _settings(SimpleNamespace(**vars(flags), host=host, port=port))
+    require_data_dir(settings)
     if settings.api_key_file is not None:
         from service.api.security import ApiKeyConfigError, api_keys
 
@@ -186,6 +199,7 @@ def worker(
         data_dir=data_dir, database_url=database_url, base_model=base_model, device=device, log_json=log_json
     )
     settings = _settings(SimpleNamespace(**vars(flags), gpus=gpus, gpu=gpu, gpu_memory_gib=gpu_memory_gib))
+    require_data_dir(settings)
     log.info("data in %s", settings.data_dir)
     try:
         Worker(settings).run(max_jobs=max_jobs)
