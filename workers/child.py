@@ -151,7 +151,9 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         job = jobstore.get(session, job_id)
         assert job is not None and job.id is not None
         hp = ResolvedHyperparameters.model_validate(job.hyperparameters)
-        train_set, validation, sha256 = load_examples(settings, session, job.dataset, hp.validation_fraction, hp.seed)
+        train_set, validation, sha256 = load_examples(
+            settings, session, job.dataset, hp.validation_fraction, hp.seed, hp.validation_dataset
+        )
         compare_with = aliases.incumbent(session, settings, job)  # promote_to: the adapter it must beat
     engine.dispose()
     return TrainingSpec(

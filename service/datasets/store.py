@@ -173,9 +173,29 @@ def _storage() -> Iterator[None]:
 
 
 def load_examples(
-    settings: Settings, session: Session, ds_id: str, validation_fraction: float, seed: int
+    settings: Settings,
+    session: Session,
+    ds_id: str,
+    validation_fraction: float,
+    seed: int,
+    validation_dataset: str | None = None,
 ) -> tuple[list[Example], list[Example], str | None]:
-    """(train, validation, sha256) for a job. A format-defined split wins over ``validation_fraction``."""
+    """(train, validation, sha256) for a job. ``validation_dataset`` (a dataset id): every example of ``ds_id``
+    trains and every example of that dataset is the held-out split; else a format-defined split wins over
+    ``validation_fraction``."""
+    train, validation, sha256 = _stored_examples(settings, session, ds_id)
+    if validation_dataset is not None:
+        held_out, other, _ = _stored_examples(settings, session, validation_dataset)
+        return train + validation, held_out + other, sha256
+    if not validation:
+        train, validation = hold_out(train, validation_fraction, seed)
+    return train, validation, sha256
+
+
+def _stored_examples(
+    settings: Settings, session: Session, ds_id: str
+) -> tuple[list[Example], list[Example], str | None]:
+    """(train split, validation split, sha256) of a dataset as stored."""
     if ds_id == BUILTIN_DATASET:
         return (*builtin_dataset(), None)
     dataset = session.get(Dataset, ds_id)
@@ -188,9 +208,20 @@ def load_examples(
             row = json.loads(line)
             example = Example(row["instruction"], row["input"], row["output"])
             (validation if row.get("split") == "validation" else train).append(example)
-    if not validation:
-        train, validation = hold_out(train, validation_fraction, seed)
     return train, validation, dataset.sha256
+
+
+def stored_size(settings: Settings, ds_id: str) -> int:
+    """The bytes of a dataset's upload as stored (0 where its files are gone)."""
+    try:
+        return original_path(settings, ds_id).stat().st_size
+    except OSError:
+        return 0
+
+
+def original_path(settings: Settings, ds_id: str) -> Path:
+    """The dataset's upload, byte for byte."""
+    return settings.layout.datasets / ds_id / "original"
 
 
 def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

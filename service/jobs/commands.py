@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -51,6 +52,14 @@ def queue_job(
             "invalid_request",
             f"dataset {body.dataset!r} does not exist",
             [{"field": "dataset", "message": "use 'builtin' or an id from GET /datasets"}],
+        )
+    held_out = body.hyperparameters.validation_dataset
+    if held_out is not None and not dataset_exists(session=session, dataset_id=held_out):
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"validation dataset {held_out!r} does not exist",
+            [{"field": "hyperparameters.validation_dataset", "message": "an id from GET /datasets"}],
         )
     base_model = _base_model(settings, body.base_model)
     job = Job(
@@ -151,6 +160,43 @@ def get_dataset(*, session: Session, dataset_id: str, what: str = "dataset") -> 
 def list_datasets(*, session: Session) -> list[Dataset]:
     """Newest first."""
     return list(session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())).all())
+
+
+def dataset_page(
+    *, session: Session, after: str | None, limit: int, newest_first: bool = True
+) -> tuple[list[Dataset], bool]:
+    """A page of datasets by upload time (then id) and whether more follow; ``after``: the id of the last dataset of
+    the previous page (422 naming ``after`` when there is no such dataset)."""
+    created, ident = col(Dataset.created_at), col(Dataset.id)
+    query = select(Dataset).order_by(*((created.desc(), ident.desc()) if newest_first else (created, ident)))
+    if after is not None:
+        anchor = session.get(Dataset, after)
+        if anchor is None:
+            raise RequestError(422, "invalid_request", f"after: no file {after[:64]!r}", [{"field": "after"}])
+        if newest_first:
+            beyond = or_(created < anchor.created_at, and_(created == anchor.created_at, ident < anchor.id))
+        else:
+            beyond = or_(created > anchor.created_at, and_(created == anchor.created_at, ident > anchor.id))
+        query = query.where(beyond)
+    rows = list(session.exec(query.limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
+
+
+def delete_dataset(*, session: Session, settings: Settings, dataset_id: str) -> None:
+    """Remove a dataset and its stored files (committed); 409 while a queued or running job trains or validates on
+    it, or for the built-in one; 404 when there is none."""
+    if dataset_id == BUILTIN_DATASET:
+        raise RequestError(409, "conflict", "the built-in dataset cannot be deleted")
+    dataset = get_dataset(session=session, dataset_id=dataset_id, what="file")
+    active = session.exec(select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running]))).all()
+    using = [job.id for job in active if dataset_id in (job.dataset, job.hyperparameters.get("validation_dataset"))]
+    if using:
+        shown = ", ".join(str(i) for i in using[:10])
+        message = f"{dataset_id} is used by queued or running jobs ({shown}): cancel them first"
+        raise RequestError(409, "conflict", message)
+    session.delete(dataset)
+    session.commit()
+    shutil.rmtree(settings.layout.datasets / dataset_id, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------- adapters

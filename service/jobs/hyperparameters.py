@@ -39,6 +39,12 @@ class Hyperparameters(RequestBody):
     quantization: Literal["auto", "nf4", "none"] | None = None
     validation_fraction: float | None = Field(default=None, ge=0, lt=1)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    validation_dataset: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="a dataset id whose examples are the held-out split (validation_fraction then holds out none)",
+    )
 
 
 class ResolvedHyperparameters(BaseModel):
@@ -57,6 +63,7 @@ class ResolvedHyperparameters(BaseModel):
     quantization: Literal["auto", "nf4", "none"]
     validation_fraction: float
     seed: int
+    validation_dataset: str | None = None
     # Not user-settable: the memory fallback halves the micro-batch and doubles accumulation.
     micro_batch_size: int
     gradient_accumulation_steps: int

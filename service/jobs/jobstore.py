@@ -256,6 +256,18 @@ def list_events(session: Session, job_id: int, after: int | None, limit: int) ->
     return rows[:limit], len(rows) > limit
 
 
+def list_events_newest_first(
+    session: Session, job_id: int, before: int | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    """A job's events, newest first (the OpenAI fine-tuning events' order); ``before``: the id of the last event of
+    the previous page."""
+    query = select(JobEvent).where(col(JobEvent.job_id) == job_id).order_by(col(JobEvent.id).desc()).limit(limit + 1)
+    if before is not None:
+        query = query.where(col(JobEvent.id) < before)
+    rows = list(session.exec(query).all())
+    return rows[:limit], len(rows) > limit
+
+
 def count_queued(session: Session) -> int:
     """Queued jobs, also those waiting out a retry backoff (what ``max_queued_jobs`` bounds)."""
     return int(session.exec(select(func.count()).select_from(Job).where(col(Job.status) == JobStatus.queued)).one())

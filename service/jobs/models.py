@@ -90,6 +90,7 @@ class Progress(BaseModel):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     fraction: float = 0.0
+    trained_tokens: int | None = None  # tokens through the forward passes so far, every attempt together
 
 
 class JobError(BaseModel):

@@ -241,6 +241,7 @@ class Pace:
 
     started: float = field(default_factory=time.monotonic)
     tokens_seen: int = 0
+    tokens_before: int = 0  # trained by earlier attempts (restored with the checkpoint's history)
     epoch_losses: list[float] = field(default_factory=list)
 
 
@@ -249,11 +250,12 @@ def fit(run: Run) -> None:
     finishes the step before, and the step's loss is read once all its work is queued (its one wait for the GPU).
     Adds ``train_seconds`` to ``run.durations``; raises ``Interrupted`` after checkpointing when asked to stop."""
     run.model.train()
-    pace = Pace()
+    pace = Pace(tokens_before=int((run.history.get("trained_tokens") or [0])[0]))
     micro = run.batches(run.start_step) if run.start_step < run.total_steps else []
     for step in range(run.start_step, run.total_steps):
         loss, tokens, overflowed = optimizer_step(run, micro)
         pace.tokens_seen += tokens
+        run.history["trained_tokens"] = [pace.tokens_before + pace.tokens_seen]
         micro = run.batches(step + 1) if step + 1 < run.total_steps else []  # while the GPU finishes this step
         after_step(run, pace, step + 1, float(loss), overflowed is not None and bool(overflowed))
     run.durations["train_seconds"] = time.monotonic() - pace.started
@@ -337,6 +339,7 @@ def _progress(run: Run, pace: Pace, done: int, loss: float) -> Progress:
         loss=round(loss, 5),
         learning_rate=run.scheduler.get_last_lr()[0],
         tokens_per_second=round(pace.tokens_seen / elapsed, 1) if elapsed > 0 else None,
+        trained_tokens=pace.tokens_before + pace.tokens_seen,
         eta_seconds=round((total - done) / rate, 1) if rate > 0 else None,
         fraction=round(done / total, 4),
     )

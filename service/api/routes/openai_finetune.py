@@ -1,31 +1,43 @@
 """OpenAI-compatible fine-tuning: ``/v1/files`` and ``/v1/fine_tuning/jobs``, a thin layer over the job domain.
 
-The official ``openai`` client can upload a training file, create, follow (retrieve, events, checkpoints) and
-cancel a FlashTune job. The objects and the id mapping (``ftjob-<n>`` is job ``<n>``) are in
-service/api/schemas/fine_tuning.py; jobs are queued by the same use case as ``POST /jobs``.
+The official ``openai`` client can upload, list, retrieve, download and delete training files, and create, list,
+follow (retrieve, events, checkpoints) and cancel a FlashTune job; every list pages with ``after`` and ``limit`` to
+its end, as the client's auto-pagination expects. A succeeded job's ``result_files`` names its metrics
+(``ftjob-<n>-results``: ``files.retrieve`` and ``files.content`` read it; it goes with the adapter). The objects and
+the id mapping (``ftjob-<n>`` is job ``<n>``) are in service/api/schemas/fine_tuning.py; jobs are queued by the same
+use case as ``POST /jobs``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
 from sqlmodel import Session
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from service.api.schemas.fine_tuning import (
+    RESULTS_FILENAME,
     FineTuneCreate,
     adapter_checkpoint,
+    event_number,
     event_object,
     file_object,
     job_number,
     job_object,
+    metrics_csv,
+    results_file_object,
+    results_job,
     step_checkpoint,
 )
 from service.api.uploads import store_upload
+from service.core.config import Settings
 from service.core.errors import RequestError, not_found
+from service.datasets.store import original_path, stored_size
 from service.jobs import commands, jobstore
-from service.jobs.models import Job
+from service.jobs.models import Job, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -42,12 +54,78 @@ async def upload_file(
         raise RequestError(422, "invalid_request", "only purpose 'fine-tune' is supported", [{"field": "purpose"}])
     dataset, size = await store_upload(request, file, session, settings)  # streamed, off the loop; 422 if unusable
     session.commit()
-    return {**file_object(dataset), "bytes": size}
+    return file_object(dataset, size)
+
+
+@router.get("/files")
+def list_files(
+    session: ReadSessionDep,
+    settings: SettingsDep,
+    after: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    """The uploaded training files, newest first (``order=asc``: oldest first)."""
+    if purpose not in (None, "fine-tune"):
+        message = "only uploaded files (purpose 'fine-tune') are listed; a job's results file is in its result_files"
+        raise RequestError(400, "unsupported_parameter", message, [{"field": "purpose"}])
+    rows, has_more = commands.dataset_page(session=session, after=after, limit=limit, newest_first=order == "desc")
+    data = [file_object(d, stored_size(settings, d.id)) for d in rows]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"object": "list", "data": data, "has_more": has_more, "first_id": first, "last_id": last}
+
+
+def _results(session: Session, settings: Settings, file_id: str) -> tuple[Job, str] | None:
+    """The job and metrics CSV of a results file id; None when ``file_id`` is no results file id; 404 when the
+    job has no published adapter (not succeeded, or its adapter was deleted)."""
+    number = results_job(file_id)
+    if number is None:
+        return None
+    job = jobstore.get(session, number)
+    if job is None or job.status != JobStatus.succeeded or not job.adapter:
+        raise not_found("file", file_id)
+    _, info = commands.adapter_contents(settings=settings, name=job.adapter)
+    return job, metrics_csv(info.get("losses", {}))
 
 
 @router.get("/files/{file_id}")
-def get_file(file_id: str, session: ReadSessionDep) -> dict[str, Any]:
-    return file_object(commands.get_dataset(session=session, dataset_id=file_id, what="file"))
+def get_file(file_id: str, session: ReadSessionDep, settings: SettingsDep) -> dict[str, Any]:
+    results = _results(session, settings, file_id)
+    if results is not None:
+        job, csv = results
+        return results_file_object(job, len(csv.encode()))
+    dataset = commands.get_dataset(session=session, dataset_id=file_id, what="file")
+    return file_object(dataset, stored_size(settings, dataset.id))
+
+
+CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}, "text/csv": {}}, "description": "the file's bytes"}
+}
+
+
+@router.get("/files/{file_id}/content", response_model=None, responses=CONTENT)
+def get_file_content(file_id: str, session: ReadSessionDep, settings: SettingsDep) -> Response:
+    """The file as uploaded, or a results file's CSV."""
+    results = _results(session, settings, file_id)
+    if results is not None:
+        headers = {"Content-Disposition": f'attachment; filename="{RESULTS_FILENAME}"'}
+        return Response(results[1], media_type="text/csv; charset=utf-8", headers=headers)
+    dataset = commands.get_dataset(session=session, dataset_id=file_id, what="file")
+    path = original_path(settings, dataset.id)
+    if not path.is_file():
+        raise not_found("file content of", file_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=dataset.filename or dataset.id)
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    """An uploaded file and its dataset; 409 while a queued or running job uses it."""
+    if results_job(file_id) is not None:
+        message = "a results file goes with its adapter: DELETE /adapters/{name} removes both"
+        raise RequestError(400, "unsupported_parameter", message, [{"field": "file_id"}])
+    commands.delete_dataset(session=session, settings=settings, dataset_id=file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
 
 
 def _job(session: Session, job_id: str) -> Job:
@@ -61,23 +139,33 @@ def _job(session: Session, job_id: str) -> Job:
 
 @router.post("/fine_tuning/jobs")
 def create_fine_tune(body: FineTuneCreate, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
-    if body.validation_file is not None:
-        message = "validation_file is not supported: FlashTune holds out validation_fraction of the training file"
-        raise RequestError(422, "invalid_request", message, [{"field": "validation_file"}])
-    if not commands.dataset_exists(session=session, dataset_id=body.training_file):
-        raise RequestError(
-            422, "invalid_request", f"training_file {body.training_file!r} does not exist", [{"field": "training_file"}]
-        )
+    body.check()
+    for field, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+        if file_id is not None and not commands.dataset_exists(session=session, dataset_id=file_id):
+            raise RequestError(422, "invalid_request", f"{field} {file_id[:64]!r} does not exist", [{"field": field}])
     create = body.to_job_create()
     job, _ = commands.queue_job(session=session, settings=settings, body=create, idempotency_key=None)
     return job_object(job)
 
 
+def _cursor(after: str | None, parse: Callable[[str], int | None], shape: str) -> int | None:
+    """The id an ``after`` cursor names; 422 naming ``after`` when it names none."""
+    if after is None:
+        return None
+    number = parse(after)
+    if number is None:
+        raise RequestError(422, "invalid_request", f"after must be an id like {shape}", [{"field": "after"}])
+    return number
+
+
 @router.get("/fine_tuning/jobs")
 def list_fine_tunes(
-    session: ReadSessionDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    session: ReadSessionDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    jobs, has_more = jobstore.list_jobs(session, None, job_number(after), limit)
+    """Newest first; ``after``: the last job of the previous page."""
+    jobs, has_more = jobstore.list_jobs(session, None, _cursor(after, job_number, "ftjob-12"), limit)
     return {"object": "list", "data": [job_object(j) for j in jobs], "has_more": has_more}
 
 
@@ -95,14 +183,17 @@ def cancel_fine_tune(job_id: str, session: SessionDep) -> dict[str, Any]:
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def fine_tune_events(
-    job_id: str, session: ReadSessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+    job_id: str,
+    session: ReadSessionDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
+    """Newest first, as OpenAI lists them; ``after``: the last event of the previous page (older ones follow)."""
     job = _job(session, job_id)
     assert job.id is not None
-    events, _ = jobstore.list_events(session, job.id, None, 10_000)
-    newest_first = list(reversed(events))
-    data = [event_object(e) for e in newest_first[:limit]]
-    return {"object": "list", "data": data, "has_more": len(newest_first) > limit}
+    before = _cursor(after, event_number, "ftevent-12")
+    events, has_more = jobstore.list_events_newest_first(session, job.id, before, limit)
+    return {"object": "list", "data": [event_object(e) for e in events], "has_more": has_more}
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
