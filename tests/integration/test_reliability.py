@@ -315,9 +315,11 @@ def test_workers_killed_at_random_every_job_succeeds_once(
                 victim = rng.choice([w for w in svc.workers if w.poll() is None])
                 if rng.random() < 0.5:  # with its training process, like a host that dies
                     wait_gone(signal_tree(victim, signal.SIGKILL))
-                else:  # the worker alone: its training process notices it is orphaned and stops
+                else:  # the worker alone: its fork server and training process die with it (workers.child)
+                    orphans = children(victim.pid)
                     victim.kill()
                     victim.wait()
+                    wait_gone(orphans, 10)
                 svc.start_worker()
             finished = [svc.wait(i, timeout=WAIT) for i in ids]
             _assert_each_succeeded_once(svc, finished)
