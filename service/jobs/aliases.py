@@ -31,7 +31,16 @@ from service.core.layout import adapter_job_id
 from service.core.training_info import FILENAME as TRAINING_INFO
 from service.core.training_info import read_training_info
 from service.jobs import jobstore
-from service.jobs.models import Alias, Job, JobStatus, Promotion, PromotionStatus, check_alias_name, utcnow
+from service.jobs.models import (
+    ALIAS_PATTERN,
+    Alias,
+    Job,
+    JobStatus,
+    Promotion,
+    PromotionStatus,
+    check_alias_name,
+    utcnow,
+)
 
 log = logging.getLogger("flashtune.aliases")
 LATEST_SCAN = 100  # 'latest' looks at this many of the newest adapters for one with a held-out evaluation
@@ -40,6 +49,9 @@ METRIC = "macro_f1"
 
 # ------------------------------------------------------------------------------------------------------ reads
 def get(session: Session, name: str) -> Alias | None:
+    """The alias ``name``; None also for a name no alias can have (never sent to the database: a NUL byte, say)."""
+    if not ALIAS_PATTERN.match(name):
+        return None
     return session.get(Alias, name, populate_existing=True)
 
 
@@ -105,7 +117,7 @@ def point(session: Session, settings: Settings, *, alias: str, job: Job, reason:
 def remove(session: Session, alias: str) -> Alias | None:
     """Drop ``alias``; the adapter it pointed at stays (an ``alias_removed`` event of its job says so). None when
     there was no such alias."""
-    row = session.get(Alias, alias, with_for_update=True)
+    row = session.get(Alias, alias, with_for_update=True) if ALIAS_PATTERN.match(alias) else None
     if row is not None:
         session.delete(row)
         job_id = adapter_job_id(row.adapter)

@@ -145,6 +145,7 @@ def test_point_remove_and_latest(engine: Engine, tmp_path: Path) -> None:
         assert raised.value.status == 409
     with session_scope(engine) as session:
         assert aliases.remove(session, "staging") is not None and aliases.remove(session, "staging") is None
+        assert aliases.get(session, "prod\x00") is None and aliases.remove(session, "../x") is None  # no query made
         assert [(a.name, a.adapter) for a in aliases.list_all(session)] == [("production", unevaluated.adapter)]
         query = select(JobEvent.message).where(col(JobEvent.type) == "alias").order_by(col(JobEvent.id))
         messages = session.exec(query).all()
