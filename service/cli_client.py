@@ -136,7 +136,7 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
         grid.add_column(header)
     for row in rows:
         grid.add_row(*(Text(cell(row.get(key))) for key, _ in columns))
-    console().print(grid)
+    show(grid)
 
 
 def pairs(items: list[tuple[str, Any]]) -> None:
@@ -146,7 +146,18 @@ def pairs(items: list[tuple[str, Any]]) -> None:
     grid.add_column()
     for name, value in items:
         grid.add_row(Text(name), Text(cell(value)))
-    console().print(grid)
+    show(grid)
+
+
+def show(renderable: Table) -> None:
+    """Print on stdout: as rich draws it on a terminal; elsewhere without the padding after each line's end."""
+    out = console()
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 # ----------------------------------------------------------------------------------------------------- HTTP
@@ -629,7 +640,7 @@ def jobs_events(
     job_id: JobId,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
-    as_json: AsJson = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event (the API's).")] = False,
     after: Annotated[int, typer.Option(help="Only events after this event id.", min=0)] = 0,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until the job ends.")] = (
@@ -637,24 +648,28 @@ def jobs_events(
     ),
 ) -> None:
     """Print a job's events. Queued, started, setup, epochs, checkpoints, evaluation, outcome."""
+    ended = False
     with Api(url, api_key) as api:
         while True:
             page = api.get(f"/jobs/{job_id}/events", after=after, limit=limit)
-            events = page["data"]
-            if as_json:
-                for event in events:
-                    typer.echo(json.dumps(event, ensure_ascii=False))
-            else:
-                for event in events:
-                    typer.echo(
-                        f"{event['id']:>6}  {when(event['created_at'])}  {event['level']:<7} {event['type']:<11} "
-                        f"{event['message']}"
-                    )
-            after = events[-1]["id"] if events else after
-            if not follow_ or (not page["has_more"] and api.get(f"/jobs/{job_id}")["status"] in FINAL):
+            for event in page["data"]:
+                typer.echo(json.dumps(event, ensure_ascii=False) if as_json else event_row(event))
+                after = event["id"]
+            if not follow_:
+                if page["has_more"]:
+                    say(f"more: --after {after}")
                 return
-            if not page["has_more"]:
+            if page["has_more"]:
+                continue
+            if ended:  # the events written up to the end are printed
+                return
+            ended = api.get(f"/jobs/{job_id}")["status"] in FINAL
+            if not ended:
                 time.sleep(POLL_SECONDS)
+
+
+def event_row(event: dict[str, Any]) -> str:
+    return f"{event['id']:>6}  {when(event['created_at'])}  {event['level']:<7} {event['type']:<11} {event['message']}"
 
 
 # ------------------------------------------------------------------------------------------------- datasets
