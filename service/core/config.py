@@ -180,6 +180,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 200 * 1024 * 1024
     max_text_chars: int = 4000
     max_new_tokens_limit: int = 256
+    max_chat_chars: int = Field(
+        default=16_000, ge=1, description="all messages and guided_choice strings of one chat completion together"
+    )
+    max_chat_prompt_tokens: int = Field(
+        default=2048, ge=64, description="the prompt a chat completion shows the model (its input clipped to fit)"
+    )
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, description="JSON bodies of every other route")
     max_analyze_body_bytes: int = Field(default=64 * 1024, ge=1024, description="POST /analyze bodies")
     analyze_rate_limit_per_minute: float = Field(default=0, ge=0, description="per key or client address; 0: off")

@@ -1,4 +1,4 @@
-"""Requests and responses of ``/analyze``, ``/analyze/batch`` and ``/v1/chat/completions``.
+"""Requests and responses of ``/analyze`` and ``/analyze/batch`` (``/v1/chat/completions``: ``schemas/chat.py``).
 
 A response is built from the serving engine's domain result (``service.serving.types.Analysis``) with ``of``.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AllowInfNan, BaseModel, Field, StrictInt, StrictStr, field_validator
 from pydantic import Strict as StrictMode
 
 from service.core.bodies import RequestBody
@@ -203,34 +203,3 @@ def answer(
 
 class AnalyzeBatchResponse(BaseModel):
     data: list[AnalyzeResponse | AgentAnalyzeResponse]
-
-
-# --------------------------------------------------------------------------------------------------------- chat
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-        return self.content or ""
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send many optional fields; unknown ones change nothing
-    model: str = Field(min_length=1, max_length=512)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-    stream_options: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=64)
-
-    def conversation(self) -> list[tuple[str, str]]:
-        """The messages as ``(role, text)`` pairs."""
-        return [(m.role, m.text) for m in self.messages]
