@@ -24,6 +24,7 @@ which folders exist); the detail goes to the process's log for the operator.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import sys
@@ -104,6 +105,23 @@ def public_base_name(name: str) -> str:
     if path.parent.name == "models" and path.name.startswith(f"{BUILTIN_NAME}-v"):
         return BUILTIN_NAME  # service.llm.builtin.model.builtin_path
     return path.name or "base"
+
+
+def name_base_publicly(adapter_dir: Path) -> None:
+    """Put the base's public name where peft's ``save_pretrained`` wrote its folder (the server's path):
+    ``adapter_config.json``'s ``base_model_name_or_path`` and ``README.md``'s ``base_model`` and tags. Done on the
+    saved files, not on the model, so peft still finds the base's config locally instead of asking the hub."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    source = config.get("base_model_name_or_path")
+    if not source:
+        return
+    public = public_base_name(source)
+    config["base_model_name_or_path"] = public
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    readme = adapter_dir / "README.md"
+    if readme.exists():
+        readme.write_text(readme.read_text(encoding="utf-8").replace(source, public), encoding="utf-8")
 
 
 def resolve_base_model(name: str, settings: Settings) -> str:
@@ -277,10 +295,7 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
-def load_model(source: str, plan: LoadPlan, public_name: str | None = None) -> Any:
-    """The base model in ``source`` (a folder: ``resolve_base_model``), loaded as ``plan`` says and named
-    ``public_name`` (default: ``public_base_name(source)``): an adapter saved on it records that name as its base
-    (``adapter_config.json``, ``README.md``), never the server's path."""
+def load_model(source: str, plan: LoadPlan) -> Any:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": plan.dtype, "trust_remote_code": False}
@@ -298,7 +313,6 @@ def load_model(source: str, plan: LoadPlan, public_name: str | None = None) -> A
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_failed("weights", source, exc) from exc
-    model.name_or_path = model.config.name_or_path = public_name or public_base_name(source)
     if plan.quantization != "nf4":
         model.to(plan.device)  # type: ignore[arg-type]
     return model

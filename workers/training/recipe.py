@@ -35,6 +35,7 @@ from service.llm.modeling import (
     cuda_capability,
     load_model,
     load_tokenizer,
+    name_base_publicly,
     pick_device,
     plan_load,
     public_base_name,
@@ -465,6 +466,7 @@ def publish_adapter(
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        name_base_publicly(tmp)  # the files leave with the adapter: the base's public name, not its path
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
         artifacts.write_all(tmp, info["losses"])
         os.chmod(tmp, 0o755)
