@@ -48,9 +48,7 @@ def beat(session: Session, worker_id: str, now: datetime | None = None) -> None:
     seen = update(WorkerRecord).where(col(WorkerRecord.id) == worker_id).values(last_seen_at=now, stopped_at=None)
     if session.execute(seen).rowcount == 0:  # type: ignore[attr-defined]
         session.add(
-            WorkerRecord(
-                id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now, last_seen_at=now
-            )
+            WorkerRecord(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now, last_seen_at=now)
         )
 
 
@@ -182,7 +180,7 @@ def presence(session: Session, lease_seconds: float, now: datetime | None = None
 
 
 def notice(alive: int, last_seen_seconds: float | None, runnable: int, wait_seconds: float) -> str | None:
-    """"no worker has been seen for N s ..." when jobs wait and no worker is alive; else None."""
+    """The line to show when jobs wait and no worker is alive ("no worker has been seen for N s ..."); else None."""
     if alive or not runnable:
         return None
     seen = (
