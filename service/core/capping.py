@@ -2,8 +2,9 @@
 
 A refusal names what is at fault and often repeats the offending value or the choices there were (a CSV header,
 a database's tables). Those come from the caller and can be megabytes, so every echo goes through here: a value is
-at most ``MAX_CHARS`` characters, a list at most ``MAX_ITEMS`` items followed by ``"and N more"``, nesting at most
-``MAX_DEPTH`` levels, and a whole message at most ``MAX_MESSAGE_CHARS``. The API's error handler
+cut to ``MAX_CHARS`` characters (followed by how many more there were), a list to ``MAX_ITEMS`` items followed by
+``"and N more"``, nesting to ``MAX_DEPTH`` levels, and a whole message to ``MAX_MESSAGE_CHARS``. Capping twice
+changes nothing. The API's error handler
 (``service/api/errors.py``) caps every error body with :func:`capped`; code that builds a message from a caller's
 values uses :func:`cap_text`, :func:`cap_repr` and :func:`cap_join` so the message is never big in the first place.
 """

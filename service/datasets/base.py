@@ -18,6 +18,8 @@ from service.llm.prompts import INPUT_FIELDS, Example, Label, input_fields_used
 
 MAX_REJECTED_LISTED = 100
 MAX_REASON_CHARS = 300
+MAX_OPTION_CHARS = 200  # a name: a column, a ticker, a rule
+MAX_INSTRUCTION_CHARS = 4000  # the option 'instruction' goes into every example: bounded like an /analyze text
 DEFAULT_STAR = 3  # a news item's importance when the upload does not say
 _T = TypeVar("_T")
 Split = Literal["train", "validation"]
@@ -153,12 +155,12 @@ class Options:
             f"option {cap_repr(name)} must be {expected}, got {cap_repr(value)}", {"option": name, "value": value}
         )
 
-    def text(self, name: str, default: _T) -> str | _T:
+    def text(self, name: str, default: _T, max_chars: int = MAX_OPTION_CHARS) -> str | _T:
         value = self._raw(name)
         if value is None:
             return default
-        if not isinstance(value, str):
-            raise self._bad(name, value, "a string")
+        if not isinstance(value, str) or len(value) > max_chars:
+            raise self._bad(name, value, f"a string of at most {max_chars} characters")
         return value.strip()
 
     def integer(self, name: str, default: _T, low: int | None = None, high: int | None = None) -> int | _T:

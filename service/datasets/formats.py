@@ -20,6 +20,7 @@ from typing import IO, Any
 from service.core.capping import cap_join, cap_repr, cap_text
 from service.datasets.base import (
     DEFAULT_STAR,
+    MAX_INSTRUCTION_CHARS,
     MAX_REJECTED_LISTED,
     Collector,
     DatasetError,
@@ -208,7 +209,7 @@ def parse_csv(stream: IO[bytes], options: Options, parsed: Parsed, limits: Limit
         star_at,
         _input_columns(header, options),
         (cap_text(header[text_at]), cap_text(header[label_at])),
-        options.text("instruction", DEFAULT_INSTRUCTION),
+        options.text("instruction", DEFAULT_INSTRUCTION, MAX_INSTRUCTION_CHARS),
     )
     parsed.extra["columns"] = {
         "text": columns.names[0],

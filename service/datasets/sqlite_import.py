@@ -37,7 +37,17 @@ from urllib.parse import quote
 
 from service.core import scratch
 from service.core.capping import cap_join, cap_repr, cap_text
-from service.datasets.base import DEFAULT_STAR, DatasetError, Limits, Options, Parsed, Split, over_limit, star_of
+from service.datasets.base import (
+    DEFAULT_STAR,
+    MAX_INSTRUCTION_CHARS,
+    DatasetError,
+    Limits,
+    Options,
+    Parsed,
+    Split,
+    over_limit,
+    star_of,
+)
 from service.llm.prompts import DEFAULT_INSTRUCTION, METADATA_FIELDS, Example, Label, render_input, render_response
 
 SOURCES = ("flash", "calendar")
@@ -68,9 +78,9 @@ class ImportOptions:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    event_id: str
+    """What an example needs of one joined row (held for every row until the split: kept small)."""
+
     ts_utc: str
-    source: str
     text: str
     star: int
     ret: float
@@ -113,7 +123,7 @@ def read_options(options: Options) -> ImportOptions:
         validation_fraction=options.number("validation_fraction", 0.2, low=0.0, high=0.9),
         limit=options.integer("limit", None, low=1),
         seed=options.integer("seed", 0),
-        instruction=options.text("instruction", DEFAULT_INSTRUCTION),
+        instruction=options.text("instruction", DEFAULT_INSTRUCTION, MAX_INSTRUCTION_CHARS),
         input_fields=input_fields,
     )
 
@@ -332,7 +342,7 @@ def _events(conn: sqlite3.Connection, opts: ImportOptions, parsed: Parsed, limit
         if problem:
             parsed.reject(problem, event_id=row["event_id"])
             continue
-        events.append(Event(row["event_id"], str(row["ts_utc"]), row["source"], text, star, float(row["ret"])))
+        events.append(Event(str(row["ts_utc"]), text, star, float(row["ret"])))
     return events
 
 

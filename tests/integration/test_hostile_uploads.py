@@ -146,6 +146,8 @@ def test_a_jsonl_line_nested_5000_deep_is_rejected_not_a_500(api: Service, tmp_p
     response = upload(api, mixed)
     assert response.status_code == 201, response.text
     assert response.json()["rejected"] == [{"line": 2, "reason": "bad JSON: nested too deeply"}]
+    nested_options = upload(api, mixed, options="[" * 4000 + "]" * 4000)  # the form field's JSON, not the file
+    assert assert_error(nested_options, 422, "invalid_request", api)["details"] == [{"field": "options"}]
 
 
 def test_an_unwritable_datasets_folder_is_a_503_and_nothing_is_half_saved(api: Service, tmp_path: Path) -> None:

@@ -220,6 +220,16 @@ def test_lines_read_the_stream_with_old_mac_line_breaks_and_name_bad_bytes() -> 
     assert err.value.details == {"line": 3, "byte": 19}
 
 
+def test_an_instruction_option_longer_than_an_analyze_text_is_refused() -> None:
+    data = b"text,label\nup,1\n"
+    assert parse(data, options={"instruction": "i" * 4000}).examples[0].instruction == "i" * 4000
+    with pytest.raises(DatasetError, match="at most 4000 characters") as err:  # it would be copied into every example
+        parse(data, options={"instruction": "i" * 4001})
+    assert err.value.details["option"] == "instruction"
+    with pytest.raises(DatasetError, match="'ticker' must be a string of at most 200 characters"):
+        parse(b"SQLite format 3\x00", "sqlite", {"ticker": "X" * 10**6})
+
+
 def test_more_examples_than_the_limit_is_a_4xx_naming_the_limit() -> None:
     data = "".join(f'{{"instruction": "q{i}", "output": "bullish"}}\n' for i in range(6)).encode()
     assert parse(data, limits=Limits(max_examples=6)).num_train == 6

@@ -43,9 +43,10 @@ def _options(raw: str | None, form: Any) -> dict[str, Any] | None:
     if raw:
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+            problem = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
             raise RequestError(
-                422, "invalid_request", f"options is not JSON: {exc.msg}", [{"field": "options"}]
+                422, "invalid_request", f"options is not JSON: {problem}", [{"field": "options"}]
             ) from exc
         if not isinstance(value, dict):
             raise RequestError(422, "invalid_request", "options must be a JSON object", [{"field": "options"}])
