@@ -14,7 +14,15 @@ news project hands over, under the same names and layout as the user's data fold
   report questions repeated the way the user's file repeats them); ``seed/instructions_test.jsonl``: ten more.
 - ``seed/instructions_v2.jsonl``: the user's second format (看涨（Bullish）answers, JSON blocks, free text).
 - ``seed/val_3cls.csv``: one row per event with the user's columns (``text``, ``label`` -1/0/1 at the user's
-  fixed thresholds, ``star``, ``ret_post``, ``pre_ret``, ``range_ratio``, ...).
+  fixed thresholds, ``star``, ``ret_post``, ``pre_ret``, ``range_ratio``, ...): a CSV with metadata (country,
+  star, the calendar figures) and market context (the return before the event, the range).
+- ``seed/chat.jsonl``: the OpenAI fine-tuning shape (``{"messages": [...]}``), the instruction as the system
+  message, the news with its metadata and market context (``render_input``) as the user's, the standard answer as
+  the assistant's; every fifth message's content is a list of text parts, as OpenAI allows. Not one of the user's
+  files: it shows the chat format with the same news.
+
+``samples/`` in the repository holds these files as ``flashtune sample-data samples`` writes them (a test checks
+they are up to date), so every dataset example in README.md and docs/ runs from a fresh clone.
 
 Returns follow the news (a headline's rule label, a release's surprise) plus noise, as the real ones are noisy.
 Every text is unique except the duplicates written on purpose, so what an importer should keep can be counted
@@ -35,7 +43,15 @@ from itertools import islice
 from pathlib import Path
 
 from service.llm.builtin.data import generate
-from service.llm.prompts import DEFAULT_INSTRUCTION, LABEL_IDS, LABEL_WORDS, REACTION_WORDS, Label, render_input
+from service.llm.prompts import (
+    DEFAULT_INSTRUCTION,
+    LABEL_IDS,
+    LABEL_WORDS,
+    REACTION_WORDS,
+    Label,
+    render_input,
+    render_response,
+)
 
 DEFAULT_SEED = 20250801
 HEADLINES, DATA_FLASHES, RELEASES, DUPLICATES = 360, 40, 120, 6  # flash, flash with figures, calendar, twins
@@ -134,8 +150,19 @@ class SampleData:
     def labelled_csv(self) -> Path:
         return self.root / "seed" / "val_3cls.csv"
 
+    @property
+    def chat(self) -> Path:
+        return self.root / "seed" / "chat.jsonl"
+
     def files(self) -> list[Path]:
-        return [self.database, self.instructions, self.instructions_v2, self.instructions_test, self.labelled_csv]
+        return [
+            self.database,
+            self.instructions,
+            self.instructions_v2,
+            self.instructions_test,
+            self.labelled_csv,
+            self.chat,
+        ]
 
 
 @dataclass(frozen=True)
@@ -194,6 +221,7 @@ def write_sample_data(root: Path, *, seed: int = DEFAULT_SEED) -> SampleData:
     _write_jsonl(sample.instructions, _first_format_lines(rng, first_format))
     _write_jsonl(sample.instructions_v2, [_v2_line(i, event) for i, event in enumerate(v2)])
     _write_jsonl(sample.instructions_test, [_news_line(event) for event in test])
+    _write_jsonl(sample.chat, _chat_lines(random.Random(seed + 1), events))
     return sample
 
 
@@ -464,6 +492,37 @@ def _v2_line(index: int, event: Event) -> dict[str, str]:
     return kinds[index % len(kinds)](event)
 
 
+CHAT_LINES = 60
+
+
+def _chat_lines(rng: random.Random, events: list[Event]) -> list[dict[str, object]]:
+    """Chat JSONL (see the module): distinct news, each with the fields the feed knows about it."""
+    distinct = list({event.model_input: event for event in events}.values())
+    lines: list[dict[str, object]] = []
+    for index, event in enumerate(rng.sample(distinct, CHAT_LINES)):
+        star = event.release.star if event.release else 3
+        user = render_input(event.text, _chat_fields(event))
+        content: object = [{"type": "text", "text": user}] if index % 5 == 4 else user
+        messages = [
+            {"role": "system", "content": DEFAULT_INSTRUCTION},
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": render_response(event.label, star)},
+        ]
+        lines.append({"messages": messages})
+    return lines
+
+
+def _chat_fields(event: Event) -> dict[str, object]:
+    """A release's country, star and figures; for every event the market before it."""
+    fields: dict[str, object] = {"pre_ret": round(event.pre_ret, 6), "volatility": round(event.range_ratio, 6)}
+    fields["trend"] = "up" if event.pre_ret > 0.0005 else "down" if event.pre_ret < -0.0005 else "flat"
+    if event.release is not None:
+        previous, consensus, actual = event.release.figures
+        fields.update(country=event.release.country, star=event.release.star, previous=previous)
+        fields.update(consensus=consensus, actual=actual)
+    return fields
+
+
 def _move(ret: float) -> str:
     return "几乎没有变化" if abs(ret) < 0.00005 else f"{'上涨' if ret > 0 else '下跌'}{abs(ret):.2%}"
 
@@ -571,5 +630,5 @@ def _json_block(fields: Mapping[str, str | None]) -> str:
     return f"```json\n{json.dumps(fields, ensure_ascii=False, indent=2)}\n```"
 
 
-def _write_jsonl(path: Path, lines: list[dict[str, str]]) -> None:
+def _write_jsonl(path: Path, lines: list[dict[str, str]] | list[dict[str, object]]) -> None:
     path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")

@@ -45,6 +45,11 @@ class Hyperparameters(RequestBody):
         max_length=128,
         description="a dataset id whose examples are the held-out split (validation_fraction then holds out none)",
     )
+    prompt_format: Literal["flashtune", "chat_template"] | None = Field(
+        default=None,
+        description="flashtune (default): the user's '### 指令:' prompt; chat_template: the same instruction and "
+        "input through the base tokenizer's chat template (chat models); serving uses the adapter's",
+    )
 
 
 class ResolvedHyperparameters(BaseModel):
@@ -64,6 +69,7 @@ class ResolvedHyperparameters(BaseModel):
     validation_fraction: float
     seed: int
     validation_dataset: str | None = None
+    prompt_format: Literal["flashtune", "chat_template"] = "flashtune"  # service/llm/prompts.py PROMPT_FORMATS
     # Not user-settable: the memory fallback halves the micro-batch and doubles accumulation.
     micro_batch_size: int
     gradient_accumulation_steps: int

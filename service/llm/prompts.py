@@ -152,6 +152,7 @@ class NewsItem:
 
     text: str
     fields: Mapping[str, Any] = field(default_factory=dict)
+    prompt_format: str = "flashtune"  # how its prompt is written (PROMPT_FORMATS): its adapter's training format
 
     def render(self, text: str | None = None) -> str:
         return render_input(self.text if text is None else text, self.fields)
@@ -170,13 +171,51 @@ class Example:
         return parse_label(self.output)
 
 
-def render_prompt(text: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The prompt the model sees; the response follows it directly."""
+# How a prompt is written: "flashtune" (the user's ``### 指令:`` layout, the default) or "chat_template" (the same
+# instruction and input as a system and a user message through the tokenizer's chat template, for chat models).
+# A job's ``prompt_format`` hyperparameter picks it; training_info.json records it, and serving reads it from there.
+PROMPT_FORMATS = ("flashtune", "chat_template")
+
+
+def render_prompt(
+    text: str, instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "flashtune", tokenizer: Any = None
+) -> str:
+    """The prompt the model sees; the response follows it directly (``chat_template``: :func:`render_chat_prompt`
+    with ``tokenizer``)."""
+    if prompt_format == "chat_template":
+        return render_chat_prompt(tokenizer, text, instruction)
     instruction = instruction.strip()
     text = text.strip()
     if text:
         return f"### 指令:\n{instruction}\n\n### 输入:\n{text}\n\n### 回答:\n"
     return f"### 指令:\n{instruction}\n\n### 回答:\n"
+
+
+def render_chat_prompt(tokenizer: Any, text: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The instruction as the system message and the input as the user's, rendered by the tokenizer's chat template
+    up to the assistant's turn (the response follows it directly). A template that takes no system message gets
+    the instruction at the top of the user's. The begin-of-sequence token the template writes is left out where
+    the tokenizer adds it itself, as every tokenisation of a prompt does (training and serving alike)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("prompt_format 'chat_template' needs a tokenizer with a chat template")
+    instruction, text = instruction.strip(), text.strip()
+    try:
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text or instruction}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - jinja's TemplateError and others: this template has no system role
+        user = f"{instruction}\n\n{text}" if text else instruction
+        messages = [{"role": "user", "content": user}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and rendered.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        rendered = rendered[len(bos) :]
+    return str(rendered)
+
+
+def prompt_format_of(training_info: Mapping[str, Any]) -> str:
+    """The prompt format an adapter was trained with, from its training_info.json (before the record: flashtune)."""
+    fmt = (training_info.get("hyperparameters") or {}).get("prompt_format")
+    return fmt if fmt in PROMPT_FORMATS else "flashtune"
 
 
 def render_response_prefix(label: Label, star: int, reaction: str) -> str:

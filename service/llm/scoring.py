@@ -234,7 +234,10 @@ def build_prompts(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > room:  # long real news: keep the head, where the facts are
             text = tokenizer.decode(ids[:room], skip_special_tokens=True)
-        prompts.append(render_prompt(item.render(text) if isinstance(item, NewsItem) else text, instruction))
+        if isinstance(item, NewsItem):  # in the format its adapter was trained with (prompts.PROMPT_FORMATS)
+            prompts.append(render_prompt(item.render(text), instruction, item.prompt_format, tokenizer))
+        else:
+            prompts.append(render_prompt(text, instruction))
     return prompts
 
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from service.core.config import Settings
@@ -43,7 +43,7 @@ from service.llm.modeling import (
     resolve_base_model,
 )
 from service.llm.nf4 import keep_dense_copies, nf4_layers
-from service.llm.prompts import DEFAULT_INSTRUCTION
+from service.llm.prompts import DEFAULT_INSTRUCTION, NewsItem, prompt_format_of
 from service.llm.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, write_analyses
 from service.llm.scoring_graphs import ScoringGraphs
 from service.serving.adapters import AttachedAdapters, InputFields, MergedModels, check_adapter_files, free_memory
@@ -65,6 +65,16 @@ class Item:
     free: bool = False  # the analysis freely generated from the prompt, not after the scored response prefix
 
 
+def in_format(text: Text, prompt_format: str) -> Text:
+    """``text`` to be prompted in ``prompt_format`` (service/llm/prompts.py): a news item that says so, unless it is
+    the default."""
+    if prompt_format == "flashtune":
+        return text
+    if isinstance(text, NewsItem):
+        return replace(text, prompt_format=prompt_format)
+    return NewsItem(text, prompt_format=prompt_format)
+
+
 @dataclass(frozen=True)
 class _Served:
     prediction: Prediction
@@ -84,6 +94,7 @@ class ModelServer:
         self._merged = MergedModels(settings, lambda: self._load_base("none"))
         self._input_fields = InputFields()
         self._temperatures: dict[str, float | None] = {}  # by adapter name, from training_info.json
+        self._prompt_formats: dict[str, str] = {}  # by adapter name, from training_info.json
         self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms)
 
     # ------------------------------------------------------------------------------------------------ state
@@ -121,6 +132,15 @@ class ModelServer:
             self._temperatures[adapter.name] = calibration_temperature(read_training_info(adapter.path))
         return self._temperatures[adapter.name]
 
+    def prompt_format(self, adapter: AdapterRef | None) -> str:
+        """How ``adapter``'s prompts are written: the ``prompt_format`` its job trained with (training_info.json;
+        read once); the base alone: the default."""
+        if adapter is None:
+            return "flashtune"
+        if adapter.name not in self._prompt_formats:
+            self._prompt_formats[adapter.name] = prompt_format_of(read_training_info(adapter.path))
+        return self._prompt_formats[adapter.name]
+
     # ------------------------------------------------------------------------------------------- lifecycle
     def _ensure_tokenizer(self) -> None:
         if self._tokenizer is None:
@@ -157,6 +177,7 @@ class ModelServer:
             self._merged.clear()
             self._input_fields.clear()
             self._temperatures.clear()
+            self._prompt_formats.clear()
         free_memory()
 
     def unload(self, name: str) -> None:
@@ -164,6 +185,7 @@ class ModelServer:
         with self._lock:
             self._input_fields.forget(name)
             self._temperatures.pop(name, None)
+            self._prompt_formats.pop(name, None)
             if name in self._merged.names:
                 self._merged.drop(name)
             self._attached.unload(name)
@@ -303,7 +325,8 @@ class ModelServer:
         probabilities calibrated for each item's adapter, the analysis written after what was scored (see the
         module)."""
         chosen = [items[i] for i in indices]
-        texts, instructions = [r.text for r in chosen], [r.instruction for r in chosen]
+        texts = [in_format(r.text, self.prompt_format(r.adapter)) for r in chosen]
+        instructions = [r.instruction for r in chosen]
         tokenizer = self._tokenizer
         scored = classify(model, tokenizer, texts, instructions, adapter_names=adapter_names, graphs=graphs)
         predictions = [p.calibrated(self.temperature(r.adapter)) for p, r in zip(scored, chosen, strict=True)]

@@ -25,7 +25,7 @@ import torch
 
 from service.llm import calibration
 from service.llm.decoding import GraphDecoder, attach, eos_ids
-from service.llm.prompts import LABELS, Example, Label, is_valid_response
+from service.llm.prompts import LABELS, Example, Label, NewsItem, is_valid_response
 from service.llm.scoring import BASE, Prediction, adapter_active, build_prompts, classify, generate
 
 BATCH = 16  # held-out items per classify pass (x2: base and adapter share it)
@@ -108,20 +108,24 @@ def write_each(
 
 
 def _compare(
-    model: Any, tokenizer: Any, labelled: list[Example], names: list[str]
+    model: Any, tokenizer: Any, labelled: list[Example], names: list[str], prompt_format: str = "flashtune"
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Label metrics and response format of each named adapter (``BASE``: none), scored in the same batches (peft's
-    mixed-adapter batches), the answers written as the module docstring says; and the seconds each part took."""
+    mixed-adapter batches), the answers written as the module docstring says; and the seconds each part took. The
+    prompts are written in ``prompt_format`` (the job's, service/llm/prompts.py), for the base too."""
     pairs = [(e, name) for e in labelled for name in names]
     samples = [(e, name) for e in labelled[:GENERATED_SAMPLES] for name in names]
     on_cuda = next(model.parameters()).device.type == "cuda"
 
+    def text(e: Example) -> str | NewsItem:
+        return e.input if prompt_format == "flashtune" else NewsItem(e.input, prompt_format=prompt_format)
+
     def predict(chunk: list[tuple[Example, str]]) -> list[Prediction]:
-        texts, instructions = [e.input for e, _ in chunk], [e.instruction for e, _ in chunk]
+        texts, instructions = [text(e) for e, _ in chunk], [e.instruction for e, _ in chunk]
         return classify(model, tokenizer, texts, instructions, [n for _, n in chunk])
 
     def write(chunk: list[tuple[Example, str]]) -> list[str]:
-        prompts = build_prompts(model, tokenizer, [e.input for e, _ in chunk], [e.instruction for e, _ in chunk])
+        prompts = build_prompts(model, tokenizer, [text(e) for e, _ in chunk], [e.instruction for e, _ in chunk])
         chunk_names = [n for _, n in chunk]
         if on_cuda:
             return write_each(model, tokenizer, prompts, chunk_names, 96)
@@ -149,13 +153,16 @@ def _share(flags: Iterable[bool], count: int) -> float:
     return round(sum(flags) / count, 4) if count else 0.0
 
 
-def evaluate(model: Any, tokenizer: Any, validation: list[Example]) -> dict[str, Any]:
-    """Metrics of the base (adapter disabled) and of the adapter on the labelled validation examples."""
+def evaluate(
+    model: Any, tokenizer: Any, validation: list[Example], prompt_format: str = "flashtune"
+) -> dict[str, Any]:
+    """Metrics of the base (adapter disabled) and of the adapter on the labelled validation examples, prompted in
+    ``prompt_format``."""
     labelled = [e for e in validation if e.label is not None]
     if not labelled:
         return {"num_labelled": 0, "base": {}, "adapter": {}}
     adapter = model.active_adapter
-    results, seconds = _compare(model, tokenizer, labelled, [BASE, adapter])
+    results, seconds = _compare(model, tokenizer, labelled, [BASE, adapter], prompt_format)
     metrics = {"num_labelled": len(labelled), "base": results[BASE], "adapter": results[adapter], "seconds": seconds}
     fitted = results[adapter].get("calibrated")
     if fitted is not None:  # what the adapter is served with

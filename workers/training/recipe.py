@@ -159,6 +159,12 @@ def _load(spec: TrainingSpec, hooks: Hooks) -> tuple[LoadPlan, Any, Any]:
         raise TrainingError("the dataset has no training examples", hint="upload a dataset with examples")
     torch.manual_seed(spec.hp.seed)
     tokenizer = load_tokenizer(spec.base_source)
+    if spec.hp.prompt_format == "chat_template" and getattr(tokenizer, "chat_template", None) is None:
+        raise TrainingError(
+            "prompt_format 'chat_template' needs a base model whose tokenizer has a chat template; this one has none",
+            hint="use prompt_format 'flashtune' (the default) or a chat model",
+            type="invalid_hyperparameters",
+        )
     return plan, tokenizer, attach_lora(load_model(spec.base_source, plan), spec.hp, plan)
 
 
@@ -166,7 +172,7 @@ def tokenized(spec: TrainingSpec, tokenizer: Any, hooks: Hooks, dist: Distribute
     """The training rows as steps (this rank's share of each) and the validation rows, cut to ``max_length``;
     reports the dataset's token lengths before the cut."""
     hp = spec.hp
-    full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir)
+    full_rows = tokenize_cached(spec.train + spec.validation, tokenizer, spec.token_cache_dir, hp.prompt_format)
     lengths = token_stats([len(ids) for ids, _ in full_rows], hp.max_length)
     hooks.on_event("dataset", describe_token_stats(lengths), {"token_stats": lengths})
     cut = truncate(full_rows, hp.max_length)
@@ -400,7 +406,7 @@ def finish(run: Run) -> dict[str, Any]:
     """Evaluate base against adapter on the held-out split, then publish the adapter and its training_info."""
     run.model.eval()
     evaluation_start = time.monotonic()
-    metrics = evaluate(run.model, run.tokenizer, run.spec.validation)
+    metrics = evaluate(run.model, run.tokenizer, run.spec.validation, run.spec.hp.prompt_format)
     if run.spec.compare_with is not None and metrics["num_labelled"]:  # a promotion's incumbent, on the same items
         metrics["incumbent"] = incumbent.compare(run.model, run.tokenizer, run.spec.validation, run.spec.compare_with)
     run.hooks.on_event("evaluation", _evaluation_message(metrics), metrics)

@@ -20,8 +20,8 @@ Row = tuple[list[int], list[int]]
 FORMAT_VERSION = 1
 
 
-def tokenize_one(example: Example, tokenizer: Any) -> Row:
-    prompt = render_prompt(example.input, example.instruction)
+def tokenize_one(example: Example, tokenizer: Any, prompt_format: str = "flashtune") -> Row:
+    prompt = render_prompt(example.input, example.instruction, prompt_format, tokenizer)
     prompt_ids = tokenizer(prompt)["input_ids"]
     ids = tokenizer(prompt + example.output)["input_ids"] + [tokenizer.eos_token_id]
     # The prompt's last token may merge with the response's first; the loss starts where the two first differ.
@@ -29,8 +29,9 @@ def tokenize_one(example: Example, tokenizer: Any) -> Row:
     return ids, [-100] * boundary + ids[boundary:]
 
 
-def cache_key(examples: list[Example], tokenizer: Any) -> str:
-    digest = hashlib.sha256(f"v{FORMAT_VERSION}|{render_prompt('{input}', '{instruction}')}".encode())
+def cache_key(examples: list[Example], tokenizer: Any, prompt_format: str = "flashtune") -> str:
+    template = render_prompt("{input}", "{instruction}", prompt_format, tokenizer)
+    digest = hashlib.sha256(f"v{FORMAT_VERSION}|{template}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     digest.update(f"|eos={tokenizer.eos_token_id}|".encode())
@@ -39,16 +40,19 @@ def cache_key(examples: list[Example], tokenizer: Any) -> str:
     return digest.hexdigest()[:32]
 
 
-def tokenize_cached(examples: list[Example], tokenizer: Any, cache_dir: Path | None) -> list[Row]:
-    """Rows of ``examples`` in order, from ``cache_dir`` when this dataset was tokenised the same way before."""
+def tokenize_cached(
+    examples: list[Example], tokenizer: Any, cache_dir: Path | None, prompt_format: str = "flashtune"
+) -> list[Row]:
+    """Rows of ``examples`` in order, from ``cache_dir`` when this dataset was tokenised the same way before
+    (``prompt_format``: how the prompts are written, service/llm/prompts.py)."""
     if cache_dir is None:
-        return [tokenize_one(e, tokenizer) for e in examples]
-    path = cache_dir / f"{cache_key(examples, tokenizer)}.json"
+        return [tokenize_one(e, tokenizer, prompt_format) for e in examples]
+    path = cache_dir / f"{cache_key(examples, tokenizer, prompt_format)}.json"
     try:
         return [(ids, labels) for ids, labels in json.loads(path.read_text())]
     except (OSError, ValueError):
         pass  # missing or damaged: tokenise again and rewrite it
-    rows = [tokenize_one(e, tokenizer) for e in examples]
+    rows = [tokenize_one(e, tokenizer, prompt_format) for e in examples]
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as out:
