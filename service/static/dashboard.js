@@ -421,7 +421,7 @@ function showPromotion(adapter) {
       status.textContent = `${set.alias} now serves ${set.adapter}`;
       showPromotion(await api(`/adapters/${encodeURIComponent(adapter.name)}`));
     } catch (err) {
-      status.textContent = `Not promoted: ${describeError(err)}`;
+      status.textContent = `Not promoted: ${err.message || err}`; // the field's own message is beside it
       markInvalid(form, err, (field) => (field === "alias" ? "promote-alias" : null));
       if (!(err instanceof ApiError)) report(err);
     } finally {
@@ -738,7 +738,7 @@ function setupAliasForm() {
       status.textContent = `${set.alias} now serves ${set.adapter}`;
       await showAdapters();
     } catch (err) {
-      status.textContent = `Not set: ${describeError(err)}`;
+      status.textContent = `Not set: ${err.message || err}`;
       markInvalid(form, err, (field) => ({ alias: "alias-name", adapter: "alias-adapter" })[field]);
       if (!(err instanceof ApiError)) report(err);
     } finally {

@@ -354,14 +354,14 @@ def test_one_step_chart_aliases_and_promotion(svc: Service, page: tuple[Page, Pr
 
     # Promote from the job page: production now serves this adapter.
     expect(tab.locator("#promotion-state")).to_contain_text("No alias points at this adapter")
-    expect(tab.get_by_label("Alias", exact=True)).to_have_value("production")
+    expect(tab.get_by_label("Alias to promote to")).to_have_value("production")
     tab.get_by_role("button", name="Promote to alias").click()
     expect(tab.locator("#promote-status")).to_have_text(f"production now serves {adapter}")
     expect(tab.locator("#promotion-state")).to_contain_text("Serves as: production")
     assert svc.client.get("/aliases/production").json()["adapter"] == adapter
-    tab.get_by_label("Alias", exact=True).fill("job-5")  # an adapter's own name cannot be an alias: marked
+    tab.get_by_label("Alias to promote to").fill("job-5")  # an adapter's own name cannot be an alias: marked
     tab.get_by_role("button", name="Promote to alias").click()
-    expect(tab.get_by_label("Alias", exact=True)).to_have_attribute("aria-invalid", "true")
+    expect(tab.get_by_label("Alias to promote to")).to_have_attribute("aria-invalid", "true")
     expect(tab.locator("#promote-status")).to_contain_text("Not promoted")
     shot(tab, "job-promoted")
 
@@ -369,8 +369,8 @@ def test_one_step_chart_aliases_and_promotion(svc: Service, page: tuple[Page, Pr
     tab.get_by_role("link", name="Adapters").click()
     expect(tab.locator('#aliases-body tr[data-alias="production"] .alias-adapter')).to_have_text(adapter)
     expect(tab.locator(f'#adapters-body tr[data-adapter="{adapter}"] .aliases')).to_have_text("production")
-    tab.locator("#alias-name").fill("staging")
-    tab.locator("#alias-adapter").select_option(adapter)
+    tab.get_by_label("Alias name").fill("staging")
+    tab.get_by_label("Adapter it serves").select_option(adapter)
     tab.get_by_role("button", name="Set alias").click()
     expect(tab.locator("#alias-status")).to_have_text(f"staging now serves {adapter}")
     expect(tab.locator("#aliases-body tr")).to_have_count(2)
