@@ -43,7 +43,7 @@ import sys; sys.path.insert(0, '.')
 from pathlib import Path
 from bench.job_api_gpu import build
 build(Path('$ck'), False)"
-job bf16
 job t4 --compute-dtype float16 --cuda-capability 7.5 --gpu-memory-gib 15 --serve --serve-merged "" \
   --serve-gpu-memory-gib 12
+job bf16
 job nocc --hide-compiler
