@@ -34,6 +34,7 @@ OTHER_ENV_NAMES = frozenset(
         "FLASHTUNE_API_GPU",  # compose.yaml: the GPU of the GPU API's container
         "FLASHTUNE_TORCH_INDEX_URL",  # the index scripts/install.sh installs torch from
         "FLASHTUNE_TEST_POSTGRES",  # the test harness: the PostgreSQL server of the tests (tests/conftest.py)
+        "FLASHTUNE_TEST_MODEL_CACHE",  # the test harness: one built-in model build for all runs (tests/conftest.py)
     }
 )
 
