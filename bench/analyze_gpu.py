@@ -21,6 +21,10 @@ FlashTune's own serving code:
                        also across adapters (``attached_adapter_switching``)
   adapters             label-only requests/s through ``ModelServer.submit`` (the micro-batcher) from 64 threads:
                        1 adapter loaded; all ``--adapters`` loaded but one used; all loaded, requests mixing them
+                       (their LoRA deltas gathered, ``service.serving.gathered_lora``, the default); with
+                       ``--mixed-paths`` also the same mixed requests through peft's loop over the adapters
+                       (``FLASHTUNE_GATHERED_LORA=false``), the two paths' answers on one mixed batch compared
+                       (``gathered_exactness``) and the ratios of one run (``mixed_ratios``)
   merged               ``FLASHTUNE_SERVE_MERGED``: the adapter merged into a bf16 copy of the base; the same label
                        latency and generation figures, and the memory it costs
 
@@ -53,10 +57,16 @@ from service.core.config import Settings  # noqa: E402
 from service.core.layout import AdapterRef, adapter_name  # noqa: E402
 from service.llm.decoding import GraphDecoder, decoder_for  # noqa: E402
 from service.llm.scoring import build_prompts, generate, left_padded  # noqa: E402
-from service.serving.engine import ModelServer  # noqa: E402
+from service.serving.engine import Item, ModelServer  # noqa: E402
 
 NEW_TOKENS = 64
 LORA_TARGETS = ["q_proj", "v_proj"]
+THROUGHPUTS = (
+    "throughput_1_loaded",
+    "throughput_all_loaded_one_used",
+    "throughput_all_loaded_mixed",
+    "throughput_all_loaded_mixed_peft",
+)
 
 
 def log(*args: Any) -> None:
@@ -449,7 +459,59 @@ def attached_phase(
     step("load_all_adapters", load_all)
     step("throughput_all_loaded_one_used", lambda: throughput(server, [first], texts, requests, 64))
     step("throughput_all_loaded_mixed", lambda: throughput(server, adapters, texts, requests, 64))
+    if sizes.get("mixed_paths"):
+        mixed_paths(server, adapters, texts, step, report, requests)
     server.release()  # its micro-batcher thread keeps the server alive: drop the models explicitly
+
+
+def with_gathered(server: ModelServer, on: bool, fn: Callable[[], Any]) -> Any:
+    """``fn()`` with mixed batches gathered (``on``) or through peft's loop (``FLASHTUNE_GATHERED_LORA``)."""
+    server.settings.gathered_lora = on
+    try:
+        return fn()
+    finally:
+        server.settings.gathered_lora = True
+
+
+def gathered_exactness(server: ModelServer, adapters: list[AdapterRef], texts: list[str]) -> dict[str, Any]:
+    """One mixed batch (one text per adapter, and the base) through both paths: labels and probabilities."""
+    rows: list[AdapterRef | None] = [*adapters, None]
+    items = [Item(texts[i % len(texts)], adapter) for i, adapter in enumerate(rows)]
+    answers = {
+        path: [a.summary() for a in with_gathered(server, on, lambda: server.analyze_items(items, 0))]
+        for path, on in (("gathered", True), ("peft", False))
+    }
+    pairs = list(zip(answers["gathered"], answers["peft"], strict=True))
+    return {
+        "rows": len(items),
+        "labels_equal": sum(a["label"] == b["label"] for a, b in pairs),
+        "max_prob_difference": max(abs(a["probs"][k] - b["probs"][k]) for a, b in pairs for k in a["probs"]),
+    }
+
+
+def mixed_paths(
+    server: ModelServer, adapters: list[AdapterRef], texts: list[str], step: Step, report: dict[str, Any], n: int
+) -> None:
+    """``--mixed-paths``: the mixed requests again through peft's loop, both paths' answers compared, and the ratios
+    against one adapter loaded and all loaded with one used, all from this run."""
+    step("gathered_exactness", lambda: gathered_exactness(server, adapters, texts))
+    mixed = lambda: throughput(server, adapters, texts, n, 64)  # noqa: E731 - as throughput_all_loaded_mixed
+    step("throughput_all_loaded_mixed_peft", lambda: with_gathered(server, False, mixed))
+
+    def ratios() -> dict[str, Any]:
+        rate = {k: report[k]["requests_per_s"] for k in THROUGHPUTS if "requests_per_s" in report.get(k, {})}
+        return {
+            f"{a}_over_{b}": round(rate[a] / rate[b], 3)
+            for a, b in (
+                ("throughput_all_loaded_mixed", "throughput_1_loaded"),
+                ("throughput_all_loaded_mixed_peft", "throughput_1_loaded"),
+                ("throughput_all_loaded_mixed", "throughput_all_loaded_one_used"),
+                ("throughput_all_loaded_mixed", "throughput_all_loaded_mixed_peft"),
+            )
+            if a in rate and b in rate
+        }
+
+    step("mixed_ratios", ratios)
 
 
 def merged_phase(server: ModelServer, adapter: AdapterRef, texts: list[str], step: Step, sizes: dict[str, int]) -> None:
@@ -483,6 +545,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=".")
     parser.add_argument("--only", default="", help="comma-separated measurement keys to run (default: all)")
     parser.add_argument("--batch-wait-ms", type=float, help="the micro-batcher's wait (default: the service's, 0)")
+    parser.add_argument(
+        "--mixed-paths",
+        action="store_true",
+        help="also mixed requests through peft's loop (gathered_lora off), both paths compared, ratios of this run",
+    )
     return parser.parse_args()
 
 
@@ -547,6 +614,7 @@ def main() -> None:
         if tiny
         else {"repeats": 3, "latency_repeats": 30, "requests": 256}
     )
+    sizes["mixed_paths"] = int(args.mixed_paths)
     figures: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,

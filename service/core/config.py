@@ -199,6 +199,12 @@ class Settings(BaseSettings):
         default=500_000, ge=1, description="rows the finance SQLite import may read (events x event_impacts)"
     )
     import_seconds: float = Field(default=120.0, gt=0, description="how long one finance SQLite import may run")
+    gathered_lora: bool = Field(
+        default=True,
+        description="a micro-batch mixing attached adapters runs all their LoRA deltas in one gathered, batched "
+        "computation per layer (weights stacked once per set of loaded adapters; service/serving/gathered_lora.py); "
+        "false: peft's loop, once per distinct adapter",
+    )
 
     @field_validator("data_dir")
     @classmethod

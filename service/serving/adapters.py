@@ -33,6 +33,7 @@ from service.llm.decoding import GraphDecoder, attach, decoder_for, eos_ids
 from service.llm.modeling import pick_device
 from service.llm.prompts import INPUT_FIELDS
 from service.llm.scoring_graphs import ScoringGraphs
+from service.serving.gathered_lora import GatheredLoRA
 
 # LoRA layer classes whose forward takes adapter_names (peft.tuners.lora: Linear, Embedding, Conv*; bitsandbytes
 # NF4/int8); peft refuses mixed batches on the others (MultiheadAttention, ParamWrapper, tensor-parallel, ...).
@@ -127,6 +128,7 @@ class AttachedAdapters:
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._mixable: dict[str, bool] = {}  # loaded adapter -> whether it can share a mixed batch
         self._graphs: dict[str, ScoringGraphs] = {}  # active adapter (BASE: none) -> its scoring CUDA graphs
+        self._gathered: GatheredLoRA | None = None  # the mixable adapters' stacked LoRA weights, while installed
 
     @property
     def names(self) -> list[str]:
@@ -141,10 +143,26 @@ class AttachedAdapters:
         self._loaded.clear()
         self._mixable.clear()
         self._graphs.clear()
+        self._gathered = None
 
     def mixable(self, names: Iterable[str]) -> bool:
         """Whether every one of the loaded adapters ``names`` can share a mixed batch."""
         return all(self._mixable.get(n, False) for n in names)
+
+    def gather(self) -> None:
+        """Before a mixed batch: the loaded mixable adapters' LoRA deltas computed in one gathered pass per layer
+        (``service.serving.gathered_lora``), their weights stacked once per set of loaded adapters; with
+        ``gathered_lora`` off, peft's loop over the batch's adapters."""
+        if not self.settings.gathered_lora:
+            self._drop_gathered()
+        elif self._gathered is None:
+            self._gathered = GatheredLoRA(self.model, [n for n in self._loaded if self._mixable.get(n, False)])
+            self._gathered.install()
+
+    def _drop_gathered(self) -> None:
+        if self._gathered is not None:
+            self._gathered.remove()
+            self._gathered = None
 
     def scoring_graphs(self, name: str) -> ScoringGraphs | None:
         """The CUDA graphs of label scoring with ``name`` (``BASE``: none) active; None where scoring is not graphed."""
@@ -160,6 +178,7 @@ class AttachedAdapters:
         """Forget the graphs captured on the model before its weights change: they replay the memory they were
         captured with."""
         self._graphs.clear()
+        self._drop_gathered()  # its stacks copy the weights of the adapters loaded now
         if self.model is not None:
             attach(self.model, None)
 

@@ -302,6 +302,7 @@ class ModelServer:
                 names = [BASE if a is None else a.name for a in (items[i].adapter for i in chunk)]
                 distinct = list(dict.fromkeys(names))
                 if len(distinct) > 1 and self._attached.mixable(needed):
+                    self._attached.gather()  # all their LoRA deltas in one gathered pass per layer
                     out.update(self._pass(model, items, chunk, names, None, new_tokens))
                     continue
                 for name in distinct:  # one adapter (or the base) at a time
