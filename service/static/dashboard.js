@@ -4,6 +4,7 @@
 
 import { ApiError, api, download, followEvents, getKey, onOpenServer, onUnauthorized, setKey, upload } from "./api.js";
 import { drawLossChart } from "./chart.js";
+import { reliabilityDiagram } from "./reliability.js";
 
 const $ = (id) => document.getElementById(id);
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -337,17 +338,35 @@ function metricsTable(metrics) {
     ["accuracy", "Accuracy", pct],
     ["macro_f1", "Macro-F1", (v) => num(v, 3)],
     ["valid_format", "Answers in the valid format", pct],
+    ["nll", "NLL of the gold label", (v) => num(v, 3), true],
+    ["brier", "Brier score", (v) => num(v, 3), true],
+    ["ece", "ECE (top label, 10 bins)", (v) => num(v, 3), true],
+    ["calibrated.nll", "NLL after calibration", (v) => num(v, 3), true],
+    ["calibrated.ece", "ECE after calibration", (v) => num(v, 3), true],
+    ["calibrated.temperature", "Temperature fitted", (v) => num(v, 2), null],
   ];
+  const get = (who, key) => key.split(".").reduce((o, k) => o?.[k], metrics[who]);
   return h("table", { class: "metrics-table" },
     h("caption", { class: "sr-only", text: "Base model versus adapter on the held-out split" }),
     h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "metric" }), h("th", { scope: "col", text: "base model" }),
       h("th", { scope: "col", text: "adapter" }))),
-    h("tbody", {}, rows.map(([key, label, f]) => {
-      const base = metrics.base?.[key];
-      const adapter = metrics.adapter?.[key];
+    h("tbody", {}, rows.filter(([key]) => get("adapter", key) !== undefined || !key.includes(".")).map(([key, label, f, lower]) => {
+      const base = get("base", key);
+      const adapter = get("adapter", key);
+      const better = lower === null ? false : lower ? adapter < base : adapter > base; // NLL, Brier, ECE: lower
       return h("tr", { "data-metric": key }, h("th", { scope: "row", text: label }), h("td", { text: f(base) }),
-        h("td", { class: adapter > base ? "better" : "", text: f(adapter) }));
+        h("td", { class: better ? "better" : "", text: f(adapter) }));
     })));
+}
+
+/** What /analyze does with the adapter's probabilities (metrics.calibration, fitted by the job). */
+function calibrationNote(metrics) {
+  const c = metrics.calibration;
+  if (!c) return null;
+  const text = c.applied
+    ? `/analyze serves this adapter's probabilities calibrated: the label log-likelihoods divided by temperature ${num(c.temperature, 2)} (fitted on the ${c.num_items} held-out examples; cross-fitted NLL ${num(c.nll_before, 3)} → ${num(c.nll_after, 3)}).`
+    : `/analyze serves this adapter's probabilities uncalibrated: temperature ${num(c.temperature, 2)} did not lower the cross-fitted NLL (${num(c.nll_before, 3)} → ${num(c.nll_after, 3)}).`;
+  return h("p", { class: "muted small calibration-note", text });
 }
 
 function confusionTable(title, confusion) {
@@ -375,8 +394,9 @@ async function showEvaluation(job) {
     body.replaceChildren(
       h("p", { class: "muted small", text: `${metrics.num_labelled} labelled held-out examples; rows of the confusion matrices are the gold labels.` }),
       metricsTable(metrics),
+      calibrationNote(metrics),
       h("div", { class: "confusions" }, confusionTable("Base model", metrics.base?.confusion),
-        confusionTable("Adapter", metrics.adapter?.confusion)));
+        confusionTable("Adapter", metrics.adapter?.confusion), reliabilityDiagram(metrics)));
   }
   const link = $("adapter-download");
   const url = `/adapters/${encodeURIComponent(job.adapter)}/download`;
@@ -789,10 +809,15 @@ function resultCard(adapterChoice, result) {
     h("dl", { class: "kv" },
       h("dt", { text: "importance" }), h("dd", { text: result.importance ? `${"★".repeat(result.importance)} (${result.importance}/5)` : "–" }),
       h("dt", { text: "market reaction" }), h("dd", { text: result.market_reaction || "–" }),
+      h("dt", { text: "probabilities" }), h("dd", { class: "calibrated", text: result.calibrated
+        ? `calibrated (temperature ${num(result.temperature, 2)})` : "not calibrated" }),
       h("dt", { text: "base model" }), h("dd", { text: result.base_model }),
       h("dt", { text: "context used" }), h("dd", { class: "context-used", text: (result.context_used || []).join(", ") || "–" }),
       h("dt", { text: "context left out" }), h("dd", { class: "context-ignored", text: (result.context_ignored || []).join(", ") || "–" })),
-    result.analysis ? h("p", { class: "analysis", text: result.analysis }) : null);
+    result.analysis ? h("p", { class: "analysis", text: result.analysis }) : null,
+    result.consistent === false
+      ? h("p", { class: "inconsistent", role: "note", text: "This freely generated text does not state the scored label." })
+      : null);
 }
 
 const METADATA = ["star", "country", "previous", "consensus", "actual"];

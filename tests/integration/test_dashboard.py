@@ -237,6 +237,9 @@ def test_dashboard_follows_a_job_from_the_form_to_its_adapter(svc: Service, page
     expect(accuracy.nth(0)).to_have_text(f"{metrics['base']['accuracy'] * 100:.1f}%")
     expect(accuracy.nth(1)).to_have_text(f"{metrics['adapter']['accuracy'] * 100:.1f}%")
     expect(tab.locator("#eval-body table.confusion")).to_have_count(2)
+    # the probability figures, and the reliability diagram beside the confusion matrices
+    expect(tab.locator('#eval-body tr[data-metric="ece"] td').nth(1)).to_have_text(f"{metrics['adapter']['ece']:.3f}")
+    expect(tab.locator(".confusions svg.reliability circle.rel-adapter").first).to_be_visible()
     expect(tab.locator('#job-events li[data-type="succeeded"]')).to_have_count(1)
     losses = metrics["losses"]
     wait_until(tab, lambda: chart_points(tab), lambda n: n == len(losses["step_loss"]), 30, "the whole loss history")
