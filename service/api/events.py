@@ -42,7 +42,7 @@ def parse_last_event_id(value: str | None) -> int | None:
         return None
     text = value.strip()
     # ASCII digits only: int() would also read '١' (an Arabic-Indic one), '1_0' or '+1'
-    parsed = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else -1
+    parsed = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else -1  # the schema's pattern
     if not 0 <= parsed <= MAX_ID:
         raise RequestError(
             422,

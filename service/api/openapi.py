@@ -5,6 +5,7 @@
   the schema allows is one the server accepts, and one it forbids is refused (422).
 * Links: the id a ``POST`` (or a list) returns is the path parameter of the operations on that object, so clients
   and stateful fuzzers (schemathesis' ``stateful`` phase) can follow them.
+* With an API key configured, every operation but ``/healthz`` and ``/readyz`` declares the bearer scheme.
 
 A limit or link whose target is gone from the schema (a renamed shape or route) is logged and skipped:
 ``tests/integration/test_hostile.py`` checks that each one is published.
@@ -128,13 +129,34 @@ def add_limits(schema: Schema, settings: Settings) -> list[str]:
     return missing
 
 
+PUBLIC_PATHS = ("/healthz", "/readyz")  # answered without a key (service/api/main.py)
+
+
+def add_security(schema: Schema) -> None:
+    """Say that every operation but the public ones needs ``Authorization: Bearer <key>`` (with a key configured):
+    clients generate the header, and a fuzzer checks that a request without it is refused."""
+    schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+    refused = {
+        "description": "Missing or wrong API key",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                operation["security"] = [] if path in PUBLIC_PATHS else [{"apiKey": []}]
+                if path not in PUBLIC_PATHS:  # a route outside the protected routers documents its 401 too
+                    operation["responses"].setdefault("401", refused)
+
+
 def install(app: FastAPI, settings: Settings) -> None:
-    """Build ``app``'s schema once, with the limits and links added."""
+    """Build ``app``'s schema once, with the limits, the links and (with a key configured) the security added."""
     build: Callable[[], Schema] = app.openapi
 
     def openapi() -> Schema:
         if app.openapi_schema is None:
             schema = build()
+            if settings.auth_enabled:
+                add_security(schema)
             missing = add_limits(schema, settings) + add_links(schema)
             if missing:
                 log.warning("OpenAPI schema: not found, not published: %s", ", ".join(missing))

@@ -172,7 +172,7 @@ def dataset_page(
     if after is not None:
         anchor = session.get(Dataset, after)
         if anchor is None:
-            raise RequestError(422, "invalid_request", f"after: no file {after[:64]!r}", [{"field": "after"}])
+            raise RequestError(404, "not_found", f"after: no file {after[:64]!r}", [{"field": "after"}])
         if newest_first:
             beyond = or_(created < anchor.created_at, and_(created == anchor.created_at, ident < anchor.id))
         else:

@@ -64,8 +64,8 @@ MAX_ID = 2**63 - 1  # SQL BIGINT: a larger id cannot exist, and binding one woul
 class JobCreate(Strict):
     """A job as a user asks for it (``POST /jobs``; ``/v1/fine_tuning/jobs`` is translated into one)."""
 
-    dataset: str = Field(min_length=1, max_length=128, description='"builtin" or a dataset id')
-    base_model: str | None = Field(default=None, min_length=1, max_length=512)
+    dataset: str = Field(min_length=1, max_length=128, description='"builtin" or a dataset id', examples=["builtin"])
+    base_model: str | None = Field(default=None, min_length=1, max_length=512, examples=["builtin"])
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     promote_to: str | None = Field(

@@ -6,10 +6,12 @@ adapter's side.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep
-from service.api.schemas.aliases import AliasPublic, AliasSet
+from service.api.schemas.aliases import ALIAS_NAME, AliasPublic, AliasSet
 from service.core.errors import not_found
 from service.jobs import aliases, commands
 
@@ -30,7 +32,12 @@ def get_alias(alias: str, session: ReadSessionDep) -> AliasPublic:
 
 
 @router.put("/{alias}", response_model=AliasPublic)
-def set_alias(alias: str, body: AliasSet, session: SessionDep, settings: SettingsDep) -> AliasPublic:
+def set_alias(
+    alias: Annotated[str, Path(json_schema_extra=ALIAS_NAME)],
+    body: AliasSet,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> AliasPublic:
     """Point the alias at an adapter (creating it); from the next request on, it serves that adapter."""
     name = aliases.checked_name(alias)
     job = commands.adapter_job(session=session, name=body.adapter)

@@ -67,7 +67,10 @@ def job_events(
     after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: Annotated[bool, Query(description="Server-Sent Events until the job ends")] = False,
-    last_event_id: Annotated[str | None, Header(description="resume a stream after this event id")] = None,
+    # a string, not str | None: a header is never null (a fuzzer would send the word "null")
+    last_event_id: Annotated[
+        str, Header(description="resume a stream after this event id", pattern=r"^[0-9]{0,18}$")
+    ] = "",
 ) -> EventsPage | StreamingResponse:
     commands.get_job(session=session, job_id=job_id)
     if stream:

@@ -48,7 +48,7 @@ async def upload_file(
     file: UploadFile,
     session: SessionDep,
     settings: SettingsDep,
-    purpose: Annotated[str, Form()] = "fine-tune",
+    purpose: Annotated[str, Form(json_schema_extra={"enum": ["fine-tune"]})] = "fine-tune",
 ) -> dict[str, Any]:
     if purpose != "fine-tune":
         raise RequestError(422, "invalid_request", "only purpose 'fine-tune' is supported", [{"field": "purpose"}])
@@ -64,7 +64,7 @@ def list_files(
     after: Annotated[str | None, Query(max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
-    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    purpose: Annotated[str | None, Query(max_length=64, json_schema_extra={"enum": ["fine-tune"]})] = None,
 ) -> dict[str, Any]:
     """The uploaded training files, newest first (``order=asc``: oldest first)."""
     if purpose not in (None, "fine-tune"):
@@ -161,7 +161,7 @@ def _cursor(after: str | None, parse: Callable[[str], int | None], shape: str) -
 @router.get("/fine_tuning/jobs")
 def list_fine_tunes(
     session: ReadSessionDep,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=r"^(ftjob-)?(0|[1-9][0-9]{0,17})$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Newest first; ``after``: the last job of the previous page."""
@@ -185,7 +185,7 @@ def cancel_fine_tune(job_id: str, session: SessionDep) -> dict[str, Any]:
 def fine_tune_events(
     job_id: str,
     session: ReadSessionDep,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=r"^ftevent-(0|[1-9][0-9]{0,17})$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
     """Newest first, as OpenAI lists them; ``after``: the last event of the previous page (older ones follow)."""

@@ -7,7 +7,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.jobs.models import Alias, Promotion, PromotionStatus
+from service.jobs.models import RESERVED_ALIASES, Alias, Promotion, PromotionStatus
+
+# An alias name as the published schema states it (service.jobs.models.check_alias_name decides): a letter, then up
+# to 63 letters, digits, '.', '_' or '-'; not a reserved word, not an adapter's own name.
+ALIAS_NAME: dict[str, Any] = {
+    "pattern": r"^[A-Za-z][A-Za-z0-9._-]{0,63}$",
+    "not": {"anyOf": [{"enum": list(RESERVED_ALIASES)}, {"pattern": r"^job-(0|[1-9][0-9]{0,17})$"}]},
+}
 
 
 class AliasSet(BaseModel):
@@ -22,7 +29,7 @@ class AdapterAliasSet(BaseModel):
     """``POST /adapters/{name}/aliases``: point an alias at this adapter (promote it by hand)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    alias: str = Field(min_length=1, max_length=64, description="e.g. 'production'")
+    alias: str = Field(min_length=1, max_length=64, description="e.g. 'production'", json_schema_extra=ALIAS_NAME)
     reason: str | None = Field(default=None, max_length=200, description="why, for the adapter's job events")
 
 

@@ -18,8 +18,9 @@ import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from service.core.bodies import RequestBody
 from service.core.errors import RequestError
 from service.jobs.hyperparameters import Hyperparameters, defaults
 from service.jobs.models import Dataset, Job, JobCreate, JobEvent, JobStatus
@@ -39,26 +40,25 @@ def job_number(job_id: str | None) -> int | None:
     return int(number) if _JOB_NUMBER.fullmatch(number) else None
 
 
-class FineTuneHyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # "n_epochs": true is a 422, not 1 epoch
+class FineTuneHyperparameters(RequestBody):  # "n_epochs": true is a 422, not 1 epoch (service/core/bodies.py)
     n_epochs: int | str | None = None  # "auto" or a number
     batch_size: int | str | None = None
     learning_rate_multiplier: float | str | None = None
 
 
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class SupervisedMethod(RequestBody):
     hyperparameters: FineTuneHyperparameters = Field(default_factory=FineTuneHyperparameters)
 
 
-class FineTuneMethod(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # dpo, reinforcement: named in the 400
+class FineTuneMethod(RequestBody):
+    model_config = ConfigDict(extra="allow")  # dpo, reinforcement: named in the 400
     type: str = Field(max_length=64)
     supervised: SupervisedMethod | None = None
 
 
-class FineTuneCreate(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields are kept so that check() can name them
+class FineTuneCreate(RequestBody):
+    # unknown fields are kept so that check() can name them (a 400); the published schema says there are none
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
     model: str = Field(min_length=1, max_length=512)
     training_file: str = Field(min_length=1, max_length=128)
     validation_file: str | None = Field(default=None, min_length=1, max_length=128)
