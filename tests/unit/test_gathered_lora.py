@@ -147,3 +147,45 @@ def test_bf16_within_bf16_tolerance(builtin_model_cache: Path) -> None:
     finally:
         gathered.remove()
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_engine_mixed_batch_runs_gathered(
+    builtin_model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through ModelServer: a micro-batch of three saved adapters (ranks 2, 6, 4) and the base runs gathered (peft's
+    loop refused) and answers as with FLASHTUNE_GATHERED_LORA=false."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+    from transformers import AutoModelForCausalLM
+
+    from service.core.config import Settings
+    from service.core.layout import AdapterRef, adapter_name
+    from service.serving.engine import Item, ModelServer
+
+    settings = Settings(data_dir=tmp_path, base_model=str(builtin_model_cache), device="cpu", gathered_lora=False)
+    refs: list[AdapterRef | None] = []
+    for i, rank in enumerate((2, 6, 4)):
+        torch.manual_seed(i)
+        config = LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        folder = settings.layout.adapters / adapter_name(i + 1)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(builtin_model_cache), config).save_pretrained(str(folder))
+        refs.append(AdapterRef(folder.name, folder))
+    texts = ["Fed raises rates by 50 bp", "央行降准0.5个百分点", "Company X beats earnings", "Oil falls 5%"]
+    items = [Item(text, ref) for text, ref in zip(texts, [*refs, None], strict=True)]
+    server = ModelServer(settings)
+    try:
+        peft_answers = [a.summary() for a in server.analyze_items(items, 0)]
+        settings.gathered_lora = True
+
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("peft's mixed-batch loop ran")
+
+        monkeypatch.setattr(Linear, "_mixed_batch_forward", refused)
+        gathered = server.analyze_items(items, 0)
+    finally:
+        monkeypatch.undo()
+        server.release()
+    assert {a.batch_size for a in gathered} == {len(items)}  # one mixed pass
+    for a, b in zip((a.summary() for a in gathered), peft_answers, strict=True):
+        assert a["label"] == b["label"] and a["importance"] == b["importance"]
+        assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
