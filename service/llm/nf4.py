@@ -10,7 +10,9 @@ evaluation saw. For a few rows (decoding steps) bitsandbytes on the GPU uses a f
 rounds differently from the plain bf16 product. Training keeps copies only between a pass and its backward
 (``workers.training.cuda.plan.keep_dequantized_weights``).
 
-bitsandbytes is imported only when a model has such layers, never on a plain CPU or bf16 path.
+The copies are in the layers' compute dtype: bf16, or fp16 on a card without native bf16 (a T4 or V100,
+``service.llm.modeling.pick_compute_dtype``). bitsandbytes is imported only when a model has such layers, never on a
+plain CPU or bf16 path.
 """
 
 from __future__ import annotations
