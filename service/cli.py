@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
+import httpx
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -222,7 +224,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_healthy(api: Api, procs: list[subprocess.Popen[bytes]], seconds: float = 120) -> None:
+def _wait_healthy(api: Api, procs: list[subprocess.Popen[bytes]], seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
@@ -230,8 +232,9 @@ def _wait_healthy(api: Api, procs: list[subprocess.Popen[bytes]], seconds: float
         try:
             if api.client.get("/healthz").status_code == 200:
                 return
-        except Exception:
-            time.sleep(0.3)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
     fail(f"the API did not come up at {api.url} in {seconds:.0f} s")
 
 
@@ -257,6 +260,7 @@ def demo(data_dir: DataDir = None) -> None:
     port = _free_port()
     env = {**os.environ, "FLASHTUNE_DATA_DIR": str(folder), "FLASHTUNE_PORT": str(port)}
     typer.echo(f"FlashTune demo: data in {folder}, API on http://127.0.0.1:{port}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the API and the worker on the way out too
     procs = [
         subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], env=env),
         subprocess.Popen([sys.executable, "-m", "workers"], env=env),
