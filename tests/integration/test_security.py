@@ -1,7 +1,7 @@
 """Security and hostile input against real API processes (no worker): every hostile request is a 4xx JSON error
 in the one error shape, with no file-system path or trace in it, and the server stays healthy; the API key guards
-every non-public route; a pickle posing as an adapter is refused and never runs; schemathesis finds no server
-error and no response outside the published schema.
+every non-public route; a pickle posing as an adapter is refused and never runs; schemathesis, with every check
+and the stateful phase, finds no server error and no conformance failure (issue 20: ST201, ST202, ST205).
 """
 
 from __future__ import annotations
