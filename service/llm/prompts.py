@@ -257,9 +257,7 @@ _REACTION_PATTERN = re.compile(r"出现(上涨|下跌|震荡)走势")
 def parse_response(response: str) -> Stated:
     """The label (any recognised style), importance and market reaction a response text states."""
     star, reaction = _STAR_PATTERN.search(response), _REACTION_PATTERN.search(response)
-    return Stated(
-        parse_label(response), int(star.group(1)) if star else None, reaction.group(1) if reaction else None
-    )
+    return Stated(parse_label(response), int(star.group(1)) if star else None, reaction.group(1) if reaction else None)
 
 
 def is_valid_response(response: str) -> bool:

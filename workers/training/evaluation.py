@@ -153,9 +153,7 @@ def _share(flags: Iterable[bool], count: int) -> float:
     return round(sum(flags) / count, 4) if count else 0.0
 
 
-def evaluate(
-    model: Any, tokenizer: Any, validation: list[Example], prompt_format: str = "flashtune"
-) -> dict[str, Any]:
+def evaluate(model: Any, tokenizer: Any, validation: list[Example], prompt_format: str = "flashtune") -> dict[str, Any]:
     """Metrics of the base (adapter disabled) and of the adapter on the labelled validation examples, prompted in
     ``prompt_format``."""
     labelled = [e for e in validation if e.label is not None]
