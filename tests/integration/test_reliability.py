@@ -312,7 +312,7 @@ def test_workers_killed_at_random_every_job_succeeds_once(
             rng = random.Random(1234)
             for _ in range(kills):
                 time.sleep(rng.uniform(3, 8))
-                victim = rng.choice([w for w in svc.workers if w.poll() is None])
+                victim = rng.choice(wait_for(lambda: _training(svc), WAIT, "a worker running a job", svc))
                 if rng.random() < 0.5:  # with its training process, like a host that dies
                     wait_gone(signal_tree(victim, signal.SIGKILL))
                 else:  # the worker alone: its fork server and training process die with it (workers.child)
@@ -324,9 +324,15 @@ def test_workers_killed_at_random_every_job_succeeds_once(
             finished = [svc.wait(i, timeout=WAIT) for i in ids]
             _assert_each_succeeded_once(svc, finished)
             attempts = sorted(j["attempts"] for j in finished)
+            assert sum(attempts) > jobs, attempts  # the kills hit running jobs
             print(f"\n{database}: {jobs} jobs, {kills} kills, attempts per job {attempts}")
         finally:
             svc.stop()
+
+
+def _training(svc: Service) -> list[subprocess.Popen[bytes]]:
+    """The live workers whose training process is running (a job's, or for a moment the start-up CUDA check)."""
+    return [w for w in svc.workers if w.poll() is None and any(_is_training_child(p, w.pid) for p in children(w.pid))]
 
 
 class _nothing:  # noqa: N801  (a null context manager yielding None, like the PostgreSQL one yields a URL)
