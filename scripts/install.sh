@@ -51,7 +51,8 @@ plan=$(torch_plan python)
 echo "torch $version: $plan"
 case "$plan" in
   keep) ;;
-  local) python -m pip install --quiet --no-index "torch==$version" ;;
+  # the wheel from pip's find-links; its own requirements offline where they are there too, else from the index
+  local) python -m pip install --quiet --no-index "torch==$version" 2>/dev/null || python -m pip install --quiet "torch==$version" ;;
   index* | cpu*) python -m pip install --quiet --index-url "${plan#* }" "torch==$version" ;;
   *) python -m pip install --quiet "torch==$version" ;;
 esac
