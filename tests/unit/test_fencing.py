@@ -147,7 +147,7 @@ def test_a_stale_attempt_writes_nothing(reporter: tuple[_Reporter, int], engine:
 
 
 class _Model:
-    """Stands in for a PEFT model: ``save_pretrained`` writes one weights file."""
+    """Stands in for a PEFT model: ``save_pretrained`` writes the weights and the config, as peft does."""
 
     def __init__(self) -> None:
         self.layer = torch.nn.Linear(2, 2)
@@ -155,6 +155,7 @@ class _Model:
     def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "adapter_model.safetensors").write_bytes(b"weights")
+        (Path(path) / "adapter_config.json").write_text('{"base_model_name_or_path": "/data/models/builtin-v1"}')
 
 
 class _Refused(Exception):
