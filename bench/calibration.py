@@ -29,8 +29,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from bench.analyze import free_port, spawn, wait_healthy
 from service.llm import calibration
 from service.llm.builtin.data import builtin_dataset, generate
 from service.llm.prompts import LABELS, Example, Stated, parse_response
@@ -45,33 +44,6 @@ from service.llm.prompts import LABELS, Example, Stated, parse_response
 HELD_OUT_SEED = 4242
 CHUNK = 50  # items per /analyze/batch (FLASHTUNE_MAX_BATCH_ITEMS is 64)
 CONSISTENCY_ITEMS = 100
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, stdout=handle, stderr=handle)
-
-
-def wait_healthy(client: httpx.Client, proc: subprocess.Popen[bytes], seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the API exited during start-up; see api.log in the DATA_DIR")
-        try:
-            if client.get("/healthz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the API did not come up")
 
 
 def held_out(count: int) -> list[Example]:
@@ -230,7 +202,7 @@ def main() -> None:
     started = time.monotonic()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=1800) as client:
-            wait_healthy(client, api)
+            wait_healthy(client, api, seconds=300)
             jobs = train_jobs(client, [int(s) for s in args.seeds.split(",")])
             items = held_out(args.held_out)
             measured = [measure_job(client, job, items) for job in jobs]
