@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Label = Literal["bearish", "neutral", "bullish"]
@@ -216,6 +216,18 @@ def prompt_format_of(training_info: Mapping[str, Any]) -> str:
     """The prompt format an adapter was trained with, from its training_info.json (before the record: flashtune)."""
     fmt = (training_info.get("hyperparameters") or {}).get("prompt_format")
     return fmt if fmt in PROMPT_FORMATS else "flashtune"
+
+
+def in_format(text: str | NewsItem, prompt_format: str) -> str | NewsItem:
+    """``text`` to be prompted in ``prompt_format``: a :class:`NewsItem` that says so, unless it is the default (a plain
+    text is prompted in the default format). Every path that prompts an adapter (/analyze, the chat completions, the
+    job's evaluation and a promotion's incumbent) passes its texts through here with that adapter's format
+    (:func:`prompt_format_of`), and the prompt builder (``service.llm.scoring.build_prompts``) renders them."""
+    if prompt_format == "flashtune":
+        return text
+    if isinstance(text, NewsItem):
+        return replace(text, prompt_format=prompt_format)
+    return NewsItem(text, prompt_format=prompt_format)
 
 
 def render_response_prefix(label: Label, star: int, reaction: str) -> str:

@@ -1,11 +1,13 @@
 """Chat completions on the served model (``POST /v1/chat/completions``): one prompt, three ways to answer it.
 
-A conversation maps onto the training prompt format (:func:`chat_prompt`): the system (and developer) messages
-become the instruction and the last user message the input, so an adapter sees what it was trained on; the other
-messages are not shown to the model. Every message and guided choice is bounded in characters before anything
-is tokenised (:func:`chat_prompt`, :func:`check_choices`), and the prompt in tokens before the model runs
-(:func:`fit`): the input is clipped so that the prompt stays within ``max_chat_prompt_tokens`` and leaves room in
-the model's context for ``max_tokens``, as /analyze clips it; an instruction that leaves no room is refused.
+A conversation maps onto the training prompt (:func:`chat_prompt`): the system (and developer) messages become the
+instruction and the last user message the input, rendered in the ``prompt_format`` the adapter was trained with (its
+training_info.json, :meth:`ModelServer.prompt_format`; ``chat_template``: through the tokenizer's chat template), as
+/analyze renders it, so an adapter sees what it was trained on; the other messages are not shown to the model.
+Every message and guided choice is bounded in characters before anything is tokenised (:func:`chat_prompt`,
+:func:`check_choices`), and the prompt in tokens before the model runs (:func:`fit`): the input is clipped so that
+the prompt stays within ``max_chat_prompt_tokens`` and leaves room in the model's context for ``max_tokens``, as
+/analyze clips it; an instruction that leaves no room is refused.
 Every answer shows the model that prompt (:meth:`ChatPrompt.render`) and counts ``prompt_tokens`` on it:
 
 - ``choice`` (``guided_choice``): choices that name the three labels (``利好``, ``bearish``, ``看涨``, ``...属于利空``)
@@ -36,7 +38,14 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from service.core.errors import RequestError
 from service.core.layout import AdapterRef
-from service.llm.prompts import DEFAULT_INSTRUCTION, LABEL_PREFIX_TEMPLATE, Label, normalise_label, parse_label
+from service.llm.prompts import (
+    DEFAULT_INSTRUCTION,
+    LABEL_PREFIX_TEMPLATE,
+    Label,
+    in_format,
+    normalise_label,
+    parse_label,
+)
 from service.llm.prompts import render_prompt as render_training_prompt
 from service.llm.sampling import Sampling, TokenLogprob, new_generator, sample
 from service.llm.scoring import RESPONSE_BUDGET, Text, build_prompts, continuation_logprobs, generate_stream
@@ -67,22 +76,27 @@ class Engine(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def prompt_format(self, adapter: AdapterRef | None) -> str: ...
+
 
 # ------------------------------------------------------------------------------------------------- the prompt
 @dataclass(frozen=True)
 class ChatPrompt:
     """The training prompt a conversation maps to: its input (the last user message) and its instruction, with the
-    request fields they came from (for errors)."""
+    request fields they came from (for errors), and the format its adapter was trained with (:func:`fit` sets it)."""
 
     text: str
     instruction: str
     input_field: str = "messages"
     instruction_fields: tuple[str, ...] = ()
+    prompt_format: str = "flashtune"  # service/llm/prompts.py PROMPT_FORMATS
 
     def render(self, model: Any, tokenizer: Any) -> str:
-        """The prompt the model sees: the training format, the input clipped so that prompt and response fit the
-        model's context (``service.llm.scoring.build_prompts``, the builder of every serving path)."""
-        return build_prompts(model, tokenizer, [self.text], [self.instruction])[0]
+        """The prompt the model sees: the training prompt in its ``prompt_format``, the input clipped so that prompt
+        and response fit the model's context (``service.llm.scoring.build_prompts``, the builder of every serving
+        path)."""
+        text = in_format(self.text, self.prompt_format)
+        return build_prompts(model, tokenizer, [text], [self.instruction])[0]
 
 
 def chat_prompt(messages: Iterable[tuple[str, str]], *, max_chars: int, max_total_chars: int) -> ChatPrompt:
@@ -162,9 +176,10 @@ class Fitted:
 
 
 def fit(server: Engine, adapter: AdapterRef | None, prompt: ChatPrompt, options: Options, limit: int) -> Fitted:
-    """The prompt clipped to at most ``limit`` tokens and to what the model's context leaves beside the answer;
-    refused (422) when the instruction leaves the input no room (naming the system messages, or ``max_tokens``) or
-    a guided choice is over MAX_CHOICE_TOKENS."""
+    """The prompt in ``adapter``'s prompt format, clipped to at most ``limit`` tokens and to what the model's
+    context leaves beside the answer; refused (422) when the instruction leaves the input no room (naming the system
+    messages, or ``max_tokens``) or a guided choice is over MAX_CHOICE_TOKENS."""
+    prompt = replace(prompt, prompt_format=server.prompt_format(adapter))
 
     def run(model: Any, tokenizer: Any) -> Fitted:
         for i, choice in enumerate(options.choices):
@@ -172,7 +187,9 @@ def fit(server: Engine, adapter: AdapterRef | None, prompt: ChatPrompt, options:
                 raise invalid(f"guided_choice[{i}] is over {MAX_CHOICE_TOKENS} tokens", f"guided_choice[{i}]")
         context = context_length(model, tokenizer)
         room = min(limit, context - options.answer_tokens)
-        scaffold = count_tokens(tokenizer, render_training_prompt("x", prompt.instruction))
+        scaffold = count_tokens(
+            tokenizer, render_training_prompt("x", prompt.instruction, prompt.prompt_format, tokenizer)
+        )
         if room - scaffold < MIN_INPUT_TOKENS:
             blamed = prompt.instruction_fields or (options.max_tokens_field,)
             raise invalid(

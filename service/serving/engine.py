@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from service.core.config import Settings
@@ -43,7 +43,7 @@ from service.llm.modeling import (
     resolve_base_model,
 )
 from service.llm.nf4 import keep_dense_copies, nf4_layers
-from service.llm.prompts import DEFAULT_INSTRUCTION, NewsItem, prompt_format_of
+from service.llm.prompts import DEFAULT_INSTRUCTION, in_format, prompt_format_of
 from service.llm.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, write_analyses
 from service.llm.scoring_graphs import ScoringGraphs
 from service.serving.adapters import AttachedAdapters, InputFields, MergedModels, check_adapter_files, free_memory
@@ -63,16 +63,6 @@ class Item:
     adapter: AdapterRef | None
     instruction: str = DEFAULT_INSTRUCTION
     free: bool = False  # the analysis freely generated from the prompt, not after the scored response prefix
-
-
-def in_format(text: Text, prompt_format: str) -> Text:
-    """``text`` to be prompted in ``prompt_format`` (service/llm/prompts.py): a news item that says so, unless it is
-    the default."""
-    if prompt_format == "flashtune":
-        return text
-    if isinstance(text, NewsItem):
-        return replace(text, prompt_format=prompt_format)
-    return NewsItem(text, prompt_format=prompt_format)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,17 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
+class ChatCharTokenizer(CharTokenizer):
+    """The same, with a chat template: ``<|role|>content`` lines, then ``<|assistant|>``."""
+
+    chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool) -> str:
+        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+
+
 TOKENIZER = CharTokenizer()
+CHAT_TOKENIZER = ChatCharTokenizer()
 MODEL = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=CONTEXT))
 SYSTEM = "判断这条快讯对美元的影响"
 LONG_NEWS = "美联储宣布加息25个基点。" * 20  # 260 characters: clipped to 40
@@ -46,11 +56,15 @@ SETTINGS = Settings(max_text_chars=4000, max_chat_chars=16_000, max_new_tokens_l
 
 
 class FakeServer:
-    """The engine's doors chat uses: the micro-batched analysis, a call on the model, the token count."""
+    """The engine's doors chat uses: the micro-batched analysis, a call on the model, the token count, the prompt
+    format of an adapter (every adapter's ``prompt_format``, with a tokenizer that has a chat template for
+    ``chat_template``)."""
 
-    def __init__(self, probs: dict[str, float] | None = None) -> None:
+    def __init__(self, probs: dict[str, float] | None = None, prompt_format: str = "flashtune") -> None:
         self.submitted: list[tuple[Any, str, int | None]] = []
         self.probs = probs or {"bearish": 0.7, "neutral": 0.2, "bullish": 0.1}
+        self.format = prompt_format
+        self.tokenizer = CHAT_TOKENIZER if prompt_format == "chat_template" else TOKENIZER
 
     def submit(self, text: Any, adapter: Any, max_new_tokens: int | None, instruction: str = "") -> Analysis:
         self.submitted.append((text, instruction, max_new_tokens))
@@ -59,10 +73,13 @@ class FakeServer:
         return Analysis(prediction, "分析", None, "fake", 1.0, 1, False)
 
     def with_model(self, adapter: Any, fn: Any) -> Any:
-        return fn(MODEL, TOKENIZER)
+        return fn(MODEL, self.tokenizer)
 
     def count_tokens(self, text: str) -> int:
-        return count_tokens(TOKENIZER, text)
+        return count_tokens(self.tokenizer, text)
+
+    def prompt_format(self, adapter: Any) -> str:
+        return self.format
 
 
 def _prompt() -> ChatPrompt:
@@ -272,3 +289,38 @@ def test_parameters_without_effect_are_accepted() -> None:
     options = _request(user="u1", store=False, frequency_penalty=0, tool_choice="none", modalities=["text"], seed=3)
     assert options.options(SETTINGS).mode == "text"
     assert _request(guided_choice=["利好", "利空"], temperature=0, seed=1).options(SETTINGS).mode == "choice"
+
+
+# ------------------------------------------------------------------------------------------ the prompt format
+def test_a_chat_template_adapter_is_prompted_through_its_template_in_every_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An adapter trained with ``prompt_format: chat_template`` (its training_info.json, read by the engine) is shown
+    the conversation through the tokenizer's chat template, clipped to the same limits; the label answers go to
+    /analyze's scorer, which renders the same text and instruction in the adapter's format
+    (tests/unit/test_prompt_format.py)."""
+    shown: list[str] = []
+
+    def generate_stream(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, on_text: Any, stop: Any) -> int:
+        shown.append(prompt)
+        return 0
+
+    def logprobs(model: Any, tokenizer: Any, contexts: list[str], candidates: list[list[str]]) -> list[list[float]]:
+        shown.extend(contexts)
+        return [[-1.0, -2.0]]
+
+    monkeypatch.setattr(chat, "generate_stream", generate_stream)
+    monkeypatch.setattr(chat, "continuation_logprobs", logprobs)
+    server = FakeServer(prompt_format="chat_template")
+    scaffold = count_tokens(CHAT_TOKENIZER, render_prompt("x", SYSTEM, "chat_template", CHAT_TOKENIZER))
+    fitted = fit(server, None, _prompt(), Options(max_tokens=8), limit=scaffold + 25)
+    assert fitted.prompt.prompt_format == "chat_template" and fitted.prompt.text == LONG_NEWS[:25]
+    rendered = fitted.prompt.render(MODEL, CHAT_TOKENIZER)
+    assert rendered == f"<|system|>{SYSTEM}\n<|user|>{LONG_NEWS[:25]}\n<|assistant|>"
+    assert fitted.prompt_tokens == count_tokens(CHAT_TOKENIZER, rendered) <= scaffold + 25
+    chat.answer(server, None, fitted, Options(max_tokens=8))
+    chat.answer(server, None, fitted, Options(mode="choice", choices=("yes", "no")))
+    chat.answer(server, None, fitted, Options(mode="choice", choices=("利好", "利空")))
+    assert shown == [rendered, rendered + LABEL_PREFIX_TEMPLATE.format(star=4)]
+    assert server.submitted == [(LONG_NEWS[:25], SYSTEM, 0), (LONG_NEWS[:25], SYSTEM, 0)]
+    assert _fitted(FakeServer()).prompt.prompt_format == "flashtune"  # the default: the user's layout

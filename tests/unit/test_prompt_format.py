@@ -1,20 +1,26 @@
 """``prompt_format: "chat_template"``: the same instruction and input rendered through the tokenizer's chat template,
-for training (token_cache), evaluation and serving (scoring.build_prompts, the engine's per-adapter format from
-training_info.json); the default stays the user's format (service/llm/prompts.py)."""
+for training (token_cache), evaluation, a promotion's incumbent and serving (scoring.build_prompts, the engine's
+per-adapter format from training_info.json, which /analyze and the chat completions use: tests/unit/test_chat_prompt.py
+for the latter); the default stays the user's format (service/llm/prompts.py)."""
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from service.core.config import Settings
+from service.core.layout import AdapterRef
 from service.jobs.hyperparameters import Hyperparameters, resolve
 from service.llm.builtin.model import builtin_tokenizer
-from service.llm.prompts import NewsItem, prompt_format_of, render_chat_prompt, render_prompt
-from service.llm.scoring import build_prompts
-from service.serving.engine import in_format
+from service.llm.prompts import Example, Label, NewsItem, in_format, prompt_format_of, render_chat_prompt, render_prompt
+from service.llm.scoring import Prediction, build_prompts
+from service.serving.engine import ModelServer
+from workers.training import evaluation, incumbent
 from workers.training.token_cache import cache_key, tokenize_one
 
 TEMPLATE = (
@@ -59,8 +65,6 @@ def test_no_chat_template_is_refused() -> None:
 
 
 def test_training_rows_train_the_response_only() -> None:
-    from service.llm.prompts import Example
-
     tokenizer = chat_tokenizer()
     example = Example("分析", NEWS, "这是一条3星级的财经快讯，属于利空消息。")
     ids, labels = tokenize_one(example, tokenizer, "chat_template")
@@ -81,3 +85,91 @@ def test_serving_prompts_an_adapter_in_its_format() -> None:
     assert plain == render_prompt(NEWS, "分析")
     with_fields = in_format(NewsItem(NEWS, {"star": 4}), "chat_template")
     assert build_prompts(model, tokenizer, [with_fields], ["分析"])[0].endswith(f"{NEWS}\n星级:4\n<|assistant|>")
+
+
+def test_in_format_keeps_the_default_plain_and_a_news_items_fields() -> None:
+    assert in_format(NEWS, "flashtune") == NEWS
+    item = NewsItem(NEWS, {"star": 4})
+    assert in_format(item, "flashtune") is item
+    assert in_format(item, "chat_template") == NewsItem(NEWS, {"star": 4}, "chat_template")
+    assert in_format(NEWS, "chat_template") == NewsItem(NEWS, prompt_format="chat_template")
+
+
+def _adapter(folder: Path, prompt_format: str | None) -> Path:
+    """A published adapter's folder as the engine and the incumbent read it (the weights are never loaded here)."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    hp = {} if prompt_format is None else {"prompt_format": prompt_format}
+    (folder / "training_info.json").write_text(json.dumps({"hyperparameters": hp}))
+    return folder
+
+
+def test_the_engine_reads_each_adapters_format_from_its_record(tmp_path: Path) -> None:
+    server = ModelServer(Settings(data_dir=tmp_path))
+    chat = AdapterRef("job-1", _adapter(tmp_path / "job-1", "chat_template"))
+    older = AdapterRef("job-2", _adapter(tmp_path / "job-2", None))  # a record from before prompt_format
+    assert [server.prompt_format(a) for a in (chat, older, None)] == ["chat_template", "flashtune", "flashtune"]
+
+
+class _StandIn:
+    """The peft model's adapter doors the incumbent comparison uses."""
+
+    active_adapter = "default"
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    def load_adapter(self, folder: str, adapter_name: str, is_trainable: bool) -> None:
+        self.loaded.append(adapter_name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.loaded.remove(name)
+
+    def set_adapter(self, name: str) -> None:
+        assert name == "default"
+
+
+PROBS: dict[Label, float] = {"bearish": 0.9, "neutral": 0.05, "bullish": 0.05}
+LABELLED = [Example("分析", NEWS, "这是一条3星级的财经快讯，属于利空消息。"), Example("分析", "b", "属于利好消息")]
+
+
+def _classified(monkeypatch: pytest.MonkeyPatch, module: object) -> list[object]:
+    """What ``module``'s classify is handed as texts (each answered bearish)."""
+    texts: list[object] = []
+
+    def classify(model: Any, tokenizer: Any, chunk: list[object], *args: Any, **kwargs: Any) -> list[Any]:
+        texts.extend(chunk)
+        return [Prediction("bearish", PROBS, 3, "下跌", (0.0, -9.0, -9.0)) for _ in chunk]
+
+    monkeypatch.setattr(module, "classify", classify)
+    return texts
+
+
+@pytest.mark.parametrize("prompt_format", ["chat_template", "flashtune"])
+def test_the_incumbent_is_prompted_in_its_own_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prompt_format: str
+) -> None:
+    """A promotion's incumbent is scored as it was trained (its own training_info.json), whatever the new job's."""
+    texts = _classified(monkeypatch, incumbent)
+    folder = _adapter(tmp_path / "job-1", prompt_format)
+    result = incumbent.compare(_StandIn(), chat_tokenizer(), LABELLED, ("job-1", folder))
+    assert result["prompt_format"] == prompt_format and result["accuracy"] == 0.5
+    assert texts == [in_format(e.input, prompt_format) for e in LABELLED]
+
+
+def test_a_chat_template_incumbent_on_a_base_without_a_template_is_not_compared(tmp_path: Path) -> None:
+    folder = _adapter(tmp_path / "job-1", "chat_template")
+    model = _StandIn()
+    result = incumbent.compare(model, builtin_tokenizer(), LABELLED, ("job-1", folder))
+    assert "chat template" in result["error"] and model.loaded == []  # the promotion keeps the alias, says why
+
+
+def test_the_evaluation_prompts_base_and_adapter_in_the_jobs_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = _classified(monkeypatch, evaluation)
+    monkeypatch.setattr(
+        evaluation, "generate", lambda model, tokenizer, prompts, *args: ["属于利空消息"] * len(prompts)
+    )
+    model = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=SimpleNamespace(type="cpu"))]))
+    model.config = SimpleNamespace(max_position_embeddings=2048)
+    evaluation._compare(model, chat_tokenizer(), LABELLED, ["base", "adapter"], "chat_template")
+    assert texts == [in_format(e.input, "chat_template") for e in LABELLED for _ in ("base", "adapter")]

@@ -25,7 +25,7 @@ import torch
 
 from service.llm import calibration
 from service.llm.decoding import GraphDecoder, attach, eos_ids
-from service.llm.prompts import LABELS, Example, Label, NewsItem, is_valid_response
+from service.llm.prompts import LABELS, Example, Label, NewsItem, in_format, is_valid_response
 from service.llm.scoring import BASE, Prediction, adapter_active, build_prompts, classify, generate
 
 BATCH = 16  # held-out items per classify pass (x2: base and adapter share it)
@@ -118,7 +118,7 @@ def _compare(
     on_cuda = next(model.parameters()).device.type == "cuda"
 
     def text(e: Example) -> str | NewsItem:
-        return e.input if prompt_format == "flashtune" else NewsItem(e.input, prompt_format=prompt_format)
+        return in_format(e.input, prompt_format)
 
     def predict(chunk: list[tuple[Example, str]]) -> list[Prediction]:
         texts, instructions = [text(e) for e, _ in chunk], [e.instruction for e, _ in chunk]
