@@ -6,6 +6,7 @@ session and copied into each DATA_DIR (it is deterministic, so this is what a fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -170,6 +171,29 @@ def service(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
     svc = make_service(tmp_path, builtin_model_cache)
     yield svc
     svc.stop()
+
+
+# ------------------------------------------------------------------------------ files tests load or upload
+def hub_snapshot(cache: Path, repo: str, model: Path) -> Path:
+    """``model``'s files as the snapshot of ``repo`` in the hub cache ``cache``, laid out as huggingface_hub lays it
+    out (``models--org--name/refs/main`` naming ``snapshots/<revision>``)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(model, folder / "snapshots" / "0123abcd")
+    return folder / "snapshots" / "0123abcd"
+
+
+def shared_event_id_database(path: Path, rows: int) -> Path:
+    """The finance import's join attack (a 106 KB file): ``rows`` events and ``rows`` impacts that all share one
+    event_id, no keys declared, so a naive join makes ``rows`` x ``rows`` rows."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE events (event_id, source, ts_utc, content, star, name, previous, consensus, actual)")
+        conn.execute("CREATE TABLE event_impacts (event_id, ticker, window_min, ret)")
+        conn.executemany("INSERT INTO events VALUES ('e1', 'flash', '2025-01-01', '金价', 3, 0, 0, 0, 0)", [()] * rows)
+        conn.executemany("INSERT INTO event_impacts VALUES ('e1', 'XAUUSD', 15, 0.001)", [()] * rows)
+        conn.commit()
+    return path
 
 
 # ------------------------------------------------------------------------------ job-store databases (no processes)

@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from service.llm.builtin.data import builtin_dataset
-from tests.conftest import ROOT, Service, seed_builtin
+from tests.conftest import ROOT, Service, hub_snapshot, seed_builtin
 
 KEY = "hostile-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,15 +50,6 @@ class CwdService(Service):
         log = (self.data_dir / log_name).open("ab")
         command = [sys.executable, "-m", "service.cli", *args]
         return subprocess.Popen(command, env=self.env, stdout=log, stderr=log, cwd=self.cwd)
-
-
-def hub_snapshot(cache: Path, repo: str, model: Path) -> Path:
-    """``model`` as the snapshot of ``repo`` in a hub cache, laid out as huggingface_hub lays it out."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text("0123abcd")
-    shutil.copytree(model, folder / "snapshots" / "0123abcd")
-    return folder / "snapshots" / "0123abcd"
 
 
 def start(root: Path, cache: Path, base_model: str, workers: int = 0, **env: str) -> CwdService:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from service.datasets.sample import SampleData
-from tests.conftest import Service, make_service
+from tests.conftest import Service, make_service, shared_event_id_database
 
 MiB = 1024 * 1024
 IMPORT_MAX_ROWS = 300  # below the sample database's 520 events, above its 120 calendar events
@@ -166,17 +165,6 @@ def test_an_unwritable_datasets_folder_is_a_503_and_nothing_is_half_saved(api: S
         folder.unlink()
         moved.rename(folder)
     assert upload(api, path).status_code == 201
-
-
-def shared_event_id_database(path: Path, rows: int) -> Path:
-    """The issue's 106 KB file: ``rows`` events and ``rows`` impacts sharing one event_id (rows x rows joined)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("CREATE TABLE events (event_id, source, ts_utc, content, star, name, previous, consensus, actual)")
-        conn.execute("CREATE TABLE event_impacts (event_id, ticker, window_min, ret)")
-        conn.executemany("INSERT INTO events VALUES ('e1', 'flash', '2025-01-01', '金价', 3, 0, 0, 0, 0)", [()] * rows)
-        conn.executemany("INSERT INTO event_impacts VALUES ('e1', 'XAUUSD', 15, 0.001)", [()] * rows)
-        conn.commit()
-    return path
 
 
 def test_the_finance_import_is_bounded_in_rows_and_repeats(

@@ -32,15 +32,7 @@ from service.llm.modeling import (
     resolve_base_model,
     validate_base_model,
 )
-
-
-def hub_snapshot(cache: Path, repo: str, model: Path) -> Path:
-    """``model``'s files as the snapshot of ``repo`` in a hub cache laid out as huggingface_hub lays it out."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text("0123abcd")
-    shutil.copytree(model, folder / "snapshots" / "0123abcd")
-    return folder / "snapshots" / "0123abcd"
+from tests.conftest import hub_snapshot
 
 
 @pytest.fixture

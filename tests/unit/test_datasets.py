@@ -29,7 +29,7 @@ from service.datasets.store import _storage, save_upload
 from service.jobs.db import init_db, make_engine, session_scope
 from service.jobs.models import Dataset
 from service.llm.prompts import Example, parse_label
-from tests.conftest import wait_for
+from tests.conftest import shared_event_id_database, wait_for
 from tests.pgdb import postgres_database
 
 
@@ -252,19 +252,8 @@ def test_streamed_parsing_writes_what_keeping_would_keep(sample_data: SampleData
     )
 
 
-def _shared_event_id_database(path: Path, rows: int) -> bytes:
-    """The issue's attack: ``rows`` events and ``rows`` impacts that all share one event_id (no keys declared)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("CREATE TABLE events (event_id, source, ts_utc, content, star, name, previous, consensus, actual)")
-        conn.execute("CREATE TABLE event_impacts (event_id, ticker, window_min, ret)")
-        conn.executemany("INSERT INTO events VALUES ('e1', 'flash', '2025-01-01', '金价', 3, 0, 0, 0, 0)", [()] * rows)
-        conn.executemany("INSERT INTO event_impacts VALUES ('e1', 'XAUUSD', 15, 0.001)", [()] * rows)
-        conn.commit()
-    return path.read_bytes()
-
-
 def test_the_import_refuses_an_event_id_repeated_for_one_ticker_and_window(tmp_path: Path) -> None:
-    data = _shared_event_id_database(tmp_path / "shared.db", 1000)  # 1,000,000 rows if joined
+    data = shared_event_id_database(tmp_path / "shared.db", 1000).read_bytes()  # 1,000,000 rows if joined
     started = time.monotonic()
     with pytest.raises(DatasetError, match="1000 rows with event_id 'e1' for ticker 'XAUUSD'") as err:
         parse(data)
