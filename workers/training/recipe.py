@@ -83,7 +83,7 @@ class Run:
     start_step: int  # 0, or the checkpoint's step when resumed
     started: float  # time.monotonic() when setup began
     durations: dict[str, float] = field(default_factory=dict)  # load, setup, train seconds so far
-    skipped_steps: int = 0  # fp16: optimizer steps skipped because the scaled gradients overflowed
+    skipped_steps: int = 0  # fp16: optimizer steps skipped because the scaled gradients overflowed, every attempt
 
     @property
     def device(self) -> str:
@@ -126,7 +126,8 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
     total_steps = batches.steps_per_epoch * spec.hp.epochs
     optimizer, scheduler = _optimizer(trainable, spec.hp, total_steps, fused=plan.device == "cuda")
     history: dict[str, list[Any]] = {"step_loss": [], "epoch_loss": [], "eval_loss": []}
-    start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history)
+    scaler = None if cuda is None else cuda.scaler  # fp16: the loss scale resumes where the checkpoint left it
+    start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history, scaler)
     dist.sync_start(trainable, spec.hp.seed, start_step)  # multi-GPU: every rank starts from rank 0's weights
     if start_step:
         hooks.on_event("resumed", f"resumed from checkpoint at step {start_step}", {"step": start_step})
@@ -147,6 +148,7 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
         start_step=start_step,
         started=started,
         durations={"load_seconds": load_seconds, "setup_seconds": time.monotonic() - started},
+        skipped_steps=int((history.get("skipped_steps") or [0])[0]),  # by earlier attempts too
     )
 
 
@@ -317,7 +319,8 @@ def after_step(run: Run, pace: Pace, done: int, loss: float, skipped: bool = Fal
         run.hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
     due = epoch_end or done % run.spec.checkpoint_every == 0 or stop
     if run.dist.is_main and done < run.total_steps and due:
-        checkpoints.save(run.spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history, run.hooks.fence)
+        spec, fence = run.spec, run.hooks.fence
+        checkpoints.save(spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history, fence, run.scaler)
         run.hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
     if stop:
         raise Interrupted(f"stopped at step {done}")
@@ -326,6 +329,7 @@ def after_step(run: Run, pace: Pace, done: int, loss: float, skipped: bool = Fal
 def _report_skipped(run: Run, done: int) -> None:
     """An event for an optimizer step that fp16 loss scaling skipped (its gradients overflowed)."""
     run.skipped_steps += 1
+    run.history["skipped_steps"] = [run.skipped_steps]  # checkpointed with the history, as trained_tokens is
     scale = float(run.scaler.get_scale())
     run.hooks.on_event(
         "skipped_step",
