@@ -481,11 +481,27 @@ def gathered_exactness(server: ModelServer, adapters: list[AdapterRef], texts: l
         path: [a.summary() for a in with_gathered(server, on, lambda: server.analyze_items(items, 0))]
         for path, on in (("gathered", True), ("peft", False))
     }
-    pairs = list(zip(answers["gathered"], answers["peft"], strict=True))
+    # bf16's own noise floor: the same rows through peft one at a time (a batch of one adapter each), against the
+    # mixed batch through peft; only batch composition and summation order differ there
+    answers["peft_alone"] = [server.analyze_items([item], 0)[0].summary() for item in items]
+
+    def compared(a: str, b: str) -> dict[str, Any]:
+        pairs = list(zip(answers[a], answers[b], strict=True))
+        return {
+            "labels_equal": sum(x["label"] == y["label"] for x, y in pairs),
+            "max_prob_difference": round(
+                max(abs(x["probs"][k] - y["probs"][k]) for x, y in pairs for k in x["probs"]), 4
+            ),
+            "mean_prob_difference": round(
+                statistics.fmean(abs(x["probs"][k] - y["probs"][k]) for x, y in pairs for k in x["probs"]), 4
+            ),
+        }
+
     return {
         "rows": len(items),
-        "labels_equal": sum(a["label"] == b["label"] for a, b in pairs),
-        "max_prob_difference": max(abs(a["probs"][k] - b["probs"][k]) for a, b in pairs for k in a["probs"]),
+        **compared("gathered", "peft"),
+        "peft_alone_vs_peft_mixed": compared("peft_alone", "peft"),
+        "gathered_vs_peft_alone": compared("gathered", "peft_alone"),
     }
 
 
