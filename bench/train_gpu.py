@@ -15,6 +15,10 @@ Variants, all on the same base and the same samples in the same (seed 42, epoch 
   hf        the user's recipe through transformers Trainer (padded to 512, 4 x 4, grad checkpointing, paged 8-bit)
   worker*   the real ``workers.training.recipe.train`` on a ``TrainingSpec``, as the worker's child runs it; the
             variants turn pieces of the CUDA path off through the spec's ``CudaOptions`` (``WORKER_RUNS``)
+  trl*, unsloth*  the peers on the worker's job (same samples, LoRA, batch, epochs, seed), each in a process of its
+            own (``bench/train_peers.py``: how each is configured); ``peer_ratios`` sets ``worker`` against ``trl``
+            and ``unsloth``, ``worker_r16`` against ``trl_r16`` and ``unsloth_r16``
+``--tiny`` runs the peers alone on a tiny random Llama, on the CPU where there is no GPU (a smoke test).
 MFU counts 4 x 6.9e9 FLOPs per real token (forward 2N, backward to activations 2N; the frozen base gets no weight
 gradients) against the 790 TFLOP/s bf16 matrix rate measured on this machine kind; attention is not counted.
 """
@@ -34,6 +38,7 @@ from typing import Any
 
 import torch
 
+from bench.train_peers import PEER_RUNS, peer_ratios, run_peer
 from service.jobs.models import Progress
 from workers.training.recipe import train
 from workers.training.spec import CudaOptions, Hooks, TrainingSpec
@@ -364,6 +369,9 @@ def seed_spec(
 # ``worker_fp16``: fp16 with loss scaling on this card's plan; ``worker_t4_plan``: the plan a T4 gets (fp16, sdpa with
 # the packed mask, graphed), within 15 GiB.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_CHECKPOINT = "/tmp/deepseek-7b-shaped"
+# The keys that need the NF4 base this process loads (run_on_one_base); the exactness checks run with them
+BASE_KEYS = {"flex", "sdpa", "torchce", "r16", "mem", "mem_nockpt", "bf16base", "hf", "exactness"}
 WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("worker_before", {"cuda": CudaOptions(varlen=False, fused_layers=False, keep_dequantized=False, graphs=False)}),
     ("graph_exactness", {}),  # not a training run: graph_exactness()
@@ -384,13 +392,19 @@ def trainer_variant(spec: TrainingSpec, name: str) -> dict[str, Any]:
     ``train_seconds`` is the training steps of the user's job, measured, not projected."""
     progress: list[Progress] = []
     events: list[str] = []
+    epochs: list[dict[str, Any]] = []
     stamps: list[float] = []
 
     def on_progress(p: Progress, force: bool) -> None:
         progress.append(p)
         stamps.append(time.perf_counter())
 
-    hooks = Hooks(on_progress=on_progress, on_event=lambda t, m, d: events.append(f"{t}: {m}"))
+    def on_event(kind: str, message: str, data: dict[str, Any] | None) -> None:
+        events.append(f"{kind}: {message}")
+        if kind == "epoch" and data:
+            epochs.append(data)
+
+    hooks = Hooks(on_progress=on_progress, on_event=on_event)
     torch.cuda.reset_peak_memory_stats()
     try:
         info = train(spec, hooks)
@@ -406,6 +420,8 @@ def trainer_variant(spec: TrainingSpec, name: str) -> dict[str, Any]:
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "accuracy": {k: info["metrics"].get(k, {}).get("accuracy") for k in ("base", "adapter")},
+        "epoch_losses": [round(d["loss"], 5) for d in epochs],
+        "eval_losses": [None if d.get("eval_loss") is None else round(d["eval_loss"], 5) for d in epochs],
         "events": events,
         "adapter_files": sorted(p.name for p in spec.adapter_dir.iterdir()),
     }
@@ -530,13 +546,19 @@ def liger_fused_ce() -> Any:
 # --------------------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", default="/tmp/deepseek-7b-shaped")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--out", default=".")
     parser.add_argument("--dataset", default="../shared/data/seed/instructions.jsonl")
     parser.add_argument("--only", default="", help="comma-separated variant keys to run (default: all)")
+    parser.add_argument("--tiny", action="store_true", help="the peers alone, on a tiny random Llama (CPU smoke test)")
+    parser.add_argument("--peer-timeout", type=float, default=300, help="seconds each peer's process may take")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+    if args.tiny:
+        tiny_run(args, out, only)
+        return
     import torch._dynamo
 
     # flex attention is compiled per row length; the rows are bucketed to 256 tokens, which still gives more
@@ -550,8 +572,10 @@ def main() -> None:
     def save() -> None:
         (out / "train_gpu.json").write_text(json.dumps(report, indent=2))
 
-    only = set(filter(None, args.only.split(",")))
-    run_on_one_base(args.checkpoint, out, only, report, save)
+    if only and not only & BASE_KEYS:
+        build_checkpoint(Path(args.checkpoint))  # nothing else needs the shared NF4 base in this process
+    else:
+        run_on_one_base(args.checkpoint, out, only, report, save)
     for key, options in WORKER_RUNS:
         if only and key not in only:
             continue
@@ -564,9 +588,48 @@ def main() -> None:
             log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
             results.append({"variant": key, "error": traceback.format_exc()[-3000:]})
         save()
+    run_peers(args.checkpoint, args.dataset, False, args.peer_timeout, only, results, save)
     report["ratios"] = ratios(results)
+    report["peer_ratios"] = peer_ratios(results)
     save()
-    print(json.dumps(report["ratios"], indent=2))
+    print(json.dumps({"ratios": report["ratios"], "peer_ratios": report["peer_ratios"]}, indent=2))
+    print_table(results)
+
+
+def run_peers(
+    checkpoint: str,
+    dataset: str,
+    tiny: bool,
+    timeout: float,
+    only: set[str],
+    results: list[dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """The peers (``PEER_RUNS``), each in its own process; ``unsloth_d0`` only when ``--only`` names it."""
+    for key in PEER_RUNS:
+        if (only and key not in only) or (not only and key == "unsloth_d0"):
+            continue
+        results.append(run_peer(key, checkpoint, dataset, tiny, timeout))
+        save()
+
+
+def tiny_run(args: argparse.Namespace, out: Path, only: set[str]) -> None:
+    """The peers on a tiny random Llama with the built-in tokenizer; float32 on the CPU (no NF4, bf16 or Liger)."""
+    from bench.job_api_gpu import build
+
+    checkpoint = args.checkpoint if args.checkpoint != DEFAULT_CHECKPOINT else "/tmp/ft-tiny-llama"
+    build(Path(checkpoint), tiny=True)
+    results: list[dict[str, Any]] = []
+    cuda = torch.cuda.is_available()
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": True}
+    report.update(torch=torch.__version__, results=results)
+
+    def save() -> None:
+        (out / "train_gpu.json").write_text(json.dumps(report, indent=2))
+
+    run_peers(checkpoint, args.dataset, True, args.peer_timeout, only, results, save)
+    report["peer_ratios"] = peer_ratios(results)
+    save()
     print_table(results)
 
 
@@ -712,11 +775,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         job_s = r.get("projected_user_job_s") or r.get("durations", {}).get("train_seconds", math.nan)
         print(
             f"{r['variant'][:88]:<88} {r['real_tokens_per_s']:>10} {ratio:>6.2f} {r['mfu'] or 0:>6.3f} "
-            f"{r['peak_gib']:>8.2f} {job_s:>7.1f}"
+            f"{r['peak_gib'] or 0:>8.2f} {job_s:>7.1f}"
         )
     for r in results:
         if "error" in r:
-            print(f"FAILED {r['variant']}: {r['error'].strip().splitlines()[-1]}")
+            print(f"FAILED {r['variant']}: {r.get('reason') or (r['error'].strip().splitlines() or ['?'])[-1]}")
 
 
 if __name__ == "__main__":
