@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import math
+import shutil
 import statistics
 import time
 import traceback
@@ -405,6 +406,9 @@ def trainer_variant(spec: TrainingSpec, name: str) -> dict[str, Any]:
             epochs.append(data)
 
     hooks = Hooks(on_progress=on_progress, on_event=on_event)
+    # From step 0: train() leaves its checkpoints (the worker removes them once the job's success is recorded), so an
+    # earlier run of this variant on the same machine would otherwise be resumed from its last checkpoint.
+    shutil.rmtree(spec.job_dir, ignore_errors=True)
     torch.cuda.reset_peak_memory_stats()
     try:
         info = train(spec, hooks)

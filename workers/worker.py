@@ -14,6 +14,12 @@ it (``workers.child.die_with_worker``: the kernel's parent-death signal, and a p
 kill -9 of the worker leaves no attempt running, and the job is taken over once the lease expires. Before an
 attempt's outcome is recorded the worker makes sure its process is gone (``_reap``): the result pipe reaches EOF
 only once every process holding its write end has exited, also when the fork server died and could not report.
+
+A job's checkpoints are removed by the worker, once the transaction that records the job's success has committed
+(``_record``), never by the attempt that publishes the adapter: until then a takeover (this worker died, or could not
+reach the database) resumes from them instead of training again from step 0. A succeeded job never runs again, so
+nothing can write a checkpoint after that commit; checkpoints left by a worker that died right after it are removed
+when a worker starts (``clear_finished_checkpoints``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service.core import logs
 from service.core.config import Settings
+from service.core.layout import checkpoints_dir
 from service.jobs import aliases, jobstore
 from service.jobs import workers as presence
 from service.jobs.db import init_db, make_engine, session_scope
@@ -43,6 +50,7 @@ from service.jobs.models import Job
 from service.llm.modeling import ModelLoadError, pick_device
 from workers.child import child_main
 from workers.retry import Decision, Outcome, decide
+from workers.training import checkpoints
 from workers.training.distributed import resolve_world_size
 
 log = logging.getLogger("flashtune.worker")
@@ -70,6 +78,7 @@ class Worker:
         signal.signal(signal.SIGINT, self._request_stop)
         log.info("worker %s started (database %s)", self.worker_id, self.engine.url.render_as_string())
         self.sweep(force=True)  # jobs of workers that died while nobody was running
+        self.clear_finished_checkpoints()  # of a worker that died between a success and removing its checkpoints
         done = 0
         while not self.stopping and (max_jobs is None or done < max_jobs):
             try:
@@ -110,6 +119,25 @@ class Worker:
             moved = jobstore.requeue_stale(session, self.settings.lease_seconds)
         if moved:
             log.warning("requeued stalled jobs %s", moved)
+
+    def clear_finished_checkpoints(self) -> None:
+        """Remove the checkpoints left beside succeeded jobs (see the module); an unreadable folder is logged."""
+        try:
+            with session_scope(self.engine, read_only=True) as session:
+                done = [job.id for job in jobstore.succeeded_jobs(session) if job.id is not None]
+        except DBAPIError as exc:
+            log.warning("could not list succeeded jobs to clear their checkpoints: %s", exc)
+            return
+        for job_id in done:
+            if checkpoints_dir(self.settings.layout.job_dir(job_id)).exists():
+                self._remove_checkpoints(job_id)
+
+    def _remove_checkpoints(self, job_id: int) -> None:
+        """Remove a succeeded job's checkpoints (no fence: no attempt of a succeeded job can write one)."""
+        try:
+            checkpoints.prune(self.settings.layout.job_dir(job_id), keep=0)
+        except OSError as exc:  # the job has succeeded all the same; a later start-up tries again
+            log.warning("job %s: could not remove its checkpoints: %s", job_id, exc)
 
     # -------------------------------------------------------------------------------------------- one job
     def run_job(self, job: Job) -> None:
@@ -182,6 +210,7 @@ class Worker:
         assert job.id is not None
         hp = ResolvedHyperparameters.model_validate(job.hyperparameters)
         decision: Decision = decide(outcome, job.attempts, job.max_attempts, hp.micro_batch_size)
+        committed = False
         try:
             with session_scope(self.engine) as session:
                 held = (session, job.id, self.worker_id)
@@ -201,10 +230,13 @@ class Worker:
                         )
                         jobstore.update_hyperparameters(*held, changed.model_dump(), attempt=job.attempts)
                     jobstore.retry(*held, decision.error or {}, decision.delay_seconds, attempt=job.attempts)
+            committed = True
         except jobstore.LeaseLost:
             log.warning("job %s: lease lost before its outcome (%s) could be recorded", job.id, outcome.status)
         except DBAPIError:  # the job stays running until its lease expires, then the sweep requeues it
             log.exception("job %s: could not record its outcome (%s)", job.id, outcome.status)
+        if committed and decision.action == "succeed":  # only now: a takeover before resumes from them
+            self._remove_checkpoints(job.id)
         log.info("job %s: %s", job.id, decision.action)
 
 

@@ -61,6 +61,9 @@ def test_interrupt_checkpoints_and_resume_continues(tmp_path: Path, builtin_mode
     info = train(spec, Hooks(on_event=lambda t, m, d: events.append(t)))
     assert info["resumed_from_step"] == 3 and "resumed" in events
     assert [s for s, _ in info["losses"]["step_loss"]] == [1, 2, 3, 4, 5, 6]
+    # published, and the checkpoints are still there: the worker removes them once it has recorded the success
+    # (tests/unit/test_success_checkpoints.py), so a takeover before that resumes from step 4, not from 0
+    assert [p.name for p in checkpoints.complete(spec.job_dir)] == ["step-00000003", "step-00000004"]
 
 
 def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path, builtin_model_cache: Path) -> None:

@@ -4,7 +4,8 @@
   resumes from the newest complete checkpoint in the job's folder (a requeued job continues where it stopped);
 - ``fit`` runs the optimizer steps, one ``optimizer_step`` each, reporting after every step and checkpointing;
 - ``finish`` evaluates base against adapter on the held-out split and publishes the adapter with its
-  ``training_info.json``.
+  ``training_info.json``. The checkpoints stay: the worker removes them once it has recorded the job's success
+  (``workers.worker``), so that a takeover before that resumes from them.
 
 This module knows nothing about the job queue: the worker's child process (``workers.child``) gives it a
 ``TrainingSpec`` and ``Hooks`` (``workers.training.spec``) that report progress and say when to stop.
@@ -421,8 +422,7 @@ def finish(run: Run) -> dict[str, Any]:
     }
     info = _training_info(run, metrics, durations)
     publish_adapter(run.model, run.tokenizer, info, run.spec.adapter_dir, run.hooks.fence)
-    checkpoints.prune(run.spec.job_dir, keep=0, fence=run.hooks.fence)
-    return info
+    return info  # the checkpoints stay until the worker has recorded the success (see the module)
 
 
 def _training_info(run: Run, metrics: dict[str, Any], durations: dict[str, float]) -> dict[str, Any]:
