@@ -609,11 +609,19 @@ def run_peers(
     results: list[dict[str, Any]],
     save: Callable[[], None],
 ) -> None:
-    """The peers (``PEER_RUNS``), each in its own process; ``unsloth_d0`` only when ``--only`` names it."""
+    """The peers (``PEER_RUNS``), each in its own process; ``unsloth_d0`` only when ``--only`` names it. Once an
+    Unsloth variant fails before Unsloth imported, the others are reported with its reason instead of run."""
+    no_unsloth = ""
     for key in PEER_RUNS:
         if (only and key not in only) or (not only and key == "unsloth_d0"):
             continue
-        results.append(run_peer(key, checkpoint, dataset, tiny, timeout))
+        if no_unsloth and PEER_RUNS[key][0] == "unsloth":
+            results.append({"variant": key, "error": no_unsloth, "reason": f"not run: {no_unsloth}"})
+            continue
+        result = run_peer(key, checkpoint, dataset, tiny, timeout)
+        if PEER_RUNS[key][0] == "unsloth" and "error" in result and "import_unsloth_s" not in result:
+            no_unsloth = f"Unsloth did not import in {key}: {result.get('reason')}"
+        results.append(result)
         save()
 
 
