@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -33,7 +32,6 @@ from service.core.config import ENV_PREFIX, Settings, warn_unknown_env
 from service.datasets.sample import DEFAULT_SEED, write_sample_data
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-SETTING_FLAGS = ("data_dir", "database_url", "base_model", "device", "host", "port", "gpus", "gpu", "gpu_memory_gib")
 log = logging.getLogger("flashtune")
 
 app = typer.Typer(
@@ -88,15 +86,12 @@ def settings_errors(exc: ValidationError | SettingsError, flags: Mapping[str, An
     return lines
 
 
-def _settings(args: Any) -> Settings:
-    """The settings of ``serve`` and ``worker``: flags over ``FLASHTUNE_*`` over defaults; a bad value exits 1 with
-    one line naming it; unknown ``FLASHTUNE_*`` names are warned about."""
-    overrides: dict[str, Any] = {}
-    for name in SETTING_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = value
-    if getattr(args, "log_json", False):
+def _settings(*, log_json: bool = False, **flags: Any) -> Settings:
+    """The settings of ``serve`` and ``worker``: flags (a setting's name and value, None where not given) over
+    ``FLASHTUNE_*`` over defaults; a bad value exits 1 with one line naming it; unknown ``FLASHTUNE_*`` names are
+    warned about."""
+    overrides = {name: value for name, value in flags.items() if value is not None}
+    if log_json:
         overrides["log_json"] = True
     try:
         settings = Settings(**overrides)
@@ -120,11 +115,26 @@ def require_data_dir(settings: Settings) -> None:
         fail(f"FLASHTUNE_DATA_DIR={settings.data_dir} cannot be used: {exc.strerror or type(exc).__name__}")
 
 
+# The flags of serve and worker. A setting's flag is None unless given, and names the FLASHTUNE_* variable it
+# overrides; the first five are both commands' (demo takes --data-dir too).
 DataDir = Annotated[Path | None, typer.Option(help="FLASHTUNE_DATA_DIR", show_default=False)]
 DatabaseUrl = Annotated[str | None, typer.Option(help="FLASHTUNE_DATABASE_URL", show_default=False)]
 BaseModel = Annotated[str | None, typer.Option(help="FLASHTUNE_BASE_MODEL", show_default=False)]
 Device = Annotated[Literal["auto", "cpu", "cuda"] | None, typer.Option(help="FLASHTUNE_DEVICE", show_default=False)]
 LogJson = Annotated[bool, typer.Option("--log-json", help="FLASHTUNE_LOG_JSON: one JSON object per log line.")]
+Host = Annotated[str | None, typer.Option(help="FLASHTUNE_HOST (default 127.0.0.1)", show_default=False)]
+Port = Annotated[int | None, typer.Option(help="FLASHTUNE_PORT (default 8000)", show_default=False)]
+AllowPublic = Annotated[bool, typer.Option("--allow-public", help="Listen beyond loopback without an API key.")]
+LogLevel = Annotated[str, typer.Option(help="uvicorn's: critical, error, warning, info, debug.")]
+MaxJobs = Annotated[int | None, typer.Option(help="Exit after this many jobs.", min=1)]
+Gpus = Annotated[
+    str | None,
+    typer.Option(help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun; on CPU, gloo)."),
+]
+Gpu = Annotated[str | None, typer.Option(help="FLASHTUNE_GPU: CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. 0.")]
+GpuMemoryGib = Annotated[
+    float | None, typer.Option(help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may use, e.g. 7.")
+]
 
 
 # ----------------------------------------------------------------------------------------------- serve, worker
@@ -135,22 +145,25 @@ def serve(
     base_model: BaseModel = None,
     device: Device = None,
     log_json: LogJson = False,
-    host: Annotated[str | None, typer.Option(help="FLASHTUNE_HOST (default 127.0.0.1)", show_default=False)] = None,
-    port: Annotated[int | None, typer.Option(help="FLASHTUNE_PORT (default 8000)", show_default=False)] = None,
-    allow_public: Annotated[
-        bool, typer.Option("--allow-public", help="Listen beyond loopback without an API key.")
-    ] = False,
-    log_level: Annotated[str, typer.Option(help="uvicorn's: critical, error, warning, info, debug.")] = "info",
+    host: Host = None,
+    port: Port = None,
+    allow_public: AllowPublic = False,
+    log_level: LogLevel = "info",
 ) -> None:
     """Start the API. Jobs, datasets, adapters, /analyze, /v1 and the dashboard."""
     import uvicorn
 
     from service.api.main import create_app
 
-    flags = SimpleNamespace(
-        data_dir=data_dir, database_url=database_url, base_model=base_model, device=device, log_json=log_json
+    settings = _settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        base_model=base_model,
+        device=device,
+        log_json=log_json,
+        host=host,
+        port=port,
     )
-    settings = _settings(SimpleNamespace(**vars(flags), host=host, port=port))
     require_data_dir(settings)
     if settings.api_key_file is not None:
         from service.api.security import ApiKeyConfigError, api_keys
@@ -181,26 +194,25 @@ def worker(
     base_model: BaseModel = None,
     device: Device = None,
     log_json: LogJson = False,
-    max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.", min=1)] = None,
-    gpus: Annotated[
-        str | None,
-        typer.Option(help="FLASHTUNE_GPUS: GPUs one job trains on, a number or 'all' (torchrun; on CPU, gloo)."),
-    ] = None,
-    gpu: Annotated[
-        str | None, typer.Option(help="FLASHTUNE_GPU: CUDA_VISIBLE_DEVICES of this worker's jobs, e.g. 0.")
-    ] = None,
-    gpu_memory_gib: Annotated[
-        float | None, typer.Option(help="FLASHTUNE_GPU_MEMORY_GIB: GPU memory one job may use, e.g. 7.")
-    ] = None,
+    max_jobs: MaxJobs = None,
+    gpus: Gpus = None,
+    gpu: Gpu = None,
+    gpu_memory_gib: GpuMemoryGib = None,
 ) -> None:
     """Start a worker. It trains queued jobs; run any number sharing the database and DATA_DIR."""
     from service.jobs.db import DatabaseError
     from workers.worker import Worker
 
-    flags = SimpleNamespace(
-        data_dir=data_dir, database_url=database_url, base_model=base_model, device=device, log_json=log_json
+    settings = _settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        base_model=base_model,
+        device=device,
+        log_json=log_json,
+        gpus=gpus,
+        gpu=gpu,
+        gpu_memory_gib=gpu_memory_gib,
     )
-    settings = _settings(SimpleNamespace(**vars(flags), gpus=gpus, gpu=gpu, gpu_memory_gib=gpu_memory_gib))
     require_data_dir(settings)
     log.info("data in %s", settings.data_dir)
     try:

@@ -6,7 +6,6 @@ The commands as processes (exit codes, no tracebacks, output that is not a termi
 
 from __future__ import annotations
 
-import argparse
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -77,7 +76,7 @@ def test_a_bad_setting_is_one_line_naming_its_variable_or_flag(
     monkeypatch.setenv("FLASHTUNE_PORT", "eighty")
     monkeypatch.setenv("FLASHTUNE_LEASE_SECONDS", "soon")
     with pytest.raises(typer.Exit) as info:
-        _settings(argparse.Namespace())
+        _settings()
     assert info.value.exit_code == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
@@ -88,7 +87,7 @@ def test_a_bad_setting_is_one_line_naming_its_variable_or_flag(
     monkeypatch.delenv("FLASHTUNE_PORT")
     monkeypatch.delenv("FLASHTUNE_LEASE_SECONDS")
     with pytest.raises(typer.Exit):
-        _settings(argparse.Namespace(gpus="zero"))
+        _settings(gpus="zero")
     assert capsys.readouterr().err.startswith("error: invalid --gpus='zero': String should match pattern")
 
 

@@ -4,7 +4,6 @@ schema, not in settings."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
@@ -62,7 +61,7 @@ def test_serve_and_worker_settings_warn_at_start_up(
         monkeypatch.delenv(name)
     monkeypatch.setenv("FLASHTUNE_BATCH_WAIT_MSEC", "2")
     with caplog.at_level(logging.WARNING, logger="flashtune.config"):
-        _settings(argparse.Namespace())
+        _settings()
     assert [r.getMessage() for r in caplog.records] == [
         "unknown environment variable FLASHTUNE_BATCH_WAIT_MSEC is ignored (did you mean FLASHTUNE_BATCH_WAIT_MS?)"
     ]
