@@ -302,15 +302,6 @@ def find_by_idempotency_key(session: Session, key: str) -> Job | None:
     return session.exec(select(Job).where(col(Job.idempotency_key) == key)).first()
 
 
-def latest_adapter(session: Session, base_model: str) -> Job | None:
-    return session.exec(
-        select(Job)
-        .where(col(Job.status) == JobStatus.succeeded, col(Job.base_model) == base_model)
-        .order_by(col(Job.finished_at).desc(), col(Job.id).desc())
-        .limit(1)
-    ).first()
-
-
 def succeeded_jobs(session: Session) -> list[Job]:
     return list(
         session.exec(select(Job).where(col(Job.status) == JobStatus.succeeded).order_by(col(Job.id).desc())).all()
