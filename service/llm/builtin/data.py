@@ -83,12 +83,23 @@ def generate(count: int, seed: int, labels: Literal["rule", "random"] = "rule") 
     return examples
 
 
+VALIDATION_ITEMS = 262  # every distinct example the 600 drawn hold beyond the 240 that train
+
+
 def builtin_dataset() -> tuple[list[Example], list[Example]]:
-    """The built-in (train, held-out) split: 240 and 60 distinct examples."""
+    """The built-in (train, held-out) split: 240 and 262 distinct examples.
+
+    The held-out split is the job's validation split: its evaluation, and the items its calibration temperature is
+    fitted on (``service.llm.calibration``). It was 60 items until issue 24's measurements: with one or two mistakes
+    among 60 the fitted temperature swung between about 0.44 and 0.77 from one draw of 60 to another (the adapter
+    trained with the defaults), leaving the expected calibration error on unseen items above 0.03 for about one
+    draw in five; fitted on 262 it stays between 0.52 and 0.66 (docs/benchmarks.md, the calibration section). The 240
+    training examples are the same as before, so the adapter is too.
+    """
     seen: set[str] = set()
     unique = []
     for example in generate(600, seed=20240801):
         if example.input not in seen:
             seen.add(example.input)
             unique.append(example)
-    return unique[:240], unique[240:300]
+    return unique[:240], unique[240 : 240 + VALIDATION_ITEMS]
