@@ -1,17 +1,25 @@
 """Calibration and consistency of ``/analyze`` for the built-in recipe, through a real ``flashtune serve`` and
 ``flashtune worker`` on loopback (CPU is enough: the built-in model is tiny).
 
-    HF_HUB_OFFLINE=1 python bench/calibration.py [--seeds 42,1,2] [--held-out 300] [--model-cache DIR] [--out FILE]
+    HF_HUB_OFFLINE=1 python bench/calibration.py [--seeds 42,1,2] [--held-out 1000] [--model-cache DIR] [--out FILE]
 
 For each seed the script queues a built-in job through ``POST /jobs`` with the default hyperparameters (seed 42 is
 the default, so that job sends none; the others send only ``seed``), waits for it, and reads what the job measured
-on its own 60-item validation split (``GET /adapters/{name}``: ECE and NLL before calibration, and after it
-cross-fitted) and the temperature it kept. Then it scores held-out items no job saw, neither in training nor in
-calibration (built-in templates drawn with another seed, every text distinct from the built-in train and validation
-texts), through ``POST /analyze/batch`` (label only), and computes accuracy, NLL, Brier score and ECE (top label, 10
-equal-width bins) of the probabilities served (calibrated where the job kept a temperature) and of the raw ones. The
-raw probabilities are recovered from the served ones (``p ** T``, normalised: temperature scaling divides the
-log-likelihoods by ``T``), exact up to the response's six decimals.
+on its own validation split (``GET /adapters/{name}``: ECE and NLL before calibration, and after it cross-fitted)
+and the temperature it kept. Then it scores held-out items no job saw, neither in training nor in calibration
+(built-in templates drawn with another seed, every text in neither the built-in train nor validation split; a text
+may come up more than once, as it does in the generator, so the items are a sample of the news the recipe will
+meet), through ``POST /analyze/batch`` (label only, each distinct text once), and computes accuracy, NLL, Brier
+score and ECE (top label, 10 equal-width bins) of the probabilities served (calibrated where the job kept a
+temperature) and of the raw ones. The raw probabilities are recovered from the served ones (``p ** T``, normalised:
+temperature scaling divides the log-likelihoods by ``T``), exact up to the response's six decimals.
+
+ECE measured on a finite set has noise of its own, and a bias: even probabilities that are exactly right show an
+ECE above 0, the larger the fewer the items and the less sure the model. So each ECE comes with a bootstrap 95%
+interval (:data:`BOOTSTRAP` resamples of the items), with ``floor``: the mean ECE a perfectly calibrated model with
+the same confidences shows on as many items (labels drawn right with the probability the model states), and with
+the ECE over random subsets of :data:`SUBSET` items (the size issue 24 measured on): its mean, 95% range and the
+share at or below :data:`GOAL`.
 
 Last, consistency on 100 held-out items with the base model alone and the first job's adapter: the share of
 analyses whose text states the scored label, importance and reaction (``service.llm.prompts.parse_response``), in
@@ -28,7 +36,9 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,27 +46,29 @@ from typing import Any
 
 import httpx
 
-from bench.analyze import free_port, spawn, wait_healthy
-from service.llm import calibration
-from service.llm.builtin.data import builtin_dataset, generate
-from service.llm.prompts import LABELS, Example, Stated, parse_response
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench.analyze import free_port, spawn, wait_healthy  # noqa: E402
+from service.llm import calibration  # noqa: E402
+from service.llm.builtin.data import builtin_dataset, generate  # noqa: E402
+from service.llm.prompts import LABELS, Example, Stated, parse_response  # noqa: E402
 
 HELD_OUT_SEED = 4242
 CHUNK = 50  # items per /analyze/batch (FLASHTUNE_MAX_BATCH_ITEMS is 64)
 CONSISTENCY_ITEMS = 100
+BOOTSTRAP = 1000  # resamples for each ECE interval, and draws for its floor and its subsets
+SUBSET = 150  # items in each random subset
+GOAL = 0.03  # issue 24: ECE <= 0.03 on held-out items
 
 
 def held_out(count: int) -> list[Example]:
-    """``count`` labelled built-in items whose texts are in neither the built-in training nor validation split."""
+    """``count`` labelled built-in items whose texts are in neither the built-in training nor validation split, as
+    the generator draws them (a text may come more than once: deduplicating would over-represent the templates with
+    many variants, since the neutral ones have 50 texts each)."""
     train, validation = builtin_dataset()
     seen = {e.input for e in train + validation}
-    items = []
-    for example in generate(20 * count, seed=HELD_OUT_SEED):
-        if example.input not in seen and example.label is not None:
-            seen.add(example.input)
-            items.append(example)
+    items = [e for e in generate(2 * count, seed=HELD_OUT_SEED) if e.input not in seen and e.label is not None]
     if len(items) < count:
-        raise SystemExit(f"only {len(items)} distinct held-out items; ask for fewer")
+        raise SystemExit(f"only {len(items)} held-out items; ask for fewer")
     return items[:count]
 
 
@@ -84,14 +96,17 @@ def train_jobs(client: httpx.Client, seeds: list[int]) -> list[dict[str, Any]]:
 
 
 def analyze(client: httpx.Client, adapter: str, texts: list[str], **extra: Any) -> list[dict[str, Any]]:
+    """The result of each text (each distinct text scored once)."""
+    distinct = list(dict.fromkeys(texts))
     out: list[dict[str, Any]] = []
-    for start in range(0, len(texts), CHUNK):
-        body = {"items": texts[start : start + CHUNK], "adapter": adapter, **extra}
+    for start in range(0, len(distinct), CHUNK):
+        body = {"items": distinct[start : start + CHUNK], "adapter": adapter, **extra}
         response = client.post("/analyze/batch", json=body)
         if response.status_code != 200:
             raise SystemExit(f"/analyze/batch answered {response.status_code}: {response.text[:300]}")
         out += response.json()["data"]
-    return out
+    by_text = dict(zip(distinct, out, strict=True))
+    return [by_text[t] for t in texts]
 
 
 def raw_probs(result: dict[str, Any]) -> list[float]:
@@ -103,13 +118,46 @@ def raw_probs(result: dict[str, Any]) -> list[float]:
     return [p / total for p in powered]
 
 
-def figures(probs: list[list[float]], gold: list[int]) -> dict[str, float]:
+def ece_noise(probs: list[list[float]], gold: list[int], seed: int = 0) -> dict[str, Any]:
+    """How far the ECE of ``probs`` can be trusted: a bootstrap 95% interval, the floor (mean ECE of a perfectly
+    calibrated model with these confidences, as many items) and the ECE of random :data:`SUBSET`-item subsets."""
+    rng = random.Random(seed)
+    n, top = len(gold), [max(row) for row in probs]
+
+    def interval(values: list[float]) -> list[float]:
+        values = sorted(values)
+        return [round(values[int(0.025 * len(values))], 4), round(values[int(0.975 * len(values)) - 1], 4)]
+
+    boot = []
+    for _ in range(BOOTSTRAP):
+        picked = [rng.randrange(n) for _ in range(n)]
+        boot.append(calibration.ece([probs[i] for i in picked], [gold[i] for i in picked]))
+    floor = []
+    rows = [[c, (1 - c) / 2, (1 - c) / 2] for c in top]  # the same top probabilities, label 0 on top
+    for _ in range(BOOTSTRAP):  # the top label right with exactly the stated probability
+        floor.append(calibration.ece(rows, [0 if rng.random() < c else 1 for c in top]))
+    subsets = []
+    for _ in range(BOOTSTRAP if n > SUBSET else 0):
+        picked = rng.sample(range(n), SUBSET)
+        subsets.append(calibration.ece([probs[i] for i in picked], [gold[i] for i in picked]))
+    out: dict[str, Any] = {"ece_ci95": interval(boot), "ece_floor": round(sum(floor) / len(floor), 4)}
+    if subsets:
+        out[f"ece_of_{SUBSET}"] = {
+            "mean": round(sum(subsets) / len(subsets), 4),
+            "range95": interval(subsets),
+            f"share_at_most_{GOAL}": round(sum(e <= GOAL for e in subsets) / len(subsets), 3),
+        }
+    return out
+
+
+def figures(probs: list[list[float]], gold: list[int]) -> dict[str, Any]:
     right = sum(max(range(len(row)), key=row.__getitem__) == g for row, g in zip(probs, gold, strict=True))
     return {
         "accuracy": round(right / len(gold), 4),
         "nll": round(calibration.nll(probs, gold), 4),
         "brier": round(calibration.brier(probs, gold), 4),
         "ece": round(calibration.ece(probs, gold), 4),
+        **ece_noise(probs, gold),
     }
 
 
@@ -148,8 +196,9 @@ def stated_as_scored(result: dict[str, Any]) -> bool:
 
 
 def consistency(client: httpx.Client, adapter: str, items: list[Example]) -> list[dict[str, Any]]:
-    """Per model and generation mode: texts that state the scored label, and what ``consistent`` said."""
-    texts = [e.input for e in items[:CONSISTENCY_ITEMS]]
+    """Per model and generation mode (the first distinct held-out texts): texts that state the scored label, and what
+    ``consistent`` said."""
+    texts = list(dict.fromkeys(e.input for e in items))[:CONSISTENCY_ITEMS]
     rows = []
     for who in ("none", adapter):
         for mode in ("prefix", "free"):
@@ -167,17 +216,30 @@ def consistency(client: httpx.Client, adapter: str, items: list[Example]) -> lis
 
 
 def report(jobs: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
-    head = f"{'job':>4} {'seed':>5} {'T':>6} {'kept':>5}"
-    print(f"\n{head} | validation (cross-fitted) ECE, NLL | held-out accuracy, ECE, NLL")
+    head = f"{'job':>4} {'seed':>5} {'T':>6} {'kept':>5} {'items':>5}"
+    print(f"\n{head} | validation (cross-fitted) ECE, NLL | held-out accuracy, NLL, Brier")
     for j in jobs:
         v, h = j["validation"], j["held_out"]
         print(
-            f"{j['job']:>4} {j['seed']:>5} {j['temperature']:>6} {j['applied']!s:>5} | "
+            f"{j['job']:>4} {j['seed']:>5} {j['temperature']!s:>6} {j['applied']!s:>5} {v['items']:>5} | "
             f"{v['before']['ece']:.3f} -> {v['after_cross_fitted']['ece']:.3f}, "
             f"{v['before']['nll']:.3f} -> {v['after_cross_fitted']['nll']:.3f} | "
             f"{h['before']['accuracy']:.3f} -> {h['after']['accuracy']:.3f}, "
-            f"{h['before']['ece']:.3f} -> {h['after']['ece']:.3f}, {h['before']['nll']:.3f} -> {h['after']['nll']:.3f}"
+            f"{h['before']['nll']:.3f} -> {h['after']['nll']:.3f}, "
+            f"{h['before']['brier']:.3f} -> {h['after']['brier']:.3f}"
         )
+        for when in ("before", "after"):
+            f, sub = h[when], h[when].get(f"ece_of_{SUBSET}")
+            low, high = f["ece_ci95"]
+            line = f"{'':>4} held-out ECE {when:>6}: {f['ece']:.3f} (95% {low:.3f}-{high:.3f}; "
+            line += f"floor {f['ece_floor']:.3f} on {h['items']} items)"
+            if sub:
+                line += (
+                    f"; {SUBSET}-item subsets: mean {sub['mean']:.3f}, "
+                    f"95% {sub['range95'][0]:.3f}-{sub['range95'][1]:.3f},"
+                    f" <= {GOAL} in {sub[f'share_at_most_{GOAL}']:.0%}"
+                )
+            print(line)
     for c in checks:
         print(
             f"{c['model']:>6} {c['generation']:>6}: {c['text_states_the_label']}/{c['items']} texts state the scored "
@@ -188,7 +250,7 @@ def report(jobs: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="42,1,2", help="one default built-in job per seed (default 42,1,2)")
-    parser.add_argument("--held-out", type=int, default=300, help="held-out items scored per job (default 300)")
+    parser.add_argument("--held-out", type=int, default=1000, help="held-out items scored per job (default 1000)")
     parser.add_argument("--model-cache", type=Path, help="a folder holding models/builtin-v1 to copy in")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
