@@ -385,6 +385,9 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("worker_b4", {"batch_size": 4}),
     ("worker_fp16", {"compute_dtype": "float16"}),
     ("worker_t4_plan", {"compute_dtype": "float16", "cuda_capability": "7.5", "memory_cap_gib": 15.0}),
+    # within the peers' own peak memory (session 12, H100: TRL 13.9 GiB at r 8 q/v, Unsloth 17.95 at r 16 all-linear)
+    ("worker_cap13", {"memory_cap_gib": 13.0}),
+    ("worker_r16_cap17", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL_LINEAR, "memory_cap_gib": 17.0}),
 ]
 
 
