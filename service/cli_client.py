@@ -263,8 +263,13 @@ LOADING = {
     "distributed": "starting the training processes",
     "setup": "loading the base model",
 }
-STARTING = {"dataset": "starting training", "cuda_plan": "starting training", "resumed": "resuming from a checkpoint"}
-AFTER_EVALUATION = {"evaluation", "published", "promotion", "alias"}
+STARTING = {
+    "base_cache": "starting training",
+    "dataset": "starting training",
+    "cuda_plan": "starting training",
+    "resumed": "resuming from a checkpoint",
+}
+AFTER_EVALUATION = {"evaluation", "published", "base_cache", "promotion", "alias"}
 BUILTIN_NOTE = " (the built-in model is built on its first use, ~30 s)"
 LINE_EVERY = 30.0  # seconds between progress lines of a LineView when no 10% mark is passed
 

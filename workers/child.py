@@ -51,6 +51,7 @@ from service.jobs.db import make_engine, session_scope
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.loss_history import StepLog
 from service.jobs.models import Progress
+from service.llm.base_cache import BaseCache
 from service.llm.modeling import ModelLoadError, pick_device, resolve_base_model
 from service.llm.prompts import input_fields_used
 from workers.retry import Outcome
@@ -176,6 +177,7 @@ def _spec(settings: Settings, job_id: int) -> TrainingSpec:
         compare_with=compare_with,
         compute_dtype=settings.compute_dtype,
         cuda_capability=settings.cuda_capability,
+        base_cache=BaseCache(settings.layout.base_cache, settings.base_cache_gib),
     )
 
 

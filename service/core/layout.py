@@ -12,6 +12,7 @@ A name made here is parsed only here (``adapter_name`` / ``adapter_job_id``, ``c
       jobs/<id>/checkpoints/step-NNNNNNNN/   complete checkpoints (workers/training/checkpoints.py)
       adapters/job-<id>/                the published adapter with training_info.json
       cache/tokens/                     tokenised rows per dataset and tokenizer (workers/training/token_cache.py)
+      cache/bases/<key>/                quantised bases kept between jobs (service/llm/base_cache.py)
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class Layout:
     @property
     def token_cache(self) -> Path:
         return self.data_dir / "cache" / "tokens"
+
+    @property
+    def base_cache(self) -> Path:
+        return self.data_dir / "cache" / "bases"
 
     def job_dir(self, job_id: int) -> Path:
         return self.jobs / str(job_id)

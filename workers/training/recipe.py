@@ -34,14 +34,13 @@ from service.jobs.models import Progress
 from service.llm.modeling import (
     LoadPlan,
     cuda_capability,
-    load_model,
     load_tokenizer,
     name_base_publicly,
     pick_device,
     plan_load,
     public_base_name,
 )
-from workers.training import artifacts, checkpoints, incumbent
+from workers.training import artifacts, checkpoints, incumbent, warm_base
 from workers.training.batches import Batch, StepBatches, collate_all, truncate
 from workers.training.distributed import SINGLE, Distributed
 from workers.training.evaluation import evaluate
@@ -60,8 +59,16 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     of every step's samples; rank 0 alone checkpoints, evaluates and publishes (the other ranks return ``{}``).
     """
     run = setup(spec, hooks, dist)
-    fit(run)
-    return finish(run) if dist.is_main else {}
+    saving = warm_base.start_saving(run.base_copy, spec.base_cache)  # written while training (warm_base)
+    run.base_copy = None
+    try:
+        fit(run)
+        info = finish(run) if dist.is_main else {}
+        warm_base.keep(saving, spec.base_cache, hooks)  # after publishing: the adapter is out before this waits
+        return info
+    finally:
+        if saving is not None:
+            saving.abandon()  # stopped early: the unfinished copy goes (after keep: nothing left to do)
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Run:
     started: float  # time.monotonic() when setup began
     durations: dict[str, float] = field(default_factory=dict)  # load, setup, train seconds so far
     skipped_steps: int = 0  # fp16: optimizer steps skipped because the scaled gradients overflowed, every attempt
+    base_copy: warm_base.BaseCopy | None = None  # a base quantised on load, for the base cache (train saves it)
 
     @property
     def device(self) -> str:
@@ -110,7 +118,7 @@ class Run:
 def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
     """Load, tokenise, plan and resume: everything before the first optimizer step."""
     started = time.monotonic()
-    plan, tokenizer, model = _load(spec, hooks)
+    plan, tokenizer, model, base_copy = _load(spec, hooks, save=dist.is_main)
     load_seconds = time.monotonic() - started
     batches, val_rows = tokenized(spec, tokenizer, hooks, dist)
     cuda = None
@@ -150,11 +158,13 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
         started=started,
         durations={"load_seconds": load_seconds, "setup_seconds": time.monotonic() - started},
         skipped_steps=int((history.get("skipped_steps") or [0])[0]),  # by earlier attempts too
+        base_copy=base_copy,
     )
 
 
-def _load(spec: TrainingSpec, hooks: Hooks) -> tuple[LoadPlan, Any, Any]:
-    """The load plan, the tokenizer and the base with LoRA attached (seeded: LoRA's initial weights are the seed's)."""
+def _load(spec: TrainingSpec, hooks: Hooks, save: bool = True) -> tuple[LoadPlan, Any, Any, warm_base.BaseCopy | None]:
+    """The load plan, the tokenizer, the base with LoRA attached (seeded: LoRA's initial weights are the seed's,
+    whether the base came from the base cache or not) and, when it was quantised on load, its copy for the cache."""
     plan = plan_load(pick_device(spec.device), spec.hp.quantization, spec.compute_dtype, spec.cuda_capability)
     data = {"device": plan.device, "quantization": plan.quantization, "compute_dtype": plan.dtype_name}
     hooks.on_event("setup", f"{plan.reason}", data)
@@ -168,7 +178,9 @@ def _load(spec: TrainingSpec, hooks: Hooks) -> tuple[LoadPlan, Any, Any]:
             hint="use prompt_format 'flashtune' (the default) or a chat model",
             type="invalid_hyperparameters",
         )
-    return plan, tokenizer, attach_lora(load_model(spec.base_source, plan), spec.hp, plan)
+    base, base_copy = warm_base.load_base(spec, plan, hooks, save)
+    torch.manual_seed(spec.hp.seed)
+    return plan, tokenizer, attach_lora(base, spec.hp, plan), base_copy
 
 
 def tokenized(spec: TrainingSpec, tokenizer: Any, hooks: Hooks, dist: Distributed) -> tuple[StepBatches, list[Row]]:

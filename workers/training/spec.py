@@ -18,6 +18,7 @@ from typing import Any
 
 from service.jobs.hyperparameters import ResolvedHyperparameters
 from service.jobs.models import Progress
+from service.llm.base_cache import BaseCache
 from service.llm.prompts import Example
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,6 +115,8 @@ class TrainingSpec:
     # a promotion's incumbent (name, folder): the adapter the job's alias points at, scored on the same held-out
     # items (workers/training/incumbent.py) so that the job is promoted only if it beats it (service/jobs/aliases.py)
     compare_with: tuple[str, Path] | None = None
+    # quantised bases kept between jobs (service/llm/base_cache.py, FLASHTUNE_BASE_CACHE_GIB); None: not looked at
+    base_cache: BaseCache | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
