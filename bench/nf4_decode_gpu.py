@@ -221,7 +221,7 @@ def set_kernel(model: Any, on: bool, saved: dict[int, DecodeForward]) -> int:
     return changed
 
 
-def end_to_end(settings: dict[str, Any], adapter: AdapterRef, repeats: int) -> dict[str, Any]:
+def end_to_end(settings: dict[str, Any], adapter: AdapterRef, repeats: int, new_tokens: int) -> dict[str, Any]:
     server = ModelServer(Settings(**settings, nf4_decode_kernel="auto"))
     texts = texts_for(64)
     result: dict[str, Any] = {}
@@ -235,7 +235,7 @@ def end_to_end(settings: dict[str, Any], adapter: AdapterRef, repeats: int) -> d
     result["allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     for batch in (1, 32):
         chosen = texts[:batch]
-        entry: dict[str, Any] = {"batch": batch, "new_tokens": NEW_TOKENS}
+        entry: dict[str, Any] = {"batch": batch, "new_tokens": new_tokens}
         tokens: dict[str, torch.Tensor | None] = {}
         for variant in ("off", "auto", "off_again"):  # off again: the baseline's drift over the run
             on = variant == "auto"
@@ -246,7 +246,7 @@ def end_to_end(settings: dict[str, Any], adapter: AdapterRef, repeats: int) -> d
                 prompts = build_prompts(model, tokenizer, chosen)
                 sync()
                 began = time.perf_counter()
-                generate(model, tokenizer, prompts, NEW_TOKENS)
+                generate(model, tokenizer, prompts, new_tokens)
                 sync()
                 decoder = decoder_for(model)
                 return time.perf_counter() - began, "graph" if decoder and not decoder.broken else "generate"
@@ -258,13 +258,13 @@ def end_to_end(settings: dict[str, Any], adapter: AdapterRef, repeats: int) -> d
                     return (
                         None
                         if decoder is None
-                        else decoder.generate(batch_t["input_ids"], batch_t["attention_mask"], NEW_TOKENS)
+                        else decoder.generate(batch_t["input_ids"], batch_t["attention_mask"], new_tokens)
                     )
 
             warm_up, _ = server.with_model(adapter, run)  # the cache and the capture
             tokens[variant] = server.with_model(adapter, greedy)
             timed = [server.with_model(adapter, run) for _ in range(repeats)]
-            entry[f"{variant}_tokens_per_s"] = round(batch * NEW_TOKENS / statistics.median(t for t, _ in timed), 1)
+            entry[f"{variant}_tokens_per_s"] = round(batch * new_tokens / statistics.median(t for t, _ in timed), 1)
             entry[f"{variant}_decoding"] = timed[-1][1]
             entry[f"{variant}_warm_up_s"] = round(warm_up, 2)
         entry["ratio_auto_to_off"] = round(entry["auto_tokens_per_s"] / entry["off_tokens_per_s"], 3)
@@ -339,7 +339,9 @@ def main() -> None:
         adapter = make_adapters(checkpoint, data_dir / "adapters", 1)[0]
         figures["build_and_adapter_s"] = round(time.perf_counter() - started, 1)
         settings = {"data_dir": data_dir, "base_model": str(checkpoint), "device": device}
-        part("end_to_end", lambda: end_to_end(settings, adapter, 2 if tiny else args.repeats))
+        part(
+            "end_to_end", lambda: end_to_end(settings, adapter, 2 if tiny else args.repeats, 8 if tiny else NEW_TOKENS)
+        )
     save()
     print(json.dumps(figures, indent=2))
 

@@ -334,6 +334,8 @@ class DecodeForward:
     ``previous`` (the layer's forward before) for the rest. As ``Linear4bit.forward``: the input cast to the
     compute dtype, the output back to the input's dtype."""
 
+    devices: tuple[str, ...] = ("cuda",)  # (the tests add "cpu", for Triton's interpreter)
+
     def __init__(
         self, layer: Any, previous: Callable[[torch.Tensor], torch.Tensor], weight: Nf4Weight, max_rows: int
     ) -> None:
@@ -343,7 +345,12 @@ class DecodeForward:
         self.failed = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.failed or x.numel() > self.max_rows * x.shape[-1] or x.requires_grad or not x.is_cuda:
+        if (
+            self.failed
+            or x.numel() > self.max_rows * x.shape[-1]
+            or x.requires_grad
+            or x.device.type not in self.devices
+        ):
             return self.previous(x)
         w = self.weight
         try:

@@ -135,6 +135,23 @@ def _kernel_error(dtype: torch.dtype, rows: int, k_in: int, config: KernelConfig
 
 # (dtype, rows, weights a row, configuration); 320 a row: the blocks of 64 do not align with the tiles of bytes;
 # 96 a row: blocks of 64 weights span two rows (bitsandbytes' blocks run over the flattened weight)
+def _layer_error() -> float:
+    """A bitsandbytes layer (double quantisation, bias) with the kernel attached, against its dequantised weight."""
+    from service.llm.nf4_kernels import DecodeForward
+
+    DecodeForward.devices = ("cuda", "cpu")
+    layer = _layer(320, 96, bias=True, seed=3)
+    dense = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    attach_decode_kernel([layer], max_rows=8)
+    x = torch.randn(2, 3, 320, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+    expected = x.float() @ dense.float().T + layer.bias.float()
+    assert out.shape == (2, 3, 96) and out.dtype == torch.bfloat16
+    assert not layer.forward.failed
+    return float((out.float() - expected).abs().max() / expected.abs().max())
+
+
 CASES = [
     ("bfloat16", 1, 320, None),
     ("bfloat16", 5, 320, None),
@@ -151,13 +168,16 @@ def test_kernel_equals_dequantise_then_multiply() -> None:
     """Run in a fresh interpreter: Triton reads ``TRITON_INTERPRET`` when it is imported."""
     script = (
         "import json, torch\n"
-        "from tests.unit.test_nf4_kernels import CASES, _kernel_error\n"
+        "from tests.unit.test_nf4_kernels import CASES, _kernel_error, _layer_error\n"
         "from service.llm.nf4_kernels import KernelConfig\n"
-        "print(json.dumps([_kernel_error(getattr(torch, d), r, k, c and KernelConfig(*c)) for d, r, k, c in CASES]))\n"
+        "errors = [_kernel_error(getattr(torch, d), r, k, c and KernelConfig(*c)) for d, r, k, c in CASES]\n"
+        "print(json.dumps(errors + [_layer_error()]))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    for (dtype, rows, k_in, config), error in zip(CASES, errors, strict=True):
+    assert len(errors) == len(CASES) + 1
+    for (dtype, rows, k_in, config), error in zip(CASES, errors[:-1], strict=True):
         assert error <= TOLERANCE[dtype], (dtype, rows, k_in, config, error)
+    assert errors[-1] <= TOLERANCE["bfloat16"]  # a bitsandbytes layer through its attached forward
