@@ -33,6 +33,7 @@ Nothing here imports torch at module level (``workers.training.spec`` names ``Ba
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ ENTRY_FILE = "entry.json"  # written last: an entry without it is not one
 WEIGHTS_FILE = "model.safetensors"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+FREE_MARGIN_BYTES = 2 * 2**30  # left free on the disk after a save, for the job's adapter and checkpoints
 STALE_SECONDS = 3600.0  # a temporary folder untouched this long belongs to a job that died while writing it
 GIB = 2**30
 
@@ -177,9 +179,13 @@ class BaseCache:
 
     def start_save(self, key: str, parts: dict[str, Any], snapshot: Snapshot) -> PendingSave:
         """Start writing ``snapshot`` as ``key``'s entry, in a thread, into a temporary folder (``commit`` makes it
-        an entry)."""
+        an entry). Raises ``OSError`` when the disk has not room for it and ``FREE_MARGIN_BYTES`` more: the job's
+        own adapter and checkpoints come first."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep()
+        free = shutil.disk_usage(self.root).free
+        if free < snapshot.bytes + FREE_MARGIN_BYTES:
+            raise OSError(errno.ENOSPC, f"{free / GIB:.1f} GiB free, {snapshot.bytes / GIB:.2f} GiB to write")
         pending = PendingSave(self, key, parts, snapshot)
         pending.start()
         return pending

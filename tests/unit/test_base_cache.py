@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,17 @@ def test_nothing_is_written_or_evicted_when_the_fence_refuses(tmp_path: Path) ->
     assert [e.key for e in cache.entries()] == ["a"] and not pending.tmp.exists()
 
 
+def test_nothing_is_written_without_room_on_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = BaseCache(tmp_path / "bases", 1.0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(base_cache, "FREE_MARGIN_BYTES", usage.free)  # the save would leave less than the margin
+    recorder = Recorder()
+    copy = warm_base.BaseCopy("k", {}, fake_snapshot(1000))
+    assert warm_base.start_saving(copy, cache, recorder.hooks()) is None
+    assert recorder.statuses() == ["not_saved"] and "free" in recorder.events[0][1]["reason"]
+    assert [p.name for p in cache.root.iterdir()] == []
+
+
 def test_leftovers_of_killed_jobs_are_swept_once_stale(tmp_path: Path) -> None:
     cache = BaseCache(tmp_path / "bases", 1.0)
     cache.root.mkdir(parents=True)
@@ -252,7 +264,7 @@ def test_a_job_saves_its_base_and_the_next_loads_it_and_another_base_evicts_it(
         recorder = Recorder()
         spec = SimpleNamespace(base_cache=cache, base_source=str(source))
         model, copy = warm_base.load_base(spec, plan, recorder.hooks())  # type: ignore[arg-type]
-        pending = warm_base.start_saving(copy, cache)
+        pending = warm_base.start_saving(copy, cache, recorder.hooks())
         warm_base.keep(pending, cache, recorder.hooks())
         return model, recorder
 

@@ -59,7 +59,7 @@ def train(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> dict[
     of every step's samples; rank 0 alone checkpoints, evaluates and publishes (the other ranks return ``{}``).
     """
     run = setup(spec, hooks, dist)
-    saving = warm_base.start_saving(run.base_copy, spec.base_cache)  # written while training (warm_base)
+    saving = warm_base.start_saving(run.base_copy, spec.base_cache, hooks)  # written while training (warm_base)
     run.base_copy = None
     try:
         fit(run)

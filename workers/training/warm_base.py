@@ -91,14 +91,15 @@ def load_base(spec: TrainingSpec, plan: LoadPlan, hooks: Hooks, save: bool = Tru
     return model, copy
 
 
-def start_saving(copy: BaseCopy | None, cache: BaseCache | None) -> PendingSave | None:
+def start_saving(copy: BaseCopy | None, cache: BaseCache | None, hooks: Hooks) -> PendingSave | None:
     """Start writing ``copy`` into the cache in the background (its host memory is freed once written)."""
     if copy is None or cache is None:
         return None
     try:
         return cache.start_save(copy.key, copy.parts, copy.snapshot)
-    except OSError as exc:  # the cache folder cannot be made: train without saving
-        log.warning("base cache: cannot start saving %s: %s", copy.key, exc)
+    except OSError as exc:  # too little free disk, or the cache folder cannot be made: train without saving
+        data = {"status": "not_saved", "key": copy.key, "reason": f"{type(exc).__name__}: {exc}"}
+        hooks.on_event(EVENT, f"base not saved to the base cache: {exc}", data)
         return None
 
 
