@@ -26,7 +26,10 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli_client import Api, fail, follow, register, report_end
+from service.cli_client import register
+from service.cli_client.follow import follow, report_end
+from service.cli_client.http import Api
+from service.cli_client.output import fail
 from service.core import logs
 from service.core.config import ENV_PREFIX, Settings, warn_unknown_env
 from service.datasets.sample import DEFAULT_SEED, write_sample_data

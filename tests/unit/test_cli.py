@@ -17,7 +17,8 @@ from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from service.cli import _settings, app
-from service.cli_client import LineView, cell, phase
+from service.cli_client.follow import LineView, phase
+from service.cli_client.output import cell
 from service.core.config import Settings
 from service.jobs import jobstore
 from service.jobs import workers as presence
