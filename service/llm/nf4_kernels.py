@@ -127,15 +127,24 @@ class KernelConfig:
     block_kb: int  # packed bytes of a row per iteration (twice as many weights)
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # > 1: shares of each row's bytes run in parallel, float32 partials summed by a second kernel
 
 
 def pick_config(rows: int, n_out: int, k_in: int) -> KernelConfig:
-    """A launch configuration by shape (to be refined by ``bench/nf4_decode_gpu.py``'s sweep)."""
+    """A launch configuration by shape: guessed, not yet measured (``bench/nf4_decode_gpu.py`` sweeps others).
+
+    Each program reads the rows' whole inputs, so the inputs read per weight byte grow as ``4 * block_m /
+    block_n``: the more rows, the wider the tile of outputs; shares of the rows' bytes (split-K) then keep enough
+    programs in flight for the memory bandwidth when ``n_out`` is small."""
     block_m = 1 if rows <= 1 else 1 << (rows - 1).bit_length()
     if rows < DOT_MIN_ROWS:
-        # multiply-and-sum on CUDA cores: a [block_m, block_n, block_kb] product per iteration stays in registers
-        return KernelConfig(block_m, 16 if n_out <= 4096 else 32, 128 if block_m <= 2 else 64, num_warps=4)
-    return KernelConfig(max(16, min(block_m, 64)), 32 if n_out <= 4096 else 64, 64, num_warps=4)
+        # multiply-and-add on CUDA cores, the products kept per column of the tile and summed once at the end
+        if block_m <= 2:
+            return KernelConfig(block_m, 16, 128)
+        if block_m == 4:
+            return KernelConfig(4, 16, 64)
+        return KernelConfig(8, 32, 64, num_warps=8)
+    return KernelConfig(max(16, min(block_m, 64)), 64, 64, split_k=4 if n_out <= 4096 else 2)
 
 
 _KERNEL: Any = None
@@ -171,6 +180,7 @@ def _build_kernel() -> Any:
         M,
         N,
         row_bytes,
+        tiles_per_split,
         stride_xm,
         stride_om,
         BLOCKSIZE: tl.constexpr,
@@ -182,14 +192,19 @@ def _build_kernel() -> Any:
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)  # which share of the row's bytes (split-K); out_ptr then points at float32 partials
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
         w_rows = offs_n.to(tl.int64) * row_bytes
         x_rows = offs_m.to(tl.int64) * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(0, row_bytes, BLOCK_KB):
+        if USE_DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:  # products summed element-wise over the iterations, reduced across the tile's columns once at the end
+            acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KB), dtype=tl.float32)
+        for tile in range(0, tiles_per_split):
+            start = (pid_k * tiles_per_split + tile) * BLOCK_KB
             j = start + tl.arange(0, BLOCK_KB)  # byte index in the row: weights 2j (high nibble) and 2j+1 (low)
             j_mask = j < row_bytes
             w_mask = n_mask[:, None] & j_mask[None, :]
@@ -207,15 +222,29 @@ def _build_kernel() -> Any:
                 acc += tl.dot(x_even, tl.trans(w_hi))
                 acc += tl.dot(x_odd, tl.trans(w_lo))
             else:
-                prod = x_even.to(tl.float32)[:, None, :] * w_hi.to(tl.float32)[None, :, :]
-                prod += x_odd.to(tl.float32)[:, None, :] * w_lo.to(tl.float32)[None, :, :]
-                acc += tl.sum(prod, axis=2)
+                acc3 += x_even.to(tl.float32)[:, None, :] * w_hi.to(tl.float32)[None, :, :]
+                acc3 += x_odd.to(tl.float32)[:, None, :] * w_lo.to(tl.float32)[None, :, :]
+        if not USE_DOT:
+            acc = tl.sum(acc3, axis=2)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        out = out_ptr + pid_k * M * stride_om + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    return nf4_matmul
+    @triton.jit
+    def sum_splits(  # type: ignore[no-untyped-def]
+        partial_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):  # in a fixed order: the same sums on every call
+            acc += tl.load(partial_ptr + split * M * N + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return nf4_matmul, sum_splits
 
 
 def nf4_linear(
@@ -243,21 +272,27 @@ def nf4_linear(
     if rows == 0:
         return out.reshape(*lead, n_out)
     config = config or pick_config(rows, n_out, k_in)
-    grid = (-(-n_out // config.block_n), -(-rows // config.block_m))
-    _kernel()[grid](
+    matmul, sum_splits = _kernel()
+    tiles = -(-(k_in // 2) // config.block_kb)
+    split = max(1, min(config.split_k, tiles))
+    tiles_per_split = -(-tiles // split)
+    target = out if split == 1 else torch.empty((split, rows, n_out), dtype=torch.float32, device=x.device)
+    grid = (-(-n_out // config.block_n), -(-rows // config.block_m), split)
+    matmul[grid](
         x2,
         packed,
         absmax,
         code,
         out if bias is None else bias,
-        out,
+        target,
         rows,
         n_out,
         k_in // 2,
+        tiles_per_split,
         x2.stride(0),
-        out.stride(0),
+        n_out,
         BLOCKSIZE=blocksize,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None and split == 1,
         USE_DOT=config.block_m >= 16,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -265,6 +300,18 @@ def nf4_linear(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if split > 1:
+        block = 1024
+        sum_splits[(-(-(rows * n_out) // block),)](
+            target,
+            out if bias is None else bias,
+            out,
+            rows,
+            n_out,
+            SPLIT_K=split,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+        )
     return out.reshape(*lead, n_out)
 
 

@@ -159,6 +159,8 @@ CASES = [
     ("float16", 20, 320, None),  # tl.dot, rows masked
     ("float32", 16, 96, (16, 16, 32)),
     ("bfloat16", 7, 320, (8, 16, 32)),  # several tiles of a row's bytes, the last one partial
+    ("bfloat16", 3, 320, (4, 16, 32, 4, 3, 3)),  # split-K: 5 tiles in 3 shares, the last one short
+    ("float16", 20, 96, (32, 16, 16, 4, 3, 2)),  # split-K with tl.dot
 ]
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}
 
