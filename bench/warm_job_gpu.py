@@ -18,7 +18,7 @@ losses must agree), and at the end the cache's entries. One JSON file, ``warm_jo
         --dataset .devsite/seed/instructions.jsonl --out $OUT
 
 ``--tiny`` runs the same on a CPU with two 2-layer models (the cache does not apply there: float32, no
-quantisation; the events say so), to check the script.
+quantisation; the events say so), to check the script; ``--hyperparameters '{"epochs": 1}'`` shortens it.
 """
 
 from __future__ import annotations
@@ -93,14 +93,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--other", help="the other base (default: built in DATA_DIR/models)")
     parser.add_argument("--cache-gib", type=float, default=5.0, help="FLASHTUNE_BASE_CACHE_GIB of the cached runs")
     parser.add_argument("--no-baseline", action="store_true", help="skip job 4 (the cache off)")
+    parser.add_argument("--hyperparameters", default="{}", help="JSON merged into every job's (e.g. a short CPU check)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=".")
     return parser.parse_args()
 
 
-def job_report(client: httpx.Client, dataset: str, model: Path, data_dir: Path) -> dict[str, Any]:
+def job_report(
+    client: httpx.Client, dataset: str, model: Path, data_dir: Path, hyperparameters: dict[str, Any]
+) -> dict[str, Any]:
     """Post the user's job (default recipe) on ``model`` and follow it to its end; its figures."""
-    body = {"dataset": dataset, "base_model": str(model), "hyperparameters": {}}
+    body = {"dataset": dataset, "base_model": str(model), "hyperparameters": hyperparameters}
     posted, posted_at = time.perf_counter(), datetime.now(UTC)
     job: dict[str, Any] = client.post("/jobs", json=body).json()
     while job["status"] not in ("succeeded", "failed", "cancelled"):
@@ -173,6 +176,7 @@ def main() -> None:
     build(model, args.tiny)
     build_other(other, args.tiny)
     report: dict[str, Any] = {"build_s": round(time.perf_counter() - started, 1), "cache_gib": args.cache_gib}
+    hyperparameters = json.loads(args.hyperparameters)
 
     port = free_port()
     roots = sorted({str(model.resolve().parent), str(other.resolve().parent)})
@@ -196,7 +200,7 @@ def main() -> None:
                 dataset = client.post("/datasets", files={"file": handle}).json()["id"]
             jobs = report["jobs"] = {}
             for name, base in (("1_cold", model), ("2_warm", model), ("3_other_base", other)):
-                jobs[name] = job_report(client, dataset, base, data_dir)
+                jobs[name] = job_report(client, dataset, base, data_dir, hyperparameters)
                 jobs[name]["cache_after"] = cache_entries(data_dir)
                 print(name, jobs[name]["status"], jobs[name]["post_to_adapter_s"], "s", flush=True)
             if not args.no_baseline:
@@ -204,7 +208,7 @@ def main() -> None:
                 worker, report["worker_off_ready_s"] = start_worker(
                     {**env, "FLASHTUNE_BASE_CACHE_GIB": "0"}, data_dir, "worker-off.log"
                 )
-                jobs["4_off"] = job_report(client, dataset, model, data_dir)
+                jobs["4_off"] = job_report(client, dataset, model, data_dir, hyperparameters)
                 print("4_off", jobs["4_off"]["status"], jobs["4_off"]["post_to_adapter_s"], "s", flush=True)
     finally:
         for proc in (worker, api):
