@@ -303,6 +303,10 @@ def end_to_end(settings: dict[str, Any], adapter: AdapterRef, repeats: int, new_
                 }
         result[f"batch_{batch}"] = entry
         log(f"end_to_end batch {batch}", json.dumps(entry))
+    server.with_model(adapter, lambda m, t: set_kernel(m, True, saved))
+    result["layers_where_the_kernel_failed"] = server.with_model(  # each then ran its previous forward
+        adapter, lambda m, t: sum(getattr(layer.forward, "failed", False) for layer in nf4_layers(m))
+    )
     server.release()
     return result
 
