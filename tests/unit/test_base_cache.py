@@ -314,3 +314,46 @@ def test_an_entry_that_fails_to_load_is_removed_and_the_base_loaded_itself(
     assert model == "loaded from the source" and copy is None
     assert recorder.statuses() == ["unreadable", "miss"] and recorder.fences == ["base_cache"]
     assert cache.find(key) is None
+
+
+def test_train_saves_after_publishing_and_abandons_a_save_when_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """recipe.train: the save starts after set-up, is kept only after the adapter is published, and an attempt that
+    stops early abandons it (its unfinished copy goes)."""
+    from types import SimpleNamespace
+
+    from workers.training import recipe
+    from workers.training.spec import Interrupted
+
+    calls: list[str] = []
+
+    class Pending:
+        def abandon(self) -> None:
+            calls.append("abandon")
+
+    def start(copy: str, cache: str, hooks: Hooks) -> Pending:
+        calls.append(f"start {copy}")
+        return Pending()
+
+    def finish(run: Any) -> dict[str, Any]:
+        calls.append("publish")
+        return {"done": True}
+
+    run = SimpleNamespace(base_copy="copy")
+    spec = SimpleNamespace(base_cache="cache")
+    monkeypatch.setattr(recipe, "setup", lambda spec, hooks, dist: run)
+    monkeypatch.setattr(warm_base, "start_saving", start)
+    monkeypatch.setattr(warm_base, "keep", lambda pending, cache, hooks: calls.append("keep"))
+    monkeypatch.setattr(recipe, "fit", lambda run: calls.append("fit"))
+    monkeypatch.setattr(recipe, "finish", finish)
+    assert recipe.train(spec, Hooks()) == {"done": True}  # type: ignore[arg-type]
+    assert calls == ["start copy", "fit", "publish", "keep", "abandon"] and run.base_copy is None
+
+    def stopped(run: Any) -> None:
+        raise Interrupted("stopped at step 3")
+
+    calls.clear()
+    run.base_copy = "copy"
+    monkeypatch.setattr(recipe, "fit", stopped)
+    with pytest.raises(Interrupted):
+        recipe.train(spec, Hooks())  # type: ignore[arg-type]
+    assert calls == ["start copy", "abandon"]
