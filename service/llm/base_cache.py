@@ -182,7 +182,6 @@ class BaseCache:
         an entry). Raises ``OSError`` when the disk has not room for it and ``FREE_MARGIN_BYTES`` more: the job's
         own adapter and checkpoints come first."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.sweep()
         free = shutil.disk_usage(self.root).free
         if free < snapshot.bytes + FREE_MARGIN_BYTES:
             raise OSError(errno.ENOSPC, f"{free / GIB:.1f} GiB free, {snapshot.bytes / GIB:.2f} GiB to write")
@@ -208,6 +207,7 @@ class BaseCache:
                 if self._read(self.root / key) is not None:  # another job saved the same base meanwhile
                     result.reason = "another job saved it first"
                     return result
+                self.sweep()  # leftovers of jobs killed while writing or removing
                 result.evicted = self._evict(pending.bytes)
                 _remove(self.root / key)  # a broken leftover of the same key, if any
                 os.rename(pending.tmp, self.root / key)
@@ -242,7 +242,7 @@ class BaseCache:
 
     def sweep(self, now: float | None = None) -> None:
         """Remove temporary and trash folders that nobody has touched for ``STALE_SECONDS``: left by a job that was
-        killed while writing or removing."""
+        killed while writing or removing (``commit`` calls it inside the job's fence)."""
         now = time.time() if now is None else now
         with contextlib.suppress(OSError):
             for path in self.root.iterdir():
