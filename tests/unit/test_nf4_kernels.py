@@ -161,6 +161,8 @@ CASES = [
     ("bfloat16", 7, 320, (8, 16, 32)),  # several tiles of a row's bytes, the last one partial
     ("bfloat16", 3, 320, (4, 16, 32, 4, 3, 3)),  # split-K: 5 tiles in 3 shares, the last one short
     ("float16", 20, 96, (32, 16, 16, 4, 3, 2)),  # split-K with tl.dot
+    ("bfloat16", 2, 320, (2, 16, 64, 4, 3, 1, True)),  # NF4 values by selects instead of loads
+    ("float16", 17, 320, (32, 32, 32, 4, 3, 2, True)),
 ]
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}
 
