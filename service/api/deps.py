@@ -16,7 +16,10 @@ from service.jobs.db import session_scope
 from service.serving.engine import ModelServer
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread of its
+# pool, a thread hop (and a GIL hand-over) per dependency per request, measured as most of what /analyze cost besides
+# the model (bench/http_latency.py --stub-model).
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -48,7 +51,7 @@ async def get_read_session(request: Request) -> AsyncIterator[Session]:
         yield session
 
 
-def get_model_server(request: Request) -> ModelServer:
+async def get_model_server(request: Request) -> ModelServer:
     server: ModelServer = request.app.state.model_server
     return server
 
@@ -59,8 +62,9 @@ ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 ModelServerDep = Annotated[ModelServer, Depends(get_model_server)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With FLASHTUNE_API_KEY (or _FILE) set, require ``Authorization: Bearer <key>`` (constant-time comparison)."""
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With FLASHTUNE_API_KEY (or _FILE) set, require ``Authorization: Bearer <key>`` (constant-time comparison; the
+    key file is stat'ed, and read again only when it changed: no I/O worth a thread)."""
     if not settings.auth_enabled:
         return
     try:

@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     cuda_graph_scoring: bool = Field(
         default=True,
         description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
-        "bucket and adapter, captured on first use)",
+        "bucket, batch of 1, 2 or 4 and adapter, captured between requests, never by one)",
     )
     cuda_graph_decoding: bool = Field(
         default=True,

@@ -10,7 +10,12 @@ with no LoRA layers and no NF4 dequantisation: faster, at the memory of a full c
 ``max_merged_models`` copies, least recently used dropped).
 
 Each cache owns the CUDA graphs captured on its models (label scoring, ``service.llm.scoring_graphs``; decoding,
-``service.llm.decoding``), and forgets them whenever the weights they replay change or go. Nothing is loaded
+``service.llm.decoding``), and forgets them whenever the weights they replay change or go. The scoring graphs are
+never captured by a request (``defer``, ``service.llm.scoring_graphs``): a shape a request meets without its graph
+runs eagerly, and :meth:`AttachedAdapters.capture_pending` / :meth:`MergedModels.capture_pending` capture what is
+pending, one graph a call, when the engine's model thread has nothing else to do. A model state (an adapter) seen for
+the first time wants the shapes the others have, and after the weights change the same shapes are captured
+again. Nothing is loaded
 before :func:`check_adapter_files` has passed. :class:`InputFields` reads which optional input fields an adapter's
 training inputs carried. None of this locks: the engine (``service.serving.engine``) calls it under its lock.
 """
@@ -32,6 +37,7 @@ from service.core.training_info import read_training_info
 from service.llm.decoding import GraphDecoder, attach, decoder_for, eos_ids
 from service.llm.modeling import pick_device
 from service.llm.prompts import INPUT_FIELDS
+from service.llm.scoring import BASE, adapter_active
 from service.llm.scoring_graphs import ScoringGraphs
 from service.serving.gathered_lora import GatheredLoRA
 
@@ -118,6 +124,20 @@ def _graphs_wanted(settings: Settings) -> bool:
     return settings.cuda_graph_scoring and pick_device(settings.device) == "cuda"
 
 
+SCORING_SHAPES = 12  # scoring graphs kept per model state (adapter): 4 widths at each row bucket
+
+
+def _graphs_for(graphs: dict[str, ScoringGraphs], name: str) -> ScoringGraphs:
+    """``name``'s scoring graphs (deferred capture), made wanting the shapes the other states of the model have."""
+    own = graphs.get(name)
+    if own is None:
+        own = graphs[name] = ScoringGraphs(limit=SCORING_SHAPES, defer=True)
+        for other in list(graphs.values()):
+            for key, spec, keep in other.shapes():
+                own.want(key, spec, keep)
+    return own
+
+
 class AttachedAdapters:
     """The served base and the adapters loaded into it, at most ``limit``, least recently used first."""
 
@@ -166,7 +186,33 @@ class AttachedAdapters:
 
     def scoring_graphs(self, name: str) -> ScoringGraphs | None:
         """The CUDA graphs of label scoring with ``name`` (``BASE``: none) active; None where scoring is not graphed."""
-        return self._graphs.setdefault(name, ScoringGraphs()) if _graphs_wanted(self.settings) else None
+        return _graphs_for(self._graphs, name) if _graphs_wanted(self.settings) else None
+
+    @property
+    def pending(self) -> int:
+        """Scoring graphs waiting to be captured."""
+        return sum(g.pending for g in list(self._graphs.values()))
+
+    def share_shapes(self) -> None:
+        """Every model state (adapter) wants the scoring shapes any of them has."""
+        every = [shape for graphs in list(self._graphs.values()) for shape in graphs.shapes()]
+        for graphs in self._graphs.values():
+            for key, spec, keep in every:
+                graphs.want(key, spec, keep)
+
+    def capture_pending(self) -> bool:
+        """Capture one pending scoring graph, its adapter made active (the base: adapters disabled); whether one
+        was pending. The caller holds the model lock and runs nothing else meanwhile."""
+        for name, graphs in list(self._graphs.items()):
+            if not graphs.pending:
+                continue
+            if self.model is None or (name != BASE and name not in self._loaded):
+                del self._graphs[name]
+                continue
+            with adapter_active(self.model, name):
+                graphs.capture_next(self.model)
+            return True
+        return False
 
     def decode_with_graphs(self, tokenizer: Any) -> None:
         """On CUDA, let the model decode with a graph decoder (service.llm.decoding), which captures a step per set
@@ -176,8 +222,9 @@ class AttachedAdapters:
 
     def _changing(self) -> None:
         """Forget the graphs captured on the model before its weights change: they replay the memory they were
-        captured with."""
-        self._graphs.clear()
+        captured with. The scoring graphs' shapes are kept, to be captured again (:meth:`capture_pending`)."""
+        for graphs in self._graphs.values():
+            graphs.invalidate()
         self._drop_gathered()  # its stacks copy the weights of the adapters loaded now
         if self.model is not None:
             attach(self.model, None)
@@ -206,6 +253,7 @@ class AttachedAdapters:
             while len(self._loaded) > self.limit:
                 evicted, _ = self._loaded.popitem(last=False)
                 self._mixable.pop(evicted, None)
+                self._graphs.pop(evicted, None)
                 self.model.delete_adapter(evicted)
 
     def select(self, adapter: AdapterRef) -> None:
@@ -218,6 +266,7 @@ class AttachedAdapters:
             return
         del self._loaded[name]
         self._mixable.pop(name, None)
+        self._graphs.pop(name, None)
         self._changing()
         if self._loaded:
             self.model.delete_adapter(name)
@@ -265,7 +314,25 @@ class MergedModels:
 
     def scoring_graphs(self, name: str) -> ScoringGraphs | None:
         """The CUDA graphs of label scoring on ``name``'s copy; None where scoring is not graphed."""
-        return self._graphs.setdefault(name, ScoringGraphs()) if _graphs_wanted(self.settings) else None
+        return _graphs_for(self._graphs, name) if _graphs_wanted(self.settings) else None
+
+    @property
+    def pending(self) -> int:
+        """Scoring graphs waiting to be captured."""
+        return sum(g.pending for g in list(self._graphs.values()))
+
+    def capture_pending(self) -> bool:
+        """Capture one pending scoring graph of a merged copy; whether one was pending (as
+        :meth:`AttachedAdapters.capture_pending`)."""
+        for name, graphs in list(self._graphs.items()):
+            if not graphs.pending:
+                continue
+            if name not in self._models:
+                del self._graphs[name]
+                continue
+            graphs.capture_next(self._models[name])
+            return True
+        return False
 
     def drop(self, name: str) -> None:
         self._models.pop(name, None)

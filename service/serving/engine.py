@@ -16,7 +16,15 @@ its label probabilities by its adapter's calibration (the temperature its job fi
 alone is served uncalibrated), and writes the analysis after the response prefix that states what was scored
 (``service.llm.scoring.write_analyses``), unless the item asked for free generation. The chat completions of
 ``service.serving.chat`` run on :meth:`ModelServer.with_model`. The API calls this from worker threads, never on the
-event loop.
+event loop, except :meth:`ModelServer.submit_async`, which only queues and awaits (the batcher's thread serves).
+
+No request pays a CUDA-graph capture: label scoring never captures on a request's way (``defer``,
+``service.llm.scoring_graphs``: a shape without its graph runs eagerly once). The batcher's thread captures what is
+pending between requests (:meth:`ModelServer._idle`, once no request has come for a moment): when the base loads it
+scores probe texts of three lengths eagerly (the widths of news items of ~20 to ~200 tokens), which makes the scoring
+graphs of those widths wanted at every row bucket (1, 2, 4), and captures them; a shape a request meets later, and
+every shape again after an adapter is loaded or evicted (the weights change), are captured the same way.
+:attr:`ModelServer.warming` says whether such work is pending (``/readyz``).
 """
 
 from __future__ import annotations
@@ -52,6 +60,12 @@ from service.serving.batching import MicroBatcher
 from service.serving.types import Analysis
 
 DEFAULT_MAX_NEW_TOKENS = 80
+# scored once when the base loads, so that the scoring graphs of their widths are captured before any request
+PROBE_TEXTS = (
+    "美联储宣布加息25个基点，符合市场预期，美元指数小幅走强。",
+    "央行公布最新货币政策报告，" * 6,
+    "央行公布最新货币政策报告，" * 12,
+)
 log = logging.getLogger("flashtune.inference")
 T = TypeVar("T")
 
@@ -86,7 +100,8 @@ class ModelServer:
         self._input_fields = InputFields()
         self._temperatures: dict[str, float | None] = {}  # by adapter name, from training_info.json
         self._prompt_formats: dict[str, str] = {}  # by adapter name, from training_info.json
-        self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms)
+        self._probe = False  # the base loaded: the probe texts' scoring shapes are still to be found (see the module)
+        self._batcher = MicroBatcher(self._run_group, settings.batch_max_size, settings.batch_wait_ms, self._idle)
 
     # ------------------------------------------------------------------------------------------------ state
     @property
@@ -104,6 +119,11 @@ class ModelServer:
     @property
     def ready(self) -> bool:
         return self._attached.model is not None or bool(self._merged)
+
+    @property
+    def warming(self) -> bool:
+        """Whether CUDA graphs of label scoring are still to be captured between requests (see the module)."""
+        return self._probe or self._attached.pending > 0 or self._merged.pending > 0
 
     def is_merged(self, adapter: AdapterRef | None) -> bool:
         """Whether ``adapter`` is served merged into its own copy of the base (``FLASHTUNE_SERVE_MERGED``)."""
@@ -141,6 +161,8 @@ class ModelServer:
         self._ensure_tokenizer()
         if self._attached.model is None:
             self._attached.reset(self._load_base(self.settings.serve_quantization))
+            self._probe = self._attached.scoring_graphs(BASE) is not None
+            self._batcher.wake()
 
     def _load_base(self, quantization: str) -> Any:
         """A freshly loaded base as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``) and
@@ -200,8 +222,11 @@ class ModelServer:
             self._attached.decode_with_graphs(self._tokenizer)
             model = self._attached.model
             context = model.disable_adapter() if adapter is None and self._attached.names else nullcontext()
-            with context:
-                return fn(model, self._tokenizer)
+            try:
+                with context:
+                    return fn(model, self._tokenizer)
+            finally:
+                self._wake_if_warming()
 
     def count_tokens(self, text: str) -> int:
         with self._lock:
@@ -224,6 +249,46 @@ class ModelServer:
         result: Analysis = self._batcher.submit(Item(text, adapter, instruction, free), (model_key, max_new_tokens))
         return result
 
+    async def submit_async(
+        self,
+        text: Text,
+        adapter: AdapterRef | None,
+        max_new_tokens: int | None,
+        instruction: str = DEFAULT_INSTRUCTION,
+        free: bool = False,
+    ) -> Analysis:
+        """As :meth:`submit`, awaited on the caller's event loop: the request is queued and its result handed back
+        by the batcher's thread (``call_soon_threadsafe``), no thread blocked meanwhile."""
+        if adapter is not None and adapter.name not in self._attached:
+            check_adapter_files(adapter.path, self.settings.layout.adapters)
+        model_key = adapter.name if adapter is not None and self.is_merged(adapter) else None
+        result: Analysis = await self._batcher.submit_async(
+            Item(text, adapter, instruction, free), (model_key, max_new_tokens)
+        )
+        return result
+
+    def _wake_if_warming(self) -> None:
+        """After a use that may have left graphs to capture (a new shape, an adapter loaded): tell the batcher's
+        thread, which may be asleep (a call from another thread: /analyze/batch, a chat completion)."""
+        if self.warming:
+            self._batcher.wake()
+
+    def _idle(self) -> bool:
+        """One piece of background work, from the batcher's thread while no request waits: score the probe texts
+        after the base loaded, else capture one pending scoring graph. Whether more may be left."""
+        with self._lock:
+            if self._probe:
+                self._probe = False
+                graphs = self._attached.scoring_graphs(BASE)
+                with adapter_active(self._attached.model, BASE):
+                    for text in PROBE_TEXTS:
+                        classify(self._attached.model, self._tokenizer, [text], graphs=graphs)
+                self._attached.share_shapes()
+                return True
+            if self._attached.model is not None and self._attached.capture_pending():
+                return True
+            return self._merged.capture_pending()
+
     def _run_group(self, items: list[Item], group: Any) -> list[Analysis]:
         _, max_new_tokens = group
         return self.analyze_items(items, max_new_tokens)
@@ -240,6 +305,7 @@ class ModelServer:
         new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         served = self._serve(items, new_tokens)
         latency = round((time.perf_counter() - started) * 1000, 2)
+        self._wake_if_warming()
         return [
             Analysis(
                 prediction=s.prediction,

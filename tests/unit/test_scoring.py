@@ -20,7 +20,7 @@ from service.llm.scoring import (
     continuation_logprobs,
     group_logprobs,
 )
-from service.llm.scoring_graphs import ScoringGraphs
+from service.llm.scoring_graphs import ROW_BUCKETS, ScoringGraphs, row_bucket
 
 TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady 🛢️"]
 
@@ -143,6 +143,37 @@ def test_graphed_scoring_pads_to_buckets_and_replays_new_inputs(model_and_tokeni
     _assert_same(classify(model, tokenizer, TEXTS[1:2], graphs=graphs), classify(model, tokenizer, TEXTS[1:2]))
     assert len(classify(model, tokenizer, TEXTS * 2, graphs=graphs)) == 6  # more rows than MAX_ROWS: eager
     assert len(graphs) == captured == 1
+
+
+def test_row_buckets() -> None:
+    """A graphed batch's rows are padded up to the next bucket; beyond the last one nothing is graphed."""
+    assert [row_bucket(n) for n in range(1, 6)] == [1, 2, 4, 4, None]
+    assert ROW_BUCKETS == (1, 2, 4)
+
+
+def test_deferred_graphs_never_capture_in_a_pass(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """With ``defer`` a pass runs eagerly and only remembers its shape, at every row bucket; ``capture_next`` captures
+    them one by one from placeholder inputs; then batches of 1 to 4 texts of that width replay (3 rows padded to 4)
+    and score as eagerly. Dropping the graphs (``invalidate``) keeps the shapes to capture again."""
+    model, tokenizer = model_and_tokenizer
+    graphs = _CpuGraphs(defer=True)
+    texts = [TEXTS[0]] * 4
+    eager = classify(model, tokenizer, texts[:3])
+    _assert_same(classify(model, tokenizer, texts[:3], graphs=graphs), eager)
+    assert len(graphs) == 0 and graphs.pending == len(ROW_BUCKETS)
+    captured = 0
+    while graphs.capture_next(model):
+        captured += 1
+    assert captured == len(graphs) == len(ROW_BUCKETS) and graphs.pending == 0
+    for rows in (1, 2, 3, 4):
+        _assert_same(classify(model, tokenizer, texts[:rows], graphs=graphs), eager[:1] * rows)
+    assert len(graphs) == len(ROW_BUCKETS) and graphs.pending == 0  # nothing new wanted: every pass replayed
+    graphs.invalidate()
+    assert len(graphs) == 0 and graphs.pending == len(ROW_BUCKETS)
+    other = _CpuGraphs(defer=True)  # another state of the model (an adapter) takes the shapes over
+    for key, spec, keep in graphs.shapes():
+        other.want(key, spec, keep)
+    assert other.pending == len(ROW_BUCKETS)
 
 
 def test_a_failed_mixed_batch_leaves_the_model_usable(builtin_model_cache: Path) -> None:

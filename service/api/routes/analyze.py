@@ -54,9 +54,12 @@ def _observe(started: float, results: Sequence[Analysis]) -> None:
     prometheus.observe_analyze(started, [{"batch_size": r.batch_size} for r in results])
 
 
-# Plain `def` handlers: FastAPI runs them in worker threads, so inference never blocks the event loop.
+# /analyze runs on the event loop: the checks and the adapter's lookup are short, and the model call only queues the
+# request and awaits it (the micro-batcher's thread serves it, ModelServer.submit_async): no worker thread of the pool
+# waits through a forward pass, and no thread hop sits between the request and the model. /analyze/batch runs the model
+# in the caller's thread, so it stays a plain `def` (FastAPI's thread pool): inference never blocks the event loop.
 @router.post("/analyze", response_model=AnalyzeResponse | AgentAnalyzeResponse)
-def analyze(
+async def analyze(
     body: AnalyzeRequest, session: ReadSessionDep, settings: SettingsDep, server: ModelServerDep
 ) -> AnalyzeResponse | AgentAnalyzeResponse:
     _item_text(body, settings, "")
@@ -67,7 +70,7 @@ def analyze(
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     item, context = _news_item(body, settings, "", known)
     started = time.perf_counter()
-    result = server.submit(item, adapter, body.max_new_tokens, free=body.generation == "free")
+    result = await server.submit_async(item, adapter, body.max_new_tokens, free=body.generation == "free")
     _observe(started, [result])
     return answer(result, context, served.alias, body.format)
 

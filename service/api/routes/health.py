@@ -15,14 +15,16 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 def readyz(session: ReadSessionDep, server: ModelServerDep, settings: SettingsDep) -> JSONResponse:
     """200 while the database answers. ``workers.notice`` says "no worker has been seen for N s" when jobs wait and
-    no worker is alive: the API is ready, but nothing will train them."""
+    no worker is alive: the API is ready, but nothing will train them. ``warming``: the serving model still has CUDA
+    graphs of label scoring to capture between requests (after the base or an adapter loaded); requests are served
+    meanwhile, those of shapes not captured yet a little slower (service/serving/engine.py)."""
     try:
         session.execute(text("SELECT 1"))
         database = "ok"
@@ -30,7 +32,13 @@ def readyz(session: ReadSessionDep, server: ModelServerDep, settings: SettingsDe
     except Exception as exc:  # report, don't raise: this endpoint exists to say what is wrong
         database = f"error: {type(exc).__name__}"
         presence = None
-    body = {"database": database, "model_loaded": server.ready, "base_model": server.base_model, "workers": presence}
+    body = {
+        "database": database,
+        "model_loaded": server.ready,
+        "warming": server.warming,
+        "base_model": server.base_model,
+        "workers": presence,
+    }
     return JSONResponse(body, status_code=200 if database == "ok" else 503)
 
 
