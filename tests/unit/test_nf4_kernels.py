@@ -185,3 +185,14 @@ def test_kernel_equals_dequantise_then_multiply() -> None:
     for (dtype, rows, k_in, config), error in zip(CASES, errors[:-1], strict=True):
         assert error <= TOLERANCE[dtype], (dtype, rows, k_in, config, error)
     assert errors[-1] <= TOLERANCE["bfloat16"]  # a bitsandbytes layer through its attached forward
+
+
+def test_the_setting_is_opt_in() -> None:
+    from pydantic import ValidationError
+
+    from service.core.config import Settings
+
+    assert Settings().nf4_decode_kernel == "off"
+    assert Settings(nf4_decode_kernel="auto").nf4_decode_kernel == "auto"
+    with pytest.raises(ValidationError):
+        Settings(nf4_decode_kernel="on")
