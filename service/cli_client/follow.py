@@ -24,7 +24,7 @@ LOADING = {
     "setup": "loading the base model",
 }
 STARTING = {
-    "base_cache": "starting training",
+    "base_cache": "loading the base model",  # hit, miss or not_applicable: said as the load begins
     "dataset": "starting training",
     "cuda_plan": "starting training",
     "resumed": "resuming from a checkpoint",
