@@ -100,11 +100,12 @@ class Settings(BaseSettings):
         "imported torch and transformers once (workers/preload.py), or as a fresh interpreter ('spawn')",
     )
     base_cache_gib: float = Field(
-        default=16.0,
+        default=0.0,
         ge=0,
         description="disk kept for bases quantised by earlier jobs (DATA_DIR/cache/bases, ~4.5 GiB for a 7B base "
         "in NF4), so that the next job on the same base loads it without quantising; least recently used entries "
-        "go first; 0: off (service/llm/base_cache.py)",
+        "go first; 0 (the default): off, since on a host whose page cache holds the checkpoint it saves under a "
+        "second and costs the first job ~10 s (docs/benchmarks.md, session 12; service/llm/base_cache.py)",
     )
     progress_interval_seconds: float = 1.0
     checkpoint_every_steps: int = 50
