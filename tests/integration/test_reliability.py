@@ -146,6 +146,19 @@ def svc(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
     service.stop()
 
 
+def test_the_worker_removes_the_checkpoints_once_the_success_is_recorded(svc: Service) -> None:
+    """The attempt leaves its checkpoints when it publishes; its worker removes them after recording the success
+    (docs/reliability.md), so that a takeover in between resumes from them instead of from step 0."""
+    dataset = upload_small(svc, 24)
+    job = svc.post_job(dataset=dataset, hyperparameters={"epochs": 1, "validation_fraction": 0.0})  # 6 steps
+    done = svc.wait(job["id"], timeout=WAIT)
+    assert done["status"] == "succeeded", (done, svc.logs())
+    assert of_type(events(svc, job["id"]), "checkpoint")  # it checkpointed while it trained
+    job_dir = svc.data_dir / "jobs" / str(job["id"])
+    wait_for(lambda: checkpoints.complete(job_dir) == [], 30, "the checkpoints removed", svc)
+    assert list((job_dir / "checkpoints").iterdir()) == []
+
+
 def test_kill_9_resumes_from_checkpoint(svc: Service) -> None:
     dataset = upload_small(svc, 24)
     job = svc.post_job(dataset=dataset, hyperparameters=LONGER)
