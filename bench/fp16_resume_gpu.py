@@ -9,9 +9,9 @@ Three runs of the same job in one process, through the real ``workers.training.r
   resumed      stopped right after the straight run's last skipped step (a checkpoint there), then resumed
   resumed_old  the same, its checkpoints restored without the scaler's state, as before the fix: the baseline
 
-The scaler starts at 2**24 here (torch's default is 2**16) so that the first steps overflow on any model: the straight
+The scaler starts at 2**32 here (torch's default is 2**16) so that the first steps overflow on any model: the straight
 run's skipped steps are the figure a resume must not add to. Expected: ``resumed`` skips as many steps as
-``straight`` and ends with the same loss scale; ``resumed_old`` skips about twice as many (the scale falls from 2**24
+``straight`` and ends with the same loss scale; ``resumed_old`` skips about twice as many (the scale falls from 2**32
 again) and its steps after the stop differ.
 
 On the GPU machine (about a minute; writes OUT/fp16_resume.json and prints it):
@@ -47,7 +47,7 @@ from workers.training import checkpoints  # noqa: E402
 from workers.training.recipe import train  # noqa: E402
 from workers.training.spec import Hooks, Interrupted, TrainingSpec  # noqa: E402
 
-INIT_SCALE = 2.0**24
+INIT_SCALE = 2.0**32  # far above what fp16 holds: the first steps overflow on any model
 
 
 def spec(root: Path, model: Path, name: str, device: str) -> TrainingSpec:
