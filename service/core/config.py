@@ -142,12 +142,6 @@ class Settings(BaseSettings):
         description="on CUDA, an NF4 base keeps each weight's bf16 copy, dequantised once, when the "
         "copies take at most half the free GPU memory: no dequantising per pass, ~4x the NF4 weights' memory",
     )
-    nf4_decode_kernel: Literal["auto", "off"] = Field(
-        default="off",
-        description="auto: on CUDA with Triton, an NF4 base's layers multiply inputs of at most 64 rows (the "
-        "decoding steps) with a fused NF4 dequantise-matmul kernel that reads the packed weights instead of the "
-        "bf16 copies (service/llm/nf4_kernels.py); off: bitsandbytes or the bf16 copies for every pass",
-    )
     serve_merged: str = Field(
         default="",
         description="adapters served merged into an unquantised copy of the base: names, comma-separated, "

@@ -51,7 +51,6 @@ from service.llm.modeling import (
     resolve_base_model,
 )
 from service.llm.nf4 import keep_dense_copies, nf4_layers
-from service.llm.nf4_kernels import attach_decode_kernel, kernel_wanted
 from service.llm.prompts import DEFAULT_INSTRUCTION, in_format, prompt_format_of
 from service.llm.scoring import BASE, Prediction, Text, adapter_active, build_prompts, classify, write_analyses
 from service.llm.scoring_graphs import ScoringGraphs
@@ -166,8 +165,7 @@ class ModelServer:
 
     def _load_base(self, quantization: str) -> Any:
         """A freshly loaded base as it is served: on CUDA with Liger's fused layer kernels (``fused_kernels``) and
-        an NF4 base's weights kept dequantised where memory allows (``serve_dense_nf4``, service/llm/nf4.py), and its
-        decoding steps through the fused NF4 kernel where ``nf4_decode_kernel`` says so (service/llm/nf4_kernels.py)."""
+        an NF4 base's weights kept dequantised where memory allows (``serve_dense_nf4``, service/llm/nf4.py)."""
         source = resolve_base_model(self.base_model, self.settings)
         settings, device = self.settings, pick_device(self.settings.device)
         if device == "cuda":  # the API's share of a GPU it may share with a worker (FLASHTUNE_SERVE_GPU_MEMORY_GIB)
@@ -182,9 +180,6 @@ class ModelServer:
         if layers:
             kept = keep_dense_copies(layers, free_gpu_bytes())
             log.info("NF4 base: %s", "dense copies of its weights kept" if kept else "dequantised per pass (no room)")
-        if kernel_wanted(settings.nf4_decode_kernel, model.device.type) and nf4_layers(model):
-            extra = attach_decode_kernel(nf4_layers(model))  # after the copies: larger passes still use them
-            log.info("NF4 base: decoding steps through the fused NF4 kernel (%.2f GiB of scales)", extra / 2**30)
         return model
 
     def release(self) -> None:
