@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -125,6 +126,7 @@ def measure(seed: int, model: Path, drawn: int) -> dict[str, Any]:
     trained = time.monotonic() - started
     val_scores, val_gold = scores_of(run, validation), np.array([LABELS.index(str(e.label)) for e in validation])
     scores, gold = scores_of(run, unseen), np.array([LABELS.index(str(e.label)) for e in unseen])
+    shutil.rmtree(root, ignore_errors=True)  # the run's checkpoints: nothing is published
     rng = np.random.default_rng(0)
     temperatures = {
         "raw": 1.0,
