@@ -252,8 +252,22 @@ class Connection:
         self.writer.close()
 
 
-async def http_level(port: int, bodies: list[bytes], concurrency: int, requests: int, path: str) -> dict[str, Any]:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process ``pid`` so far (Linux /proc), None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def http_level(
+    port: int, bodies: list[bytes], concurrency: int, requests: int, path: str, pid: int | None = None
+) -> dict[str, Any]:
+    """``requests`` requests from ``concurrency`` connections; with ``pid`` (the server), also the server's CPU time
+    per request: what a request costs the server, whatever else the machine runs."""
     connections = [await Connection.open(port) for _ in range(concurrency)]
+    cpu_before = cpu_seconds(pid)
     counter, latencies, model = [0], [], []
 
     async def worker(conn: Connection) -> None:
@@ -276,6 +290,9 @@ async def http_level(port: int, bodies: list[bytes], concurrency: int, requests:
     for conn in connections:
         conn.close()
     figures = {"concurrency": concurrency, **summary(latencies, wall)}
+    cpu_after = cpu_seconds(pid)
+    if cpu_before is not None and cpu_after is not None:
+        figures["server_cpu_ms_per_request"] = round((cpu_after - cpu_before) * 1000 / len(latencies), 2)
     if model:
         figures["model_p50_ms"] = round(statistics.median(model), 2)
         figures["overhead_p50_ms"] = round(statistics.median(a - b for a, b in zip(latencies, model, strict=True)), 2)
@@ -342,10 +359,11 @@ def over_http(
             result["warm_wait_s"] = wait_warm(lambda: bool(client.get("/readyz").json().get("warming", False)))
 
         async def measure() -> None:
-            result["healthz_c1"] = await http_level(port, [], 1, requests, "/healthz")
-            result["c1"] = await http_level(port, bodies, 1, requests, "/analyze")
-            result["c64"] = await http_level(port, bodies, 64, 64 * per_thread, "/analyze")
-            result["sweep"] = [await http_level(port, bodies, c, max(2 * c, floor), "/analyze") for c in sweep]
+            pid = proc.pid
+            result["healthz_c1"] = await http_level(port, [], 1, requests, "/healthz", pid)
+            result["c1"] = await http_level(port, bodies, 1, requests, "/analyze", pid)
+            result["c64"] = await http_level(port, bodies, 64, 64 * per_thread, "/analyze", pid)
+            result["sweep"] = [await http_level(port, bodies, c, max(2 * c, floor), "/analyze", pid) for c in sweep]
 
         asyncio.run(measure())
     finally:
@@ -385,7 +403,9 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
     inproc = results.get("in_process")
     ratios: dict[str, Any] = {}
     head = f"{'':<24} {'c1 p50':>8} {'c1 p99':>8} {'overhead':>9} {'c64 req/s':>10} {'p99/p50':>8} {'healthz':>8}"
-    print("\n" + head + "   (overhead: c1 p50 of latency less the model's time for the batch, ms)")
+    head += f" {'cpu c1':>7} {'cpu c64':>8}"
+    print("\n" + head)
+    print("(overhead: c1 p50 of latency less the model's time for the batch; cpu: server CPU ms per request)")
     rows: list[tuple[str, dict[str, Any], Any, Any, Any]] = []
     if inproc:
         rows.append(("in process, analyze()", inproc["direct_c1"], None, None, None))
@@ -396,7 +416,8 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
         print(
             f"{label:<24} {c1['p50_ms']:>8} {c1['p99_ms']:>8} {c1.get('overhead_p50_ms', ''):>9} "
             f"{c64['requests_per_s'] if c64 else '':>10} {worst_tail(sweep) if sweep else '':>8} "
-            f"{healthz['p50_ms'] if healthz else '':>8}"
+            f"{healthz['p50_ms'] if healthz else '':>8} {c1.get('server_cpu_ms_per_request', ''):>7} "
+            f"{c64.get('server_cpu_ms_per_request', '') if c64 else '':>8}"
         )
     for name, http in results["http"].items():
         ratios[name] = {"worst_sweep_p99_over_p50": worst_tail(http["sweep"])}
