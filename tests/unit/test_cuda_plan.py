@@ -161,6 +161,7 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(monkeypatch: pytest.Mo
         scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
         keeps_grads=False,
         skipped_steps=0,
+        history={},  # the skipped-step count rides in it (checkpointed, 7826d13)
         hooks=hooks,
     )
     batch = SimpleNamespace(num_target_tokens=4, num_tokens=4)
@@ -172,6 +173,7 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(monkeypatch: pytest.Mo
         ("skipped_step", "step 1 skipped: fp16 gradients overflowed; the loss scale is now 512", hooks.events[0][2])
     ]
     assert hooks.events[0][2] == {"step": 1, "loss_scale": 512.0, "skipped_steps": 1}
+    assert run.history["skipped_steps"] == [1]
     _, _, overflowed = recipe.optimizer_step(run, [batch])  # type: ignore[list-item]
     assert overflowed is not None and not bool(overflowed)
     assert not torch.equal(weight.detach(), torch.ones(4))
