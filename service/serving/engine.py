@@ -228,6 +228,16 @@ class ModelServer:
             self._ensure_tokenizer()
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _queued(
+        self, text: Text, adapter: AdapterRef | None, max_new_tokens: int | None, instruction: str, free: bool
+    ) -> tuple[Item, tuple[str | None, int | None]]:
+        """A request as the micro-batcher queues it: the item and the key of the passes it may share. An adapter
+        not attached yet has its files checked first, so that a bad one fails this request alone."""
+        if adapter is not None and adapter.name not in self._attached:
+            check_adapter_files(adapter.path, self.settings.layout.adapters)
+        model_key = adapter.name if adapter is not None and self.is_merged(adapter) else None  # None: attached
+        return Item(text, adapter, instruction, free), (model_key, max_new_tokens)
+
     def submit(
         self,
         text: Text,
@@ -238,10 +248,7 @@ class ModelServer:
     ) -> Analysis:
         """Analyze one text, sharing a forward pass with whatever other requests arrive at the same time (whichever
         attached adapter they use); ``free``: the analysis freely generated (see :class:`Item`)."""
-        if adapter is not None and adapter.name not in self._attached:  # fail this request alone, before batching
-            check_adapter_files(adapter.path, self.settings.layout.adapters)
-        model_key = adapter.name if adapter is not None and self.is_merged(adapter) else None  # None: attached
-        result: Analysis = self._batcher.submit(Item(text, adapter, instruction, free), (model_key, max_new_tokens))
+        result: Analysis = self._batcher.submit(*self._queued(text, adapter, max_new_tokens, instruction, free))
         return result
 
     async def submit_async(
@@ -254,11 +261,8 @@ class ModelServer:
     ) -> Analysis:
         """As :meth:`submit`, awaited on the caller's event loop: the request is queued and its result handed back
         by the batcher's thread (``call_soon_threadsafe``), no thread blocked meanwhile."""
-        if adapter is not None and adapter.name not in self._attached:
-            check_adapter_files(adapter.path, self.settings.layout.adapters)
-        model_key = adapter.name if adapter is not None and self.is_merged(adapter) else None
         result: Analysis = await self._batcher.submit_async(
-            Item(text, adapter, instruction, free), (model_key, max_new_tokens)
+            *self._queued(text, adapter, max_new_tokens, instruction, free)
         )
         return result
 
