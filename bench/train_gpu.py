@@ -57,19 +57,22 @@ def log(*args: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model, samples
-def build_checkpoint(path: Path) -> None:
-    """A random bf16 DeepSeek-LLM-7B-shaped Llama, initialised on the GPU and saved in HF format."""
+def build_checkpoint(
+    path: Path, hidden: int = 4096, intermediate: int = 11008, layers: int = 30, heads: int = 32, seed: int = 0
+) -> None:
+    """A random bf16 Llama with DeepSeek-LLM-7B's vocabulary and special tokens, initialised on the GPU and saved in
+    HF format: by default of the 7B's shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (path / "config.json").exists():
         return
     config = LlamaConfig(
         vocab_size=102400,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=30,
-        num_attention_heads=32,
-        num_key_value_heads=32,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         bos_token_id=100000,
@@ -77,7 +80,7 @@ def build_checkpoint(path: Path) -> None:
         pad_token_id=100001,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="4GB")

@@ -47,7 +47,6 @@ def build_other(path: Path, tiny: bool) -> None:
     from service.llm.builtin.model import builtin_tokenizer
 
     if not (path / "config.json").exists():
-        import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if tiny:
@@ -61,27 +60,10 @@ def build_other(path: Path, tiny: bool) -> None:
                 tie_word_embeddings=False,
             )
             LlamaForCausalLM(config).save_pretrained(path)
-        else:
-            config = LlamaConfig(
-                vocab_size=102400,
-                hidden_size=2048,
-                intermediate_size=5504,
-                num_hidden_layers=16,
-                num_attention_heads=16,
-                num_key_value_heads=16,
-                max_position_embeddings=4096,
-                rms_norm_eps=1e-6,
-                bos_token_id=100000,
-                eos_token_id=100001,
-                pad_token_id=100001,
-                tie_word_embeddings=False,
-            )
-            torch.manual_seed(1)
-            with torch.device("cuda"):
-                model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-            model.save_pretrained(path, max_shard_size="4GB")
-            del model
-            torch.cuda.empty_cache()
+        else:  # the 7B's vocabulary and special tokens, ~1.2B parameters
+            from bench.train_gpu import build_checkpoint
+
+            build_checkpoint(path, hidden=2048, intermediate=5504, layers=16, heads=16, seed=1)
     builtin_tokenizer().save_pretrained(path)
 
 
