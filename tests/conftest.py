@@ -174,6 +174,21 @@ def service(tmp_path: Path, builtin_model_cache: Path) -> Iterator[Service]:
 
 
 # ------------------------------------------------------------------------------ files tests load or upload
+class PeftStandIn:
+    """Stands in for a PEFT model where only its saving matters (checkpoints, publishing): ``save_pretrained``
+    writes the weights and the config, as peft does."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.layer = torch.nn.Linear(2, 2)
+
+    def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"weights")
+        (Path(path) / "adapter_config.json").write_text('{"base_model_name_or_path": "/data/models/builtin-v1"}')
+
+
 def hub_snapshot(cache: Path, repo: str, model: Path) -> Path:
     """``model``'s files as the snapshot of ``repo`` in the hub cache ``cache``, laid out as huggingface_hub lays it
     out (``models--org--name/refs/main`` naming ``snapshots/<revision>``)."""

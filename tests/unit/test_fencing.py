@@ -19,6 +19,7 @@ from service.core.config import Settings
 from service.jobs import jobstore
 from service.jobs.db import session_scope
 from service.jobs.models import Job, Progress
+from tests.conftest import PeftStandIn
 from workers.child import _Reporter
 from workers.training import checkpoints
 from workers.training.recipe import publish_adapter
@@ -146,18 +147,6 @@ def test_a_stale_attempt_writes_nothing(reporter: tuple[_Reporter, int], engine:
     assert _job(engine, job_id).progress["step"] == 1
 
 
-class _Model:
-    """Stands in for a PEFT model: ``save_pretrained`` writes the weights and the config, as peft does."""
-
-    def __init__(self) -> None:
-        self.layer = torch.nn.Linear(2, 2)
-
-    def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "adapter_model.safetensors").write_bytes(b"weights")
-        (Path(path) / "adapter_config.json").write_text('{"base_model_name_or_path": "/data/models/builtin-v1"}')
-
-
 class _Refused(Exception):
     pass
 
@@ -167,7 +156,7 @@ def _refuse(action: str) -> Any:
 
 
 def test_checkpoints_and_pruning_go_through_the_fence(tmp_path: Path) -> None:
-    model = _Model()
+    model = PeftStandIn()
     optimizer = torch.optim.AdamW(model.layer.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for step in (2, 4):
@@ -183,9 +172,9 @@ def test_checkpoints_and_pruning_go_through_the_fence(tmp_path: Path) -> None:
 
 def test_publishing_goes_through_the_fence(tmp_path: Path) -> None:
     adapter = tmp_path / "adapters" / "job-1"
-    publish_adapter(_Model(), None, {"losses": {}}, adapter)
+    publish_adapter(PeftStandIn(), None, {"losses": {}}, adapter)
     published = {p.name: p.read_bytes() for p in adapter.iterdir()}
     with pytest.raises(_Refused, match="publish"):
-        publish_adapter(_Model(), None, {"losses": {"step_loss": [[1, 0.5]]}, "other": 1}, adapter, fence=_refuse)
+        publish_adapter(PeftStandIn(), None, {"losses": {"step_loss": [[1, 0.5]]}, "other": 1}, adapter, fence=_refuse)
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == published
     assert [p.name for p in adapter.parent.iterdir()] == ["job-1"]  # the refused copy was removed

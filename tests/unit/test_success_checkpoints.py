@@ -16,22 +16,12 @@ from service.jobs import jobstore
 from service.jobs.db import session_scope
 from service.jobs.hyperparameters import Hyperparameters, resolve
 from service.jobs.models import Job, JobStatus
+from tests.conftest import PeftStandIn
 from workers.retry import Outcome
 from workers.training import checkpoints
 from workers.worker import Worker
 
 HP = resolve(Hyperparameters(), "builtin").model_dump()
-
-
-class _Model:
-    """Stands in for the PEFT model of a checkpoint: ``save_pretrained`` writes the weights file."""
-
-    def __init__(self) -> None:
-        self.layer = torch.nn.Linear(2, 2)
-
-    def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "adapter_model.safetensors").write_bytes(b"weights")
 
 
 def _claimed(engine: Engine, worker: str) -> Job:
@@ -46,7 +36,7 @@ def _claimed(engine: Engine, worker: str) -> Job:
 def _checkpointed(settings: Settings, job_id: int, steps: tuple[int, ...] = (4, 8)) -> Path:
     """The checkpoints an attempt wrote while it trained (and a leftover of an interrupted write)."""
     job_dir = settings.layout.job_dir(job_id)
-    model = _Model()
+    model = PeftStandIn()
     optimizer = torch.optim.AdamW(model.layer.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for step in steps:
