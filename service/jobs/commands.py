@@ -30,7 +30,14 @@ from service.core.training_info import read_training_info
 from service.jobs import aliases, jobstore
 from service.jobs.hyperparameters import resolve
 from service.jobs.models import BUILTIN_DATASET, Dataset, Job, JobCreate, JobStatus
-from service.llm.modeling import BaseModelRejected, validate_base_model
+from service.llm.modeling import (
+    BaseModelRejected,
+    ModelLoadError,
+    has_chat_template,
+    local_base_source,
+    public_base_name,
+    validate_base_model,
+)
 
 
 # ------------------------------------------------------------------------------------------------------- jobs
@@ -62,11 +69,14 @@ def queue_job(
             [{"field": "hyperparameters.validation_dataset", "message": "an id from GET /datasets"}],
         )
     base_model = _base_model(settings, body.base_model)
+    hyperparameters = resolve(body.hyperparameters, base_model)
+    if hyperparameters.prompt_format == "chat_template":
+        _check_chat_template(settings, base_model)
     job = Job(
         name=body.name,
         base_model=base_model,
         dataset=body.dataset,
-        hyperparameters=resolve(body.hyperparameters, base_model).model_dump(),
+        hyperparameters=hyperparameters.model_dump(),
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
@@ -105,6 +115,26 @@ def _base_model(settings: Settings, requested: str | None) -> str:
     except BaseModelRejected as exc:
         details = [{"field": "base_model", "message": str(exc)}]
         raise RequestError(422, "invalid_request", f"base_model: {exc}", details) from exc
+
+
+def _check_chat_template(settings: Settings, base_model: str) -> None:
+    """Refuse (422) ``prompt_format`` ``chat_template`` for a base whose tokenizer has no chat template, where this
+    host has the base's files already (the built-in model once built, a local folder): a job that could only fail
+    at its worker's setup. A hub id is left to the worker, which refuses it the same way (workers/training/recipe.py):
+    the API downloads no model to queue a job."""
+    try:
+        source = local_base_source(base_model, settings)
+        templated = source is None or has_chat_template(source)
+    except ModelLoadError:  # no tokenizer to read here: the worker's load says why
+        return
+    if not templated:
+        raise RequestError(
+            422,
+            "invalid_request",
+            "hyperparameters.prompt_format: 'chat_template' needs a base model whose tokenizer has a chat template; "
+            f"base model {public_base_name(base_model)!r} has none",
+            [{"field": "hyperparameters.prompt_format", "message": "use 'flashtune' (the default) or a chat model"}],
+        )
 
 
 def _replay(job: Job, request_hash: str) -> Job:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from service.core.config import Settings
-from service.llm.builtin.model import BUILTIN_NAME, ensure_builtin_model
+from service.llm.builtin.model import BUILTIN_NAME, builtin_path, ensure_builtin_model
 
 log = logging.getLogger("flashtune.model")
 
@@ -293,6 +293,26 @@ def load_tokenizer(source: str) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def has_chat_template(source: str) -> bool:
+    """Whether the tokenizer of the base in folder ``source`` has a chat template, which ``prompt_format``
+    ``chat_template`` renders every prompt through (service/llm/prompts.py). Read once per folder: the API asks it
+    for a chat-format adapter or job, before anything is queued, and must not load a tokenizer on every request."""
+    return getattr(load_tokenizer(source), "chat_template", None) is not None
+
+
+def local_base_source(name: str, settings: Settings) -> str | None:
+    """The folder of base model ``name`` where this host has it without building or downloading anything: the
+    built-in model once built, a local folder (``resolve_base_model``); None for a hub id or an unbuilt built-in
+    model, which only the worker that loads them can tell about."""
+    if name == BUILTIN_NAME:
+        path = builtin_path(settings.data_dir)
+        return str(path) if (path / "config.json").exists() else None
+    if is_hub_id(name):
+        return None
+    return resolve_base_model(name, settings)
 
 
 def load_model(source: str, plan: LoadPlan) -> Any:

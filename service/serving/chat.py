@@ -49,6 +49,7 @@ from service.llm.prompts import (
 from service.llm.prompts import render_prompt as render_training_prompt
 from service.llm.sampling import Sampling, TokenLogprob, new_generator, sample
 from service.llm.scoring import RESPONSE_BUDGET, Text, build_prompts, continuation_logprobs, generate_stream
+from service.serving.inputs import prompt_format_refused
 from service.serving.types import Analysis
 
 log = logging.getLogger("flashtune.inference")
@@ -178,10 +179,14 @@ class Fitted:
 def fit(server: Engine, adapter: AdapterRef | None, prompt: ChatPrompt, options: Options, limit: int) -> Fitted:
     """The prompt in ``adapter``'s prompt format, clipped to at most ``limit`` tokens and to what the model's
     context leaves beside the answer; refused (422) when the instruction leaves the input no room (naming the system
-    messages, or ``max_tokens``) or a guided choice is over MAX_CHOICE_TOKENS."""
+    messages, or ``max_tokens``) or a guided choice is over MAX_CHOICE_TOKENS, and (409, naming ``model``) when the
+    adapter was trained with ``prompt_format`` ``chat_template`` and the served base's tokenizer has no chat
+    template (``service.serving.inputs.prompt_format_refused``)."""
     prompt = replace(prompt, prompt_format=server.prompt_format(adapter))
 
     def run(model: Any, tokenizer: Any) -> Fitted:
+        if prompt.prompt_format == "chat_template" and getattr(tokenizer, "chat_template", None) is None:
+            raise prompt_format_refused(adapter.name if adapter else "none", "model")
         for i, choice in enumerate(options.choices):
             if count_tokens(tokenizer, choice) > MAX_CHOICE_TOKENS:
                 raise invalid(f"guided_choice[{i}] is over {MAX_CHOICE_TOKENS} tokens", f"guided_choice[{i}]")

@@ -173,3 +173,67 @@ def test_the_evaluation_prompts_base_and_adapter_in_the_jobs_format(monkeypatch:
     model.config = SimpleNamespace(max_position_embeddings=2048)
     evaluation._compare(model, chat_tokenizer(), LABELLED, ["base", "adapter"], "chat_template")
     assert texts == [in_format(e.input, "chat_template") for e in LABELLED for _ in ("base", "adapter")]
+
+
+# ------------------------------------------------------------- a chat-format adapter on a base without a template
+@pytest.fixture
+def templateless_api(builtin_model_cache: Path, tmp_path: Path) -> Any:
+    """The API in process, serving the built-in base (its tokenizer has no chat template), with adapter job-1
+    trained with ``prompt_format: chat_template`` (as if its base had had one) and job-2 in the default format."""
+    import torch
+    from fastapi.testclient import TestClient
+    from peft import LoraConfig, get_peft_model
+    from sqlmodel import Session
+    from transformers import AutoModelForCausalLM
+
+    from service.api.main import create_app
+    from service.jobs.models import Job
+
+    settings = Settings(data_dir=tmp_path, base_model=str(builtin_model_cache), device="cpu")
+    settings.ensure_dirs()
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(builtin_model_cache), LoraConfig(r=2))
+    for job_id, prompt_format in ((1, "chat_template"), (2, "flashtune")):
+        folder = settings.layout.adapters / f"job-{job_id}"
+        model.save_pretrained(str(folder))
+        info = {"hyperparameters": {"prompt_format": prompt_format}, "input_fields": []}
+        (folder / "training_info.json").write_text(json.dumps(info))
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        with Session(app.state.engine) as session:
+            for job_id, prompt_format in ((1, "chat_template"), (2, "flashtune")):
+                hp = {"prompt_format": prompt_format}
+                job = Job(id=job_id, base_model=settings.base_model, dataset="builtin", hyperparameters=hp)
+                job.status, job.adapter = "succeeded", f"job-{job_id}"
+                session.add(job)
+            session.commit()
+        yield client
+
+
+def test_a_chat_format_adapter_on_a_base_without_a_template_is_a_409_naming_it(templateless_api: Any) -> None:
+    """Before the fix each of these was a 500 (render_chat_prompt's ValueError), and in /analyze it failed every
+    request of the micro-batch it joined; now the request is refused before it is queued, naming the adapter."""
+    client = templateless_api
+    requests = [
+        ("/analyze", {"text": NEWS, "adapter": "job-1", "max_new_tokens": 2}, "adapter"),
+        ("/analyze/batch", {"items": [NEWS], "adapter": "job-1", "max_new_tokens": 2}, "adapter"),
+        ("/v1/chat/completions", {"model": "job-1", "messages": [{"role": "user", "content": NEWS}]}, "model"),
+    ]
+    for path, body, field in requests:
+        response = client.post(path, json=body)
+        assert response.status_code == 409, (path, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "prompt_format_unavailable" and error["details"][0]["field"] == field
+        assert "job-1" in error["message"] and "prompt_format 'flashtune'" in error["message"]
+    served = client.post("/analyze", json={"text": NEWS, "adapter": "job-2", "max_new_tokens": 2})
+    assert served.status_code == 200 and served.json()["adapter"] == "job-2"
+
+
+def test_a_chat_format_job_on_a_local_base_without_a_template_is_refused_when_queued(templateless_api: Any) -> None:
+    client = templateless_api
+    refused = client.post("/jobs", json={"dataset": "builtin", "hyperparameters": {"prompt_format": "chat_template"}})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["details"][0]["field"] == "hyperparameters.prompt_format"
+    hub = {"dataset": "builtin", "base_model": "org/chat-model", "hyperparameters": {"prompt_format": "chat_template"}}
+    assert client.post("/jobs", json=hub).status_code == 201  # no files here: its worker's load tells
+    assert client.post("/jobs", json={"dataset": "builtin"}).status_code == 201

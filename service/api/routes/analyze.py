@@ -1,10 +1,12 @@
 """/analyze and /analyze/batch: sentiment, probabilities, importance, market reaction and analysis text for news.
 
-The checks and the choice of a news item's fields are ``service.serving.inputs``'s, the adapter lookup
-``service.jobs.commands.resolve_served``'s (an alias, 'latest' or a name; none given: ``FLASHTUNE_DEFAULT_ADAPTER``),
-the analysis the serving engine's (``service.serving.engine``); the response names the adapter and the alias it
-came through, and lists the given fields used (``context_used``) and left out (``context_ignored``). ``"format":
-"agent"`` answers in the shape the user's local agent consumes (``schemas.analyze.AgentAnalyzeResponse``).
+The checks and the choice of a news item's fields are ``service.serving.inputs``'s (an adapter trained with
+``prompt_format`` ``chat_template`` on a served base without a chat template: 409 before anything is queued), the
+adapter lookup ``service.jobs.commands.resolve_served``'s (an alias, 'latest' or a name; none given:
+``FLASHTUNE_DEFAULT_ADAPTER``), the analysis the serving engine's (``service.serving.engine``); the response names
+the adapter and the alias it came through, and lists the given fields used (``context_used``) and left out
+(``context_ignored``). ``"format": "agent"`` answers in the shape the user's local agent consumes
+(``schemas.analyze.AgentAnalyzeResponse``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from service.api import prometheus
 from service.api.deps import ModelServerDep, ReadSessionDep, SettingsDep
@@ -30,7 +33,13 @@ from service.core.config import Settings
 from service.datasets.store import dataset_input_fields
 from service.jobs.commands import resolve_served
 from service.llm.prompts import NewsItem
-from service.serving.inputs import check_batch_size, check_new_tokens, checked_text, news_input
+from service.serving.inputs import (
+    check_batch_size,
+    check_new_tokens,
+    check_prompt_format,
+    checked_text,
+    news_input,
+)
 from service.serving.types import Analysis, InputContext
 
 router = APIRouter(tags=["analyze"])
@@ -67,6 +76,9 @@ async def analyze(
     served = resolve_served(session=session, settings=settings, name=body.adapter or settings.default_adapter)
     adapter = served.adapter
     session.close()  # release the database before the (slow) model call
+    prompt_format = server.prompt_format(adapter)
+    if prompt_format != "flashtune":  # may read the base's tokenizer once: off the event loop
+        await run_in_threadpool(check_prompt_format, adapter, prompt_format, settings, "adapter")
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     item, context = _news_item(body, settings, "", known)
     started = time.perf_counter()
@@ -86,6 +98,7 @@ def analyze_batch(
     served = resolve_served(session=session, settings=settings, name=body.adapter or settings.default_adapter)
     adapter = served.adapter
     session.close()
+    check_prompt_format(adapter, server.prompt_format(adapter), settings, "adapter")
     known = server.input_fields(adapter, partial(dataset_input_fields, settings))
     prepared = [_news_item(item, settings, f"items.{i}", known) for i, item in enumerate(body.items)]
     started = time.perf_counter()
