@@ -240,8 +240,17 @@ def _plan_cuda(model: Any, batches: StepBatches, spec: TrainingSpec, dtype: torc
     hp = spec.hp
     micro_tokens = min(batches.max_step_tokens(hp.epochs), hp.micro_batch_size * hp.max_length)
     compute = Compute(dtype, cuda_capability(spec.cuda_capability))
+    longest = min(max(batches.lengths, default=hp.max_length), hp.max_length)
     return plan_cuda(
-        model, micro_tokens, hp.max_length, batches.pad_id, hp.batch_size, spec.gpu_memory_gib, spec.cuda, compute
+        model,
+        micro_tokens,
+        hp.max_length,
+        batches.pad_id,
+        hp.batch_size,
+        spec.gpu_memory_gib,
+        spec.cuda,
+        compute,
+        longest,
     )
 
 

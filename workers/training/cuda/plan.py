@@ -14,7 +14,11 @@ the memory left after loading it, so it is decided here, up front, and reported 
 - **Micro-batch size in tokens.** As many packed tokens per forward pass as the free memory holds, up to the
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
   four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The estimate of
-  activation memory per token is measured on the 7B shape (~5.2 MB per token without checkpointing).
+  activation memory per token is measured on the 7B shape (~5.2 MB per token without checkpointing, Liger off;
+  3.6-4.6 with it). Where a step needs several micro-batches, they are balanced
+  (``workers.training.packing.pack_by_tokens``) and the row every micro-batch is padded to is only as long as
+  balancing needs (:func:`balanced_row`): a step of 2,672 tokens within 13 GiB is two rows of ~1,500, not four
+  of 816.
 - **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
   forward costs ~1/3 more compute.
 - **Fused linear cross-entropy** (Liger) when importable and its kernels warm up: the ``T x vocab`` logits are never
@@ -67,12 +71,15 @@ from workers.training.spec import CudaOptions
 
 GIB = 2**30
 # Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces.
-RESERVE_BYTES = 2 * GIB
-USABLE_FRACTION = 0.85
+# Sized on the 7B shape (H100, session 13): with the graphs captured without a second copy of the activations
+# (``workers.training.cuda.graphs``), the peak stays ~2 GiB under a cap planned with these.
+RESERVE_BYTES = 1 * GIB
+USABLE_FRACTION = 0.9
 # Saved activations per token and layer, in bf16 values: ~10 per hidden unit (norms, q/k/v, attention output,
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
-# = 5.1 MB per token for the 7B shape, against 5.2 MB measured; 25% margin on top.
-ACTIVATION_MARGIN = 1.25
+# = 5.1 MB per token for the 7B shape, against 5.2 MB measured with transformers' layers and 3.6-4.6 MB with
+# Liger's (the T4 plan and the 13 GiB cap of session 12); 10% margin on top.
+ACTIVATION_MARGIN = 1.1
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
 
@@ -183,6 +190,14 @@ def size_micro_batch(
     return max(min(step_tokens, fits), max_length), True  # the OOM fallback (workers.retry) takes it from here
 
 
+def balanced_row(micro_tokens: int, step_tokens: int, longest: int) -> int:
+    """The longest row a step of at most ``step_tokens`` tokens needs when split into as few balanced micro-batches
+    of at most ``micro_tokens`` as its size allows: each gets the step's mean share plus at most one sample
+    (``longest``: the job's longest sample), the bound of ``pack_by_tokens``' balancing."""
+    count = -(-step_tokens // max(micro_tokens, 1))
+    return min(micro_tokens, step_tokens, -(-step_tokens // count) + longest)
+
+
 def liger_fused_ce() -> Any:
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -277,18 +292,21 @@ def plan_cuda(
     memory_cap_gib: float | None = None,
     options: CudaOptions = CudaOptions(),
     compute: Compute = Compute(),
+    longest: int | None = None,
 ) -> CudaPlan:
     """Decide the CUDA path for this model and job (see the module docstring), within what ``options`` allow.
 
-    ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step."""
+    ``step_tokens``: the most tokens one optimizer step's samples hold; ``max_samples``: samples per step;
+    ``longest``: the job's longest sample (default ``max_length``)."""
     base = model.get_base_model()
     fused_ce, fused_layers, fallbacks = _liger(base, compute.dtype, options.fused_layers)
     attention, attention_note = set_attention(base, options.varlen, compute)
     free = free_memory(memory_cap_gib)
-    micro_tokens, checkpointing = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
+    sized = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
     kept = 0
-    if options.keep_dequantized and not checkpointing:
-        kept = _keep_dequantized_if_spare(base, free, (micro_tokens, False), step_tokens, max_length, fused_ce)
+    if options.keep_dequantized and not sized[1]:
+        kept = _keep_dequantized_if_spare(base, free, sized, step_tokens, max_length, fused_ce)
+    micro_tokens, checkpointing = balanced_row(sized[0], step_tokens, longest or max_length), sized[1]
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
