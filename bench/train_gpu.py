@@ -328,10 +328,11 @@ def seed_spec(
 ) -> TrainingSpec:
     """The job the worker would train on the user's seed instructions: real text through the built-in tokenizer
     (saved beside the checkpoint), duplicates dropped as POST /datasets does, 10% held out as the worker's job
-    loads it; the user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v) unless ``overrides`` say
-    otherwise. ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``; ``cuda`` and ``balanced`` turn pieces of the CUDA
-    path and the steps' balancing off (``WORKER_RUNS``); ``compute_dtype`` and ``cuda_capability`` are
-    ``FLASHTUNE_COMPUTE_DTYPE`` and ``FLASHTUNE_CUDA_CAPABILITY``."""
+    loads it with the recipe's seed (42; with another ``seed`` in ``overrides`` too, so that runs of other seeds are
+    judged on the same held-out samples); the user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v)
+    unless ``overrides`` say otherwise. ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``; ``cuda`` and
+    ``balanced`` turn pieces of the CUDA path and the steps' balancing off (``WORKER_RUNS``); ``compute_dtype`` and
+    ``cuda_capability`` are ``FLASHTUNE_COMPUTE_DTYPE`` and ``FLASHTUNE_CUDA_CAPABILITY``."""
     from service.datasets.store import hold_out
     from service.jobs.hyperparameters import Hyperparameters, resolve
     from service.llm.builtin.model import builtin_tokenizer
@@ -342,7 +343,7 @@ def seed_spec(
     unique = dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output"))
     examples = [Example(*key) for key in unique]
     hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
-    train_set, validation = hold_out(examples, hp.validation_fraction, hp.seed)
+    train_set, validation = hold_out(examples, hp.validation_fraction, HOLD_OUT_SEED)  # one split for every seed
     return TrainingSpec(
         job_id=1,
         base_model="deepseek-7b-shaped",
@@ -374,6 +375,7 @@ def seed_spec(
 # the packed mask, graphed), within 15 GiB.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_CHECKPOINT = "/tmp/deepseek-7b-shaped"
+HOLD_OUT_SEED = 42  # the recipe's default seed: the held-out split the worker makes for the user's job
 # The keys that need the NF4 base this process loads (run_on_one_base); the exactness checks run with them
 BASE_KEYS = {"flex", "sdpa", "torchce", "r16", "mem", "mem_nockpt", "bf16base", "hf", "exactness"}
 WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
@@ -390,6 +392,9 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("worker_t4_plan", {"compute_dtype": "float16", "cuda_capability": "7.5", "memory_cap_gib": 15.0}),
     # within the peers' own peak memory (session 12, H100: TRL 13.9 GiB at r 8 q/v, Unsloth 17.95 at r 16 all-linear)
     ("worker_cap13", {"memory_cap_gib": 13.0}),
+    # the worker's own spread of held-out loss over seeds (shuffle, LoRA init, dropout), against the peers'
+    ("worker_seed1", {"seed": 1}),
+    ("worker_seed2", {"seed": 2}),
     ("worker_r16_cap17", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL_LINEAR, "memory_cap_gib": 17.0}),
 ]
 
@@ -615,11 +620,12 @@ def run_peers(
     results: list[dict[str, Any]],
     save: Callable[[], None],
 ) -> None:
-    """The peers (``PEER_RUNS``), each in its own process; ``unsloth_d0`` only when ``--only`` names it. Once an
-    Unsloth variant fails before Unsloth imported, the others are reported with its reason instead of run."""
+    """The peers (``PEER_RUNS``), each in its own process; ``unsloth_d0`` and the other seeds only when ``--only``
+    names them. Once an Unsloth variant fails before Unsloth imported, the others are reported with its reason
+    instead of run."""
     no_unsloth = ""
     for key in PEER_RUNS:
-        if (only and key not in only) or (not only and key == "unsloth_d0"):
+        if (only and key not in only) or (not only and key in {"unsloth_d0", "trl_seed1", "trl_seed2"}):
             continue
         if no_unsloth and PEER_RUNS[key][0] == "unsloth":
             results.append({"variant": key, "error": no_unsloth, "reason": f"not run: {no_unsloth}"})

@@ -57,10 +57,13 @@ PEER_RUNS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "unsloth": ("unsloth", QV8, {}),
     "unsloth_r16": ("unsloth", R16, {}),
     "unsloth_d0": ("unsloth", QV8, {"lora_dropout": 0.0}),
+    "trl_seed1": ("trl", {"seed": 1}, {}),  # the seeds' spread of held-out loss (the split stays seed 42's)
+    "trl_seed2": ("trl", {"seed": 2}, {}),
 }
 # FlashTune's variant each peer is compared with (bench/train_gpu.py WORKER_RUNS)
 COUNTERPART = {"trl": "worker", "trl_r16": "worker_r16", "unsloth": "worker", "unsloth_r16": "worker_r16"}
 COUNTERPART["unsloth_d0"] = "worker"
+COUNTERPART |= {"trl_seed1": "worker_seed1", "trl_seed2": "worker_seed2"}
 
 
 def log(*args: Any) -> None:
