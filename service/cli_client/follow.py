@@ -28,6 +28,7 @@ STARTING = {
     "dataset": "starting training",
     "cuda_plan": "starting training",
     "resumed": "resuming from a checkpoint",
+    "resume_refused": "starting training from step 0 (the job's checkpoint is another run's)",
 }
 AFTER_EVALUATION = {"evaluation", "published", "base_cache", "promotion", "alias"}
 BUILTIN_NOTE = " (the built-in model is built on its first use, ~30 s)"

@@ -1,11 +1,13 @@
 """Checkpoints of the fp16 plan (issue 21): the ``GradScaler``'s state is saved with a checkpoint, inside its fence,
 and restored on resume, so a resumed job goes on with the loss scale it had reached instead of the initial one (and
 does not skip steps again to get back there). On the CPU: ``torch.amp.GradScaler("cpu")`` keeps the same state as the
-CUDA one, and a tiny peft model stands in for the base."""
+CUDA one, and a tiny peft model stands in for the base. Also: a checkpoint records the run it belongs to, and a run
+resumes only from its own (``checkpoints.mismatch``, ``recipe._resume``)."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -92,3 +94,46 @@ def test_a_skipped_step_is_counted_in_the_checkpointed_history() -> None:
     )
     recipe._report_skipped(run, 7)  # type: ignore[arg-type]
     assert run.history["skipped_steps"] == [3] and events[-1]["skipped_steps"] == 3
+
+
+def _identity(tmp_path: Path, **hp: object) -> tuple[Any, dict[str, Any]]:
+    from tests.conftest import builtin_spec
+
+    spec = builtin_spec(tmp_path, tmp_path / "no-model", **hp)
+    return spec, checkpoints.identity(spec)
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed_from_and_goes_at_the_first_checkpoint(tmp_path: Path) -> None:
+    """Job 1's folder holds job 7's checkpoints (a job id reused over a kept DATA_DIR): job 1 starts at step 0 with
+    an event that says why, and its first checkpoint removes them, however new they are."""
+    spec, own = _identity(tmp_path)
+    other = {**own, "job_id": 7, "dataset_sha256": "ab" * 32}
+    model, optimizer, scheduler = _run()
+    checkpoints.save(spec.job_dir, 40, model, optimizer, scheduler, {}, run=other)
+    reason = checkpoints.mismatch(spec.job_dir, own)
+    assert reason is not None and "step-00000040" in reason and "job_id, dataset_sha256" in reason
+    events: list[tuple[str, dict[str, Any]]] = []
+    hooks = SimpleNamespace(on_event=lambda type, message, data: events.append((type, data)))
+    assert recipe._resume(spec, hooks, *_run(), {}, None) == 0  # type: ignore[arg-type]
+    assert events == [("resume_refused", {"reason": reason})]
+    checkpoints.save(spec.job_dir, 2, model, optimizer, scheduler, {}, run=own)
+    assert [p.name for p in checkpoints.complete(spec.job_dir)] == ["step-00000002"]
+    assert checkpoints.mismatch(spec.job_dir, own) is None
+    assert recipe._resume(spec, hooks, *_run(), {}, None) == 2 and len(events) == 1  # type: ignore[arg-type]
+
+
+def test_the_identity_is_the_run_not_how_its_steps_are_split(tmp_path: Path) -> None:
+    """The memory fallback halves the micro-batch between attempts of the same steps: still the same run. Another
+    learning rate is not; a checkpoint written before identities were recorded is resumed from as before."""
+    spec, own = _identity(tmp_path)
+    split = checkpoints.identity(
+        replace(spec, hp=spec.hp.model_copy(update={"micro_batch_size": 1, "gradient_accumulation_steps": 4}))
+    )
+    assert split == own
+    model, optimizer, scheduler = _run()
+    checkpoints.save(spec.job_dir, 3, model, optimizer, scheduler, {}, run=own)
+    _, faster = _identity(tmp_path, learning_rate=0.1)
+    assert "hyperparameters.learning_rate" in (checkpoints.mismatch(spec.job_dir, faster) or "")
+    legacy = tmp_path / "legacy"
+    checkpoints.save(legacy, 3, model, optimizer, scheduler, {})
+    assert checkpoints.mismatch(legacy, own) is None and checkpoints.restore(legacy, *_run(), {}) == 3

@@ -62,8 +62,38 @@ def test_interrupt_checkpoints_and_resume_continues(tmp_path: Path, builtin_mode
     assert info["resumed_from_step"] == 3 and "resumed" in events
     assert [s for s, _ in info["losses"]["step_loss"]] == [1, 2, 3, 4, 5, 6]
     # published, and the checkpoints are still there: the worker removes them once it has recorded the success
-    # (tests/unit/test_success_checkpoints.py), so a takeover before that resumes from step 4, not from 0
-    assert [p.name for p in checkpoints.complete(spec.job_dir)] == ["step-00000003", "step-00000004"]
+    # (tests/unit/test_success_checkpoints.py), so a takeover before that resumes from the last step, not from 0
+    assert [p.name for p in checkpoints.complete(spec.job_dir)] == ["step-00000004", "step-00000006"]
+
+
+def test_an_attempt_that_dies_after_training_leaves_only_evaluation_and_publishing(
+    tmp_path: Path, builtin_model_cache: Path
+) -> None:
+    """The last step is checkpointed: an attempt that dies while it evaluates (here: when it reports the evaluation)
+    leaves the next one no step to train; it resumes at the end, evaluates and publishes the same weights."""
+    spec = _spec(tmp_path, builtin_model_cache, steps_examples=12, checkpoint_every=50)  # 3 steps, no periodic one
+
+    def die_at_evaluation(type: str, message: str, data: object) -> None:
+        if type == "evaluation":
+            raise RuntimeError("the worker died")
+
+    try:
+        train(spec, Hooks(on_event=die_at_evaluation))
+        raise AssertionError("expected the attempt to die")
+    except RuntimeError:
+        pass
+    assert [p.name for p in checkpoints.complete(spec.job_dir)] == ["step-00000003"] and not spec.adapter_dir.exists()
+    trained = load_file(str(checkpoints.complete(spec.job_dir)[-1] / "adapter_model.safetensors"))
+    steps: list[int] = []
+    events: list[tuple[str, str]] = []
+    info = train(
+        spec, Hooks(on_progress=lambda p, force: steps.append(p.step), on_event=lambda t, m, d: events.append((t, m)))
+    )
+    assert steps == [] and info["resumed_from_step"] == info["total_steps"] == 3
+    assert ("resumed", "resumed from checkpoint at step 3 (training is done: on to the evaluation)") in events
+    assert [s for s, _ in info["losses"]["step_loss"]] == [1, 2, 3] and "evaluation" in [t for t, _ in events]
+    published = load_file(str(spec.adapter_dir / "adapter_model.safetensors"))
+    assert published.keys() == trained.keys() and all(torch.equal(published[k], trained[k]) for k in trained)
 
 
 def test_evaluation_scores_base_and_adapter_in_one_batch_as_apart(tmp_path: Path, builtin_model_cache: Path) -> None:

@@ -2,7 +2,9 @@
 
 - ``setup`` loads the base and attaches LoRA, tokenises the examples, plans the CUDA path, builds the optimizer and
   resumes from the newest complete checkpoint in the job's folder (a requeued job continues where it stopped);
-- ``fit`` runs the optimizer steps, one ``optimizer_step`` each, reporting after every step and checkpointing;
+- ``fit`` runs the optimizer steps, one ``optimizer_step`` each, reporting after every step and checkpointing
+  (every ``checkpoint_every`` steps, at each epoch's end, when stopped, and after the last step, so that an attempt
+  that dies in ``finish`` leaves its successor only the evaluation and the publishing to do);
 - ``finish`` evaluates base against adapter on the held-out split and publishes the adapter with its
   ``training_info.json``. The checkpoints stay: the worker removes them once it has recorded the job's success
   (``workers.worker``), so that a takeover before that resumes from them.
@@ -136,10 +138,11 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
     optimizer, scheduler = _optimizer(trainable, spec.hp, total_steps, fused=plan.device == "cuda")
     history: dict[str, list[Any]] = {"step_loss": [], "epoch_loss": [], "eval_loss": []}
     scaler = None if cuda is None else cuda.scaler  # fp16: the loss scale resumes where the checkpoint left it
-    start_step = checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history, scaler)
+    start_step = _resume(spec, hooks, model, optimizer, scheduler, history, scaler)
     dist.sync_start(trainable, spec.hp.seed, start_step)  # multi-GPU: every rank starts from rank 0's weights
     if start_step:
-        hooks.on_event("resumed", f"resumed from checkpoint at step {start_step}", {"step": start_step})
+        done = " (training is done: on to the evaluation)" if start_step >= total_steps else ""
+        hooks.on_event("resumed", f"resumed from checkpoint at step {start_step}{done}", {"step": start_step})
     return Run(
         spec=spec,
         hooks=hooks,
@@ -160,6 +163,19 @@ def setup(spec: TrainingSpec, hooks: Hooks, dist: Distributed = SINGLE) -> Run:
         skipped_steps=int((history.get("skipped_steps") or [0])[0]),  # by earlier attempts too
         base_copy=base_copy,
     )
+
+
+def _resume(
+    spec: TrainingSpec, hooks: Hooks, model: Any, optimizer: Any, scheduler: Any, history: dict[str, Any], scaler: Any
+) -> int:
+    """The step to start from: the newest complete checkpoint's, restored, if it is this run's
+    (``checkpoints.mismatch``); else 0, with a ``resume_refused`` event that says why (the run's first checkpoint
+    removes the other run's). Every rank reads the same files and decides alike."""
+    refused = checkpoints.mismatch(spec.job_dir, checkpoints.identity(spec))
+    if refused is None:
+        return checkpoints.restore(spec.job_dir, model, optimizer, scheduler, history, scaler)
+    hooks.on_event("resume_refused", f"not resumed: {refused}; training from step 0", {"reason": refused})
+    return 0
 
 
 def _load(spec: TrainingSpec, hooks: Hooks, save: bool = True) -> tuple[LoadPlan, Any, Any, warm_base.BaseCopy | None]:
@@ -324,7 +340,8 @@ def optimizer_step(run: Run, micro: list[Batch] | list[PackedBatch]) -> tuple[to
 
 def after_step(run: Run, pace: Pace, done: int, loss: float, skipped: bool = False) -> None:
     """Record and report step ``done`` (``skipped``: its fp16 gradients overflowed, the weights and the learning-rate
-    schedule stay where they were); at an epoch's end the validation loss; checkpoint when due or stopping."""
+    schedule stay where they were); at an epoch's end the validation loss; checkpoint when due, when stopping and
+    after the last step (an attempt that dies while evaluating or publishing leaves the next one nothing to train)."""
     if skipped:
         _report_skipped(run, done)
     else:
@@ -339,10 +356,13 @@ def after_step(run: Run, pace: Pace, done: int, loss: float, skipped: bool = Fal
     stop = run.hooks.should_stop()
     if stop and not epoch_end:
         run.hooks.on_progress(progress, True)  # not throttled: a requeued job shows the step it checkpointed
-    due = epoch_end or done % run.spec.checkpoint_every == 0 or stop
-    if run.dist.is_main and done < run.total_steps and due:
-        spec, fence = run.spec, run.hooks.fence
-        checkpoints.save(spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history, fence, run.scaler)
+    due = epoch_end or done % run.spec.checkpoint_every == 0 or stop or done == run.total_steps
+    if run.dist.is_main and due:
+        spec, fence, scaler = run.spec, run.hooks.fence, run.scaler
+        identity = checkpoints.identity(spec)
+        checkpoints.save(
+            spec.job_dir, done, run.model, run.optimizer, run.scheduler, run.history, fence, scaler, identity
+        )
         run.hooks.on_event("checkpoint", f"checkpoint at step {done}", {"step": done})
     if stop:
         raise Interrupted(f"stopped at step {done}")
