@@ -150,8 +150,8 @@ class Settings(BaseSettings):
     max_merged_models: int = Field(default=1, ge=1, description="merged copies kept in memory (each a whole model)")
     cuda_graph_scoring: bool = Field(
         default=True,
-        description="on CUDA, label scoring of small batches replays CUDA graphs (one per prompt-length "
-        "bucket, batch of 1, 2 or 4 and adapter, captured between requests, never by one)",
+        description="on CUDA, label scoring replays CUDA graphs (one per prompt-length bucket, batch of 1, 2, "
+        "4, 8, 16 or 32 rows up to batch_max_size, and adapter; captured between requests, never by one)",
     )
     cuda_graph_decoding: bool = Field(
         default=True,

@@ -47,7 +47,7 @@ from service.llm.prompts import (
     render_prompt,
     render_response_prefix,
 )
-from service.llm.scoring_graphs import WIDTH_MULTIPLE, ScoringGraphs
+from service.llm.scoring_graphs import ONE_PASS_ROWS, WIDTH_MULTIPLE, ScoringGraphs
 from service.llm.token_tree import Group, encode_items
 
 Text = str | NewsItem  # a news text, or a text with metadata / market context
@@ -241,7 +241,7 @@ def build_prompts(
     return prompts
 
 
-ONE_PASS_MAX_TEXTS = 4  # up to this many texts (a graphed batch), classify scores every stage in one pass
+ONE_PASS_MAX_TEXTS = ONE_PASS_ROWS  # up to this many texts (1), classify scores every stage in one pass; see there
 
 
 def label_groups(prompt: str) -> list[Group]:
@@ -274,12 +274,14 @@ def classify(
     :func:`group_logprobs`).
 
     Greedy, stage by stage: the best star, the label probabilities after it, the best reaction after that star and
-    label. A few texts (a batch that is bound by launching kernels, and graphed) take one forward pass, their
-    token trees holding the reactions after every star and label too. More texts (bound by compute) take two: the
-    stars and labels, then the reactions after the chosen star and label only, less than half the tokens (about
-    230 against 543 for a 49-token prompt). On an H200 (7B shape, ``bench/profile_label_gpu.py``) one text took
-    31 ms in one pass and 42 ms in two on the NF4 base, while two passes served 1.4x the requests/s of one at
-    batches of ~55.
+    label. One text takes one forward pass, its token tree holding the reactions after every star and label too.
+    More texts take two: the stars and labels, then the reactions after the chosen star and label only, about half
+    the tokens (padded to 64: 192 + 128 against 576 for a bench news item of ~20 tokens). Both are replayed from
+    CUDA graphs at every batch size the batcher makes (``service.llm.scoring_graphs``), so what is left of a pass
+    is its GPU work, which grows with the tokens: on an H200 (7B shape, ``bench/profile_label_gpu.py``, graphed) one
+    text took 19.6 ms in one pass and 22.0 in two on the merged copy (the second pass's fixed cost), while at 2 to 4
+    texts one pass computes 1.8x the tokens of two; two passes served 1.4x the requests/s of one at batches
+    of ~55.
     """
     prompts = build_prompts(model, tokenizer, texts, instructions)
     one_pass = len(prompts) <= ONE_PASS_MAX_TEXTS

@@ -10,7 +10,8 @@ with no LoRA layers and no NF4 dequantisation: faster, at the memory of a full c
 ``max_merged_models`` copies, least recently used dropped).
 
 Each cache owns the CUDA graphs captured on its models (label scoring, ``service.llm.scoring_graphs``; decoding,
-``service.llm.decoding``), and forgets them whenever the weights they replay change or go. The scoring graphs are
+``service.llm.decoding``), and forgets them whenever the weights they replay change or go; the scoring graphs of the
+attached base, in all its adapter states, share one memory pool. The scoring graphs are
 never captured by a request (``defer``, ``service.llm.scoring_graphs``): a shape a request meets without its graph
 runs eagerly, and :meth:`AttachedAdapters.capture_pending` / :meth:`MergedModels.capture_pending` capture what is
 pending, one graph a call, when the engine's model thread has nothing else to do. A model state (an adapter) seen for
@@ -38,7 +39,7 @@ from service.llm.decoding import GraphDecoder, attach, decoder_for, eos_ids
 from service.llm.modeling import pick_device
 from service.llm.prompts import INPUT_FIELDS
 from service.llm.scoring import BASE, adapter_active
-from service.llm.scoring_graphs import ScoringGraphs
+from service.llm.scoring_graphs import GraphPool, ScoringGraphs
 from service.serving.gathered_lora import GatheredLoRA
 
 # LoRA layer classes whose forward takes adapter_names (peft.tuners.lora: Linear, Embedding, Conv*; bitsandbytes
@@ -124,14 +125,18 @@ def _graphs_wanted(settings: Settings) -> bool:
     return settings.cuda_graph_scoring and pick_device(settings.device) == "cuda"
 
 
-SCORING_SHAPES = 12  # scoring graphs kept per model state (adapter): 4 widths at each row bucket
+# scoring graphs kept per model state (adapter): 4 widths, each in one pass at 1 row and in two at 2 to 32 rows
+SCORING_SHAPES = 44
 
 
-def _graphs_for(graphs: dict[str, ScoringGraphs], name: str) -> ScoringGraphs:
-    """``name``'s scoring graphs (deferred capture), made wanting the shapes the other states of the model have."""
+def _graphs_for(
+    graphs: dict[str, ScoringGraphs], name: str, settings: Settings, pool: GraphPool | None = None
+) -> ScoringGraphs:
+    """``name``'s scoring graphs (deferred capture; every batch the micro-batcher makes; ``pool``: the model's
+    shared pool), made wanting the shapes the other states of the model have."""
     own = graphs.get(name)
     if own is None:
-        own = graphs[name] = ScoringGraphs(limit=SCORING_SHAPES, defer=True)
+        own = graphs[name] = ScoringGraphs(SCORING_SHAPES, defer=True, max_rows=settings.batch_max_size, pool=pool)
         for other in list(graphs.values()):
             for key, spec, keep in other.shapes():
                 own.want(key, spec, keep)
@@ -148,6 +153,7 @@ class AttachedAdapters:
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._mixable: dict[str, bool] = {}  # loaded adapter -> whether it can share a mixed batch
         self._graphs: dict[str, ScoringGraphs] = {}  # active adapter (BASE: none) -> its scoring CUDA graphs
+        self._pool = GraphPool()  # the one memory pool of those graphs
         self._gathered: GatheredLoRA | None = None  # the mixable adapters' stacked LoRA weights, while installed
 
     @property
@@ -163,6 +169,7 @@ class AttachedAdapters:
         self._loaded.clear()
         self._mixable.clear()
         self._graphs.clear()
+        self._pool = GraphPool()
         self._gathered = None
 
     def mixable(self, names: Iterable[str]) -> bool:
@@ -186,7 +193,7 @@ class AttachedAdapters:
 
     def scoring_graphs(self, name: str) -> ScoringGraphs | None:
         """The CUDA graphs of label scoring with ``name`` (``BASE``: none) active; None where scoring is not graphed."""
-        return _graphs_for(self._graphs, name) if _graphs_wanted(self.settings) else None
+        return _graphs_for(self._graphs, name, self.settings, self._pool) if _graphs_wanted(self.settings) else None
 
     @property
     def pending(self) -> int:
@@ -314,7 +321,7 @@ class MergedModels:
 
     def scoring_graphs(self, name: str) -> ScoringGraphs | None:
         """The CUDA graphs of label scoring on ``name``'s copy; None where scoring is not graphed."""
-        return _graphs_for(self._graphs, name) if _graphs_wanted(self.settings) else None
+        return _graphs_for(self._graphs, name, self.settings) if _graphs_wanted(self.settings) else None
 
     @property
     def pending(self) -> int:

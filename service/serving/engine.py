@@ -21,10 +21,13 @@ event loop, except :meth:`ModelServer.submit_async`, which only queues and await
 No request pays a CUDA-graph capture: label scoring never captures on a request's way (``defer``,
 ``service.llm.scoring_graphs``: a shape without its graph runs eagerly once). The batcher's thread captures what is
 pending between requests (:meth:`ModelServer._idle`, once no request has come for a moment): when the base loads it
-scores probe texts of three lengths eagerly (the widths of news items of ~20 to ~200 tokens), which makes the scoring
-graphs of those widths wanted at every row bucket (1, 2, 4), and captures them; a shape a request meets later, and
-every shape again after an adapter is loaded or evicted (the weights change), are captured the same way.
-:attr:`ModelServer.warming` says whether such work is pending (``/readyz``).
+scores probe texts of three lengths eagerly (the widths of news items of ~20 to ~200 tokens), alone and two at a
+time, which makes the scoring graphs of those widths wanted in one pass at 1 row and in two passes at every row
+bucket from 2 to ``batch_max_size`` (2, 4, 8, 16, 32), and captures them, before traffic: :attr:`ModelServer.warming`
+says that such work is pending (``/readyz``), and a client that waits for it meets no capture with the probe
+widths. Every shape is captured again after an adapter is loaded or evicted (the weights change), and a shape a
+request meets later (a longer text) the same way, between requests: a request that arrives meanwhile waits for one
+capture at most.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ from service.serving.batching import MicroBatcher
 from service.serving.types import Analysis
 
 DEFAULT_MAX_NEW_TOKENS = 80
-# scored once when the base loads, so that the scoring graphs of their widths are captured before any request
+# scored once when the base loads (alone: one pass; two at a time: two passes), so that the scoring graphs of their
+# widths are captured at every batch size before any request
 PROBE_TEXTS = (
     "美联储宣布加息25个基点，符合市场预期，美元指数小幅走强。",
     "央行公布最新货币政策报告，" * 6,
@@ -274,14 +278,16 @@ class ModelServer:
 
     def _idle(self) -> bool:
         """One piece of background work, from the batcher's thread while no request waits: score the probe texts
-        after the base loaded, else capture one pending scoring graph. Whether more may be left."""
+        after the base loaded (eagerly: a few passes), else capture one pending scoring graph (three passes of its
+        shape). Whether more may be left."""
         with self._lock:
             if self._probe:
                 self._probe = False
                 graphs = self._attached.scoring_graphs(BASE)
                 with adapter_active(self._attached.model, BASE):
                     for text in PROBE_TEXTS:
-                        classify(self._attached.model, self._tokenizer, [text], graphs=graphs)
+                        for rows in (1, 2):  # one pass, two passes (service.llm.scoring.ONE_PASS_MAX_TEXTS)
+                            classify(self._attached.model, self._tokenizer, [text] * rows, graphs=graphs)
                 self._attached.share_shapes()
                 return True
             if self._attached.model is not None and self._attached.capture_pending():

@@ -20,7 +20,7 @@ from service.llm.scoring import (
     continuation_logprobs,
     group_logprobs,
 )
-from service.llm.scoring_graphs import ROW_BUCKETS, ScoringGraphs, row_bucket
+from service.llm.scoring_graphs import ROW_BUCKETS, ScoringGraphs, row_bucket, same_pass
 
 TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady 🛢️"]
 
@@ -81,11 +81,11 @@ def test_tokenised_whole_where_the_prompt_does_not_end_at_a_token_boundary(
     assert got[1] == pytest.approx(alone(model, tokenizer, "利好消息", ["利好", "中性"]), abs=2e-4)
 
 
-@pytest.mark.parametrize("texts", [TEXTS, TEXTS * 2], ids=["one-pass", "two-passes"])
+@pytest.mark.parametrize("texts", [TEXTS[:1], TEXTS * 2], ids=["one-pass", "two-passes"])
 def test_classify_reads_the_stages_in_turn(model_and_tokenizer: tuple[Any, Any], texts: list[str]) -> None:
-    """A few texts are scored in one pass, more in two (``ONE_PASS_MAX_TEXTS``); either reads the stages in turn."""
+    """One text is scored in one pass, more in two (``ONE_PASS_MAX_TEXTS``); either reads the stages in turn."""
     model, tokenizer = model_and_tokenizer
-    assert (len(texts) <= ONE_PASS_MAX_TEXTS) == (texts is TEXTS)
+    assert (len(texts) <= ONE_PASS_MAX_TEXTS) == (len(texts) == 1)
     prompts = build_prompts(model, tokenizer, texts)
     for prompt, got in zip(prompts, classify(model, tokenizer, texts), strict=True):
         stars = alone(model, tokenizer, prompt, [f"{STAR_PREFIX}{s}星级" for s in STARS])
@@ -141,39 +141,71 @@ def test_graphed_scoring_pads_to_buckets_and_replays_new_inputs(model_and_tokeni
     _assert_same(classify(model, tokenizer, TEXTS[:1], graphs=graphs), classify(model, tokenizer, TEXTS[:1]))
     captured = len(graphs)
     _assert_same(classify(model, tokenizer, TEXTS[1:2], graphs=graphs), classify(model, tokenizer, TEXTS[1:2]))
-    assert len(classify(model, tokenizer, TEXTS * 2, graphs=graphs)) == 6  # more rows than MAX_ROWS: eager
     assert len(graphs) == captured == 1
+    few = _CpuGraphs(max_rows=4)  # more rows than the bucket of max_rows: eager
+    assert len(classify(model, tokenizer, TEXTS * 2, graphs=few)) == 6 and len(few) == 0
 
 
 def test_row_buckets() -> None:
-    """A graphed batch's rows are padded up to the next bucket; beyond the last one nothing is graphed."""
-    assert [row_bucket(n) for n in range(1, 6)] == [1, 2, 4, 4, None]
-    assert ROW_BUCKETS == (1, 2, 4)
+    """A graphed batch's rows are padded up to the next bucket, up to the bucket that holds ``max_rows`` (the
+    batcher's batch_max_size); a width is wanted at every bucket of its pass (one text: one pass, more: two)."""
+    assert ROW_BUCKETS == (1, 2, 4, 8, 16, 32, 64) and ONE_PASS_MAX_TEXTS == 1
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 8, 9, 17, 33, 64, 65)] == [1, 2, 4, 8, 8, 16, 32, 64, 64, None]
+    assert [row_bucket(n, max_rows=32) for n in (24, 32, 33)] == [32, 32, None]
+    assert [row_bucket(n, max_rows=20) for n in (20, 32, 33)] == [32, 32, None]  # the bucket that holds 20 rows
+    assert same_pass(1, 32) == [1] and same_pass(8, 32) == same_pass(2, 32) == [2, 4, 8, 16, 32]
 
 
 def test_deferred_graphs_never_capture_in_a_pass(model_and_tokenizer: tuple[Any, Any]) -> None:
-    """With ``defer`` a pass runs eagerly and only remembers its shape, at every row bucket; ``capture_next`` captures
-    them one by one from placeholder inputs; then batches of 1 to 4 texts of that width replay (3 rows padded to 4)
-    and score as eagerly. Dropping the graphs (``invalidate``) keeps the shapes to capture again."""
+    """With ``defer`` a pass runs eagerly and only remembers its shape, at every row bucket of its pass;
+    ``capture_next`` captures them one by one from placeholder inputs; then batches of that width replay (3 rows
+    padded to 4) and score as eagerly. Dropping the graphs (``invalidate``) keeps the shapes to capture again."""
     model, tokenizer = model_and_tokenizer
-    graphs = _CpuGraphs(defer=True)
+    graphs = _CpuGraphs(defer=True, max_rows=4)
     texts = [TEXTS[0]] * 4
     eager = classify(model, tokenizer, texts[:3])
-    _assert_same(classify(model, tokenizer, texts[:3], graphs=graphs), eager)
-    assert len(graphs) == 0 and graphs.pending == len(ROW_BUCKETS)
+    _assert_same(classify(model, tokenizer, texts[:1], graphs=graphs), eager[:1])  # one pass: 1 row
+    _assert_same(classify(model, tokenizer, texts[:3], graphs=graphs), eager)  # two passes: 2 and 4 rows
+    wanted = 1 + 2 * 2
+    assert len(graphs) == 0 and graphs.pending == wanted
     captured = 0
     while graphs.capture_next(model):
         captured += 1
-    assert captured == len(graphs) == len(ROW_BUCKETS) and graphs.pending == 0
+    assert captured == len(graphs) == wanted and graphs.pending == 0
     for rows in (1, 2, 3, 4):
         _assert_same(classify(model, tokenizer, texts[:rows], graphs=graphs), eager[:1] * rows)
-    assert len(graphs) == len(ROW_BUCKETS) and graphs.pending == 0  # nothing new wanted: every pass replayed
+    assert len(graphs) == wanted and graphs.pending == 0  # nothing new wanted: every pass replayed
     graphs.invalidate()
-    assert len(graphs) == 0 and graphs.pending == len(ROW_BUCKETS)
+    assert len(graphs) == 0 and graphs.pending == wanted
     other = _CpuGraphs(defer=True)  # another state of the model (an adapter) takes the shapes over
     for key, spec, keep in graphs.shapes():
         other.want(key, spec, keep)
-    assert other.pending == len(ROW_BUCKETS)
+    assert other.pending == wanted
+
+
+class _CountingGraphs(_CpuGraphs):
+    """Counts replays: which passes took the graphed path."""
+
+    replays = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        logits = super().forward(*args, **kwargs)
+        self.replays += logits is not None
+        return logits
+
+
+def test_large_batches_replay_graphs_and_ignore_the_padded_rows(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """Batches of 5 to 32 texts (the micro-batcher's default batch_max_size) take the graphed path in both passes,
+    padded up to 8, 16 or 32 rows; the padded rows hold what an earlier, larger batch of that bucket left there
+    (other texts) and change nothing: every batch scores as it does eagerly."""
+    model, tokenizer = model_and_tokenizer
+    texts = [f"{TEXTS[i % 3]} 第{i}条" for i in range(32)]
+    graphs = _CountingGraphs(max_rows=32)
+    for rows in (32, 8, 5, 16, 12):  # 5 replays the graph of 8 after 8 texts: its padded rows hold texts 5 to 7
+        before = graphs.replays
+        _assert_same(classify(model, tokenizer, texts[:rows], graphs=graphs), classify(model, tokenizer, texts[:rows]))
+        assert graphs.replays - before == 2  # both passes replayed
+    assert len(graphs) == 2 * 3  # both passes at 8, 16 and 32 rows
 
 
 def test_a_failed_mixed_batch_leaves_the_model_usable(builtin_model_cache: Path) -> None:

@@ -1,7 +1,8 @@
 """No request pays a CUDA-graph capture (service/serving/engine.py): on the CPU, with a stand-in for the graphs, the
 scoring graphs are captured by the batcher's thread between requests (after the base loads: the probe texts' widths
-at every row bucket; a width a request meets; every shape again after an adapter loads), never inside a request's
-pass, and the answers are those of eager scoring."""
+at every row bucket of their pass, up to batch_max_size, so that a news item of ordinary length meets no capture
+after the warm-up; every shape again after an adapter loads), never inside a request's pass, and the answers are
+those of eager scoring."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from service.core.config import Settings
 from service.core.layout import AdapterRef
-from service.llm.scoring_graphs import ROW_BUCKETS, ScoringGraphs
+from service.llm.scoring_graphs import ScoringGraphs, same_pass
 
 TEXTS = ["美联储宣布降息25个基点，市场预期进一步宽松", "某公司季度亏损扩大，股价盘前下跌", "Oil output steady"]
 
@@ -53,7 +54,7 @@ def test_scoring_graphs_are_captured_between_requests(
     builtin_model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from service.serving import adapters
-    from service.serving.engine import ModelServer
+    from service.serving.engine import PROBE_TEXTS, ModelServer
 
     serving: list[bool] = [False]  # inside a request's pass
     captures: list[bool] = []  # for each capture: whether a request's pass was running
@@ -65,7 +66,7 @@ def test_scoring_graphs_are_captured_between_requests(
 
     monkeypatch.setattr(adapters, "_graphs_wanted", lambda settings: True)
     monkeypatch.setattr(ScoringGraphs, "_capture", capture)
-    settings = Settings(data_dir=tmp_path, base_model=str(builtin_model_cache), device="cpu")
+    settings = Settings(data_dir=tmp_path, base_model=str(builtin_model_cache), device="cpu", batch_max_size=8)
     settings.ensure_dirs()
     adapter = _adapter(settings, builtin_model_cache, "job-1")
     server = ModelServer(settings)
@@ -83,20 +84,19 @@ def test_scoring_graphs_are_captured_between_requests(
     first = server.submit(TEXTS[0], None, 0)  # loads the base: eager, then the probe and its captures
     _wait_warm(server)
     probed = len(captures)
-    assert probed >= len(ROW_BUCKETS) and probed % len(ROW_BUCKETS) == 0  # each probe width at every bucket
+    per_width = 1 + 2 * len(same_pass(2, settings.batch_max_size))  # one pass at 1 row, two at 2, 4 and 8 rows
+    assert per_width == 7 and probed == len(PROBE_TEXTS) * per_width  # each probe width at every bucket
 
     def burst(texts: list[str], who: AdapterRef | None) -> list[Any]:
         with ThreadPoolExecutor(len(texts)) as pool:
             return list(pool.map(lambda t: server.submit(t, who, 0), texts))
 
-    for round_ in range(2):  # the second round replays what the first one made wanted
-        for rows in (1, 2, 3, 4):
-            answers = burst(TEXTS[:1] * rows, None)
-            assert all(a.prediction.label == first.prediction.label for a in answers)
-        _wait_warm(server)
-        if round_ == 0:
-            after_first_round = len(captures)
-    assert len(captures) == after_first_round
+    for rows in (1, 2, 3, 4, 8):  # a news item as long as the first probe text: its graphs were captured
+        answers = burst(TEXTS[:1] * rows, None)
+        assert all(a.prediction.label == first.prediction.label for a in answers)
+    _wait_warm(server)
+    after_first_round = len(captures)
+    assert after_first_round == probed
     eager = server.analyze(TEXTS, adapter, 0)  # loads the adapter: the weights change, every graph is dropped
     assert server.warming
     _wait_warm(server)
