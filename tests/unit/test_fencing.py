@@ -178,3 +178,14 @@ def test_publishing_goes_through_the_fence(tmp_path: Path) -> None:
         publish_adapter(PeftStandIn(), None, {"losses": {"step_loss": [[1, 0.5]]}, "other": 1}, adapter, fence=_refuse)
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == published
     assert [p.name for p in adapter.parent.iterdir()] == ["job-1"]  # the refused copy was removed
+
+
+def test_publishing_removes_what_a_killed_attempt_left(tmp_path: Path) -> None:
+    """An attempt killed while writing its adapter leaves its temporary folder; the attempt that publishes removes
+    it, and only the job's own (job-10's is another job's)."""
+    adapters = tmp_path / "adapters"
+    for name in (".job-1-k1lled_x", ".job-10-otherjob"):
+        (adapters / name).mkdir(parents=True)
+        (adapters / name / "adapter_model.safetensors").write_bytes(b"half")
+    publish_adapter(PeftStandIn(), None, {"losses": {}}, adapters / "job-1")
+    assert sorted(p.name for p in adapters.iterdir()) == [".job-10-otherjob", "job-1"]

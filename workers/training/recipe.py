@@ -512,9 +512,11 @@ def publish_adapter(
     model: Any, tokenizer: Any, info: dict[str, Any], adapter_dir: Path, fence: Fence = no_fence
 ) -> None:
     """Write the adapter into a temporary folder beside its final place, then rename it there atomically, inside
-    ``fence`` (``Hooks.fence``: only an attempt that still holds its job publishes)."""
+    ``fence`` (``Hooks.fence``: only an attempt that still holds its job publishes). The temporary folders that
+    earlier attempts of the job left there (killed while writing theirs) go at the same time."""
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
+    prefix = f".{adapter_dir.name}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=adapter_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         name_base_publicly(tmp)  # the files leave with the adapter: the base's public name, not its path
@@ -525,6 +527,9 @@ def publish_adapter(
             if adapter_dir.exists():  # a retried job whose previous attempt published: replace it
                 shutil.rmtree(adapter_dir)
             os.replace(tmp, adapter_dir)
+            for stale in adapter_dir.parent.iterdir():  # mkdtemp's names: the prefix and 8 characters
+                if stale.name.startswith(prefix) and len(stale.name) == len(prefix) + 8:
+                    shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
