@@ -15,10 +15,9 @@ the memory left after loading it, so it is decided here, up front, and reported 
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
   four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The estimate of
   activation memory per token is measured on the 7B shape (~5.2 MB per token without checkpointing, Liger off;
-  3.6-4.6 with it). Where a step needs several micro-batches, they are balanced
+  ~2 with it, above a fixed ~2 GiB). Where a step needs several micro-batches, they are balanced
   (``workers.training.packing.pack_by_tokens``) and the row every micro-batch is padded to is only as long as
-  balancing needs (:func:`balanced_row`): a step of 2,672 tokens within 13 GiB is two rows of ~1,500, not four
-  of 816.
+  balancing needs (:func:`balanced_row`).
 - **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
   forward costs ~1/3 more compute.
 - **Fused linear cross-entropy** (Liger) when importable and its kernels warm up: the ``T x vocab`` logits are never
@@ -70,15 +69,15 @@ from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed
 from workers.training.spec import CudaOptions
 
 GIB = 2**30
-# Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces.
-# Sized on the 7B shape (H100, session 13): with the graphs captured without a second copy of the activations
-# (``workers.training.cuda.graphs``), the peak stays ~2 GiB under a cap planned with these.
-RESERVE_BYTES = 1 * GIB
+# Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces: the
+# capped runs of the 7B shape (session 12's 13 GiB cap: 8.0 GiB peak at 816 tokens a micro-batch; the T4 plan's
+# 15 GiB: 8.6 GiB at 1,142) put ~2 GiB above the loaded model before the first token, and ~2 MB a token on top.
+RESERVE_BYTES = 2 * GIB
 USABLE_FRACTION = 0.9
 # Saved activations per token and layer, in bf16 values: ~10 per hidden unit (norms, q/k/v, attention output,
 # residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
-# = 5.1 MB per token for the 7B shape, against 5.2 MB measured with transformers' layers and 3.6-4.6 MB with
-# Liger's (the T4 plan and the 13 GiB cap of session 12); 10% margin on top.
+# = 5.1 MB per token for the 7B shape, against 5.2 MB measured with transformers' layers and ~2 MB with Liger's
+# (the two capped runs above); 10% margin on top.
 ACTIVATION_MARGIN = 1.1
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
