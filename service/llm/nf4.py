@@ -6,11 +6,8 @@ quarter of a label-scoring pass. Where memory allows, serving keeps each weight'
 very dequantisation bitsandbytes runs, and multiplies by it (:func:`keep_dense_copies`): label scoring went from
 28.6 to 20.3 ms, as fast as an unquantised bf16 base, at ~4x the memory of the packed weights (12 GiB against 3.5
 on the 7B shape). Passes over many tokens give bitsandbytes' own numbers, and with them the numbers the job's
-evaluation saw. A pass of one row (a decoding step at batch 1) still goes to bitsandbytes: on the GPU it runs a
-fused 4-bit gemv there, which reads a quarter of the bytes of the bf16 copy and took 24 us against 35-37 us per 7B
-MLP layer in a CUDA graph (H100, docs/benchmarks.md, session 12); it rounds differently from the plain bf16 product,
-so a batch-1 decoding step differs from the same row decoded in a larger batch by bf16 rounding, as it did before
-the copies were kept. Training keeps copies only between a pass and its backward
+evaluation saw. For a few rows (decoding steps) bitsandbytes on the GPU uses a fused 4-bit kernel instead, which
+rounds differently from the plain bf16 product. Training keeps copies only between a pass and its backward
 (``workers.training.cuda.plan.keep_dequantized_weights``).
 
 The copies are in the layers' compute dtype: bf16, or fp16 on a card without native bf16 (a T4 or V100,
@@ -54,8 +51,7 @@ def keep_dense_copies(layers: list[Any], free_bytes: int) -> bool:
     """Give each layer a bf16 copy of its weight and a forward pass that multiplies by it, if the copies take at
     most :data:`KEEP_FRACTION_OF_FREE` of ``free_bytes``; returns whether they were kept.
 
-    The packed weight stays (loading or merging an adapter may read it, and a one-row pass multiplies by it);
-    outputs are as the module docstring says.
+    The packed weight stays (loading or merging an adapter may read it); outputs are as the module docstring says.
     """
     if not layers or dequantized_bytes(layers) > KEEP_FRACTION_OF_FREE * free_bytes:
         return False
@@ -64,11 +60,7 @@ def keep_dense_copies(layers: list[Any], free_bytes: int) -> bool:
         dense = dequantize(layer.weight, dtype)
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
 
-        def forward(
-            x: torch.Tensor, dense: torch.Tensor = dense, bias: torch.Tensor | None = bias, packed: Any = layer.forward
-        ) -> torch.Tensor:
-            if x.numel() == x.shape[-1]:  # one row: bitsandbytes' 4-bit gemv reads fewer bytes (module docstring)
-                return packed(x)  # type: ignore[no-any-return]
+        def forward(x: torch.Tensor, dense: torch.Tensor = dense, bias: torch.Tensor | None = bias) -> torch.Tensor:
             return torch.nn.functional.linear(x.to(dense.dtype), dense, bias).to(x.dtype)
 
         layer.forward = forward

@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import bitsandbytes
-import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Params4bit
 
@@ -42,27 +38,6 @@ def test_dense_copies_give_bitsandbytes_outputs() -> None:
         after = model(x)
     assert torch.equal(before, after)
     assert after.dtype == torch.bfloat16
-
-
-def test_one_row_goes_to_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A one-row pass (a batch-1 decoding step) multiplies by the packed 4-bit weight (on the GPU bitsandbytes' gemv),
-    a larger one by the dense copy."""
-    model = _nf4_model()
-    layers = nf4_layers(model)
-    assert keep_dense_copies(layers, free_bytes=10 * dequantized_bytes(layers))
-    rows: list[int] = []
-    matmul_4bit = bitsandbytes.matmul_4bit
-
-    def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows.append(x.numel() // x.shape[-1])
-        return matmul_4bit(x, *args, **kwargs)
-
-    monkeypatch.setattr(bitsandbytes, "matmul_4bit", spy)
-    with torch.no_grad():
-        model(torch.randn(2, 1, 64, dtype=torch.bfloat16))
-        assert rows == []
-        model(torch.randn(1, 1, 64, dtype=torch.bfloat16))
-    assert rows == [1, 1]  # both layers
 
 
 def test_dense_copies_need_room() -> None:
