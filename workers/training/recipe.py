@@ -256,7 +256,7 @@ def _plan_cuda(model: Any, batches: StepBatches, spec: TrainingSpec, dtype: torc
     hp = spec.hp
     micro_tokens = min(batches.max_step_tokens(hp.epochs), hp.micro_batch_size * hp.max_length)
     compute = Compute(dtype, cuda_capability(spec.cuda_capability))
-    longest = min(max(batches.lengths, default=hp.max_length), hp.max_length)
+    longest = max(batches.lengths, default=hp.max_length)  # the rows are cut to max_length already (tokenized)
     return plan_cuda(
         model,
         micro_tokens,
