@@ -143,6 +143,31 @@ def test_micro_batch_sized_to_free_memory() -> None:
     assert size_micro_batch(shape, 4 * gib, 16 * 512, 512, True)[1]  # not even one sample: checkpointing
 
 
+def test_liger_layers_and_lora_modules_in_the_estimate() -> None:
+    """Liger's layers keep fewer activations than transformers' (3.5 MB a token with q/v LoRA on the 7B shape, which
+    session 13's capped run fits); every LoRA module adds its input and, with dropout, its mask."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from workers.training.cuda.plan import ACTIVATION_MARGIN, bytes_per_token, lora_saved_bytes
+
+    shape = SimpleNamespace(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, vocab_size=102400)
+    q_v = 2 * 3 * 4096  # q_proj and v_proj: the dropped-out input (2 bytes) and its mask (1 byte) each
+    fused = bytes_per_token(shape, False, True, fused_layers=True, lora_bytes=q_v) / ACTIVATION_MARGIN
+    assert 3.4e6 < fused < 3.6e6 and fused < bytes_per_token(shape, False, True) / ACTIVATION_MARGIN
+
+    def lora(dropout: float, targets: list[str]) -> float:
+        model = get_peft_model(tiny_llama("eager"), LoraConfig(r=4, target_modules=targets, lora_dropout=dropout))
+        return lora_saved_bytes(model, model.config.num_hidden_layers)
+
+    config = tiny_llama("eager").config
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    assert lora(0.05, ["q_proj", "v_proj"]) == 2 * 3 * hidden
+    assert lora(0.0, ["q_proj", "v_proj"]) == 2 * 2 * hidden
+    assert lora(0.05, ["gate_proj", "down_proj"]) == 3 * hidden + 3 * intermediate
+
+
 def test_token_cache_hits_and_misses(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from service.llm.builtin.model import _corpus, _train_tokenizer
     from service.llm.prompts import Example

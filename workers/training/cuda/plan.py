@@ -13,9 +13,12 @@ the memory left after loading it, so it is decided here, up front, and reported 
 
 - **Micro-batch size in tokens.** As many packed tokens per forward pass as the free memory holds, up to the
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
-  four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The estimate of
-  activation memory per token is measured on the 7B shape (~5.2 MB per token without checkpointing, Liger off;
-  ~2 with it, above a fixed ~2 GiB). Where a step needs several micro-batches, they are balanced
+  four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The activation
+  memory per token is counted from the model's shape, its layer kernels and its LoRA modules (:func:`bytes_per_token`:
+  5.2 MB per token measured on the 7B shape with transformers' layers; 3.5 MB counted with Liger's and q/v LoRA, which
+  session 13's capped run fits: 8.41 GiB peak at 1,052 tokens a row, 4.5 of them the loaded model). The ``cuda_plan``
+  event reports the peak allocated and reserved memory after the warm-up pass, so a plan can be checked against
+  its cap. Where a step needs several micro-batches, they are balanced
   (``workers.training.packing.pack_by_tokens``) and the row every micro-batch is padded to is only as long as
   balancing needs (:func:`balanced_row`).
 - **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
@@ -57,7 +60,9 @@ Nothing here is imported on the CPU path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -69,15 +74,12 @@ from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed
 from workers.training.spec import CudaOptions
 
 GIB = 2**30
-# Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights and CUDA workspaces: the
-# capped runs of the 7B shape (session 12's 13 GiB cap: 8.0 GiB peak at 816 tokens a micro-batch; the T4 plan's
-# 15 GiB: 8.6 GiB at 1,142) put ~2 GiB above the loaded model before the first token, and ~2 MB a token on top.
+# Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights, CUDA workspaces and the
+# graphs' pools. The capped runs of the 7B shape peaked at 8.0 GiB allocated (session 12, 13 GiB cap, 816 tokens a
+# row), 8.6 (the T4 plan's 15 GiB, 1,142) and 8.41 (session 13, 13 GiB, 1,052), the reserved memory at the cap.
 RESERVE_BYTES = 2 * GIB
 USABLE_FRACTION = 0.9
-# Saved activations per token and layer, in bf16 values: ~10 per hidden unit (norms, q/k/v, attention output,
-# residuals) and 4 per MLP unit (gate, up, activation, product). 10*4096 + 4*11008 values x 2 bytes x 30 layers
-# = 5.1 MB per token for the 7B shape, against 5.2 MB measured with transformers' layers and ~2 MB with Liger's
-# (the two capped runs above); 10% margin on top.
+# Over the counted activations (bytes_per_token).
 ACTIVATION_MARGIN = 1.1
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
@@ -99,6 +101,7 @@ class CudaPlan:
     capability: tuple[int, int] = (9, 0)  # the compute capability the plan was made for
     attention_note: str = ""  # why not varlen, when not
     fallbacks: tuple[str, ...] = ()  # fused pieces that failed to warm up, and what runs instead
+    warm_memory_gib: tuple[float, float] = (0.0, 0.0)  # peak allocated and reserved after the warm-up pass
 
     def describe(self) -> str:
         scaled = " with dynamic loss scaling" if self.scaler is not None else ""
@@ -111,7 +114,9 @@ class CudaPlan:
             f"{self._graphs_described()}, "
             f"{'NF4 weights dequantised once per pass, ' if self.kept_dequantized else ''}"
             f"{DTYPE_NAMES[self.dtype]} autocast{scaled} on sm{self.capability[0]}{self.capability[1]} "
-            f"({self.free_gib:.1f} GiB for activations after loading)" + "".join(f"; {note}" for note in self.fallbacks)
+            f"({self.free_gib:.1f} GiB for activations after loading; after the warm-up pass "
+            f"{self.warm_memory_gib[0]:.2f} GiB peak allocated, {self.warm_memory_gib[1]:.2f} reserved)"
+            + "".join(f"; {note}" for note in self.fallbacks)
         )
 
     def _graphs_described(self) -> str:
@@ -138,6 +143,8 @@ class CudaPlan:
             "capability": f"{self.capability[0]}.{self.capability[1]}",
             "attention_note": self.attention_note,
             "fallbacks": list(self.fallbacks),
+            "warm_up_peak_gib": round(self.warm_memory_gib[0], 2),
+            "warm_up_reserved_gib": round(self.warm_memory_gib[1], 2),
         }
 
     def pack(self, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[PackedBatch]:
@@ -166,26 +173,63 @@ def compute_autocast(dtype: torch.dtype = torch.bfloat16) -> torch.autocast:
     return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
 
-def bytes_per_token(config: Any, checkpointing: bool, fused_ce: bool) -> float:
-    """Activation memory of one packed token during forward+backward, estimated from the model's shape."""
+def bytes_per_token(
+    config: Any, checkpointing: bool, fused_ce: bool, *, fused_layers: bool = False, lora_bytes: float = 0.0
+) -> float:
+    """Activation memory of one packed token during forward+backward, estimated from the model's shape.
+
+    Saved per layer, in bf16 values: with transformers' layers ~10 per hidden unit (norms, q/k/v, attention output,
+    residuals) and 4 per MLP unit (gate, up, activation, product): 5.1 MB per token on the 7B shape, 5.2 measured.
+    With Liger's (``fused_layers``) 6 per hidden unit (each RMSNorm's input, q/k/v and the attention output) and 2 per
+    MLP unit (SwiGLU keeps gate and up): the frozen NF4 projections keep nothing. ``lora_bytes``: what one layer's
+    LoRA modules keep on top (:func:`lora_saved_bytes`)."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    per_layer = 2 * (10 * hidden + 4 * intermediate)
+    values = (6 * hidden + 2 * intermediate) if fused_layers else (10 * hidden + 4 * intermediate)
+    per_layer = 2 * values + lora_bytes
     # With checkpointing only each layer's input is kept, plus one layer recomputed at a time.
     activations = (2 * hidden * layers + per_layer) if checkpointing else per_layer * layers
     logits = 0 if fused_ce else 10 * config.vocab_size  # fp32 logits, their bf16 copy and the gradient
     return ACTIVATION_MARGIN * (activations + logits)
 
 
+def lora_saved_bytes(model: Any, layers: int) -> float:
+    """Bytes per token that one decoder layer's LoRA modules keep for their backward pass: each module the input its
+    A matrix multiplies (bf16, 2 bytes a feature) and, with dropout, the dropout's mask (1 byte a feature). Summed
+    over the model's LoRA modules and shared out over its ``layers``."""
+    total = 0.0
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict):
+            continue
+        dropouts = dict(getattr(module, "lora_dropout", {}))
+        for name, linear in lora_a.items():
+            dropout = dropouts.get(name)
+            masked = isinstance(dropout, torch.nn.Dropout) and dropout.p > 0
+            total += getattr(linear, "in_features", 0) * (3 if masked else 2)
+    return total / max(layers, 1)
+
+
 def size_micro_batch(
-    config: Any, free_bytes: int, step_tokens: int, max_length: int, fused_ce: bool
+    config: Any,
+    free_bytes: int,
+    step_tokens: int,
+    max_length: int,
+    fused_ce: bool,
+    *,
+    fused_layers: bool = False,
+    lora_bytes: float = 0.0,
 ) -> tuple[int, bool]:
     """(tokens per micro-batch, gradient checkpointing?) for the memory that is free."""
     usable = max(free_bytes * USABLE_FRACTION - RESERVE_BYTES, 0)
-    fits = int(usable // bytes_per_token(config, False, fused_ce))
+
+    def per_token(checkpointing: bool) -> float:
+        return bytes_per_token(config, checkpointing, fused_ce, fused_layers=fused_layers, lora_bytes=lora_bytes)
+
+    fits = int(usable // per_token(False))
     if fits >= max_length:
         return min(step_tokens, fits), False
-    fits = int(usable // bytes_per_token(config, True, fused_ce))
+    fits = int(usable // per_token(True))
     return max(min(step_tokens, fits), max_length), True  # the OOM fallback (workers.retry) takes it from here
 
 
@@ -301,10 +345,20 @@ def plan_cuda(
     fused_ce, fused_layers, fallbacks = _liger(base, compute.dtype, options.fused_layers)
     attention, attention_note = set_attention(base, options.varlen, compute)
     free = free_memory(memory_cap_gib)
-    sized = size_micro_batch(base.config, free, step_tokens, max_length, fused_ce is not None)
+    layers = base.config.num_hidden_layers
+    size = partial(
+        size_micro_batch,
+        base.config,
+        step_tokens=step_tokens,
+        max_length=max_length,
+        fused_ce=fused_ce is not None,
+        fused_layers=fused_layers,
+        lora_bytes=lora_saved_bytes(model, layers),
+    )
+    sized = size(free)
     kept = 0
     if options.keep_dequantized and not sized[1]:
-        kept = _keep_dequantized_if_spare(base, free, sized, step_tokens, max_length, fused_ce)
+        kept = _keep_dequantized_if_spare(base, free, sized, size)
     micro_tokens, checkpointing = balanced_row(sized[0], step_tokens, longest or max_length), sized[1]
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
@@ -334,7 +388,7 @@ def plan_cuda(
         fallbacks,
     )
     warm_up(plan, model, micro_tokens, pad_id)
-    return plan
+    return replace(plan, warm_memory_gib=(torch.cuda.max_memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB))
 
 
 def _liger(base: Any, dtype: torch.dtype, layers: bool) -> tuple[Any, bool, tuple[str, ...]]:
@@ -368,7 +422,7 @@ def set_attention(base: Any, varlen: bool, compute: Compute = Compute()) -> tupl
 
 
 def _keep_dequantized_if_spare(
-    base: Any, free: int, sized: tuple[int, bool], step_tokens: int, max_length: int, fused_ce: Any
+    base: Any, free: int, sized: tuple[int, bool], size: Callable[[int], tuple[int, bool]]
 ) -> int:
     """Keep the NF4 layers' bf16 weights for their backward passes where the micro-batch stays as large (``sized``)
     beside the dense copies; returns how many layers do."""
@@ -376,7 +430,7 @@ def _keep_dequantized_if_spare(
     if not layers:
         return 0
     spare = free - dequantized_bytes(layers)
-    if size_micro_batch(base.config, spare, step_tokens, max_length, fused_ce is not None) != sized:
+    if size(spare) != sized:
         return 0
     return keep_dequantized_weights(layers)
 
