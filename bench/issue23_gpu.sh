@@ -26,6 +26,7 @@ if [ "${1:-300}" != 0 ]; then
     grep -E "cuda_plan|FAILED|Error" "$OUT/train/$v.log" | cut -c1-400 | head -4
     tail -3 "$OUT/train/$v.log" | cut -c1-250
   done
+  tar -czf "$OUT/train.tgz" -C "$OUT" train && rm -rf "$OUT/train"  # a call brings back few files
 fi
 if [ "${2:-120}" != 0 ]; then
   timeout "${2:-120}" python3 bench/analyze_gpu.py --checkpoint $CK --adapters 1 \
@@ -40,3 +41,7 @@ if [ "${3:-200}" != 0 ]; then
   echo "http rc=$?"; date -u
   tail -40 "$OUT/http/log.txt" | cut -c1-250
 fi
+for part in gen http; do  # a call brings back few files: one archive a part
+  if [ -n "$(ls -A "$OUT/$part")" ]; then tar -czf "$OUT/$part.tgz" -C "$OUT" "$part"; fi
+  rm -rf "${OUT:?}/$part"
+done

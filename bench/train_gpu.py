@@ -26,7 +26,6 @@ gradients) against the 790 TFLOP/s bf16 matrix rate measured on this machine kin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -34,7 +33,7 @@ import shutil
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -394,35 +393,15 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("worker_t4_plan", {"compute_dtype": "float16", "cuda_capability": "7.5", "memory_cap_gib": 15.0}),
     # within the peers' own peak memory (session 12, H100: TRL 13.9 GiB at r 8 q/v, Unsloth 17.95 at r 16 all-linear)
     ("worker_cap13", {"memory_cap_gib": 13.0}),
+    ("worker_cap15", {"memory_cap_gib": 15.0}),  # within TRL's peak reserved memory (15.12 GiB, session 14)
     # the worker's own spread of held-out loss over seeds (shuffle, LoRA init, dropout), against the peers'
     ("worker_seed1", {"seed": 1}),
     ("worker_seed2", {"seed": 2}),
     ("worker_r16_cap17", {**R16, "memory_cap_gib": 17.0}),
-    # within the faster peer's peak reserved memory (TRL: 15.12 GiB at r 8 q/v, session 13; 20.2 allocated at r 16)
+    # within the faster peer's peak memory at r 16 (TRL: 20.2 GiB allocated, session 12)
     ("worker_r16_cap20", {**R16, "memory_cap_gib": 20.0}),
-    # the same caps with the plan's safety cut (TIGHT_PLAN): does one row a step fit the peer's memory?
-    ("worker_cap15_tight", {"memory_cap_gib": 15.0, "plan_constants": "tight"}),
-    ("worker_r16_cap20_tight", {**R16, "memory_cap_gib": 20.0, "plan_constants": "tight"}),
+    ("worker_r16_cap21", {**R16, "memory_cap_gib": 21.0}),
 ]
-# The CUDA plan's safety (workers.training.cuda.plan: RESERVE_BYTES, USABLE_FRACTION, ACTIVATION_MARGIN) cut for
-# the ``*_tight`` variants: an experiment on how much of it the capped plans need, not what the worker ships.
-TIGHT_PLAN = {"RESERVE_BYTES": 2**30, "USABLE_FRACTION": 0.95, "ACTIVATION_MARGIN": 1.0}
-
-
-@contextlib.contextmanager
-def plan_constants(name: str | None) -> Iterator[None]:
-    """The CUDA plan's module constants as ``name`` says (``tight``: TIGHT_PLAN), restored afterwards."""
-    from workers.training.cuda import plan
-
-    values = TIGHT_PLAN if name == "tight" else {}
-    saved = {key: getattr(plan, key) for key in values}
-    for key, value in values.items():
-        setattr(plan, key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            setattr(plan, key, value)
 
 
 def trainer_variant(spec: TrainingSpec, name: str) -> dict[str, Any]:
@@ -624,9 +603,7 @@ def main() -> None:
             if key == "graph_exactness":
                 report[key] = graph_exactness(args.checkpoint, make_rows()[0])
                 continue
-            spec_options = {k: v for k, v in options.items() if k != "plan_constants"}
-            with plan_constants(options.get("plan_constants")):
-                results.append(trainer_variant(seed_spec(args.checkpoint, args.dataset, key, **spec_options), key))
+            results.append(trainer_variant(seed_spec(args.checkpoint, args.dataset, key, **options), key))
         except Exception:  # noqa: BLE001 - reported
             log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
             results.append({"variant": key, "error": traceback.format_exc()[-3000:]})

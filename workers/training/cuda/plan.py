@@ -74,13 +74,14 @@ from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed
 from workers.training.spec import CudaOptions
 
 GIB = 2**30
-# Memory kept free for the allocator's fragmentation, optimizer state of the LoRA weights, CUDA workspaces and the
-# graphs' pools. The capped runs of the 7B shape peaked at 8.0 GiB allocated (session 12, 13 GiB cap, 816 tokens a
-# row), 8.6 (the T4 plan's 15 GiB, 1,142) and 8.41 (session 13, 13 GiB, 1,052), the reserved memory at the cap.
-RESERVE_BYTES = 2 * GIB
-USABLE_FRACTION = 0.9
-# Over the counted activations (bytes_per_token).
-ACTIVATION_MARGIN = 1.1
+# Memory kept free for the allocator's cache, CUDA workspaces and the graphs' pools, and the margin over the counted
+# activations (bytes_per_token). Session 14 (H100, 7B shape, docs/benchmarks.md) measured the counted 3.5 MB a token
+# (q/v LoRA) and 6.0 (all-linear) within 5% of the peaks, ~0.4 GiB above the loaded model besides, and the reserved
+# memory after the warm-up pass ~1.1 GiB above the peak allocated: with these values a 15 GiB cap plans one row of
+# 2,432 tokens a step and peaked at 12.96 GiB allocated, 14.99 reserved, at full speed.
+RESERVE_BYTES = 2**30
+USABLE_FRACTION = 0.95
+ACTIVATION_MARGIN = 1.05
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
 
 
