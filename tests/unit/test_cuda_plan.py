@@ -89,10 +89,13 @@ def test_the_fp16_plan_describes_itself() -> None:
         attention_note="flash-attention varlen needs sm80",
         fallbacks=("Liger kernels off, torch layers and cross-entropy instead: no C compiler",),
         graphs_note="turned off",
+        warm_memory_gib=(12.961, 14.09),
     )
     text = plan.describe()
     assert "fp16 autocast with dynamic loss scaling on sm75" in text and "no C compiler" in text
+    assert "12.96 GiB peak allocated, 14.09 reserved" in text
     summary = plan.summary()
+    assert (summary["warm_up_peak_gib"], summary["warm_up_reserved_gib"]) == (12.96, 14.09)
     assert summary["compute_dtype"] == "fp16" and summary["loss_scaling"] and summary["capability"] == "7.5"
     assert summary["fallbacks"] == ["Liger kernels off, torch layers and cross-entropy instead: no C compiler"]
 
