@@ -192,3 +192,14 @@ def test_lora_weights_stay_float32_on_an_fp16_base() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float16
+
+
+def test_released_graphs_are_gone() -> None:
+    """After the last training pass the graphs (and their memory pools) go before the evaluation."""
+    from workers.training.cuda.graphs import GraphedDecoder
+
+    graphed = GraphedDecoder(lm=None, stack=object(), row_tokens=8, max_segments=2, forward_only=None)
+    graphed.release()
+    assert graphed.stack is None and graphed.forward_only is None
+    with pytest.raises(ValueError, match="released"):
+        graphed.hidden(pack([([1, 2, 3], [1, 2, 3])], pad_to_multiple=8))

@@ -450,6 +450,8 @@ def eval_loss(
 # ----------------------------------------------------------------------------------------------------- finish
 def finish(run: Run) -> dict[str, Any]:
     """Evaluate base against adapter on the held-out split, then publish the adapter and its training_info."""
+    if run.cuda is not None and run.cuda.graphed is not None:
+        run.cuda.graphed.release()  # the evaluation needs the graphs' memory; no training pass is left
     run.model.eval()
     evaluation_start = time.monotonic()
     metrics = evaluate(run.model, run.tokenizer, run.spec.validation, run.spec.hp.prompt_format)

@@ -29,6 +29,7 @@ so the loop keeps zero-filled gradients (``zero_grad(set_to_none=False)``) that 
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,16 @@ class GraphedDecoder:
     forward_only: ForwardOnly | None = None  # the same layers in eval mode, for the validation loss
     device: str = "cuda"
 
+    def release(self) -> None:
+        """Drop the graphs, and with them their memory pools (the activations of a whole micro-batch): the job's
+        training passes are over. The evaluation after them scores eagerly, and under a memory cap it needs that
+        room (session 14: an all-linear r 16 job at a 21 GiB cap ran out of memory in its evaluation while the
+        graphs still held 15.2 GiB)."""
+        self.stack = None
+        self.forward_only = None
+        gc.collect()  # make_graphed_callables' forward refers to its module: a cycle
+        torch.cuda.empty_cache()
+
     def fits(self, batch: PackedBatch) -> bool:
         """Whether a packed row has the captured shape: always for training rows; validation rows are not bounded
         by the step's sample count, and a sample longer than the row gets a longer row of its own."""
@@ -126,7 +137,7 @@ class GraphedDecoder:
         ``training``) from the forward-only one."""
         layers = self.stack if training else self.forward_only
         if layers is None:
-            raise ValueError("no forward-only graph was captured")
+            raise ValueError("released" if self.stack is None else "no forward-only graph was captured")
         inner = self.lm.model
         hidden = inner.embed_tokens(batch.input_ids.to(self.device, non_blocking=True))
         cos, sin = inner.rotary_emb(hidden, batch.position_ids.to(self.device, non_blocking=True))
