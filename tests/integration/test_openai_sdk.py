@@ -256,7 +256,7 @@ def test_a_client_that_goes_away_stops_the_generation(served: Service) -> None:
         "max_tokens": 256,
         "seed": 1,
     }
-    impatient = httpx.Client(base_url=served.url, timeout=httpx.Timeout(60, read=0.3))
+    impatient = httpx.Client(base_url=served.url, timeout=httpx.Timeout(60, read=0.05))  # gone before the first poll
     with impatient, pytest.raises(httpx.ReadTimeout):
         impatient.post("/v1/chat/completions", json=body)
     wait_for(lambda: "the client went away" in _api_log(served), 60, "the plain request's generation to stop", served)
