@@ -15,8 +15,8 @@ the memory left after loading it, so it is decided here, up front, and reported 
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
   four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The activation
   memory per token is counted from the model's shape, its layer kernels and its LoRA modules (:func:`bytes_per_token`:
-  5.2 MB per token measured on the 7B shape with transformers' layers; 3.5 MB counted with Liger's and q/v LoRA, which
-  session 13's capped run fits: 8.41 GiB peak at 1,052 tokens a row, 4.5 of them the loaded model). The ``cuda_plan``
+  5.2 MB per token measured on the 7B shape with transformers' layers; with Liger's and q/v LoRA 3.5 MB counted and
+  3.5-3.6 measured in session 14, docs/benchmarks.md). The ``cuda_plan``
   event reports the peak allocated and reserved memory after the warm-up pass, so a plan can be checked against
   its cap. Where a step needs several micro-batches, they are balanced
   (``workers.training.packing.pack_by_tokens``) and the row every micro-batch is padded to is only as long as
