@@ -13,14 +13,13 @@ the memory left after loading it, so it is decided here, up front, and reported 
 
 - **Micro-batch size in tokens.** As many packed tokens per forward pass as the free memory holds, up to the
   optimizer step's samples (``micro_batch_size x max_length``): one big row per step keeps the GPU busy, while
-  four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The activation
-  memory per token is counted from the model's shape, its layer kernels and its LoRA modules (:func:`bytes_per_token`:
+  four ~180-token samples per pass leave it waiting on kernel launches (docs/benchmarks.md). The activation memory
+  per token is counted from the model's shape, its layer kernels and its LoRA modules (:func:`bytes_per_token`:
   5.2 MB per token measured on the 7B shape with transformers' layers; with Liger's and q/v LoRA 3.5 MB counted and
-  3.5-3.6 measured in session 14, docs/benchmarks.md). The ``cuda_plan``
-  event reports the peak allocated and reserved memory after the warm-up pass, so a plan can be checked against
-  its cap. Where a step needs several micro-batches, they are balanced
-  (``workers.training.packing.pack_by_tokens``) and the row every micro-batch is padded to is only as long as
-  balancing needs (:func:`balanced_row`).
+  3.5-3.6 measured, docs/benchmarks.md, session 14). The ``cuda_plan`` event reports the peak allocated and reserved
+  memory after the warm-up pass, so a plan can be checked against its cap. Where a step needs several
+  micro-batches, they are balanced (``workers.training.packing.pack_by_tokens``) and the row every micro-batch is
+  padded to is only as long as balancing needs (:func:`balanced_row`).
 - **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
   forward costs ~1/3 more compute.
 - **Fused linear cross-entropy** (Liger) when importable and its kernels warm up: the ``T x vocab`` logits are never
