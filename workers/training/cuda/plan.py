@@ -74,10 +74,11 @@ from workers.training.spec import CudaOptions
 
 GIB = 2**30
 # Memory kept free for the allocator's cache, CUDA workspaces and the graphs' pools, and the margin over the counted
-# activations (bytes_per_token). Session 14 (H100, 7B shape, docs/benchmarks.md) measured the counted 3.5 MB a token
-# (q/v LoRA) and 6.0 (all-linear) within 5% of the peaks, ~0.4 GiB above the loaded model besides, and the reserved
-# memory after the warm-up pass ~1.1 GiB above the peak allocated: with these values a 15 GiB cap plans one row of
-# 2,432 tokens a step and peaked at 12.96 GiB allocated, 14.99 reserved, at full speed.
+# activations (bytes_per_token). Session 14 (H100, 7B shape, docs/benchmarks.md) measured 3.5-3.6 MB a token with
+# q/v LoRA at rows of 1,466 and 2,432 tokens (counted 3.53) and 5.8 with all-linear at 1,466 (counted 6.0), ~0.4 GiB
+# above the loaded model besides, and the reserved memory after the warm-up pass ~1.1 GiB above the peak allocated:
+# with these values a 15 GiB cap plans one row of 2,432 tokens a step, which peaked at 12.96 GiB allocated and 14.99
+# reserved, at full speed.
 RESERVE_BYTES = 2**30
 USABLE_FRACTION = 0.95
 ACTIVATION_MARGIN = 1.05
