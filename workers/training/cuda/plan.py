@@ -75,7 +75,7 @@ from workers.training.spec import CudaOptions
 GIB = 2**30
 # Memory kept free for the allocator's cache, CUDA workspaces and the graphs' pools, and the margin over the counted
 # activations (bytes_per_token). Session 14 (H100, 7B shape, docs/benchmarks.md) measured 3.5-3.6 MB a token with
-# q/v LoRA at rows of 1,466 and 2,432 tokens (counted 3.53) and 5.8 with all-linear at 1,466 (counted 6.0), ~0.4 GiB
+# q/v LoRA at rows of 1,466 and 2,432 tokens (counted 3.53) and 5.9 with all-linear at 1,466 (counted 6.0), ~0.4 GiB
 # above the loaded model besides, and the reserved memory after the warm-up pass ~1.1 GiB above the peak allocated:
 # with these values a 15 GiB cap plans one row of 2,432 tokens a step, which peaked at 12.96 GiB allocated and 14.99
 # reserved, at full speed.
