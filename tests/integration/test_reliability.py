@@ -42,7 +42,9 @@ ENV = {"FLASHTUNE_LEASE_SECONDS": str(LEASE_SECONDS), "FLASHTUNE_CHECKPOINT_EVER
 SHORT = {"epochs": 1, "validation_fraction": 0.0}  # 24 examples, batch 4: 6 steps
 
 
-LONGER = {"epochs": 3, "validation_fraction": 0.0}  # 18 steps, a checkpoint every 2 and at each epoch
+# 48 steps, a checkpoint every 2 and at each epoch: long enough that a signal sent after the first checkpoint
+# still finds the job running (with 18 steps a fast machine finished the job before the SIGTERM arrived)
+LONGER = {"epochs": 8, "validation_fraction": 0.0}
 
 
 WAIT = 900  # seconds; generous because CI machines may be shared (no timing is asserted)
