@@ -4,7 +4,7 @@
 #     cp -r .devsite/seed .clean/.devsite-seed; cd .clean; bash bench/issue23_gpu.sh [train_s] [gen_s] [http_s]
 # 1. bench/train_gpu.py: the capped plan against TRL, the seeds' spread of held-out loss ($TRAIN: the variants,
 #    each in a process of its own, under $OUT/train/<variant>)
-# 2. bench/analyze_gpu.py: decoding at batch 1 and 32 (batch 1 through bitsandbytes' 4-bit gemv)
+# 2. bench/analyze_gpu.py: decoding at batch 1 and 32
 # 3. bench/http_latency.py: label-only /analyze over HTTP, every batch size graphed ($HTTP_ARGS: e.g. --baseline)
 # Each part has its own time limit (seconds; 0 skips it) and writes under $OUT/train, $OUT/gen, $OUT/http.
 set -u
