@@ -284,6 +284,10 @@ def unusable_data_dirs(tmp: Path) -> list[tuple[str, Path, list[str]]]:
         prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         for parent in (tmp, *tmp.parents):  # nobody must reach the folder to be refused by it
             parent.chmod(parent.stat().st_mode | 0o005)
+        # ... and the checkout's virtualenv: a clone inside a private folder (`mktemp -d`, 0700) hid it from nobody,
+        # whose python then started without the venv and found no module `service`
+        for parent in Path(sys.prefix).parents:
+            parent.chmod(parent.stat().st_mode | 0o001)
     a_file = tmp / "a-file"
     a_file.write_text("not a folder")
     return [("read-only", read_only, prefix), ("a file", a_file, [])]
