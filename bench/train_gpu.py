@@ -150,9 +150,18 @@ def profile(step: Callable[[], tuple[int, int, int]], path: Path) -> None:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    write_profile(prof, path, 2)
+
+
+def write_profile(prof: Any, path: Path, steps: int) -> None:
+    """A finished profiler's kernels by GPU time (to ``path``, and printed)."""
+    averages = prof.key_averages()
+    try:
+        table = averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    except (AttributeError, KeyError):  # torch before the device_* names
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     path.write_text(table)
-    log("PROFILE (2 steps)\n" + table)
+    log(f"PROFILE ({steps} steps)\n" + table)
 
 
 def cleanup() -> None:
@@ -401,20 +410,36 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     # within the faster peer's peak memory at r 16 (TRL: 20.2 GiB allocated, session 12)
     ("worker_r16_cap20", {**R16, "memory_cap_gib": 20.0}),
     ("worker_r16_cap21", {**R16, "memory_cap_gib": 21.0}),
+    # the worker's job as it ships, with steps PROFILED_STEPS profiled by kernel (``{key}_profile.txt``)
+    ("worker_profile", {}),
 ]
+PROFILED_STEPS = (12, 15)  # after the warm-up and the first epoch's evaluation: three steady steps
 
 
-def trainer_variant(spec: TrainingSpec, name: str) -> dict[str, Any]:
+def trainer_variant(spec: TrainingSpec, name: str, profile_to: Path | None = None) -> dict[str, Any]:
     """The real ``workers.training.recipe.train`` on ``spec``: load, CUDA plan, packed loop, evaluate, publish.
-    ``train_seconds`` is the training steps of the user's job, measured, not projected."""
+    ``train_seconds`` is the training steps of the user's job, measured, not projected. ``profile_to``: where the
+    kernels of steps :data:`PROFILED_STEPS` go, by GPU time (the profiler slows those steps: not for the pace)."""
     progress: list[Progress] = []
     events: list[str] = []
     epochs: list[dict[str, Any]] = []
     stamps: list[float] = []
+    profiler = None
 
     def on_progress(p: Progress, force: bool) -> None:
+        nonlocal profiler
         progress.append(p)
         stamps.append(time.perf_counter())
+        if profile_to is not None and len(progress) == PROFILED_STEPS[0]:
+            from torch.profiler import ProfilerActivity, profile
+
+            profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            profiler.start()
+        elif profiler is not None and profile_to is not None and len(progress) == PROFILED_STEPS[1]:
+            torch.cuda.synchronize()
+            profiler.stop()
+            write_profile(profiler, profile_to, PROFILED_STEPS[1] - PROFILED_STEPS[0])
+            profiler = None
 
     def on_event(kind: str, message: str, data: dict[str, Any] | None) -> None:
         events.append(f"{kind}: {message}")
@@ -603,7 +628,9 @@ def main() -> None:
             if key == "graph_exactness":
                 report[key] = graph_exactness(args.checkpoint, make_rows()[0])
                 continue
-            results.append(trainer_variant(seed_spec(args.checkpoint, args.dataset, key, **options), key))
+            profile_to = out / f"{key}.txt" if key.endswith("_profile") else None
+            spec = seed_spec(args.checkpoint, args.dataset, key, **options)
+            results.append(trainer_variant(spec, key, profile_to))
         except Exception:  # noqa: BLE001 - reported
             log(f"TRAINER {key} FAILED\n{traceback.format_exc()}")
             results.append({"variant": key, "error": traceback.format_exc()[-3000:]})
