@@ -7,8 +7,8 @@ very dequantisation bitsandbytes runs, and multiplies by it (:func:`keep_dense_c
 28.6 to 20.3 ms, as fast as an unquantised bf16 base, at ~4x the memory of the packed weights (12 GiB against 3.5
 on the 7B shape). Passes over many tokens give bitsandbytes' own numbers, and with them the numbers the job's
 evaluation saw. For a few rows (decoding steps) bitsandbytes on the GPU uses a fused 4-bit kernel instead, which
-rounds differently from the plain bf16 product. Training keeps copies only between a pass and its backward
-(``workers.training.cuda.plan.keep_dequantized_weights``).
+rounds differently from the plain bf16 product. Training keeps the copies for the whole job where they fit beside
+its micro-batch (``workers.training.cuda.plan``), so that neither a pass nor its backward dequantises.
 
 The copies are in the layers' compute dtype: bf16, or fp16 on a card without native bf16 (a T4 or V100,
 ``service.llm.modeling.pick_compute_dtype``). bitsandbytes is imported only when a model has such layers, never on a
@@ -48,20 +48,25 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def keep_dense_copies(layers: list[Any], free_bytes: int) -> bool:
-    """Give each layer a bf16 copy of its weight and a forward pass that multiplies by it, if the copies take at
-    most :data:`KEEP_FRACTION_OF_FREE` of ``free_bytes``; returns whether they were kept.
-
-    The packed weight stays (loading or merging an adapter may read it); outputs are as the module docstring says.
-    """
+    """Give each layer a bf16 copy of its weight and a forward pass that multiplies by it (:func:`use_dense_copies`),
+    if the copies take at most :data:`KEEP_FRACTION_OF_FREE` of ``free_bytes``; returns whether they were kept."""
     if not layers or dequantized_bytes(layers) > KEEP_FRACTION_OF_FREE * free_bytes:
         return False
+    use_dense_copies(layers)
+    return True
+
+
+def use_dense_copies(layers: list[Any], dtype: torch.dtype | None = None) -> None:
+    """Give each layer a copy of its weight dequantised once, in ``dtype`` (default: the layer's compute dtype), and a
+    forward pass that multiplies by it: the outputs are as the module docstring says, and a pass's backward needs the
+    copy it already holds (the weight is frozen: only the input's gradient). The packed weight stays (loading or
+    merging an adapter may read it)."""
     for layer in layers:
-        dtype = layer.compute_dtype or torch.bfloat16
-        dense = dequantize(layer.weight, dtype)
-        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+        dense_dtype = dtype or layer.compute_dtype or torch.bfloat16
+        dense = dequantize(layer.weight, dense_dtype)
+        bias = None if layer.bias is None else layer.bias.detach().to(dense_dtype)
 
         def forward(x: torch.Tensor, dense: torch.Tensor = dense, bias: torch.Tensor | None = bias) -> torch.Tensor:
             return torch.nn.functional.linear(x.to(dense.dtype), dense, bias).to(x.dtype)
 
         layer.forward = forward
-    return True

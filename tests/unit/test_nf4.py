@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from bitsandbytes.nn import Linear4bit, Params4bit
 
-from service.llm.nf4 import dequantized_bytes, keep_dense_copies, nf4_layers
+from service.llm.nf4 import dequantized_bytes, keep_dense_copies, nf4_layers, use_dense_copies
 
 
 def _nf4_model(seed: int = 0) -> torch.nn.Module:
@@ -48,3 +48,20 @@ def test_dense_copies_need_room() -> None:
     assert layers[0].forward == plain_forward
     assert not keep_dense_copies([], free_bytes=1 << 40)
     assert nf4_layers(torch.nn.Linear(4, 4)) == []
+
+
+def test_dense_copies_train_as_bitsandbytes_does() -> None:
+    """Training's copies (kept for the whole job): the same outputs and input gradients as bitsandbytes' own
+    layers, which dequantise in every pass and again in its backward; the frozen weight gets no gradient."""
+    model = _nf4_model()
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+    before = model(x)
+    before.float().square().sum().backward()
+    grad_before, x.grad = x.grad, None
+    use_dense_copies(nf4_layers(model), torch.bfloat16)
+    after = model(x)
+    after.float().square().sum().backward()
+    assert torch.equal(before, after)
+    assert x.grad is not None and grad_before is not None
+    torch.testing.assert_close(x.grad, grad_before)
+    assert all(p.grad is None for p in model.parameters())

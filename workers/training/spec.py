@@ -69,7 +69,7 @@ class CudaOptions:
     worth (``bench/train_gpu.py``).
 
     ``varlen``: torch's varlen attention where the GPU has it (else sdpa with the packed mask); ``fused_layers``:
-    Liger's RMSNorm/RoPE/SwiGLU kernels; ``keep_dequantized``: each NF4 weight dequantised once per pass where
+    Liger's RMSNorm/RoPE/SwiGLU kernels; ``keep_dequantized``: each NF4 weight dequantised once for the job where
     memory allows; ``graphs``: the decoder layers as CUDA graphs; ``row_multiple``: sdpa and graphed rows are padded
     to one length per job (the longest step), rounded up to this many tokens: a multiple of 64 keeps the matrix
     shapes tensor-core friendly, and the balanced steps (``workers.training.steps``) leave little to round.

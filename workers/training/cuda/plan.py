@@ -40,11 +40,12 @@ the memory left after loading it, so it is decided here, up front, and reported 
   varlen or with sdpa and the packed mask built on the GPU): the eager loop is bound by kernel launches, not by the
   GPU. Every row is then padded to the job's one length. The validation loss at each epoch's end replays a
   forward-only graph.
-- **Each NF4 weight dequantised once per pass** when memory allows: bitsandbytes dequantises a 4-bit weight in
-  the forward pass and again in the backward pass (for the input's gradient). Where the bf16 copies of the weights
-  (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose anyway, the forward's copy is kept for the
-  backward (``keep_dequantized_weights``): one of the two ~7 ms dequantisations per step is saved, measured
-  +6% steady tokens/s on the 7B shape.
+- **Each NF4 weight dequantised once for the job** when memory allows: bitsandbytes dequantises a 4-bit weight in
+  every forward pass and again in its backward pass (for the input's gradient), ~7 ms each per step on the 7B
+  shape. Where the bf16 copies of the weights (~12 GiB on the 7B shape) fit beside the micro-batch the plan chose
+  anyway, each layer multiplies by a copy made once (``service.llm.nf4.use_dense_copies``), in training and in the
+  evaluation after it. A pass that kept its forward's copies for the backward (this plan until session 15, measured
+  +6% steady tokens/s) held them all at once at its peak, so copies kept for the job raise no peak.
 - **A memory cap** (``FLASHTUNE_GPU_MEMORY_GIB``): the plan sizes itself to the cap instead of the free memory and
   the process is held to it, so a job fits a smaller card or shares one.
 
@@ -67,7 +68,7 @@ from typing import Any
 import torch
 
 from service.llm.modeling import DTYPE_NAMES, cap_gpu_memory, fuse_layers, liger_problem
-from service.llm.nf4 import dequantize, dequantized_bytes, nf4_layers
+from service.llm.nf4 import dequantized_bytes, nf4_layers, use_dense_copies
 from workers.training.cuda.graphs import GraphedDecoder, capture
 from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed_loss, register_varlen_attention
 from workers.training.spec import CudaOptions
@@ -96,7 +97,7 @@ class CudaPlan:
     free_gib: float  # memory the plan was sized for (free after loading, or the cap's share)
     graphed: GraphedDecoder | None = None  # the decoder layers as CUDA graphs (training and validation passes)
     graphs_note: str = ""  # why there are no graphs, when there are none
-    kept_dequantized: int = 0  # NF4 layers whose forward keeps the dense weight for the backward
+    kept_dequantized: int = 0  # NF4 layers that multiply by a dense copy of their weight, made once
     dtype: torch.dtype = torch.bfloat16  # the autocast dtype of every pass
     scaler: Any = None  # fp16: the torch.amp.GradScaler of the job's optimizer steps
     capability: tuple[int, int] = (9, 0)  # the compute capability the plan was made for
@@ -113,7 +114,7 @@ class CudaPlan:
             f"{'Liger fused linear cross-entropy' if self.fused_ce is not None else 'torch cross-entropy'}, "
             f"{'Liger RMSNorm/RoPE/SwiGLU, ' if self.fused_layers else ''}"
             f"{self._graphs_described()}, "
-            f"{'NF4 weights dequantised once per pass, ' if self.kept_dequantized else ''}"
+            f"{'NF4 weights dequantised once for the job, ' if self.kept_dequantized else ''}"
             f"{DTYPE_NAMES[self.dtype]} autocast{scaled} on sm{self.capability[0]}{self.capability[1]} "
             f"({self.free_gib:.1f} GiB for activations after loading; after the warm-up pass "
             f"{self.warm_memory_gib[0]:.2f} GiB peak allocated, {self.warm_memory_gib[1]:.2f} reserved)"
@@ -275,36 +276,6 @@ def free_memory(cap_gib: float | None) -> int:
     return max(min(free, int(cap_gib * GIB) - torch.cuda.memory_reserved()), 0)
 
 
-class _DequantizeOnce(torch.autograd.Function):
-    """``x @ W.T + b`` for a 4-bit weight, dequantised in the forward pass and kept for the backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        dense = dequantize(weight, x.dtype)
-        ctx.save_for_backward(dense)
-        return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        (dense,) = ctx.saved_tensors
-        return grad @ dense, None, None  # the base is frozen: no gradient for the weight or the bias
-
-
-def keep_dequantized_weights(layers: list[Any]) -> int:
-    """Make each 4-bit layer's training passes dequantise its weight once (see the module docstring); passes
-    without a gradient for the input (evaluation, the first layer's projections) run bitsandbytes' own path."""
-    for layer in layers:
-        plain = layer.forward
-
-        def forward(x: torch.Tensor, layer: Any = layer, plain: Any = plain) -> torch.Tensor:
-            if not (torch.is_grad_enabled() and x.requires_grad):
-                return plain(x)  # type: ignore[no-any-return]
-            return _DequantizeOnce.apply(x, layer.weight, layer.bias)  # type: ignore[no-any-return]
-
-        layer.forward = forward
-    return len(layers)
-
-
 def graph_decoder(
     model: Any, row_tokens: int, max_samples: int, attention: str, dtype: torch.dtype
 ) -> tuple[GraphedDecoder | None, str]:
@@ -359,7 +330,7 @@ def plan_cuda(
     sized = size(free)
     kept = 0
     if options.keep_dequantized and not sized[1]:
-        kept = _keep_dequantized_if_spare(base, free, sized, size)
+        kept = _keep_dequantized_if_spare(base, free, sized, size, compute.dtype)
     micro_tokens, checkpointing = balanced_row(sized[0], step_tokens, longest or max_length), sized[1]
     if checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad through the recompute
@@ -423,17 +394,18 @@ def set_attention(base: Any, varlen: bool, compute: Compute = Compute()) -> tupl
 
 
 def _keep_dequantized_if_spare(
-    base: Any, free: int, sized: tuple[int, bool], size: Callable[[int], tuple[int, bool]]
+    base: Any, free: int, sized: tuple[int, bool], size: Callable[[int], tuple[int, bool]], dtype: torch.dtype
 ) -> int:
-    """Keep the NF4 layers' bf16 weights for their backward passes where the micro-batch stays as large (``sized``)
-    beside the dense copies; returns how many layers do."""
+    """Give the NF4 layers dense copies of their weights in ``dtype`` where the micro-batch stays as large
+    (``sized``) beside them; returns how many layers have one."""
     layers = nf4_layers(base)
     if not layers:
         return 0
     spare = free - dequantized_bytes(layers)
     if size(spare) != sized:
         return 0
-    return keep_dequantized_weights(layers)
+    use_dense_copies(layers, dtype)
+    return len(layers)
 
 
 def warm_up(plan: CudaPlan, model: Any, tokens: int, pad_id: int) -> None:
