@@ -5,6 +5,7 @@ workers/training/recipe.py)."""
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -203,3 +204,71 @@ def test_released_graphs_are_gone() -> None:
     assert graphed.stack is None and graphed.forward_only is None
     with pytest.raises(ValueError, match="released"):
         graphed.hidden(pack([([1, 2, 3], [1, 2, 3])], pad_to_multiple=8))
+
+
+class _LigerFunction:
+    """Liger's fused linear cross-entropy function as far as ChunkedLinearCE uses it: the signature (0.8.5's), the
+    rows per chunk it would pick, and the loss (torch's, on real tensors)."""
+
+    chunks: list[int] = []
+
+    @staticmethod
+    def forward(  # noqa: PLR0913 - Liger's signature
+        ctx: Any,
+        _input: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        bias: Any = None,
+        ce_weight: Any = None,
+        ignore_index: int = -100,
+        lse_square_scale: float = 0.0,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        softcap: Any = None,
+        return_z_loss: bool = False,
+        accum_dtype: Any = None,
+        use_token_scaling: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
+        ce_impl: Any = None,
+        ce_mode: Any = None,
+        chunk_mem_const: int = 1,
+    ) -> Any:
+        raise NotImplementedError  # only apply() is called
+
+    @classmethod
+    def apply(cls, *args: Any) -> tuple[torch.Tensor, None, None, None]:
+        named = dict(zip(list(inspect.signature(cls.forward).parameters)[1:], args, strict=True))
+        (tokens, width), vocabulary = named["_input"].shape, named["weight"].shape[0]
+        splits = -(-vocabulary // (named["chunk_mem_const"] * width))
+        cls.chunks.append(min(1 << (-(-tokens // splits) - 1).bit_length(), tokens))  # Liger's chunk size
+        logits = named["_input"] @ named["weight"].T
+        loss = torch.nn.functional.cross_entropy(
+            logits, named["target"], ignore_index=named["ignore_index"], reduction=named["reduction"]
+        )
+        return loss, None, None, None
+
+
+@pytest.mark.parametrize("tokens", [300, 512, 1500, 2432, 5000])
+def test_the_fused_cross_entropy_takes_rows_in_chunks_of_512(tokens: int) -> None:
+    from workers.training.cuda.plan import FUSED_CE_CHUNK_ROWS, ChunkedLinearCE
+
+    ce = ChunkedLinearCE(_LigerFunction, FUSED_CE_CHUNK_ROWS)
+    _LigerFunction.chunks.clear()
+    meta = {"device": "meta"}  # the 7B shape's sizes, no memory
+    ce(
+        torch.empty(102400, 4096, **meta),
+        torch.empty(tokens, 4096, **meta),
+        torch.empty(tokens, dtype=torch.long, **meta),
+    )
+    assert _LigerFunction.chunks == [min(tokens, FUSED_CE_CHUNK_ROWS)]
+
+
+def test_the_fused_cross_entropy_is_summed() -> None:
+    from workers.training.cuda.plan import ChunkedLinearCE
+
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(50, 8), torch.randn(6, 8)
+    targets = torch.tensor([1, 2, 3, -100, 4, 5])
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    torch.testing.assert_close(ChunkedLinearCE(_LigerFunction, 512)(weight, hidden, targets), expected)

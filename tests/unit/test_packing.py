@@ -206,3 +206,26 @@ def test_balanced_row() -> None:
     assert balanced_row(1700, 2672, 300) == 1336 + 300  # two rows of ~1,336, each at most one sample above
     assert balanced_row(1500, 2672, 300) == 1500  # balancing's bound is above what fits: what fits
     assert balanced_row(1300, 2672, 300) == 891 + 300  # three rows
+
+
+def test_the_loss_skips_positions_without_a_target() -> None:
+    """Only the positions that predict a target go through the output embedding: the loss and every gradient are
+    those of the cross-entropy over the whole row with the others ignored; a row without targets costs 0."""
+    model = tiny_llama("sdpa")
+    batch = pack(rows(), pad_to_multiple=16)
+    loss = packed_loss(model, batch, "cpu", denominator=batch.num_target_tokens)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0, :-1]
+    whole = torch.nn.functional.cross_entropy(logits, batch.labels[0, 1:], ignore_index=IGNORE, reduction="sum")
+    (whole / batch.num_target_tokens).backward()
+    expected = [p.grad for p in model.parameters() if p.grad is not None]
+    assert float(loss) == pytest.approx(float(whole) / batch.num_target_tokens, rel=1e-5)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    batch.labels.fill_(IGNORE)
+    empty = packed_loss(model, batch, "cpu", denominator=0)
+    empty.backward()
+    assert float(empty) == 0.0

@@ -241,18 +241,26 @@ def packed_loss(
 ) -> torch.Tensor:
     """Summed response-token cross-entropy of a packed row, divided by the optimizer step's target tokens.
 
-    ``fused_ce`` is an optional fused linear cross-entropy (e.g. Liger's, ``reduction="sum"``) called as
-    ``fused_ce(lm_head_weight, hidden, targets)``; it never materialises the ``T x vocab`` logits. ``hidden``: the
-    row's final hidden states when the caller computed them (``workers.training.cuda.graphs``).
+    Only the positions that predict a target go through the output embedding: the prompts' (~40% of the user's
+    seed tokens) and the filler's would be multiplied by the 102k-word vocabulary only to be ignored. They are found
+    on the host, where the labels are, so nothing waits for the GPU. ``fused_ce`` is an optional fused linear
+    cross-entropy (e.g. Liger's, ``reduction="sum"``) called as ``fused_ce(lm_head_weight, hidden, targets)``; it
+    never materialises the ``T x vocab`` logits. ``hidden``: the row's final hidden states when the caller computed
+    them (``workers.training.cuda.graphs``).
     """
     if hidden is None:
         hidden = packed_forward_hidden(model, batch, device)
-    targets = batch.labels[0, 1:].to(device)
+    labels = batch.labels[0, 1:]
+    kept = (labels != IGNORE).nonzero().squeeze(1)
+    if not len(kept):  # no target in the row: one ignored position keeps the loss (0) in the autograd graph
+        kept = torch.zeros(1, dtype=torch.long, device=labels.device)
+    targets = labels[kept].to(device)
+    hidden = hidden[:-1].index_select(0, kept.to(hidden.device))
     head = _causal_lm(model).get_output_embeddings()
     if fused_ce is not None:
-        loss = fused_ce(head.weight, hidden[:-1].contiguous(), targets)
+        loss = fused_ce(head.weight, hidden, targets)
     else:
-        logits = head(hidden[:-1]).float()
+        logits = head(hidden).float()
         loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     return loss / max(denominator, 1)
 

@@ -23,7 +23,9 @@ the memory left after loading it, so it is decided here, up front, and reported 
 - **Gradient checkpointing** only when not even one ``max_length`` sample fits without it: recomputing the
   forward costs ~1/3 more compute.
 - **Fused linear cross-entropy** (Liger) when importable and its kernels warm up: the ``T x vocab`` logits are never
-  materialised (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster.
+  materialised (~1 MB per token in fp32 for a 102k vocabulary) and it is ~10% faster. It runs on the positions
+  that have a target only (``workers.training.packing.packed_loss``), 512 of them at a time
+  (:class:`ChunkedLinearCE`).
 - **Liger's RMSNorm, RoPE and SwiGLU kernels** when importable (Llama-family models): one fused kernel where
   transformers launches five to ten. They cut GPU work; their Triton launches cost more host time than
   transformers' kernels, which only CUDA graphs (below) take off the step (docs/benchmarks.md). Liger's Triton
@@ -60,6 +62,7 @@ Nothing here is imported on the CPU path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -74,7 +77,8 @@ from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed
 from workers.training.spec import CudaOptions
 
 GIB = 2**30
-# Memory kept free for the allocator's cache, CUDA workspaces and the graphs' pools, and the margin over the counted
+# Memory kept free for the allocator's cache, CUDA workspaces, the graphs' pools and the fused cross-entropy's chunk
+# of logits (105 MB on the 7B shape, ChunkedLinearCE), and the margin over the counted
 # activations (bytes_per_token). Session 14 (H100, 7B shape, docs/benchmarks.md) measured 3.5-3.6 MB a token with
 # q/v LoRA at rows of 1,466 and 2,432 tokens (counted 3.53) and 5.9 with all-linear at 1,466 (counted 6.0), ~0.4 GiB
 # above the loaded model besides, and the reserved memory after the warm-up pass ~1.1 GiB above the peak allocated:
@@ -84,6 +88,7 @@ RESERVE_BYTES = 2**30
 USABLE_FRACTION = 0.95
 ACTIVATION_MARGIN = 1.05
 VARLEN_ROW_MULTIPLE = 8  # varlen: no plans to make; a multiple of 8 keeps matrix shapes tensor-core friendly
+FUSED_CE_CHUNK_ROWS = 512  # rows of logits the fused cross-entropy computes at a time (ChunkedLinearCE)
 
 
 @dataclass(frozen=True)
@@ -244,11 +249,40 @@ def balanced_row(micro_tokens: int, step_tokens: int, longest: int) -> int:
 
 
 def liger_fused_ce() -> Any:
+    """Liger's fused linear cross-entropy in chunks of :data:`FUSED_CE_CHUNK_ROWS` (:class:`ChunkedLinearCE`), or
+    Liger's module as it comes where its function takes no chunk setting; None without liger-kernel."""
     try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
+    if "chunk_mem_const" in inspect.signature(LigerFusedLinearCrossEntropyFunction.forward).parameters:
+        return ChunkedLinearCE(LigerFusedLinearCrossEntropyFunction, FUSED_CE_CHUNK_ROWS)
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
+class ChunkedLinearCE:
+    """Liger's fused linear cross-entropy (``reduction="sum"``) with chunks of about ``rows`` rows.
+
+    Liger bounds each chunk's logits by the size of the hidden states: 128 rows at a time for the 7B shape's 102k
+    vocabulary, each chunk reading the whole output embedding (0.84 GB) once for the logits and once for the hidden
+    states' gradient. A step of 2,400 tokens read it 38 times, ~8 ms of ~122 on an H200 (session 15's profile,
+    docs/benchmarks.md). Chunks of 512 rows are long enough for the multiplication to be bound by the GPU's compute,
+    not by reading the weight, and take ``rows x vocabulary`` bf16 values (105 MB on the 7B shape, within the plan's
+    reserve). Called as ``fused_ce(weight, hidden, targets)``."""
+
+    def __init__(self, function: Any, rows: int) -> None:
+        self.function, self.rows = function, rows
+        self._signature = inspect.signature(function.forward)
+
+    def __call__(self, weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        (tokens, width), vocabulary = hidden.shape, weight.shape[0]
+        # Liger cuts the rows into ceil(vocabulary / (chunk_mem_const x width)) pieces, each rounded up to a power of
+        # 2 rows: at least ceil(tokens / rows) pieces keep a power-of-2 ``rows`` the bound (1: Liger's own chunks)
+        chunk_mem_const = max(1, vocabulary // (width * -(-tokens // self.rows)))
+        bound = self._signature.bind(None, hidden, weight, targets, reduction="sum", chunk_mem_const=chunk_mem_const)
+        bound.apply_defaults()
+        return self.function.apply(*bound.args[1:])[0]  # type: ignore[no-any-return]
 
 
 def varlen_available(capability: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> bool:
