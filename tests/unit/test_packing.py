@@ -143,6 +143,21 @@ def test_micro_batch_sized_to_free_memory() -> None:
     assert size_micro_batch(shape, 3 * gib, 16 * 512, 512, True)[1]  # not even one sample: checkpointing
 
 
+def test_the_fused_cross_entropy_chunk_is_set_aside() -> None:
+    """The fused cross-entropy's chunk of logits (512 rows x the vocabulary, bf16) comes off the free memory before
+    the tokens are counted: left to the reserve, it ran an all-linear r 16 job under a 21 GiB cap out of memory."""
+    from types import SimpleNamespace
+
+    from workers.training.cuda import plan
+
+    shape = SimpleNamespace(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, vocab_size=102400)
+    free = 16 * 2**30
+    per_token = plan.bytes_per_token(shape, False, True, fused_layers=True)
+    chunk = 2 * plan.FUSED_CE_CHUNK_ROWS * shape.vocab_size
+    expected = int((free * plan.USABLE_FRACTION - plan.RESERVE_BYTES - chunk) // per_token)
+    assert plan.size_micro_batch(shape, free, 10**6, 512, True, fused_layers=True) == (expected, False)
+
+
 def test_liger_layers_and_lora_modules_in_the_estimate() -> None:
     """Liger's layers keep fewer activations than transformers' (3.5 MB a token with q/v LoRA on the 7B shape, 3.5-3.6
     measured in session 14); every LoRA module adds its input and, with dropout, its mask."""

@@ -77,8 +77,7 @@ from workers.training.packing import VARLEN, PackedBatch, pack_by_tokens, packed
 from workers.training.spec import CudaOptions
 
 GIB = 2**30
-# Memory kept free for the allocator's cache, CUDA workspaces, the graphs' pools and the fused cross-entropy's chunk
-# of logits (105 MB on the 7B shape, ChunkedLinearCE), and the margin over the counted
+# Memory kept free for the allocator's cache, CUDA workspaces and the graphs' pools, and the margin over the counted
 # activations (bytes_per_token). Session 14 (H100, 7B shape, docs/benchmarks.md) measured 3.5-3.6 MB a token with
 # q/v LoRA at rows of 1,466 and 2,432 tokens (counted 3.53) and 5.9 with all-linear at 1,466 (counted 6.0), ~0.4 GiB
 # above the loaded model besides, and the reserved memory after the warm-up pass ~1.1 GiB above the peak allocated:
@@ -227,8 +226,10 @@ def size_micro_batch(
     fused_layers: bool = False,
     lora_bytes: float = 0.0,
 ) -> tuple[int, bool]:
-    """(tokens per micro-batch, gradient checkpointing?) for the memory that is free."""
-    usable = max(free_bytes * USABLE_FRACTION - RESERVE_BYTES, 0)
+    """(tokens per micro-batch, gradient checkpointing?) for the memory that is free; the fused cross-entropy's
+    chunk of logits (:class:`ChunkedLinearCE`) is set aside first."""
+    chunk = 2 * FUSED_CE_CHUNK_ROWS * config.vocab_size if fused_ce else 0
+    usable = max(free_bytes * USABLE_FRACTION - RESERVE_BYTES - chunk, 0)
 
     def per_token(checkpointing: bool) -> float:
         return bytes_per_token(config, checkpointing, fused_ce, fused_layers=fused_layers, lora_bytes=lora_bytes)
@@ -268,8 +269,9 @@ class ChunkedLinearCE:
     vocabulary, each chunk reading the whole output embedding (0.84 GB) once for the logits and once for the hidden
     states' gradient. A step of 2,400 tokens read it 38 times, ~8 ms of ~122 on an H200 (session 15's profile,
     docs/benchmarks.md). Chunks of 512 rows are long enough for the multiplication to be bound by the GPU's compute,
-    not by reading the weight, and take ``rows x vocabulary`` bf16 values (105 MB on the 7B shape, within the plan's
-    reserve). Called as ``fused_ce(weight, hidden, targets)``."""
+    not by reading the weight, and take ``rows x vocabulary`` bf16 values (105 MB on the 7B shape), which the plan sets
+    aside (:func:`size_micro_batch`; left in the reserve, they ran the all-linear r 16 job under a 21 GiB cap out of
+    memory, session 15). Called as ``fused_ce(weight, hidden, targets)``."""
 
     def __init__(self, function: Any, rows: int) -> None:
         self.function, self.rows = function, rows
