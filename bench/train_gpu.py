@@ -351,7 +351,7 @@ def seed_spec(
     rows = [json.loads(line) for line in Path(dataset).read_text().splitlines() if line.strip()]
     unique = dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output"))
     examples = [Example(*key) for key in unique]
-    hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
+    hp = resolve(Hyperparameters(**overrides, step_order="balanced" if balanced else "shuffled"), "deepseek-7b-shaped")
     train_set, validation = hold_out(examples, hp.validation_fraction, HOLD_OUT_SEED)  # one split for every seed
     return TrainingSpec(
         job_id=1,
@@ -367,7 +367,6 @@ def seed_spec(
         device="cuda",
         checkpoint_every=10_000,
         gpu_memory_gib=memory_cap_gib,
-        balance_steps=balanced,
         cuda=cuda,
         compute_dtype=compute_dtype,
         cuda_capability=cuda_capability,

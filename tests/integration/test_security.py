@@ -122,6 +122,7 @@ def hostile_requests(data_dir: Path) -> list[tuple[str, str, dict[str, Any], int
         ("POST", "/jobs", {"json": {"dataset": "builtin", "hyperparameters": {"epochs": 10**30}}}, 422),
         ("POST", "/jobs", {"json": {"dataset": "builtin", "hyperparameters": {"learning_rate": "NaN"}}}, 422),
         ("POST", "/jobs", {"json": {"dataset": "builtin", "hyperparameters": {"target_modules": ["../x"]}}}, 422),
+        ("POST", "/jobs", {"json": {"dataset": "builtin", "hyperparameters": {"step_order": "sorted"}}}, 422),
         ("POST", "/jobs", {"json": {"dataset": "builtin", "name": "../../etc/passwd"}}, 422),
         ("POST", "/jobs", {"json": {"dataset": "../../etc/passwd"}}, 422),
         ("POST", "/jobs", {"json": {"dataset": "x" * 10_000}}, 422),

@@ -156,3 +156,21 @@ def test_step_tokens_are_sized_per_rank() -> None:
     halves = [max_step_tokens(lengths, 8, 2, 0, Distributed(rank, 2, "cpu").shard) for rank in (0, 1)]
     assert whole <= 8 * 300 and all(h < whole for h in halves)
     assert max(halves) <= 4 * 300  # a rank holds 4 of a step's 8 samples
+
+
+def test_step_order_picks_balanced_or_shuffled_steps(tmp_path: Path, builtin_model_cache: Path) -> None:
+    """``step_order``: the job's steps balanced by tokens (the default) or left as shuffled, as the peers order them."""
+    from transformers import AutoTokenizer
+
+    from workers.training.distributed import SINGLE
+    from workers.training.recipe import tokenized
+    from workers.training.steps import epoch_order
+
+    tokenizer = AutoTokenizer.from_pretrained(str(builtin_model_cache))
+    for order, balanced in (("balanced", True), ("shuffled", False)):
+        spec = _spec(tmp_path, builtin_model_cache, steps_examples=32, step_order=order, batch_size=8)
+        batches, _ = tokenized(spec, tokenizer, Hooks(), SINGLE)
+        assert batches.balanced is balanced
+        assert epoch_order(batches.lengths, 8, spec.hp.seed, 0, balanced) != epoch_order(
+            batches.lengths, 8, spec.hp.seed, 0, not balanced
+        )

@@ -215,7 +215,7 @@ def tokenized(spec: TrainingSpec, tokenizer: Any, hooks: Hooks, dist: Distribute
         seed=hp.seed,
         pad_id=tokenizer.pad_token_id,
         shard=dist.shard,
-        balanced=spec.balance_steps,  # steps are balanced by tokens (workers/training/steps.py)
+        balanced=hp.step_order == "balanced",  # steps are balanced by tokens (workers/training/steps.py)
     )
     return batches, val_rows
 

@@ -109,7 +109,6 @@ class TrainingSpec:
     gpu_memory_gib: float | None = None  # CUDA: memory the job may use (FLASHTUNE_GPU_MEMORY_GIB); None: all free
     compute_dtype: str = "auto"  # CUDA: FLASHTUNE_COMPUTE_DTYPE (service.llm.modeling.pick_compute_dtype)
     cuda_capability: str = ""  # CUDA: plan as on this compute capability (FLASHTUNE_CUDA_CAPABILITY); "": the GPU's
-    balance_steps: bool = True  # even out the steps' token counts (workers.training.steps); False: as shuffled
     cuda: CudaOptions = field(default_factory=CudaOptions)
     extra_info: dict[str, Any] = field(default_factory=dict)  # merged into training_info.json
     # a promotion's incumbent (name, folder): the adapter the job's alias points at, scored on the same held-out
