@@ -378,7 +378,8 @@ def seed_spec(
 # RMSNorm/RoPE/SwiGLU); it must run before any other worker variant, since Liger's RoPE replaces a module-level
 # function for the whole process. ``worker_eager``: no CUDA graphs. ``worker_dequantize_twice``: bitsandbytes' own
 # 4-bit layers, which dequantise each weight in the backward pass again. ``worker_unbalanced``: the steps as
-# shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the worker before session 9).
+# shuffled, not balanced by tokens, and rows rounded up to 256 tokens (the worker before session 9);
+# ``worker_shuffled``: the worker as it ships with the job's ``step_order`` hyperparameter "shuffled".
 # ``worker_fp16``: fp16 with loss scaling on this card's plan; ``worker_t4_plan``: the plan a T4 gets (fp16, sdpa with
 # the packed mask, graphed), within 15 GiB.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -393,6 +394,7 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("worker_eager", {"cuda": CudaOptions(graphs=False)}),
     ("worker_dequantize_twice", {"cuda": CudaOptions(keep_dequantized=False)}),
     ("worker_unbalanced", {"balanced": False, "cuda": CudaOptions(row_multiple=256)}),
+    ("worker_shuffled", {"balanced": False}),  # the job with "step_order": "shuffled"
     ("worker", {}),
     ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL_LINEAR}),
     ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
