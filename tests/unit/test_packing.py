@@ -145,7 +145,7 @@ def test_micro_batch_sized_to_free_memory() -> None:
 
 def test_the_fused_cross_entropy_chunk_is_set_aside() -> None:
     """The fused cross-entropy's chunk of logits (512 rows x the vocabulary, bf16) comes off the free memory before
-    the tokens are counted: left to the reserve, it ran an all-linear r 16 job under a 21 GiB cap out of memory."""
+    the tokens are counted, not out of the reserve."""
     from types import SimpleNamespace
 
     from workers.training.cuda import plan

@@ -243,7 +243,7 @@ def packed_loss(
 
     Only the positions that predict a target go through the output embedding: the prompts' (~40% of the user's
     seed tokens) and the filler's would be multiplied by the 102k-word vocabulary only to be ignored. They are found
-    on the host, where the labels are, so nothing waits for the GPU. ``fused_ce`` is an optional fused linear
+    on the host, where the labels are: finding them does not wait for the GPU. ``fused_ce`` is an optional fused linear
     cross-entropy (e.g. Liger's, ``reduction="sum"``) called as ``fused_ce(lm_head_weight, hidden, targets)``; it
     never materialises the ``T x vocab`` logits. ``hidden``: the row's final hidden states when the caller computed
     them (``workers.training.cuda.graphs``).

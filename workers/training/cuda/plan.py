@@ -270,8 +270,7 @@ class ChunkedLinearCE:
     states' gradient. A step of 2,400 tokens read it 38 times, ~8 ms of ~122 on an H200 (session 15's profile,
     docs/benchmarks.md). Chunks of 512 rows are long enough for the multiplication to be bound by the GPU's compute,
     not by reading the weight, and take ``rows x vocabulary`` bf16 values (105 MB on the 7B shape), which the plan sets
-    aside (:func:`size_micro_batch`; left in the reserve, they ran the all-linear r 16 job under a 21 GiB cap out of
-    memory, session 15). Called as ``fused_ce(weight, hidden, targets)``."""
+    aside (:func:`size_micro_batch`). Called as ``fused_ce(weight, hidden, targets)``."""
 
     def __init__(self, function: Any, rows: int) -> None:
         self.function, self.rows = function, rows
