@@ -21,6 +21,7 @@ const HP_FIELDS = [
   ["quantization", "Quantization", "choice:auto,nf4,none"],
   ["validation_fraction", "Validation fraction", "float"],
   ["seed", "Seed", "int"],
+  ["step_order", "Step order", "choice:balanced,shuffled"],
 ];
 
 /** An element with attributes and children (strings become text nodes). */
