@@ -330,7 +330,6 @@ def seed_spec(
     name: str,
     memory_cap_gib: float | None = None,
     cuda: CudaOptions = CudaOptions(),
-    balanced: bool = True,
     compute_dtype: str = "auto",
     cuda_capability: str = "",
     **overrides: Any,
@@ -339,8 +338,8 @@ def seed_spec(
     (saved beside the checkpoint), duplicates dropped as POST /datasets does, 10% held out as the worker's job
     loads it with the recipe's seed (42; with another ``seed`` in ``overrides`` too, so that runs of other seeds are
     judged on the same held-out samples); the user's recipe (3 epochs, 16 samples per step, lr 2e-4, r 8 q/v)
-    unless ``overrides`` say otherwise. ``memory_cap_gib`` is ``FLASHTUNE_GPU_MEMORY_GIB``; ``cuda`` and
-    ``balanced`` turn pieces of the CUDA path and the steps' balancing off (``WORKER_RUNS``); ``compute_dtype`` and
+    unless ``overrides`` (the job's hyperparameters, ``step_order`` among them) say otherwise. ``memory_cap_gib`` is
+    ``FLASHTUNE_GPU_MEMORY_GIB``; ``cuda`` turns pieces of the CUDA path off (``WORKER_RUNS``); ``compute_dtype`` and
     ``cuda_capability`` are ``FLASHTUNE_COMPUTE_DTYPE`` and ``FLASHTUNE_CUDA_CAPABILITY``."""
     from service.datasets.store import hold_out
     from service.jobs.hyperparameters import Hyperparameters, resolve
@@ -351,7 +350,7 @@ def seed_spec(
     rows = [json.loads(line) for line in Path(dataset).read_text().splitlines() if line.strip()]
     unique = dict.fromkeys((r["instruction"], r.get("input", ""), r["output"]) for r in rows if r.get("output"))
     examples = [Example(*key) for key in unique]
-    hp = resolve(Hyperparameters(**overrides, step_order="balanced" if balanced else "shuffled"), "deepseek-7b-shaped")
+    hp = resolve(Hyperparameters(**overrides), "deepseek-7b-shaped")
     train_set, validation = hold_out(examples, hp.validation_fraction, HOLD_OUT_SEED)  # one split for every seed
     return TrainingSpec(
         job_id=1,
@@ -393,8 +392,8 @@ WORKER_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("graph_exactness", {}),  # not a training run: graph_exactness()
     ("worker_eager", {"cuda": CudaOptions(graphs=False)}),
     ("worker_dequantize_twice", {"cuda": CudaOptions(keep_dequantized=False)}),
-    ("worker_unbalanced", {"balanced": False, "cuda": CudaOptions(row_multiple=256)}),
-    ("worker_shuffled", {"balanced": False}),  # the job with "step_order": "shuffled"
+    ("worker_unbalanced", {"step_order": "shuffled", "cuda": CudaOptions(row_multiple=256)}),
+    ("worker_shuffled", {"step_order": "shuffled"}),
     ("worker", {}),
     ("worker_r16", {"lora_r": 16, "lora_alpha": 32.0, "target_modules": ALL_LINEAR}),
     ("worker_cap7", {"memory_cap_gib": 7.0}),  # the user's recipe on a 7 GiB budget
